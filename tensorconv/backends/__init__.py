@@ -1,0 +1,118 @@
+"""Backends: one small class per array library, found from the arrays' types.
+
+``get_backend(*arrays)`` looks at ``type(x).__module__`` only, so it never imports a
+framework the caller has not already imported; the result is cached per type. Mixing
+libraries in one call is a ``TypeError`` (as array-api-compat's ``array_namespace``).
+
+Primitive set (see :class:`tensorconv.backends._base.ArrayBackend`):
+
+========================  ===============================================================
+``einsum``, ``tensordot``  contractions (1x1 convolutions, n-mode products)
+``moveaxis``, ``reshape``  layout changes (views where the library allows)
+``pad`` / ``pad_axis``     zeros, reflect, replicate, circular
+``depthwise_conv1d``       valid depthwise cross-correlation along any axis, stride, dilation
+``conv_dense``             valid dense N-D cross-correlation with groups (native where present)
+``to_numpy``/``from_numpy`` conversion that keeps dtype (and the ``like`` array's device)
+========================  ===============================================================
+"""
+from __future__ import annotations
+
+from ._base import PADDING_MODES, ArrayBackend
+
+__all__ = ["get_backend", "backend_for_name", "ArrayBackend", "BACKEND_NAMES", "PADDING_MODES",
+           "available_backends"]
+
+BACKEND_NAMES = ("numpy", "torch", "cupy")
+_by_name: dict = {}
+_by_type: dict = {}
+
+
+def backend_for_name(name: str) -> ArrayBackend:
+    """The backend called ``name`` (imports that library on first use)."""
+    if isinstance(name, ArrayBackend):
+        return name
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"backend={name!r} is not one of {BACKEND_NAMES}")
+    if name not in _by_name:
+        if name == "numpy":
+            from ._numpy import NumpyBackend as cls
+        elif name == "torch":
+            from ._torch import TorchBackend as cls
+        else:
+            from ._cupy import CupyBackend as cls
+        _by_name[name] = cls()
+    return _by_name[name]
+
+
+def _backend_of_type(cls) -> ArrayBackend | None:
+    try:
+        return _by_type[cls]
+    except KeyError:
+        pass
+    root = (cls.__module__ or "").split(".")[0]
+    backend = backend_for_name(root) if root in BACKEND_NAMES else None
+    _by_type[cls] = backend
+    return backend
+
+
+def get_backend(*arrays) -> ArrayBackend:
+    """The backend of ``arrays`` (``None`` entries are ignored).
+
+    Raises
+    ------
+    TypeError
+        If an argument is not an array of a supported library, or if arrays of different
+        libraries are mixed.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> get_backend(np.zeros(3), np.ones(2)).name
+    'numpy'
+    """
+    found = None
+    found_type = None
+    for x in arrays:
+        if x is None:
+            continue
+        backend = _backend_of_type(type(x))
+        if backend is None:
+            raise TypeError(
+                f"expected arrays of one of {BACKEND_NAMES}, got an object of type "
+                f"{type(x).__module__}.{type(x).__qualname__}"
+            )
+        if found is None:
+            found, found_type = backend, type(x)
+        elif backend is not found:
+            raise TypeError(
+                f"arrays from different libraries cannot be mixed: got "
+                f"{found_type.__module__}.{found_type.__qualname__} ({found.name}) and "
+                f"{type(x).__module__}.{type(x).__qualname__} ({backend.name}); convert one "
+                f"side first (e.g. KruskalKernel.to_backend)"
+            )
+    if found is None:
+        raise TypeError("get_backend() needs at least one array")
+    return found
+
+
+def available_backends(include_gpu: bool = True) -> list[str]:
+    """Names of the backends whose library imports here (``torch-cuda`` when a GPU is visible)."""
+    import importlib.util
+
+    names = ["numpy"]
+    if importlib.util.find_spec("torch") is not None:
+        names.append("torch")
+        if include_gpu:
+            import torch
+
+            if torch.cuda.is_available():
+                names.append("torch-cuda")
+    if include_gpu and importlib.util.find_spec("cupy") is not None:
+        try:
+            import cupy
+
+            if cupy.cuda.runtime.getDeviceCount() > 0:
+                names.append("cupy")
+        except Exception:  # no driver / no device: cupy is importable but unusable
+            pass
+    return names

@@ -1,0 +1,231 @@
+"""The array-module backend shared by NumPy and CuPy.
+
+Every primitive is written once against an ``xp`` namespace (``numpy`` or ``cupy``), in the
+style of array-api-compat, so the NumPy tests prove the logic that CuPy runs on the GPU.
+The torch backend subclasses this and overrides only what differs.
+"""
+from __future__ import annotations
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+class ArrayBackend:
+    """Primitives the plans are built from. One instance per array library.
+
+    Attributes
+    ----------
+    name : str
+        ``"numpy"``, ``"torch"`` or ``"cupy"``.
+    xp : module
+        The array namespace.
+    """
+
+    name = "abstract"
+
+    def __init__(self, xp):
+        self.xp = xp
+
+    def __repr__(self):
+        return f"<tensorconv backend {self.name!r}>"
+
+    # -- array attributes and creation -------------------------------------------------
+    def dtype(self, x):
+        return x.dtype
+
+    def device(self, x):
+        return None
+
+    def dtype_name(self, x):
+        return str(x.dtype)
+
+    def itemsize(self, x):
+        return x.dtype.itemsize
+
+    def resolve_dtype(self, dtype):
+        return self.xp.dtype(dtype) if dtype is not None else self.xp.dtype("float64")
+
+    def asarray(self, data, *, dtype=None, device=None):
+        return self.xp.asarray(data, dtype=dtype)
+
+    def zeros(self, shape, *, like):
+        return self.xp.zeros(shape, dtype=like.dtype)
+
+    def ones(self, shape, *, like):
+        return self.xp.ones(shape, dtype=like.dtype)
+
+    def eye(self, n, *, like):
+        return self.xp.eye(n, dtype=like.dtype)
+
+    def astype(self, x, dtype):
+        return x.astype(dtype, copy=False)
+
+    def random_normal(self, shape, *, seed, dtype=None, device=None):
+        rng = self.xp.random.default_rng(seed)
+        return rng.standard_normal(shape).astype(self.resolve_dtype(dtype), copy=False)
+
+    def is_floating(self, x):
+        return self.xp.issubdtype(x.dtype, self.xp.floating)
+
+    def all_finite(self, x):
+        return bool(self.xp.isfinite(x).all())
+
+    # -- conversion --------------------------------------------------------------------
+    def to_numpy(self, x):
+        import numpy
+
+        return numpy.asarray(x)
+
+    def from_numpy(self, a, *, like=None, dtype=None, device=None):
+        out = self.xp.asarray(a)
+        if like is not None:
+            out = out.astype(like.dtype, copy=False)
+        elif dtype is not None:
+            out = out.astype(self.resolve_dtype(dtype), copy=False)
+        return out
+
+    # -- shape manipulation ------------------------------------------------------------
+    def reshape(self, x, shape):
+        return self.xp.reshape(x, shape)
+
+    def moveaxis(self, x, source, destination):
+        return self.xp.moveaxis(x, source, destination)
+
+    def flip(self, x, axis):
+        return self.xp.flip(x, axis=axis)
+
+    def permute(self, x, axes):
+        return self.xp.transpose(x, axes)
+
+    def concat(self, arrays, axis):
+        return self.xp.concatenate(arrays, axis=axis)
+
+    def contiguous(self, x):
+        return self.xp.ascontiguousarray(x)
+
+    # -- contractions ------------------------------------------------------------------
+    def einsum(self, subscripts, *operands):
+        return self.xp.einsum(subscripts, *operands, optimize=False)
+
+    def tensordot(self, a, b, axes):
+        return self.xp.tensordot(a, b, axes=axes)
+
+    def matmul(self, a, b):
+        return a @ b
+
+    def add_(self, out, term):
+        """``out += term`` where the backend allows it (no autograd history to protect)."""
+        out += term
+        return out
+
+    def mul_add_(self, out, a, b):
+        """``out += a * b`` (broadcasting ``b``) reusing ``out``'s memory."""
+        out += a * b
+        return out
+
+    # -- padding -----------------------------------------------------------------------
+    def pad_axis(self, x, axis, low, high, mode):
+        """Pad one axis by ``low`` / ``high`` elements.
+
+        ``mode`` is one of ``"zeros"``, ``"reflect"`` (mirror without repeating the edge, as
+        torch), ``"replicate"`` (repeat the edge) or ``"circular"`` (wrap around).
+        """
+        if low == 0 and high == 0:
+            return x
+        if mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode={mode!r} is not one of {PADDING_MODES}")
+        size = x.shape[axis]
+        if mode == "reflect" and (low >= size or high >= size):
+            raise ValueError(
+                f"padding_mode='reflect' needs padding < input size along each axis; got "
+                f"padding ({low}, {high}) for an axis of size {size}"
+            )
+        if mode == "circular" and (low > size or high > size):
+            raise ValueError(
+                f"padding_mode='circular' needs padding <= input size along each axis; got "
+                f"padding ({low}, {high}) for an axis of size {size}"
+            )
+
+        def take(start, stop):
+            index = [slice(None)] * x.ndim
+            index[axis] = slice(start, stop)
+            return x[tuple(index)]
+
+        pieces = []
+        if low:
+            if mode == "zeros":
+                shape = list(x.shape)
+                shape[axis] = low
+                pieces.append(self.zeros(tuple(shape), like=x))
+            elif mode == "reflect":
+                pieces.append(self.flip(take(1, low + 1), axis))
+            elif mode == "replicate":
+                pieces.append(self.concat([take(0, 1)] * low, axis))
+            else:
+                pieces.append(take(size - low, size))
+        pieces.append(x)
+        if high:
+            if mode == "zeros":
+                shape = list(x.shape)
+                shape[axis] = high
+                pieces.append(self.zeros(tuple(shape), like=x))
+            elif mode == "reflect":
+                pieces.append(self.flip(take(size - 1 - high, size - 1), axis))
+            elif mode == "replicate":
+                pieces.append(self.concat([take(size - 1, size)] * high, axis))
+            else:
+                pieces.append(take(0, high))
+        return self.concat(pieces, axis)
+
+    def pad(self, x, pads, mode="zeros"):
+        """Pad several axes; ``pads`` maps axis -> (low, high)."""
+        for axis, (low, high) in pads.items():
+            x = self.pad_axis(x, axis, low, high, mode)
+        return x
+
+    # -- convolutions --------------------------------------------------------------------
+    @staticmethod
+    def tap_slice(ndim, axis, start, n_out, stride):
+        index = [slice(None)] * ndim
+        index[axis] = slice(start, start + (n_out - 1) * stride + 1, stride)
+        return tuple(index)
+
+    def depthwise_conv1d(self, x, weight, axis, channel_axis, *, stride=1, dilation=1):
+        """Valid depthwise cross-correlation of ``x`` along ``axis``.
+
+        ``weight`` has shape (C, K), C being ``x.shape[channel_axis]``. Implemented as K
+        shifted multiply-adds, so it is the same code on every backend.
+        """
+        axis = axis % x.ndim
+        channel_axis = channel_axis % x.ndim
+        channels, taps = weight.shape
+        if x.shape[channel_axis] != channels:
+            raise ValueError(
+                f"depthwise_conv1d: weight has {channels} channels (shape {tuple(weight.shape)}) "
+                f"but x.shape[{channel_axis}] = {x.shape[channel_axis]}"
+            )
+        n_out = (x.shape[axis] - dilation * (taps - 1) - 1) // stride + 1
+        if n_out < 1:
+            raise ValueError(
+                f"depthwise_conv1d: kernel of {taps} taps (dilation {dilation}) is larger than "
+                f"the input's {x.shape[axis]} positions along axis {axis}"
+            )
+        bshape = [1] * x.ndim
+        bshape[channel_axis] = channels
+        out = None
+        for k in range(taps):
+            w_k = self.reshape(weight[:, k], tuple(bshape))
+            a = x[self.tap_slice(x.ndim, axis, k * dilation, n_out, stride)]
+            out = a * w_k if out is None else self.mul_add_(out, a, w_k)
+        return out
+
+    def conv_dense(self, x, weight, *, stride, dilation, groups=1, padding=None, padding_mode="zeros"):
+        """Dense N-D cross-correlation, channels first: x (B, C, *D), weight (T, C/g, *K).
+
+        ``padding`` is one (low, high) pair per spatial mode. The generic path loops over the
+        kernel's taps, each a matrix product over channels: no im2col buffer.
+        """
+        from ..plans.executor import dense_conv_by_taps
+
+        if padding is not None:
+            x = self.pad(x, {2 + m: p for m, p in enumerate(padding) if p != (0, 0)}, padding_mode)
+        return dense_conv_by_taps(self, x, weight, stride=stride, dilation=dilation, groups=groups)

@@ -1,0 +1,124 @@
+"""PyTorch backend (CPU and CUDA). Keeps each tensor's device and dtype; autograd flows
+through every primitive because each one is a torch op."""
+from ._base import ArrayBackend
+
+_DTYPES = {"float16", "bfloat16", "float32", "float64", "complex64", "complex128"}
+
+
+class TorchBackend(ArrayBackend):
+    name = "torch"
+
+    def __init__(self):
+        import torch
+        import torch.nn.functional as F
+
+        super().__init__(torch)
+        self.F = F
+
+    def device(self, x):
+        return x.device
+
+    def dtype_name(self, x):
+        return str(x.dtype).replace("torch.", "")
+
+    def itemsize(self, x):
+        return x.element_size()
+
+    def resolve_dtype(self, dtype):
+        torch = self.xp
+        if dtype is None:
+            return torch.float64
+        if isinstance(dtype, torch.dtype):
+            return dtype
+        name = str(getattr(dtype, "name", dtype)).replace("torch.", "")
+        if name not in _DTYPES:
+            raise TypeError(f"dtype={dtype!r} is not a floating torch dtype; expected one of {sorted(_DTYPES)}")
+        return getattr(torch, name)
+
+    def asarray(self, data, *, dtype=None, device=None):
+        return self.xp.as_tensor(data, dtype=self.resolve_dtype(dtype) if dtype is not None else None,
+                                 device=device)
+
+    def zeros(self, shape, *, like):
+        return self.xp.zeros(shape, dtype=like.dtype, device=like.device)
+
+    def ones(self, shape, *, like):
+        return self.xp.ones(shape, dtype=like.dtype, device=like.device)
+
+    def eye(self, n, *, like):
+        return self.xp.eye(n, dtype=like.dtype, device=like.device)
+
+    def astype(self, x, dtype):
+        return x.to(self.resolve_dtype(dtype))
+
+    def random_normal(self, shape, *, seed, dtype=None, device=None):
+        torch = self.xp
+        gen = torch.Generator(device="cpu")
+        if seed is not None:
+            gen.manual_seed(int(seed))
+        else:
+            gen.seed()
+        out = torch.randn(shape, generator=gen, dtype=torch.float64)
+        return out.to(device=device, dtype=self.resolve_dtype(dtype))
+
+    def is_floating(self, x):
+        return x.is_floating_point()
+
+    def all_finite(self, x):
+        return bool(self.xp.isfinite(x.detach()).all())
+
+    def to_numpy(self, x):
+        return x.detach().cpu().numpy()
+
+    def from_numpy(self, a, *, like=None, dtype=None, device=None):
+        out = self.xp.from_numpy(a) if hasattr(a, "__array__") else self.xp.as_tensor(a)
+        if like is not None:
+            return out.to(device=like.device, dtype=like.dtype)
+        return out.to(device=device, dtype=self.resolve_dtype(dtype) if dtype is not None else out.dtype)
+
+    def flip(self, x, axis):
+        return self.xp.flip(x, dims=(axis,))
+
+    def permute(self, x, axes):
+        return x.permute(*axes)
+
+    def concat(self, arrays, axis):
+        return self.xp.cat(arrays, dim=axis)
+
+    def contiguous(self, x):
+        return x.contiguous()
+
+    def einsum(self, subscripts, *operands):
+        return self.xp.einsum(subscripts, *operands)
+
+    def tensordot(self, a, b, axes):
+        return self.xp.tensordot(a, b, dims=axes)
+
+    def add_(self, out, term):
+        # in-place is safe for autograd here: `out` was produced by an op that does not save
+        # its own output for backward (einsum / mul); it avoids one allocation per tap
+        return out.add_(term)
+
+    def mul_add_(self, out, a, b):
+        return out.addcmul_(a, b)
+
+    def pad_axis(self, x, axis, low, high, mode):
+        # torch's own constant pad is one kernel instead of a concatenation
+        if mode == "zeros" and (low or high):
+            pads = [0, 0] * (x.ndim - 1 - axis % x.ndim) + [low, high]
+            return self.F.pad(x, pads)
+        return super().pad_axis(x, axis, low, high, mode)
+
+    def conv_dense(self, x, weight, *, stride, dilation, groups=1, padding=None, padding_mode="zeros"):
+        n = x.ndim - 2
+        if not 1 <= n <= 3:
+            return super().conv_dense(x, weight, stride=stride, dilation=dilation, groups=groups,
+                                      padding=padding, padding_mode=padding_mode)
+        native_pad = 0
+        if padding is not None:
+            if padding_mode == "zeros" and all(lo == hi for lo, hi in padding):
+                native_pad = tuple(lo for lo, _ in padding)
+            else:
+                x = self.pad(x, {2 + m: p for m, p in enumerate(padding) if p != (0, 0)}, padding_mode)
+        conv = (self.F.conv1d, self.F.conv2d, self.F.conv3d)[n - 1]
+        return conv(x, weight, None, tuple(stride), native_pad, tuple(dilation), groups)

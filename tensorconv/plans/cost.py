@@ -1,0 +1,89 @@
+"""Cost model: MACs and bytes per step, turned into seconds by a per-backend roofline.
+
+``time = max(MACs / macs_per_s, bytes / bytes_per_s) + calls * call_overhead_s``.
+Defaults were measured with ``benchmarks/calibrate.py`` (see docs/benchmarks.md);
+:func:`calibrate` re-measures on the running machine and replaces them for this process.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+__all__ = ["CostModel", "cost_model_for", "calibrate", "set_cost_model"]
+
+
+@dataclass(frozen=True)
+class CostModel:
+    macs_per_s: float  # matmul-class throughput
+    bytes_per_s: float  # streaming bandwidth
+    call_overhead_s: float  # per primitive call (Python + dispatch / launch)
+    dense_macs_per_s: float  # the backend's dense convolution (native where it has one)
+
+    def seconds(self, macs, nbytes, calls=1, dense=False):
+        rate = self.dense_macs_per_s if dense else self.macs_per_s
+        return max(macs / rate, nbytes / self.bytes_per_s) + calls * self.call_overhead_s
+
+
+_DEFAULTS = {
+    # 2-core x86-64 CPU (the CI machine), float32
+    "numpy": CostModel(macs_per_s=3.0e10, bytes_per_s=6.0e9, call_overhead_s=1.5e-5, dense_macs_per_s=1.5e10),
+    "torch": CostModel(macs_per_s=5.0e10, bytes_per_s=8.0e9, call_overhead_s=1.5e-5, dense_macs_per_s=4.0e10),
+    # a datacenter GPU (H100 class)
+    "torch-cuda": CostModel(macs_per_s=2.5e13, bytes_per_s=2.5e12, call_overhead_s=1.0e-5, dense_macs_per_s=1.5e13),
+    "cupy": CostModel(macs_per_s=2.5e13, bytes_per_s=2.5e12, call_overhead_s=1.5e-5, dense_macs_per_s=5.0e12),
+}
+_calibrated: dict = {}
+
+
+def _key(backend_name, device):
+    if backend_name == "torch" and device is not None and getattr(device, "type", "cpu") == "cuda":
+        return "torch-cuda"
+    return backend_name
+
+
+def cost_model_for(backend_name, device=None) -> CostModel:
+    key = _key(backend_name, device)
+    return _calibrated.get(key) or _DEFAULTS.get(key) or _DEFAULTS["numpy"]
+
+
+def set_cost_model(backend_name, model: CostModel, device=None):
+    _calibrated[_key(backend_name, device)] = model
+
+
+def calibrate(backend_name="torch", device=None, *, size=1024, repeat=5):
+    """Measure matmul throughput and copy bandwidth on a backend; use them for planning.
+
+    Returns the new :class:`CostModel` (also installed for this process).
+    """
+    from ..backends import backend_for_name
+
+    b = backend_for_name(backend_name)
+    a = b.random_normal((size, size), seed=0, dtype="float32", device=device)
+    big = b.random_normal((8 * size * size,), seed=1, dtype="float32", device=device)
+
+    def sync():
+        if b.name == "torch" and device is not None and getattr(device, "type", "cpu") == "cuda":
+            b.xp.cuda.synchronize()
+        elif b.name == "cupy":
+            b.xp.cuda.Device().synchronize()
+
+    def best(fn):
+        fn()
+        sync()
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    t_mm = best(lambda: b.matmul(a, a))
+    t_cp = best(lambda: big * 1.0)
+    small = b.random_normal((8,), seed=2, dtype="float32", device=device)
+    t_call = best(lambda: small * 1.0)
+    base = cost_model_for(backend_name, device)
+    model = replace(base, macs_per_s=size ** 3 / t_mm, bytes_per_s=2 * 4 * big.shape[0] / t_cp,
+                    call_overhead_s=t_call)
+    set_cost_model(backend_name, model, device)
+    return model

@@ -1,0 +1,122 @@
+"""Execution: each planned step run with the backend's primitives.
+
+The activation is kept channels-last, (B, *positions, *channel indices), so every channel
+contraction is a matrix product over the last axes and every depthwise tap is a
+broadcast multiply-add over contiguous channels. A step that sums taps loops over them
+(K per 1-D mode), slicing the padded activation with the stride and dilation: no window
+tensor is ever materialised.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+
+import opt_einsum
+
+__all__ = ["TapProgram", "dense_conv_by_taps"]
+
+_POOL = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+class TapProgram:
+    """One activation x weight step, compiled for fixed shapes.
+
+    Parameters
+    ----------
+    ch_a, w_ind, out_ch : tuples of index names (activation channels, weight indices,
+        output channels). Weight indices named in ``tap_axes`` are the taps summed here.
+    tap_axes : dict  weight index name -> spatial mode
+    grid_in, grid_out : positions per spatial mode before / after the step
+    kernel_size, stride, dilation, padding, padding_mode : the convolution's geometry
+    sizes : dict index name -> size
+    """
+
+    def __init__(self, ch_a, w_ind, out_ch, tap_axes, grid_in, grid_out, batch, sizes, *, kernel_size, stride,
+                 dilation, padding, padding_mode):
+        n = len(grid_in)
+        self.n = n
+        self.modes = tuple(sorted(tap_axes.values()))
+        self.pads = {1 + m: padding[m] for m in self.modes if padding[m] != (0, 0)}
+        self.padding_mode = padding_mode
+        w_ch = tuple(i for i in w_ind if i not in tap_axes)
+        ndim_a = 1 + n + len(ch_a)
+        # one (activation slice, weight index) pair per tap combination
+        tap_ranges = [range(kernel_size[m]) for m in self.modes]
+        self.taps = []
+        for combo in itertools.product(*tap_ranges):
+            a_index = [slice(None)] * ndim_a
+            tap_of_mode = dict(zip(self.modes, combo))
+            for m, k in tap_of_mode.items():
+                start = k * dilation[m]
+                a_index[1 + m] = slice(start, start + (grid_out[m] - 1) * stride[m] + 1, stride[m])
+            w_index = tuple(tap_of_mode[tap_axes[i]] if i in tap_axes else slice(None) for i in w_ind)
+            self.taps.append((tuple(a_index), w_index))
+        self.broadcast = set(w_ch) <= set(ch_a) and tuple(out_ch) == tuple(ch_a)
+        if self.broadcast:
+            # weight channels permuted into the activation's order, then shaped to broadcast
+            order = [i for i in ch_a if i in w_ch]
+            self.w_perm = tuple(w_ch.index(i) for i in order)
+            if self.w_perm == tuple(range(len(w_ch))):
+                self.w_perm = None
+            self.w_bshape = (1,) * (1 + n) + tuple(sizes[i] if i in w_ch else 1 for i in ch_a)
+        else:
+            letters = dict(zip(("batch",) + tuple(f"y{m}" for m in range(n)) + tuple(
+                dict.fromkeys(ch_a + w_ch + tuple(out_ch))), _POOL))
+            pos = letters["batch"] + "".join(letters[f"y{m}"] for m in range(n))
+            eq = (pos + "".join(letters[i] for i in ch_a) + "," + "".join(letters[i] for i in w_ch) + "->" + pos
+                  + "".join(letters[i] for i in out_ch))
+            a_shape = (batch,) + tuple(grid_out) + tuple(sizes[i] for i in ch_a)
+            w_shape = tuple(sizes[i] for i in w_ch)
+            self.expr = opt_einsum.contract_expression(eq, a_shape, w_shape)
+
+    def __call__(self, backend, act, weight):
+        if self.pads:
+            act = backend.pad(act, self.pads, self.padding_mode)
+        out = None
+        if self.broadcast:
+            for a_index, w_index in self.taps:
+                w = weight[w_index]
+                if self.w_perm is not None:
+                    w = backend.permute(w, self.w_perm)
+                w = backend.reshape(w, self.w_bshape)
+                a = act[a_index]
+                out = a * w if out is None else backend.mul_add_(out, a, w)
+            return out
+        for a_index, w_index in self.taps:
+            term = self.expr(act[a_index], weight[w_index])
+            out = term if out is None else backend.add_(out, term)
+        return out
+
+
+@functools.lru_cache(maxsize=256)
+def _dense_program(x_shape, w_shape, stride, dilation, groups):
+    batch, c = x_shape[0], x_shape[1]
+    n = len(x_shape) - 2
+    t = w_shape[0]
+    taps = {f"k{m}": m for m in range(n)}
+    grid_in = tuple(x_shape[2:])
+    kernel_size = tuple(w_shape[2:])
+    grid_out = tuple((d - dl * (k - 1) - 1) // s + 1 for d, k, s, dl in zip(grid_in, kernel_size, stride, dilation))
+    if groups == 1:
+        ch_a, w_ind, out_ch = ("s",), ("t", "s") + tuple(taps), ("t",)
+        sizes = {"s": c, "t": t}
+    else:
+        ch_a, w_ind, out_ch = ("g", "s"), ("g", "t", "s") + tuple(taps), ("g", "t")
+        sizes = {"g": groups, "s": c // groups, "t": t // groups}
+    program = TapProgram(ch_a, w_ind, out_ch, taps, grid_in, grid_out, batch, sizes, kernel_size=kernel_size,
+                         stride=stride, dilation=dilation, padding=((0, 0),) * n, padding_mode="zeros")
+    return program, sizes, grid_out
+
+
+def dense_conv_by_taps(backend, x, weight, *, stride, dilation, groups=1):
+    """Valid dense N-D cross-correlation for any N: x (B, C, *D), weight (T, C/groups, *K)."""
+    x_shape = tuple(int(s) for s in x.shape)
+    w_shape = tuple(int(s) for s in weight.shape)
+    program, sizes, grid_out = _dense_program(x_shape, w_shape, tuple(stride), tuple(dilation), groups)
+    act = backend.moveaxis(x, 1, -1)
+    if groups > 1:
+        act = backend.reshape(act, tuple(act.shape[:-1]) + (groups, sizes["s"]))
+        weight = backend.reshape(weight, (groups, sizes["t"]) + tuple(weight.shape[1:]))
+    out = program(backend, act, weight)
+    out = backend.reshape(out, (x_shape[0],) + tuple(grid_out) + (w_shape[0],))
+    return backend.moveaxis(out, -1, 1)

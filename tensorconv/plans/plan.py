@@ -1,0 +1,372 @@
+"""``ConvPlan``: a convolution planned once per shape, then run on any backend."""
+from __future__ import annotations
+
+import functools
+
+import opt_einsum
+
+from ..backends import get_backend
+from ..kernels import KruskalKernel, TuckerKernel
+from .cost import cost_model_for
+from .executor import TapProgram
+from .planner import STRATEGIES, dense_step, plan_steps, reconstruct_macs
+from .spec import make_geometry
+from .structure import structure_of, weight_arrays
+
+__all__ = ["ConvPlan", "plan_conv", "conv"]
+
+
+def _prod(values):
+    out = 1
+    for v in values:
+        out *= int(v)
+    return out
+
+
+def _itemsize(dtype):
+    if dtype is None:
+        return 4
+    if isinstance(dtype, int):
+        return dtype
+    name = str(getattr(dtype, "name", dtype)).replace("torch.", "")
+    return {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "complex64": 8, "complex128": 16}.get(name, 4)
+
+
+class ConvPlan:
+    """A planned convolution. Call it as ``plan(x, kernel)``.
+
+    Attributes
+    ----------
+    strategy : str
+        ``"factorized"``, ``"reconstructed"`` or ``"dense"`` (what runs; ``requested`` is what
+        was asked for, e.g. ``"auto"``).
+    steps : list of :class:`~tensorconv.plans.planner.Step`
+    path : list of tuples
+        The contraction order in opt_einsum's linear format (factorized plans).
+    macs : int
+        Multiply-adds that touch the activation per call.
+    weight_macs : int
+        Multiply-adds on the weights alone (folding lambda, merging factors, reconstructing).
+    dense_macs : int
+        The dense convolution's multiply-adds.
+    peak_bytes : int
+        Estimated peak memory of the intermediates (activation-sized arrays and the kernel).
+    estimates : dict
+        Cost-model seconds of each strategy considered.
+    """
+
+    def __init__(self, structure, input_shape, geometry, *, batched, strategy, itemsize, backend_name="numpy",
+                 device=None):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy={strategy!r} is not one of {STRATEGIES}")
+        self.structure = structure
+        self.input_shape = tuple(input_shape)
+        self.geometry = geometry
+        self.batched = batched
+        self.requested = strategy
+        self.itemsize = itemsize
+        batch = self.input_shape[0] if batched else 1
+        self.batch = batch
+        model = cost_model_for(backend_name, device)
+        self.cost_model = model
+        self._dense_step = dense_step(structure, geometry, batch, itemsize, model)
+        self.dense_macs = self._dense_step.macs
+        self.estimates = {}
+        self._factorized = None
+        if structure.kind == "dense":
+            chosen = "dense"
+        else:
+            steps, path, _ = plan_steps(structure, geometry, batch, itemsize, model)
+            self._factorized = (steps, path)
+            self._reconstruct_macs = reconstruct_macs(structure)
+            self.estimates["factorized"] = sum(s.seconds for s in steps)
+            self.estimates["reconstructed"] = self._dense_step.seconds + model.seconds(
+                self._reconstruct_macs, itemsize * _prod(structure.shape))
+            if strategy == "auto":
+                chosen = min(("factorized", "reconstructed"), key=self.estimates.__getitem__)
+            else:
+                chosen = strategy
+        self.strategy = chosen
+        out_spatial = geometry.out_spatial
+        self.output_shape = ((batch,) if batched else ()) + (structure.out_channels,) + tuple(out_spatial)
+        self._compile()
+
+    # -- compilation -----------------------------------------------------------------------------
+    def _compile(self):
+        st = self.structure
+        g = self.geometry
+        sizes = dict(st.size_of)
+        sizes.update({t: k for t, k in zip(st.taps, g.kernel_size)})
+        self._sizes = sizes
+        if self.strategy == "factorized":
+            steps, self.path = self._factorized
+            self.steps = steps
+            self._programs = []
+            for step in steps:
+                if step.kind == "weights":
+                    letters = {i: c for i, c in zip(dict.fromkeys(step.lhs_indices + step.rhs_indices), "abcdefghijklmnopqrstuvwxyz")}
+                    eq = ("".join(letters[i] for i in step.lhs_indices) + "," + "".join(letters[i] for i in step.rhs_indices)
+                          + "->" + "".join(letters[i] for i in step.out_indices))
+                    expr = opt_einsum.contract_expression(eq, tuple(sizes[i] for i in step.lhs_indices),
+                                                          tuple(sizes[i] for i in step.rhs_indices))
+                    self._programs.append(("weights", expr))
+                else:
+                    taps = {i: st.taps.index(i) for i in step.rhs_indices if i in st.taps}
+                    prog = TapProgram(step.lhs_indices, step.rhs_indices, step.out_indices, taps, step.in_grid,
+                                      step.out_grid, self.batch, sizes, kernel_size=g.kernel_size, stride=g.stride,
+                                      dilation=g.dilation, padding=g.padding, padding_mode=g.padding_mode)
+                    self._programs.append(("act", prog))
+            final = steps[-1].out_indices
+            self._final_perm = None
+            if tuple(final) != tuple(st.act_out):
+                n = st.n_spatial
+                self._final_perm = tuple(range(1 + n)) + tuple(1 + n + final.index(i) for i in st.act_out)
+            self.macs = sum(s.macs for s in steps if s.kind != "weights")
+            self.weight_macs = sum(s.macs for s in steps if s.kind == "weights")
+            self.peak_bytes = self._peak_factorized(steps)
+        else:
+            self.path = []
+            self.steps = [self._dense_step]
+            self.macs = self.dense_macs
+            self.weight_macs = 0
+            self._reconstruct = None
+            if self.strategy == "reconstructed":
+                shared = [i for i in st.act_out if i in st.act_in]
+                self._groups = _prod(sizes[i] for i in shared)
+                dense_ind = tuple(st.act_out) + tuple(i for i in st.act_in if i not in shared) + tuple(st.taps)
+                letters = {i: c for i, c in zip(dict.fromkeys([i for op in st.operands for i in op.indices]
+                                                               + list(dense_ind)), "abcdefghijklmnopqrstuvwxyz")}
+                eq = ",".join("".join(letters[i] for i in op.indices) for op in st.operands) + "->" + "".join(
+                    letters[i] for i in dense_ind)
+                self._reconstruct = opt_einsum.contract_expression(eq, *[op.shape for op in st.operands])
+                self._dense_shape = (st.out_channels, st.in_channels // self._groups) + tuple(g.kernel_size)
+                self.weight_macs = self._reconstruct_macs
+            else:
+                self._groups = st.groups
+            padded = [d + lo + hi for d, (lo, hi) in zip(g.in_spatial, g.padding)]
+            c = st.in_channels
+            self.peak_bytes = self.itemsize * (self.batch * c * (_prod(padded) + _prod(g.in_spatial))
+                                               + _prod(self.output_shape) * (1 if self.batched else self.batch)
+                                               + _prod(st.shape))
+
+    def _peak_factorized(self, steps):
+        weights = sum(_prod(op.shape) for op in self.structure.operands)
+        peak = 0
+        for s in steps:
+            if s.kind == "weights":
+                continue
+            positions = self.batch * _prod(s.in_grid)
+            padded = self.batch * _prod(
+                g + (sum(self.geometry.padding[m]) if m in s.modes else 0) for m, g in enumerate(s.in_grid))
+            ch_in = _prod(self._sizes[i] for i in s.lhs_indices)
+            live = ch_in * (positions + (padded if s.modes else 0)) + _prod(s.out_shape)
+            peak = max(peak, live)
+        return self.itemsize * (peak + weights)
+
+    # -- execution ---------------------------------------------------------------------------------
+    def _check_call(self, x, kernel):
+        arrays = [x]
+        if isinstance(kernel, KruskalKernel):
+            arrays += [kernel.weights] + [f for f in kernel.factors if f is not None]
+        elif isinstance(kernel, TuckerKernel):
+            arrays += [kernel.core] + [f for f in kernel.factors if f is not None]
+        else:
+            arrays.append(kernel)
+        backend = get_backend(*arrays)
+        if tuple(int(s) for s in x.shape) != self.input_shape:
+            raise ValueError(f"x has shape {tuple(x.shape)} but this plan was made for input shape {self.input_shape}")
+        key = structure_of(kernel, self.structure.groups).key
+        if key != self.structure.key:
+            raise ValueError(f"the kernel's structure {key} differs from the one planned for {self.structure.key}")
+        ref = arrays[1]
+        if backend.dtype(x) != backend.dtype(ref):
+            raise TypeError(
+                f"x has dtype {backend.dtype_name(x)} but the kernel has dtype {backend.dtype_name(ref)}; "
+                f"convert one of them (nothing is cast implicitly)"
+            )
+        return backend
+
+    def __call__(self, x, kernel):
+        backend = self._check_call(x, kernel)
+        if not self.batched:
+            x = x[None]
+        arrays = weight_arrays(kernel, self.structure, backend)
+        if self.strategy == "factorized":
+            out = self._run_factorized(backend, x, arrays)
+        else:
+            g = self.geometry
+            if self._reconstruct is not None:
+                weight = backend.reshape(self._reconstruct(*arrays), self._dense_shape)
+            else:
+                weight = kernel
+            out = backend.conv_dense(x, weight, stride=g.stride, dilation=g.dilation, groups=self._groups,
+                                     padding=g.padding, padding_mode=g.padding_mode)
+        return out if self.batched else out[0]
+
+    def _run_factorized(self, backend, x, arrays):
+        st = self.structure
+        sizes = self._sizes
+        act = backend.moveaxis(x, 1, -1)
+        if len(st.act_in) > 1:
+            act = backend.reshape(act, tuple(act.shape[:-1]) + tuple(sizes[i] for i in st.act_in))
+        tensors = [act] + list(arrays)
+        for step, (kind, prog) in zip(self.steps, self._programs):
+            a, b = tensors[step.lhs], tensors[step.rhs]
+            tensors.append(prog(a, b) if kind == "weights" else prog(backend, a, b))
+        out = tensors[-1]
+        if self._final_perm is not None:
+            out = backend.permute(out, self._final_perm)
+        n = st.n_spatial
+        if len(st.act_out) != 1:
+            out = backend.reshape(out, tuple(out.shape[: 1 + n]) + (st.out_channels,))
+        return backend.moveaxis(out, -1, 1)
+
+    # -- reporting ----------------------------------------------------------------------------------
+    def describe(self):
+        """A table of the steps: primitive, modes, indices summed, output shape, MACs, bytes."""
+        names = ["x"] + [op.name for op in self.structure.operands]
+        lines = [
+            f"ConvPlan: {self.structure.kind} kernel {self.structure.shape}, input {self.input_shape} -> "
+            f"output {self.output_shape}",
+            f"  strategy: {self.strategy} (requested {self.requested})"
+            + (", estimates: " + ", ".join(f"{k} {v * 1e3:.3g} ms" for k, v in self.estimates.items())
+               if self.estimates else ""),
+            f"  geometry: stride={self.geometry.stride} padding={self.geometry.padding} "
+            f"dilation={self.geometry.dilation} padding_mode={self.geometry.padding_mode}",
+            "",
+            f"  {'#':>2}  {'primitive':<10} {'operands':<22} {'modes':<8} {'summed':<14} {'output shape':<26} "
+            f"{'MACs':>15} {'bytes':>13}",
+        ]
+        ids = list(names)
+        for k, s in enumerate(self.steps):
+            if s.kind == "dense":
+                ops = "x, W" if self.strategy == "dense" else "x, W(rebuilt)"
+            else:
+                ops = f"{ids[s.lhs]}, {ids[s.rhs]}"
+            ids.append(f"#{k}")
+            modes = ",".join(str(m) for m in s.modes) or "-"
+            lines.append(f"  {k:>2}  {s.kind:<10} {ops:<22} {modes:<8} {','.join(s.summed) or '-':<14} "
+                         f"{str(tuple(s.out_shape)):<26} {s.macs:>15,} {s.nbytes:>13,}")
+        ratio = self.dense_macs / self.macs if self.macs else float("inf")
+        lines += [
+            "",
+            f"  activation MACs: {self.macs:,}   weight-only MACs: {self.weight_macs:,}",
+            f"  dense MACs: {self.dense_macs:,}   (dense / plan = {ratio:.2f}x)",
+            f"  peak intermediate bytes: {self.peak_bytes:,}",
+        ]
+        return "\n".join(lines)
+
+    def __repr__(self):
+        return (f"ConvPlan(strategy={self.strategy!r}, input_shape={self.input_shape}, "
+                f"output_shape={self.output_shape}, macs={self.macs:,}, dense_macs={self.dense_macs:,})")
+
+
+def _split_input_shape(input_shape, structure):
+    input_shape = tuple(int(s) for s in input_shape)
+    n = structure.n_spatial
+    if len(input_shape) == n + 2:
+        batched = True
+        c = input_shape[1]
+        spatial = input_shape[2:]
+    elif len(input_shape) == n + 1:
+        batched = False
+        c = input_shape[0]
+        spatial = input_shape[1:]
+    else:
+        raise ValueError(
+            f"input of shape {input_shape} does not match a kernel with {n} spatial dims "
+            f"(kernel shape {structure.shape}): expected (B, C, *{n} dims) or (C, *{n} dims)"
+        )
+    if c != structure.in_channels:
+        raise ValueError(
+            f"channel mismatch: the input has {c} channels (shape {input_shape}) but the kernel expects "
+            f"{structure.in_channels} (kernel shape {structure.shape}"
+            + (f", groups={structure.groups})" if structure.groups > 1 else ")")
+        )
+    return batched, spatial
+
+
+@functools.lru_cache(maxsize=512)
+def _cached_plan(structure, input_shape, stride, padding, dilation, padding_mode, strategy, itemsize,
+                 backend_name, device):
+    batched, spatial = _split_input_shape(input_shape, structure)
+    geometry = make_geometry(spatial, structure.shape[2:], stride=stride, padding=padding, dilation=dilation,
+                             padding_mode=padding_mode)
+    return ConvPlan(structure, input_shape, geometry, batched=batched, strategy=strategy, itemsize=itemsize,
+                    backend_name=backend_name, device=device)
+
+
+def _hashable(value):
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    return value
+
+
+def plan_conv(kernel_or_shape, input_shape, *, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros",
+              strategy="auto", dtype="float32", backend="numpy", device=None):
+    """Plan a convolution once; the plan is reused for every call with these shapes.
+
+    Parameters
+    ----------
+    kernel_or_shape : KruskalKernel, TuckerKernel, dense array, or a dense kernel shape tuple
+    input_shape : tuple
+        (B, C, *spatial) or unbatched (C, *spatial).
+    stride, padding, dilation, groups, padding_mode : as ``torch.nn.ConvNd``
+        ``padding`` may also be per-mode (low, high) pairs, ``"same"`` or ``"valid"``.
+    strategy : {"auto", "factorized", "reconstructed"}
+    dtype : the dtype the plan will run in (sizes the byte counts)
+    backend, device : whose cost model prices the steps (the plan runs on any backend)
+
+    Examples
+    --------
+    >>> from tensorconv import KruskalKernel, plan_conv
+    >>> k = KruskalKernel.random((64, 64, 3, 3, 3), rank=64, seed=0)
+    >>> plan = plan_conv(k, (8, 64, 16, 32, 32), padding=1, strategy="factorized")
+    >>> plan.macs == 8 * 16 * 32 * 32 * 64 * (64 + 64 + 3 + 3 + 3)
+    True
+    """
+    structure = structure_of(kernel_or_shape, groups)
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r} is not one of {STRATEGIES}")
+    return _cached_plan(structure, tuple(int(s) for s in input_shape), _hashable(stride), _hashable(padding),
+                        _hashable(dilation), padding_mode, strategy, _itemsize(dtype),
+                        getattr(backend, "name", backend), device)
+
+
+def conv(x, kernel, *, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros", strategy="auto"):
+    """N-D convolution (cross-correlation, as torch) of ``x`` with a dense or factorized kernel.
+
+    Parameters
+    ----------
+    x : array (B, C, *spatial) or (C, *spatial), numpy, torch or cupy
+    kernel : dense array (T, C/groups, *K), :class:`KruskalKernel` or :class:`TuckerKernel`
+        on the same backend as ``x``.
+    stride, padding, dilation, groups, padding_mode, strategy : see :func:`plan_conv`
+
+    Returns
+    -------
+    array of x's backend, (B, T, *out) — output sizes as ``torch.nn.ConvNd``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from tensorconv import KruskalKernel, conv
+    >>> k = KruskalKernel.random((4, 3, 3, 3), rank=2, seed=0)
+    >>> x = np.random.default_rng(0).standard_normal((2, 3, 8, 8))
+    >>> y = conv(x, k, padding="same")
+    >>> y.shape
+    (2, 4, 8, 8)
+    >>> bool(np.allclose(y, conv(x, k.to_dense(), padding="same")))
+    True
+    """
+    if isinstance(kernel, (KruskalKernel, TuckerKernel)):
+        ref = kernel.weights if isinstance(kernel, KruskalKernel) else kernel.core
+    else:
+        ref = kernel
+    backend = get_backend(x, ref)
+    device = backend.device(x)
+    device_key = None if device is None or getattr(device, "type", None) == "cpu" else device
+    plan = plan_conv(kernel, tuple(int(s) for s in x.shape), stride=stride, padding=padding, dilation=dilation,
+                     groups=groups, padding_mode=padding_mode, strategy=strategy, dtype=backend.itemsize(x),
+                     backend=backend.name, device=device_key)
+    return plan(x, kernel)

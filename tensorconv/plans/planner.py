@@ -1,0 +1,287 @@
+"""Planning: the contraction order of a factorized convolution, its steps and their costs.
+
+The convolution is one einsum once each spatial mode of the input gets a tap index (see
+``plans/structure.py``). opt_einsum's own FLOP count over those virtual shapes overcounts any
+channel contraction done before the taps are summed (by the product of the remaining kernel
+sizes), so the order is chosen by :class:`ConvPathOptimizer`, an opt_einsum ``PathOptimizer``
+that runs a dynamic programme over operand subsets with the *convolution's* cost: a step that
+sums taps costs ``out positions x channels involved x taps``, a channel step costs its
+positions x channels, and both are priced by the backend's roofline (MACs and bytes).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import opt_einsum
+
+from .cost import cost_model_for
+from .spec import ConvGeometry
+
+__all__ = ["Step", "ConvPathOptimizer", "plan_steps", "STRATEGIES"]
+
+STRATEGIES = ("auto", "factorized", "reconstructed")
+
+
+def _prod(values):
+    out = 1
+    for v in values:
+        out *= int(v)
+    return out
+
+
+@dataclass
+class Step:
+    """One pairwise contraction of the plan.
+
+    ``kind``: ``weights`` (factor x factor, a plain einsum), ``pointwise`` (a 1x1 conv: sums
+    channel indices only), ``scale`` (an elementwise product with a weight vector),
+    ``depthwise`` (sums taps, no channel mixing), ``conv`` (sums taps and channels: a full or
+    grouped conv along ``modes``), ``dense`` (the reconstructed kernel's dense convolution).
+    """
+
+    kind: str
+    lhs: int
+    rhs: int
+    lhs_indices: tuple
+    rhs_indices: tuple
+    out_indices: tuple
+    summed: tuple
+    modes: tuple  # spatial modes convolved in this step
+    out_shape: tuple
+    macs: int
+    nbytes: int
+    seconds: float
+    in_grid: tuple = ()
+    out_grid: tuple = ()
+    names: tuple = field(default=("", ""))
+
+
+class ConvPathOptimizer(opt_einsum.paths.PathOptimizer):
+    """opt_einsum path optimizer for a convolution network (activation = input 0).
+
+    Exhaustive over subsets (3^n for n operands; a CP kernel of N spatial modes has N + 3).
+    """
+
+    def __init__(self, structure, geometry: ConvGeometry, batch, itemsize, model):
+        self.structure = structure
+        self.geometry = geometry
+        self.batch = batch
+        self.itemsize = itemsize
+        self.model = model
+        self.steps = None
+
+    # -- cost of one pairwise step ----------------------------------------------------------
+    def _step(self, a, b, info_a, info_b, open_s):
+        sizes = self.sizes
+        taps = self.tap_set
+        (ind_a, act_a, grid_a) = info_a
+        (ind_b, act_b, grid_b) = info_b
+        if act_b:
+            (ind_a, act_a, grid_a), (ind_b, act_b, grid_b) = info_b, info_a
+            a, b = b, a
+        if not act_a:  # weights x weights
+            union = list(ind_a) + [i for i in ind_b if i not in ind_a]
+            out = tuple(i for i in union if i in open_s)
+            macs = _prod(sizes[i] for i in union)
+            nbytes = self.itemsize * (_prod(sizes[i] for i in ind_a) + _prod(sizes[i] for i in ind_b)
+                                      + _prod(sizes[i] for i in out))
+            secs = self.model.seconds(macs, nbytes)
+            return dict(kind="weights", lhs=a, rhs=b, lhs_indices=ind_a, rhs_indices=ind_b, out_indices=out,
+                        summed=tuple(i for i in union if i not in open_s), modes=(), macs=macs, nbytes=nbytes,
+                        seconds=secs, grid=None, in_grid=(), out_grid=())
+        # activation x weights: the weight side's taps are summed now
+        tap_modes = tuple(sorted(self.tap_mode[i] for i in ind_b if i in taps))
+        grid_out = list(grid_a)
+        for n in tap_modes:
+            grid_out[n] = self.geometry.out_spatial[n]
+        grid_out = tuple(grid_out)
+        ch_a = tuple(i for i in ind_a if i not in taps)
+        ch_b = tuple(i for i in ind_b if i not in taps)
+        union = ch_a + tuple(i for i in ch_b if i not in ch_a)
+        out_ch = tuple(i for i in union if i in open_s)
+        summed = tuple(i for i in union if i not in open_s)
+        n_taps = _prod(self.geometry.kernel_size[n] for n in tap_modes)
+        positions = self.batch * _prod(grid_out)
+        macs = positions * _prod(sizes[i] for i in union) * n_taps
+        in_slice = positions * _prod(sizes[i] for i in ch_a)
+        out_elems = positions * _prod(sizes[i] for i in out_ch)
+        w_elems = _prod(sizes[i] for i in ind_b)
+        nbytes = self.itemsize * (n_taps * (in_slice + out_elems) + w_elems)
+        if tap_modes:
+            kind = "conv" if summed or any(i not in ch_a for i in ch_b) else "depthwise"
+        else:
+            kind = "pointwise" if summed or any(i not in ch_a for i in ch_b) else "scale"
+        secs = self.model.seconds(macs, nbytes, calls=n_taps)
+        out_ind = out_ch + tuple(self.tap_of[n] for n in range(len(grid_a))
+                                 if self.tap_of[n] in open_s and self.tap_of[n] in ind_a)
+        return dict(kind=kind, lhs=a, rhs=b, lhs_indices=ind_a, rhs_indices=ind_b, out_indices=out_ind,
+                    summed=summed + tuple(self.tap_of[n] for n in tap_modes), modes=tap_modes, macs=macs,
+                    nbytes=nbytes, seconds=secs, grid=grid_out, in_grid=grid_a, out_grid=grid_out)
+
+    def search(self):
+        st = self.structure
+        self.sizes = dict(st.size_of)
+        self.sizes.update({t: k for t, k in zip(st.taps, self.geometry.kernel_size)})
+        self.tap_set = set(st.taps)
+        self.tap_mode = {t: n for n, t in enumerate(st.taps)}
+        self.tap_of = dict(enumerate(st.taps))
+        inputs = [tuple(st.act_in) + st.taps] + [op.indices for op in st.operands]
+        n = len(inputs)
+        output = set(st.act_out)
+        full = (1 << n) - 1
+        where = {}
+        for pos, ind in enumerate(inputs):
+            for i in ind:
+                where.setdefault(i, 0)
+                where[i] |= 1 << pos
+
+        def open_indices(mask):
+            rest = full & ~mask
+            seen = []
+            for pos in range(n):
+                if mask >> pos & 1:
+                    for i in inputs[pos]:
+                        if i not in seen and ((where[i] & rest) or i in output):
+                            seen.append(i)
+            return tuple(seen)
+
+        # best[mask] = (seconds, macs, info, tree)
+        best = {}
+        for pos in range(n):
+            grid = tuple(self.geometry.in_spatial) if pos == 0 else None
+            best[1 << pos] = (0.0, 0, (inputs[pos], pos == 0, grid), pos, None)
+        masks = sorted(range(1, full + 1), key=lambda m: bin(m).count("1"))
+        # a factorized plan never contracts every factor into the dense kernel (that is the
+        # "reconstructed" strategy), unless that kernel mixes no channels (a depthwise kernel)
+        all_weights = full & ~1
+        channel_like = [i for i in open_indices(all_weights) if i not in self.tap_set]
+        forbidden = all_weights if len(channel_like) > 1 else None
+        for mask in masks:
+            if mask in best or mask == forbidden:
+                continue
+            open_s = set(open_indices(mask))
+            choice = None
+            sub = (mask - 1) & mask
+            while sub:
+                other = mask ^ sub
+                if sub < other or sub == forbidden or other == forbidden:
+                    sub = (sub - 1) & mask
+                    continue
+                ca, cb = best[sub], best[other]
+                step = self._step(sub, other, ca[2], cb[2], open_s)
+                total = ca[0] + cb[0] + step["seconds"]
+                macs = ca[1] + cb[1] + step["macs"]
+                if choice is None or (total, macs) < (choice[0], choice[1]):
+                    is_act = bool(mask & 1)
+                    info = (step["out_indices"], is_act, step["grid"])
+                    choice = (total, macs, info, (sub, other), step)
+                sub = (sub - 1) & mask
+            best[mask] = choice
+        # unfold the tree into an ordered list of steps (children first)
+        order = []
+
+        def walk(mask):
+            entry = best[mask]
+            if isinstance(entry[3], int):
+                return
+            sub, other = entry[3]
+            walk(sub)
+            walk(other)
+            order.append((mask, entry[4]))
+
+        walk(full)
+        self.best = best
+        self.ordered = order
+        return order
+
+    def __call__(self, inputs, output, size_dict, memory_limit=None):
+        order = self.search()
+        ssa_of = {1 << pos: pos for pos in range(len(self.structure.operands) + 1)}
+        ssa_path = []
+        next_id = len(ssa_of)
+        for mask, step in order:
+            ssa_path.append((ssa_of[step["lhs"]], ssa_of[step["rhs"]]))
+            ssa_of[mask] = next_id
+            next_id += 1
+        return opt_einsum.paths.ssa_to_linear(ssa_path)
+
+
+def _letters_for(indices):
+    pool = iter("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    return {i: next(pool) for i in indices}
+
+
+def plan_steps(structure, geometry: ConvGeometry, batch, itemsize, model):
+    """Run the optimizer through opt_einsum; returns (steps, linear path, optimizer)."""
+    opt = ConvPathOptimizer(structure, geometry, batch, itemsize, model)
+    all_indices = list(dict.fromkeys(
+        ["batch"] + [f"y{n}" for n in range(structure.n_spatial)] + list(structure.act_in) + list(structure.taps)
+        + [i for op in structure.operands for i in op.indices] + list(structure.act_out)))
+    letters = _letters_for(all_indices)
+    sizes = dict(structure.size_of)
+    sizes.update({t: k for t, k in zip(structure.taps, geometry.kernel_size)})
+    pos = tuple(f"y{n}" for n in range(structure.n_spatial))
+    x_terms = ("batch",) + pos + tuple(structure.act_in) + tuple(structure.taps)
+    x_shape = (batch,) + tuple(geometry.out_spatial) + tuple(sizes[i] for i in structure.act_in) + tuple(
+        geometry.kernel_size)
+    terms = ["".join(letters[i] for i in x_terms)] + ["".join(letters[i] for i in op.indices)
+                                                    for op in structure.operands]
+    out = "".join(letters[i] for i in ("batch",) + pos + tuple(structure.act_out))
+    shapes = [x_shape] + [op.shape for op in structure.operands]
+    path, _ = opt_einsum.contract_path(",".join(terms) + "->" + out, *shapes, shapes=True, optimize=opt)
+    steps = []
+    ids = {1 << p: p for p in range(len(shapes))}
+    next_id = len(shapes)
+    for mask, s in opt.ordered:
+        grid = s.pop("grid")
+        a, b = ids[s.pop("lhs")], ids[s.pop("rhs")]
+        if s["kind"] != "weights":  # the activation's unsummed taps are virtual: keep channels only
+            taps = set(structure.taps)
+            s["lhs_indices"] = tuple(i for i in s["lhs_indices"] if i not in taps)
+            s["out_indices"] = tuple(i for i in s["out_indices"] if i not in taps)
+        out_shape = _out_shape(s, sizes, batch)
+        steps.append(Step(lhs=a, rhs=b, out_shape=out_shape, **s))
+        ids[mask] = next_id
+        next_id += 1
+    return steps, path, opt
+
+
+def _out_shape(s, sizes, batch):
+    if s["kind"] == "weights":
+        return tuple(sizes[i] for i in s["out_indices"])
+    return (batch,) + tuple(s["out_grid"]) + tuple(sizes[i] for i in s["out_indices"])
+
+
+def reconstruct_macs(structure):
+    """MACs of contracting the kernel's factors into the dense kernel (opt_einsum's count)."""
+    if structure.kind == "dense":
+        return 0
+    letters = _letters_for([i for op in structure.operands for i in op.indices] + list(structure.act_in)
+                           + list(structure.act_out))
+    terms = ["".join(letters[i] for i in op.indices) for op in structure.operands]
+    dense = "".join(letters[i] for i in structure.act_out + structure.act_in + structure.taps)
+    try:
+        _, info = opt_einsum.contract_path(",".join(terms) + "->" + dense,
+                                           *[op.shape for op in structure.operands], shapes=True)
+    except ValueError:
+        return 0
+    return int(info.opt_cost) // 2 if int(info.opt_cost) > 1 else int(info.opt_cost)
+
+
+def dense_step(structure, geometry, batch, itemsize, model):
+    """The single step of a dense convolution with the (possibly reconstructed) dense kernel."""
+    t = structure.out_channels
+    c = structure.in_channels
+    groups = structure.groups
+    out = geometry.out_spatial
+    positions = batch * _prod(out)
+    taps = _prod(geometry.kernel_size)
+    macs = positions * t * (c // groups) * taps
+    padded = [d + lo + hi for d, (lo, hi) in zip(geometry.in_spatial, geometry.padding)]
+    nbytes = itemsize * (batch * c * _prod(padded) + positions * t + t * (c // groups) * taps)
+    secs = model.seconds(macs, nbytes, calls=1, dense=True)
+    return Step(kind="dense", lhs=0, rhs=1, lhs_indices=("s",), rhs_indices=("t", "s") + structure.taps,
+                out_indices=("t",), summed=("s",) + structure.taps, modes=tuple(range(structure.n_spatial)),
+                out_shape=(batch, t) + tuple(out), macs=macs, nbytes=nbytes, seconds=secs,
+                in_grid=tuple(geometry.in_spatial), out_grid=tuple(out))
