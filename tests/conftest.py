@@ -1,0 +1,79 @@
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("ci", max_examples=50, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                                 HealthCheck.function_scoped_fixture])
+settings.register_profile("dev", max_examples=15, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                                 HealthCheck.function_scoped_fixture])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+try:
+    import torch
+except ImportError:  # the numpy tests still run
+    torch = None
+
+
+def _cuda():
+    return torch is not None and torch.cuda.is_available()
+
+
+def _cupy():
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+# (backend name, device) pairs; GPU entries skip with a reason where there is no GPU
+BACKENDS = [
+    pytest.param(("numpy", None), id="numpy"),
+    pytest.param(("torch", "cpu"), id="torch",
+                 marks=pytest.mark.skipif(torch is None, reason="torch is not installed")),
+    pytest.param(("torch", "cuda"), id="torch-cuda",
+                 marks=[pytest.mark.gpu, pytest.mark.skipif(not _cuda(), reason="no CUDA device")]),
+    pytest.param(("cupy", 0), id="cupy",
+                 marks=[pytest.mark.gpu, pytest.mark.skipif(not _cupy(), reason="no CuPy with a GPU")]),
+]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+def to_backend(a, backend, dtype=None):
+    """numpy array -> array of ``backend`` (name, device)."""
+    name, device = backend
+    a = np.asarray(a) if dtype is None else np.asarray(a, dtype=dtype)
+    if name == "numpy":
+        return a
+    if name == "torch":
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+    import cupy
+
+    with cupy.cuda.Device(device):
+        return cupy.asarray(a)
+
+
+def to_numpy(x):
+    if isinstance(x, np.ndarray):
+        return x
+    if torch is not None and isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    import cupy
+
+    return cupy.asnumpy(x)
+
+
+def rel_err(a, b):
+    a, b = to_numpy(a), to_numpy(b)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    scale = max(np.abs(b).max(), 1e-300)
+    return float(np.abs(a - b).max() / scale)

@@ -1,0 +1,99 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import rel_err, to_backend, to_numpy, torch
+
+from tensorconv.backends import backend_for_name, get_backend
+
+_NP_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+
+
+def test_import_does_not_import_frameworks():
+    code = "import sys, tensorconv; bad = [m for m in ('torch', 'cupy') if m in sys.modules]; sys.exit(1 if bad else 0)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_get_backend_by_type_and_cached(backend):
+    x = to_backend(np.zeros(3), backend)
+    b = get_backend(x, None, x)
+    assert b.name == backend[0]
+    assert get_backend(x) is b
+
+
+@pytest.mark.skipif(torch is None, reason="torch is not installed")
+def test_mixed_backends_is_type_error_naming_types():
+    with pytest.raises(TypeError, match=r"numpy\.ndarray.*torch\.Tensor"):
+        get_backend(np.zeros(2), torch.zeros(2))
+
+
+def test_non_array_is_type_error():
+    with pytest.raises(TypeError, match="list"):
+        get_backend([1.0, 2.0])
+    with pytest.raises(TypeError, match="at least one array"):
+        get_backend(None)
+    with pytest.raises(ValueError, match="jax"):
+        backend_for_name("jax")
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+def test_pad_matches_numpy_pad(backend, mode):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 5, 4))
+    b = backend_for_name(backend[0])
+    got = b.pad(to_backend(x, backend), {1: (2, 3), 2: (1, 0)}, mode)
+    expected = np.pad(x, ((0, 0), (2, 3), (1, 0)), mode=_NP_MODES[mode])
+    assert rel_err(got, expected) == 0.0
+
+
+def test_pad_reflect_too_large_is_value_error():
+    b = backend_for_name("numpy")
+    with pytest.raises(ValueError, match="reflect"):
+        b.pad_axis(np.zeros((2, 3)), 1, 3, 0, "reflect")
+
+
+@pytest.mark.parametrize("stride,dilation", [(1, 1), (2, 1), (1, 2), (3, 2)])
+def test_depthwise_conv1d_any_axis(backend, stride, dilation):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 11, 3, 4))  # channel axis 3, conv along axis 1
+    w = rng.standard_normal((4, 3))
+    b = backend_for_name(backend[0])
+    got = b.depthwise_conv1d(to_backend(x, backend), to_backend(w, backend), axis=1, channel_axis=3, stride=stride,
+                             dilation=dilation)
+    n_out = (11 - dilation * 2 - 1) // stride + 1
+    expected = np.zeros((2, n_out, 3, 4))
+    for y in range(n_out):  # direct loop oracle
+        for k in range(3):
+            expected[:, y] += x[:, y * stride + k * dilation] * w[:, k]
+    assert rel_err(got, expected) < 1e-13
+
+
+def test_depthwise_conv1d_errors():
+    b = backend_for_name("numpy")
+    with pytest.raises(ValueError, match="4 channels"):
+        b.depthwise_conv1d(np.zeros((2, 5, 3)), np.zeros((4, 3)), axis=1, channel_axis=2)
+    with pytest.raises(ValueError, match="larger than"):
+        b.depthwise_conv1d(np.zeros((2, 2, 3)), np.zeros((3, 3)), axis=1, channel_axis=2)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_numpy_round_trip_keeps_dtype_and_device(backend, dtype):
+    b = backend_for_name(backend[0])
+    x = to_backend(np.arange(6.0).reshape(2, 3), backend, dtype=dtype)
+    host = b.to_numpy(x)
+    assert isinstance(host, np.ndarray) and host.dtype == np.dtype(dtype)
+    back = b.from_numpy(host, like=x)
+    assert type(back) is type(x) and b.dtype(back) == b.dtype(x) and b.device(back) == b.device(x)
+    np.testing.assert_array_equal(to_numpy(back), host)
+
+
+def test_einsum_and_tensordot_agree_with_numpy(backend):
+    rng = np.random.default_rng(2)
+    a, m = rng.standard_normal((3, 4, 5)), rng.standard_normal((4, 6))
+    b = backend_for_name(backend[0])
+    A, M = to_backend(a, backend), to_backend(m, backend)
+    assert rel_err(b.einsum("ijk,jl->ilk", A, M), np.einsum("ijk,jl->ilk", a, m)) < 1e-13
+    assert rel_err(b.tensordot(A, M, axes=([1], [0])), np.tensordot(a, m, axes=([1], [0]))) < 1e-13
+    assert tuple(b.moveaxis(A, 0, -1).shape) == (4, 5, 3)
+    assert tuple(b.reshape(A, (12, 5)).shape) == (12, 5)
