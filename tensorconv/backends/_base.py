@@ -28,6 +28,12 @@ class ArrayBackend:
     def __repr__(self):
         return f"<tensorconv backend {self.name!r}>"
 
+    def __reduce__(self):
+        # backends are singletons holding modules: pickle / deepcopy by name
+        from . import backend_for_name
+
+        return (backend_for_name, (self.name,))
+
     # -- array attributes and creation -------------------------------------------------
     def dtype(self, x):
         return x.dtype
