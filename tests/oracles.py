@@ -24,9 +24,9 @@ def np_conv(x, w, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros
     b = x.shape[0]
     win = win.reshape((b, groups, cg) + win.shape[2:])
     wg = w.reshape((groups, t // groups, cg) + w.shape[2:])
-    letters = "abcdefgh"[:n]
-    ks = "pqrstuvw"[:n]
-    out = np.einsum(f"BGc{letters}{ks},GTc{ks}->BGT{letters}", win, wg)
+    letters = "mnopq"[:n]
+    ks = "uvwxy"[:n]
+    out = np.einsum(f"ZGc{letters}{ks},GTc{ks}->ZGT{letters}", win, wg)
     return out.reshape((b, t) + out.shape[3:])
 
 
