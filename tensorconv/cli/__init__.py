@@ -1,0 +1,29 @@
+"""Command-line entry points: ``tensorconv verify`` and ``tensorconv bench``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="tensorconv", description="Factorized convolutions of any order.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    from . import verify
+
+    p_verify = sub.add_parser("verify", help="check every derivation of the paper on every backend found")
+    verify.add_arguments(p_verify)
+    p_bench = sub.add_parser("bench", help="benchmark plans against dense convolution and peers")
+    try:
+        from . import bench
+    except ImportError:  # pragma: no cover
+        bench = None
+    if bench is not None:
+        bench.add_arguments(p_bench)
+    args = parser.parse_args(argv)
+    if args.command == "verify":
+        return verify.main(args)
+    return bench.main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
