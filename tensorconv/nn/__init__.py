@@ -1,0 +1,6 @@
+"""PyTorch modules (imported on first use: ``import tensorconv`` does not import torch)."""
+from .layers import HOCPBlock, KruskalConv, TuckerConv, cp_rank_for, tucker_rank_for
+from .training import factorized_layers, lasso, prune, transduct
+
+__all__ = ["KruskalConv", "TuckerConv", "HOCPBlock", "transduct", "lasso", "prune", "factorized_layers",
+           "cp_rank_for", "tucker_rank_for"]

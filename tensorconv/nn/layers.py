@@ -1,0 +1,487 @@
+"""PyTorch modules over the backend-neutral plans: KruskalConv, TuckerConv, HOCPBlock.
+
+Arguments and defaults follow ``torch.nn.ConvNd``. The number of spatial dims is
+``len(kernel_size)`` (or ``n_spatial=`` with an int kernel size), so the same class is a
+1-D ... N-D convolution.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..kernels import KruskalKernel, TuckerKernel
+from ..plans.plan import conv
+from ..plans.spec import make_geometry, normalize_int_tuple
+
+__all__ = ["KruskalConv", "TuckerConv", "HOCPBlock", "cp_rank_for", "tucker_rank_for"]
+
+
+def _kernel_size(kernel_size, n_spatial):
+    if isinstance(kernel_size, int) and not isinstance(kernel_size, bool):
+        if n_spatial is None:
+            raise ValueError(f"kernel_size={kernel_size} is an int: give n_spatial= to say how many spatial dims")
+        return normalize_int_tuple(kernel_size, n_spatial, "kernel_size", minimum=1)
+    ks = tuple(kernel_size)
+    if n_spatial is not None and len(ks) != n_spatial:
+        raise ValueError(f"kernel_size={ks} has {len(ks)} entries but n_spatial={n_spatial}")
+    return normalize_int_tuple(ks, len(ks), "kernel_size", minimum=1)
+
+
+def _padding_form(padding, n):
+    """Keep 'same' / 'valid' as strings; anything else as per-mode (low, high) pairs."""
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise ValueError(f"padding={padding!r} is not one of 'same', 'valid', an int or a tuple")
+        return padding
+    if isinstance(padding, int) and not isinstance(padding, bool):
+        if padding < 0:
+            raise ValueError(f"padding={padding} must be >= 0")
+        return ((padding, padding),) * n
+    entries = tuple(padding)
+    if len(entries) != n:
+        raise ValueError(f"padding={padding!r} has {len(entries)} entries but the convolution has {n} spatial dims")
+    return tuple((p, p) if isinstance(p, int) else tuple(p) for p in entries)
+
+
+def _padding_pairs(padding, kernel_size, dilation):
+    if padding == "valid":
+        return ((0, 0),) * len(kernel_size)
+    if padding == "same":
+        return tuple((d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(kernel_size, dilation))
+    return padding
+
+
+def cp_rank_for(rank, in_channels, out_channels, kernel_size):
+    """Resolve ``rank`` (int, float fraction of the dense parameters, or "same") to an int >= 1."""
+    dense = in_channels * out_channels * math.prod(kernel_size)
+    per_rank = in_channels + out_channels + sum(kernel_size) + 1
+    if isinstance(rank, str):
+        if rank != "same":
+            raise ValueError(f"rank={rank!r}: expected an int, a float fraction of the dense parameters, or 'same'")
+        rank = 1.0
+    if isinstance(rank, float):
+        if not rank > 0:
+            raise ValueError(f"rank={rank} as a fraction of the dense parameter count must be > 0")
+        return max(1, int(round(rank * dense / per_rank)))
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be an int >= 1, a float > 0 or 'same', got {rank!r}")
+    return rank
+
+
+def tucker_rank_for(rank, in_channels, out_channels, kernel_size, groups):
+    if isinstance(rank, float) or rank == "same":
+        frac = 1.0 if rank == "same" else rank
+        # same fraction of both channel modes: R_out * R_in * K / G + T R_out + C R_in ~ frac * dense
+        dense = in_channels * out_channels * math.prod(kernel_size)
+        k = math.prod(kernel_size)
+        best = (groups, groups)
+        for s in range(1, 10 ** 4):
+            r_out, r_in = groups * max(1, round(s * out_channels / max(in_channels, out_channels) / groups)), \
+                groups * max(1, round(s * in_channels / max(in_channels, out_channels) / groups))
+            params = r_out * r_in * k // groups + out_channels * r_out + in_channels * r_in
+            if params > frac * dense or r_out > out_channels * 4:
+                break
+            best = (r_out, r_in)
+        return best
+    rank = (rank, rank) if isinstance(rank, int) else tuple(rank)
+    if len(rank) != 2 or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in rank):
+        raise ValueError(f"rank must be (R_out, R_in) ints >= 1, got {rank!r}")
+    if rank[0] % groups or rank[1] % groups:
+        raise ValueError(f"rank={rank} must be divisible by groups={groups}")
+    return rank
+
+
+class _FactorizedConv(nn.Module):
+    """Geometry, bias and forward shared by the factorized layers."""
+
+    def _init_geometry(self, in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode,
+                       strategy, n_spatial):
+        if in_channels < 1 or out_channels < 1:
+            raise ValueError(f"in_channels and out_channels must be >= 1, got {in_channels}, {out_channels}")
+        self.kernel_size = _kernel_size(kernel_size, n_spatial)
+        n = len(self.kernel_size)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.stride = normalize_int_tuple(stride, n, "stride", minimum=1)
+        self.dilation = normalize_int_tuple(dilation, n, "dilation", minimum=1)
+        self.padding = _padding_form(padding, n)
+        if self.padding == "same" and any(s != 1 for s in self.stride):
+            raise ValueError(f"padding='same' needs stride 1 in every mode, got stride={self.stride}")
+        if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+            raise ValueError(f"padding_mode={padding_mode!r} is not one of ('zeros', 'reflect', 'replicate', 'circular')")
+        self.padding_mode = padding_mode
+        if strategy not in ("auto", "factorized", "reconstructed"):
+            raise ValueError(f"strategy={strategy!r} is not one of ('auto', 'factorized', 'reconstructed')")
+        self.strategy = strategy
+
+    @property
+    def n_spatial(self):
+        return len(self.kernel_size)
+
+    def _init_bias(self, bias, fan_in, factory):
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.out_channels, **factory))
+            bound = 1 / math.sqrt(fan_in)
+            with torch.no_grad():
+                self.bias.uniform_(-bound, bound)
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x):
+        n = self.n_spatial
+        if x.ndim not in (n + 1, n + 2):
+            raise ValueError(f"{type(self).__name__} with {n} spatial dims expects input (B, C, *{n} dims) or "
+                             f"(C, *{n} dims), got shape {tuple(x.shape)}")
+        out = conv(x, self.kernel, stride=self.stride, padding=self.padding, dilation=self.dilation,
+                   padding_mode=self.padding_mode, strategy=self.strategy)
+        if self.bias is not None:
+            shape = (-1,) + (1,) * n
+            out = out + self.bias.reshape(shape)
+        return out
+
+    def plan(self, input_shape):
+        """The :class:`~tensorconv.ConvPlan` this layer runs for ``input_shape``."""
+        from ..plans.plan import plan_conv
+
+        p = next(self.parameters())
+        return plan_conv(self.kernel, input_shape, stride=self.stride, padding=self.padding, dilation=self.dilation,
+                         padding_mode=self.padding_mode, strategy=self.strategy, dtype=p.dtype, backend="torch",
+                         device=None if p.device.type == "cpu" else p.device)
+
+    @property
+    def dense_params(self):
+        return self.in_channels * self.out_channels * math.prod(self.kernel_size)
+
+    @property
+    def n_params(self):
+        return sum(p.numel() for p in self.parameters() if p is not self.bias)
+
+    def _geometry_repr(self):
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
+        if any(v != 1 for v in self.stride):
+            s += f", stride={self.stride}"
+        if self.padding != ((0, 0),) * self.n_spatial:
+            s += f", padding={self.padding!r}"
+        if any(v != 1 for v in self.dilation):
+            s += f", dilation={self.dilation}"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
+        if self.bias is None:
+            s += ", bias=False"
+        return s
+
+    def to_dense_conv(self):
+        """An equivalent ``nn.Conv{1,2,3}d`` (N <= 3, symmetric padding)."""
+        n = self.n_spatial
+        if n > 3:
+            raise ValueError(f"to_dense_conv: torch has no nn.Conv{n}d; use tensorconv.conv with kernel.to_dense()")
+        padding = self.padding
+        if not isinstance(padding, str):
+            if any(lo != hi for lo, hi in padding):
+                raise ValueError(f"to_dense_conv: nn.Conv{n}d has no asymmetric padding, this layer has {padding}")
+            padding = tuple(lo for lo, _ in padding)
+        p = next(self.parameters())
+        cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[n - 1]
+        dense = cls(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=padding,
+                    dilation=self.dilation, bias=self.bias is not None, padding_mode=self.padding_mode,
+                    device=p.device, dtype=p.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(self.kernel.to_dense())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
+    @staticmethod
+    def _conv_geometry(conv_module):
+        if not isinstance(conv_module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            raise TypeError(f"from_conv expects nn.Conv1d/2d/3d, got {type(conv_module).__name__}")
+        padding = conv_module.padding if isinstance(conv_module.padding, str) else tuple(conv_module.padding)
+        return dict(stride=tuple(conv_module.stride), padding=padding, dilation=tuple(conv_module.dilation),
+                    padding_mode=conv_module.padding_mode, bias=conv_module.bias is not None,
+                    device=conv_module.weight.device, dtype=conv_module.weight.dtype)
+
+
+class KruskalConv(_FactorizedConv):
+    """A convolution with a CP kernel ``[[lambda; U_T, U_C, U_K0, ..]]`` (paper eq. 6), any N.
+
+    Parameters
+    ----------
+    in_channels, out_channels, kernel_size, stride, padding, dilation, bias, padding_mode,
+    device, dtype : as ``torch.nn.ConvNd``
+    rank : int, float or "same"
+        A float is a fraction of the dense conv's parameter count; "same" matches it (the paper).
+    strategy : "auto", "factorized" or "reconstructed"
+    n_spatial : int, needed when ``kernel_size`` is an int.
+
+    Examples
+    --------
+    >>> import torch
+    >>> layer = KruskalConv(16, 32, (3, 3, 3, 3), rank=8, padding=1)
+    >>> layer(torch.randn(2, 16, 5, 6, 7, 8)).shape
+    torch.Size([2, 32, 5, 6, 7, 8])
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, rank, stride=1, padding=0, dilation=1, bias=True,
+                 padding_mode="zeros", device=None, dtype=None, strategy="auto", *, n_spatial=None):
+        super().__init__()
+        self._init_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode,
+                            strategy, n_spatial)
+        self.rank = cp_rank_for(rank, in_channels, out_channels, self.kernel_size)
+        factory = {"device": device, "dtype": dtype}
+        dims = (out_channels, in_channels) + self.kernel_size
+        self.weights = nn.Parameter(torch.empty(self.rank, **factory))
+        self.factors = nn.ParameterList([nn.Parameter(torch.empty(d, self.rank, **factory)) for d in dims])
+        self._frozen = []
+        self.reset_parameters()
+        self._init_bias(bias, in_channels * math.prod(self.kernel_size), factory)
+
+    def reset_parameters(self):
+        """Gaussian factors and unit lambda, scaled so the reconstructed kernel has the variance of
+        torch's default conv init (kaiming_uniform(a=sqrt(5)): Var = 1 / (3 fan_in))."""
+        fan_in = self.in_channels * math.prod(self.kernel_size)
+        target = 1.0 / (3.0 * fan_in)
+        n_factors = len(self.factors)
+        std = (target / self.rank) ** (1.0 / (2 * n_factors))
+        with torch.no_grad():
+            self.weights.fill_(1.0)
+            for f in self.factors:
+                f.normal_(0.0, std)
+
+    @property
+    def kernel(self) -> KruskalKernel:
+        """The CP kernel, built from the live parameters (autograd flows through it)."""
+        return KruskalKernel(self.weights, list(self.factors))
+
+    def extra_repr(self):
+        return (f"{self._geometry_repr()}, rank={self.rank}, params={self.n_params} "
+                f"(dense {self.dense_params}, {self.dense_params / self.n_params:.1f}x fewer)")
+
+    @classmethod
+    def from_conv(cls, conv_module, rank, strategy="auto", **decomposition_kwargs):
+        """CP-decompose a trained ``nn.ConvNd`` (tensorly parafac on its device and dtype).
+
+        Stride, padding, dilation, padding_mode and bias are kept; ``relative_error`` holds the
+        decomposition's relative reconstruction error.
+        """
+        geo = cls._conv_geometry(conv_module)
+        if conv_module.groups != 1:
+            raise ValueError(f"KruskalConv.from_conv: groups={conv_module.groups} is not supported (a CP kernel mixes "
+                             f"all channels); use TuckerConv.from_conv, which keeps groups")
+        weight = conv_module.weight.detach()
+        rank = cp_rank_for(rank, conv_module.in_channels, conv_module.out_channels, tuple(weight.shape[2:]))
+        kernel = KruskalKernel.from_dense(weight, rank, **decomposition_kwargs)
+        layer = cls(conv_module.in_channels, conv_module.out_channels, tuple(weight.shape[2:]), rank,
+                    strategy=strategy, **geo)
+        with torch.no_grad():
+            layer.weights.copy_(kernel.weights)
+            for p, f in zip(layer.factors, kernel.factors):
+                p.copy_(f)
+            if layer.bias is not None:
+                layer.bias.copy_(conv_module.bias)
+        layer.relative_error = kernel.relative_error(weight)
+        return layer
+
+    # -- transduction (paper sec. 4, eq. 8) ---------------------------------------------------------------
+    def transduct(self, kernel_size, position=0, padding="same", stride=1, dilation=1, init="ones", freeze=True):
+        """Add a spatial mode in place: an N-D layer becomes (N+1)-D.
+
+        The new factor (kernel_size x R) has the dtype and device of the others. With
+        ``freeze=True`` only it trains until :meth:`unfreeze`. Build the optimizer after this
+        call (the parameter list changed). Returns ``self``.
+        """
+        new_kernel = self.kernel.transduct(kernel_size, position, init)
+        n = self.n_spatial
+        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+            raise ValueError(f"stride for the new mode must be an int >= 1, got {stride!r}")
+        if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
+            raise ValueError(f"dilation for the new mode must be an int >= 1, got {dilation!r}")
+        new_pad = _padding_pairs(_padding_form(padding, 1), (kernel_size,), (dilation,))[0]
+        if padding == "same" and stride != 1:
+            raise ValueError("padding='same' for the new mode needs stride=1")
+        old_pairs = _padding_pairs(self.padding, self.kernel_size, self.dilation)
+        insert = lambda seq, v: tuple(seq[:position]) + (v,) + tuple(seq[position:])  # noqa: E731
+        keep_same = self.padding == "same" and padding == "same"
+        self.kernel_size = insert(self.kernel_size, kernel_size)
+        self.stride = insert(self.stride, stride)
+        self.dilation = insert(self.dilation, dilation)
+        self.padding = "same" if keep_same else insert(old_pairs, new_pad)
+        factors = list(self.factors)
+        factors.insert(2 + position, nn.Parameter(new_kernel.factors[2 + position].detach().clone()))
+        self.factors = nn.ParameterList(factors)
+        assert len(self.factors) == 2 + n + 1
+        if freeze:
+            self._frozen = [p for p in self.parameters() if p is not self.factors[2 + position] and p.requires_grad]
+            for p in self._frozen:
+                p.requires_grad_(False)
+        return self
+
+    def unfreeze(self):
+        """Let every parameter train again after a frozen :meth:`transduct`."""
+        for p in self._frozen:
+            p.requires_grad_(True)
+        self._frozen = []
+        return self
+
+    # -- rank selection (paper sec. 4) ------------------------------------------------------------------------
+    def prune(self, threshold):
+        """Drop rank components with |lambda| <= threshold; returns the number kept."""
+        with torch.no_grad():
+            keep = (self.weights.abs() > threshold).nonzero().flatten()
+        if keep.numel() == 0:
+            raise ValueError(f"prune(threshold={threshold}) would remove every rank component "
+                             f"(max |lambda| = {float(self.weights.abs().max()):.3g})")
+        self.weights = nn.Parameter(self.weights.detach()[keep].clone(), requires_grad=self.weights.requires_grad)
+        self.factors = nn.ParameterList(
+            [nn.Parameter(f.detach()[:, keep].clone(), requires_grad=f.requires_grad) for f in self.factors])
+        self.rank = int(keep.numel())
+        return self.rank
+
+
+class TuckerConv(_FactorizedConv):
+    """A convolution with a Tucker kernel: 1x1 (C->R_in) -> grouped core conv -> 1x1 (R_out->T).
+
+    ``rank=(R_out, R_in)`` (an int means both; a float or "same" a parameter budget);
+    ``groups > 1`` makes the core block-diagonal (ResNeXt).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, rank, stride=1, padding=0, dilation=1, bias=True,
+                 padding_mode="zeros", device=None, dtype=None, strategy="auto", *, groups=1, n_spatial=None):
+        super().__init__()
+        self._init_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode,
+                            strategy, n_spatial)
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"groups must be an int >= 1, got {groups!r}")
+        self.groups = groups
+        self.rank = tucker_rank_for(rank, in_channels, out_channels, self.kernel_size, groups)
+        factory = {"device": device, "dtype": dtype}
+        r_out, r_in = self.rank
+        self.core = nn.Parameter(torch.empty((r_out, r_in // groups) + self.kernel_size, **factory))
+        self.factors = nn.ParameterList([nn.Parameter(torch.empty(out_channels, r_out, **factory)),
+                                         nn.Parameter(torch.empty(in_channels, r_in, **factory))])
+        self.reset_parameters()
+        self._init_bias(bias, in_channels * math.prod(self.kernel_size), factory)
+
+    def reset_parameters(self):
+        fan_in = self.in_channels * math.prod(self.kernel_size)
+        target = 1.0 / (3.0 * fan_in)
+        # W[t,s,k] sums R_in/groups * R_out products of three entries (for a given t, s pair)
+        terms = self.rank[0] * (self.rank[1] // self.groups)
+        std = (target / terms) ** (1.0 / 6)
+        with torch.no_grad():
+            self.core.normal_(0.0, std)
+            for f in self.factors:
+                f.normal_(0.0, std)
+
+    @property
+    def kernel(self) -> TuckerKernel:
+        return TuckerKernel(self.core, list(self.factors), groups=self.groups)
+
+    def extra_repr(self):
+        g = f", groups={self.groups}" if self.groups > 1 else ""
+        return (f"{self._geometry_repr()}, rank={self.rank}{g}, params={self.n_params} "
+                f"(dense {self.dense_params}, {self.dense_params / self.n_params:.1f}x fewer)")
+
+    @classmethod
+    def from_conv(cls, conv_module, rank, strategy="auto", **decomposition_kwargs):
+        """Partial-Tucker-decompose a trained ``nn.ConvNd`` over its channel modes.
+
+        A grouped conv (groups = G) is decomposed group by group; the result has G groups, a
+        block-diagonal core and block-diagonal factors, so the output is exact up to the ranks.
+        """
+        geo = cls._conv_geometry(conv_module)
+        g = conv_module.groups
+        weight = conv_module.weight.detach()
+        t, c = conv_module.out_channels, conv_module.in_channels
+        ks = tuple(weight.shape[2:])
+        r_out, r_in = tucker_rank_for(rank, c, t, ks, g)
+        if r_out > t or r_in > c:
+            raise ValueError(f"rank=({r_out}, {r_in}) exceeds the conv's channels ({t}, {c})")
+        layer = cls(c, t, ks, (r_out, r_in), strategy=strategy, groups=g, **geo)
+        tg, cg, og, ig = t // g, c // g, r_out // g, r_in // g
+        u_t = torch.zeros(t, r_out, dtype=weight.dtype, device=weight.device)
+        u_c = torch.zeros(c, r_in, dtype=weight.dtype, device=weight.device)
+        cores = []
+        for j in range(g):
+            part = TuckerKernel.from_dense(weight[j * tg:(j + 1) * tg], (og, ig), **decomposition_kwargs)
+            cores.append(part.core)
+            u_t[j * tg:(j + 1) * tg, j * og:(j + 1) * og] = part.factors[0]
+            u_c[j * cg:(j + 1) * cg, j * ig:(j + 1) * ig] = part.factors[1]
+        with torch.no_grad():
+            layer.core.copy_(torch.cat(cores, 0))
+            layer.factors[0].copy_(u_t)
+            layer.factors[1].copy_(u_c)
+            if layer.bias is not None:
+                layer.bias.copy_(conv_module.bias)
+        dense = weight if g == 1 else _grouped_to_full(weight, g)
+        layer.relative_error = layer.kernel.relative_error(dense)
+        return layer
+
+
+def _grouped_to_full(weight, groups):
+    t, cg = weight.shape[:2]
+    full = weight.new_zeros((t, cg * groups) + tuple(weight.shape[2:]))
+    tg = t // groups
+    for j in range(groups):
+        full[j * tg:(j + 1) * tg, j * cg:(j + 1) * cg] = weight[j * tg:(j + 1) * tg]
+    return full
+
+
+class HOCPBlock(nn.Module):
+    """The paper's higher-order CP block (eq. 7): 1x1 (C->R) -> Psi -> depthwise 1-D per mode ->
+    lambda -> 1x1 (R->T), with an optional skip ``F' = X + F x_1 U_S`` (U_S: T -> C channels).
+
+    ``nonlinearity``: a module applied after the first 1x1 (default BatchNorm over the R
+    channels + ReLU; ``None`` for none, which makes the block exactly a :class:`KruskalConv`).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, rank, stride=1, padding="same", dilation=1,
+                 bias=False, padding_mode="zeros", device=None, dtype=None, strategy="auto", *, n_spatial=None,
+                 nonlinearity="default", skip=False):
+        super().__init__()
+        self.conv = KruskalConv(in_channels, out_channels, kernel_size, rank, stride, padding, dilation, bias,
+                                padding_mode, device, dtype, strategy, n_spatial=n_spatial)
+        r = self.conv.rank
+        if nonlinearity == "default":
+            nonlinearity = _ChannelNormReLU(r, device=device, dtype=dtype)
+        self.psi = nonlinearity if nonlinearity is not None else nn.Identity()
+        if skip:
+            if any(s != 1 for s in self.conv.stride):
+                raise ValueError(f"skip=True needs stride 1 so the output matches the input, got {self.conv.stride}")
+            self.skip_factor = nn.Parameter(torch.empty(in_channels, out_channels, device=device, dtype=dtype))
+            nn.init.kaiming_uniform_(self.skip_factor, a=math.sqrt(5))
+        else:
+            self.register_parameter("skip_factor", None)
+
+    @property
+    def weights(self):
+        return self.conv.weights
+
+    def forward(self, x):
+        layer = self.conv
+        n = layer.n_spatial
+        u_c = layer.factors[1]
+        h = torch.movedim(torch.movedim(x, 1, -1) @ u_c, -1, 1)  # x ×_1 U_C^T: C -> R channels
+        h = self.psi(h)
+        rest = KruskalKernel(layer.weights, [layer.factors[0], None] + list(layer.factors[2:]))
+        out = conv(h, rest, stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
+                   padding_mode=layer.padding_mode, strategy=layer.strategy)
+        if layer.bias is not None:
+            out = out + layer.bias.reshape((-1,) + (1,) * n)
+        if self.skip_factor is not None:
+            out = x + torch.movedim(torch.movedim(out, 1, -1) @ self.skip_factor.T, -1, 1)
+        return out
+
+
+class _ChannelNormReLU(nn.Module):
+    """BatchNorm over channel dim 1 for any number of spatial dims, then ReLU."""
+
+    def __init__(self, channels, device=None, dtype=None):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(channels, device=device, dtype=dtype)
+
+    def forward(self, x):
+        shape = x.shape
+        y = self.norm(x.reshape(shape[0], shape[1], -1)).reshape(shape)
+        return torch.relu(y)

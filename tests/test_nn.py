@@ -1,0 +1,289 @@
+"""torch layers: forward vs F.convNd with the layer's dense kernel, init, from_conv, transduct, rank selection."""
+import copy
+import io
+import pickle
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.nn.functional as F  # noqa: E402
+from conftest import rel_err  # noqa: E402
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from oracles import np_conv, torch_conv  # noqa: E402
+
+import tensorconv.nn as tnn  # noqa: E402
+from tensorconv import HOCPBlock, KruskalConv, TuckerConv  # noqa: E402
+
+TOL = 1e-10
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _pairs(padding, n):
+    if isinstance(padding, int):
+        return ((padding, padding),) * n
+    return tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
+
+
+@pytest.mark.parametrize("cls", [KruskalConv, TuckerConv])
+@given(n=st.integers(1, 3), data=st.data())
+def test_forward_equals_dense_conv(cls, n, data):
+    c, t = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 4))
+    ks = tuple(data.draw(st.integers(1, 3)) for _ in range(n))
+    stride = tuple(data.draw(st.integers(1, 2)) for _ in range(n))
+    dilation = tuple(data.draw(st.integers(1, 2)) for _ in range(n))
+    padding = tuple((data.draw(st.integers(0, 2)), data.draw(st.integers(0, 2))) for _ in range(n))
+    mode = data.draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
+    strategy = data.draw(st.sampled_from(["auto", "factorized", "reconstructed"]))
+    rank = data.draw(st.integers(1, 4)) if cls is KruskalConv else (data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3)))
+    layer = cls(c, t, ks, rank, stride=stride, padding=padding, dilation=dilation, padding_mode=mode,
+                dtype=torch.float64, strategy=strategy)
+    dims = tuple(max(dl * (k - 1) + 1, lo + 1, hi + 1) + 2 for k, dl, (lo, hi) in zip(ks, dilation, padding))
+    x = torch.randn((2, c) + dims, dtype=torch.float64)
+    with torch.no_grad():
+        expected = torch_conv(x.numpy(), layer.kernel.to_dense().numpy(), stride=stride, padding=padding,
+                              dilation=dilation, padding_mode=mode) + layer.bias.numpy().reshape((-1,) + (1,) * n)
+        assert rel_err(layer(x), expected) < TOL
+
+
+def test_four_dimensional_layer_matches_numpy_reference_and_acceptance():
+    layer = KruskalConv(16, 32, (3, 3, 3, 3), rank=8, padding=1)
+    x = torch.randn(2, 16, 5, 6, 7, 8, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (2, 32, 5, 6, 7, 8)
+    y.square().mean().backward()
+    assert x.grad is not None and all(f.grad is not None for f in layer.factors) and layer.weights.grad is not None
+    small = KruskalConv(2, 3, (2, 3, 2, 2), rank=3, stride=(1, 2, 1, 1), padding=((1, 0), 1, 0, (0, 1)),
+                        dtype=torch.float64)
+    xs = torch.randn(1, 2, 4, 5, 3, 3, dtype=torch.float64)
+    with torch.no_grad():
+        expected = np_conv(xs.numpy(), small.kernel.to_dense().numpy(), stride=(1, 2, 1, 1),
+                           padding=((1, 0), (1, 1), (0, 0), (0, 1))) + small.bias.numpy().reshape(-1, 1, 1, 1, 1)
+        assert rel_err(small(xs), expected) < TOL
+
+
+@pytest.mark.parametrize("cls", [KruskalConv, TuckerConv])
+def test_gradcheck(cls):
+    rank = 2 if cls is KruskalConv else (2, 2)
+    layer = cls(2, 3, (3, 2), rank, stride=(2, 1), padding=1, dtype=torch.float64)
+    x = torch.randn(1, 2, 6, 5, dtype=torch.float64, requires_grad=True)
+    params = tuple(layer.parameters())
+
+    def fn(x, *ps):
+        return torch.func.functional_call(layer, dict(zip([n for n, _ in layer.named_parameters()], ps)), (x,))
+
+    assert torch.autograd.gradcheck(fn, (x, *params))
+
+
+def test_init_matches_torch_default_statistics():
+    torch.manual_seed(0)
+    for cls, rank in ((KruskalConv, 64), (TuckerConv, (32, 32))):
+        layer = cls(64, 64, (3, 3), rank)
+        ref = torch.nn.Conv2d(64, 64, 3)
+        w = layer.kernel.to_dense().detach()
+        target = ref.weight.var().item()  # 1 / (3 * fan_in)
+        assert abs(w.mean().item()) < 0.1 * target ** 0.5
+        assert 0.7 < w.var().item() / target < 1.3, (cls, w.var().item(), target)
+        assert torch.isfinite(w).all()
+
+
+def test_rank_options_and_errors():
+    assert KruskalConv(16, 16, (3, 3), rank="same").n_params == pytest.approx(16 * 16 * 9, rel=0.05)
+    half = KruskalConv(16, 16, (3, 3), rank=0.5)
+    assert half.n_params == pytest.approx(0.5 * 16 * 16 * 9, rel=0.1)
+    assert KruskalConv(4, 4, 3, 2, n_spatial=3).kernel_size == (3, 3, 3)
+    with pytest.raises(ValueError, match="n_spatial"):
+        KruskalConv(4, 4, 3, 2)
+    with pytest.raises(ValueError, match="rank must be"):
+        KruskalConv(4, 4, (3, 3), 0)
+    with pytest.raises(ValueError, match="stride"):
+        KruskalConv(4, 4, (3, 3), 2, stride=0)
+    with pytest.raises(ValueError, match="padding='same' needs stride 1"):
+        KruskalConv(4, 4, (3, 3), 2, stride=2, padding="same")
+    layer = KruskalConv(4, 4, (3, 3), 2)
+    with pytest.raises(ValueError, match="expects input"):
+        layer(torch.randn(1, 4, 5, 5, 5))
+    with pytest.raises(ValueError, match="channel mismatch"):
+        layer(torch.randn(1, 3, 5, 5))
+
+
+def test_state_dict_deepcopy_pickle_and_to():
+    layer = KruskalConv(3, 4, (3, 3), 2, padding="same")
+    x = torch.randn(1, 3, 5, 5)
+    clone = KruskalConv(3, 4, (3, 3), 2, padding="same")
+    clone.load_state_dict(layer.state_dict())
+    assert torch.equal(clone(x), layer(x))
+    assert torch.equal(copy.deepcopy(layer)(x), layer(x))
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf, weights_only=False)(x), layer(x))
+    assert torch.equal(pickle.loads(pickle.dumps(layer))(x), layer(x))
+    double = layer.to(torch.float64)
+    assert double.kernel.dtype == torch.float64 and double(x.double()).dtype == torch.float64
+    text = repr(layer)
+    assert "rank=2" in text and "dense 108" in text
+
+
+def _low_rank_conv(cls_conv, c, t, ks, rank, **kw):
+    conv = cls_conv(c, t, ks, **kw).double()
+    g = torch.Generator().manual_seed(0)
+    factors = [torch.randn(d, rank, generator=g, dtype=torch.float64) for d in (t, c) + ks]
+    with torch.no_grad():
+        conv.weight.copy_(torch.einsum("tr,sr,hr,wr->tshw" if len(ks) == 2 else "tr,sr,dr,hr,wr->tsdhw", *factors))
+    return conv
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_from_conv_round_trip_keeps_geometry(dims):
+    ks = (3, 2) if dims == 2 else (2, 3, 2)
+    cls_conv = torch.nn.Conv2d if dims == 2 else torch.nn.Conv3d
+    kw = dict(stride=(2, 1) if dims == 2 else (1, 2, 1), padding=(1, 0) if dims == 2 else (0, 1, 1),
+              dilation=(1, 2) if dims == 2 else (2, 1, 1), padding_mode="reflect" if dims == 2 else "zeros")
+    conv = _low_rank_conv(cls_conv, 4, 5, ks, 3, **kw)
+    layer = KruskalConv.from_conv(conv, rank=3, n_iter_max=2000, tol=1e-16)
+    assert layer.relative_error < 1e-6
+    assert layer.stride == tuple(conv.stride) and layer.dilation == tuple(conv.dilation)
+    assert layer.padding_mode == conv.padding_mode and layer.kernel.dtype == torch.float64
+    x = torch.randn((2, 4) + (9,) * dims, dtype=torch.float64)
+    with torch.no_grad():
+        y, ref = layer(x), conv(x)
+        assert y.shape == ref.shape
+        assert rel_err(y, ref) < 1e-5
+        back = layer.to_dense_conv()
+        assert rel_err(back(x), y) < TOL
+
+
+def test_tucker_from_conv_exact_at_full_rank_and_grouped():
+    conv = torch.nn.Conv2d(6, 4, 3, padding=1, groups=2).double()
+    layer = TuckerConv.from_conv(conv, rank=(4, 6))
+    x = torch.randn(2, 6, 7, 7, dtype=torch.float64)
+    with torch.no_grad():
+        assert layer.groups == 2 and layer.relative_error < 1e-12
+        assert rel_err(layer(x), conv(x)) < TOL
+    with pytest.raises(ValueError, match="groups=2 is not supported"):
+        KruskalConv.from_conv(conv, rank=4)
+
+
+def test_padding_same_layer():
+    layer = KruskalConv(3, 5, (4, 3), 2, padding="same", dtype=torch.float64)
+    x = torch.randn(1, 3, 7, 6, dtype=torch.float64)
+    with torch.no_grad():
+        ref = F.conv2d(x, layer.kernel.to_dense(), layer.bias, padding="same")
+        assert rel_err(layer(x), ref) < TOL
+        assert rel_err(layer.to_dense_conv()(x), ref) < TOL
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_transduct_center_is_frame_by_frame_and_ones_is_windowed_sum(device):
+    layer = KruskalConv(3, 4, (3, 3), 3, padding=1, dtype=torch.float64, device=device)
+    x = torch.randn(2, 3, 5, 6, 6, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        frames = torch.stack([layer(x[:, :, f]) for f in range(5)], 2)
+        center = copy.deepcopy(layer).transduct(3, init="center")
+        assert center.kernel.dtype == torch.float64 and center.factors[2].device.type == device
+        assert rel_err(center(x), frames) < TOL
+        ones = copy.deepcopy(layer).transduct(3, padding=0)
+        bias = layer.bias.reshape(1, -1, 1, 1, 1)
+        windowed = sum(frames[:, :, j:j + 3] - bias for j in range(3)) + bias
+        assert rel_err(ones(x), windowed) < TOL
+
+
+def test_transduct_freezes_all_but_new_factor_and_model_helper():
+    model = torch.nn.Sequential(KruskalConv(3, 4, (3, 3), 2, padding=1), torch.nn.BatchNorm2d(4),
+                                torch.nn.MaxPool2d(2), KruskalConv(4, 2, (3, 3), 2, padding=1))
+    model[1].running_mean.fill_(0.5)
+    with _no_warning():
+        tnn.transduct(model, 3)
+    assert isinstance(model[1], torch.nn.BatchNorm3d) and torch.all(model[1].running_mean == 0.5)
+    assert isinstance(model[2], torch.nn.MaxPool3d) and model[2].kernel_size == (1, 2, 2)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all(".factors.2" in n or n.startswith("1.") for n in trainable), trainable
+    y = model(torch.randn(2, 3, 4, 8, 8))
+    assert y.shape == (2, 2, 4, 4, 4)
+    y.sum().backward()
+    assert model[0].factors[2].grad is not None and model[0].factors[0].grad is None
+    model[0].unfreeze()
+    assert model[0].factors[0].requires_grad
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+
+        self.cm = warnings.catch_warnings()
+        self.cm.__enter__()
+        warnings.simplefilter("error")
+
+    def __exit__(self, *exc):
+        self.cm.__exit__(*exc)
+
+
+def test_lasso_changes_lambda_gradients():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(KruskalConv(3, 4, (3, 3), 5, padding=1), HOCPBlock(4, 4, (3, 3), 3))
+    x = torch.randn(2, 3, 6, 6)
+    loss = model(x).square().mean()
+    grads = torch.autograd.grad(loss, [model[0].weights, model[1].weights], retain_graph=True)
+    reg = loss + tnn.lasso(model, 0.1)
+    grads_reg = torch.autograd.grad(reg, [model[0].weights, model[1].weights])
+    for g, gr, w in zip(grads, grads_reg, [model[0].weights, model[1].weights]):
+        assert torch.allclose(gr - g, 0.1 * torch.sign(w))
+
+
+def test_prune_keeps_outputs_of_kept_components():
+    layer = KruskalConv(3, 4, (3, 3), 6, padding=1, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weights.copy_(torch.tensor([1.0, 1e-4, -2.0, 0.0, 0.5, -1e-5], dtype=torch.float64))
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    zeroed = copy.deepcopy(layer)
+    with torch.no_grad():
+        zeroed.weights[layer.weights.abs() <= 1e-3] = 0
+        expected = zeroed(x)
+    stats = tnn.prune(torch.nn.Sequential(layer), 1e-3)
+    assert stats == {"0": (6, 3)}
+    assert layer.rank == 3 and layer.n_params == 3 * (3 + 4 + 6) + 3
+    with torch.no_grad():
+        assert rel_err(layer(x), expected) < TOL
+    with pytest.raises(ValueError, match="every rank component"):
+        layer.prune(100.0)
+
+
+def test_hocp_block_without_nonlinearity_is_a_kruskal_conv_and_skip():
+    block = HOCPBlock(4, 4, (3, 3), 3, nonlinearity=None, dtype=torch.float64)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(block(x), block.conv(x)) < TOL
+        skip = HOCPBlock(4, 5, (3, 3), 3, nonlinearity=None, skip=True, dtype=torch.float64)
+        expected = x + torch.einsum("btyx,ct->bcyx", skip.conv(x), skip.skip_factor)
+        assert rel_err(skip(x), expected) < TOL
+    default = HOCPBlock(4, 4, (3, 3, 3, 3), 3)
+    assert default(torch.randn(2, 4, 3, 3, 3, 3)).shape == (2, 4, 3, 3, 3, 3)
+
+
+def test_training_smoke_loss_halves():
+    torch.manual_seed(0)
+    teacher = torch.nn.Conv2d(2, 3, 3, padding=1)
+    model = torch.nn.Sequential(KruskalConv(2, 8, (3, 3), 6, padding=1), torch.nn.ReLU(),
+                                KruskalConv(8, 3, (3, 3), 6, padding=1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x = torch.randn(16, 2, 8, 8)
+    with torch.no_grad():
+        y = teacher(x)
+    first = None
+    for _ in range(150):
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        first = loss.item() if first is None else first
+    assert loss.item() <= 0.5 * first, (first, loss.item())
+
+
+def test_import_tensorconv_nn_is_lazy():
+    import subprocess
+    import sys
+
+    code = "import sys, tensorconv; assert 'torch' not in sys.modules; tensorconv.KruskalConv; assert 'torch' in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
