@@ -21,6 +21,8 @@ class ArrayBackend:
     """
 
     name = "abstract"
+    #: whether :meth:`conv_channels_last` runs a native convolution (else plans loop over taps)
+    has_channels_last_conv = False
 
     def __init__(self, xp):
         self.xp = xp
@@ -223,6 +225,10 @@ class ArrayBackend:
             a = x[self.tap_slice(x.ndim, axis, k * dilation, n_out, stride)]
             out = a * w_k if out is None else self.mul_add_(out, a, w_k)
         return out
+
+    def conv_channels_last(self, act, weight, *, stride, dilation, padding, padding_mode, groups):
+        """Grouped N-D convolution of a channels-last activation (B, *D, C); None if unsupported."""
+        return None
 
     def conv_dense(self, x, weight, *, stride, dilation, groups=1, padding=None, padding_mode="zeros"):
         """Dense N-D cross-correlation, channels first: x (B, C, *D), weight (T, C/g, *K).

@@ -7,6 +7,7 @@ _DTYPES = {"float16", "bfloat16", "float32", "float64", "complex64", "complex128
 
 class TorchBackend(ArrayBackend):
     name = "torch"
+    has_channels_last_conv = True
 
     def __init__(self):
         import torch
@@ -122,3 +123,43 @@ class TorchBackend(ArrayBackend):
                 x = self.pad(x, {2 + m: p for m, p in enumerate(padding) if p != (0, 0)}, padding_mode)
         conv = (self.F.conv1d, self.F.conv2d, self.F.conv3d)[n - 1]
         return conv(x, weight, None, tuple(stride), native_pad, tuple(dilation), groups)
+
+    def conv_channels_last(self, act, weight, *, stride, dilation, padding, padding_mode, groups):
+        """Native grouped conv on channels-last data, no copies.
+
+        A contiguous (B, *D, C) tensor viewed as (B, C, *D) has exactly the channels_last
+        strides, so oneDNN / cuDNN run their channels-last kernels and return channels-last
+        output, which viewed back is again contiguous (B, *D', T). Modes beyond 3 are folded
+        into neighbours when only one mode is convolved (a view as well).
+        """
+        n = act.ndim - 2
+        ks = tuple(weight.shape[2:])
+        native_pad = 0
+        if any(lo or hi for lo, hi in padding):
+            if padding_mode == "zeros" and all(lo == hi for lo, hi in padding):
+                native_pad = tuple(lo for lo, _ in padding)
+            else:
+                act = self.pad(act, {1 + m: p for m, p in enumerate(padding) if p != (0, 0)}, padding_mode)
+        if not act.is_contiguous():
+            act = act.contiguous()
+        if n <= 3:
+            x = act.movedim(-1, 1)
+            conv = (self.F.conv1d, self.F.conv2d, self.F.conv3d)[n - 1]
+            return conv(x, weight, None, tuple(stride), native_pad, tuple(dilation), groups).movedim(1, -1)
+        active = [m for m in range(n) if ks[m] != 1 or stride[m] != 1 or dilation[m] != 1
+                  or (native_pad and native_pad[m])]
+        if len(active) > 1:
+            return None
+        m = active[0] if active else 0
+        shape = tuple(act.shape)
+        before = 1
+        for d in shape[1:1 + m]:
+            before *= d
+        after = 1
+        for d in shape[2 + m:-1]:
+            after *= d
+        x = act.reshape(shape[0], before, shape[1 + m], after, shape[-1]).movedim(-1, 1)
+        w = weight.reshape(tuple(weight.shape[:2]) + (1, ks[m], 1))
+        pad3 = (0, native_pad[m], 0) if native_pad else 0
+        out = self.F.conv3d(x, w, None, (1, stride[m], 1), pad3, (1, dilation[m], 1), groups).movedim(1, -1)
+        return out.reshape(shape[:1 + m] + (out.shape[2],) + shape[2 + m:-1] + (out.shape[-1],))

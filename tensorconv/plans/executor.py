@@ -51,6 +51,8 @@ class TapProgram:
                 a_index[1 + m] = slice(start, start + (grid_out[m] - 1) * stride[m] + 1, stride[m])
             w_index = tuple(tap_of_mode[tap_axes[i]] if i in tap_axes else slice(None) for i in w_ind)
             self.taps.append((tuple(a_index), w_index))
+        self.native = self._native_spec(ch_a, w_ind, w_ch, out_ch, tap_axes, sizes, kernel_size, stride, dilation,
+                                        padding)
         self.broadcast = set(w_ch) <= set(ch_a) and tuple(out_ch) == tuple(ch_a)
         if self.broadcast:
             # weight channels permuted into the activation's order, then shaped to broadcast
@@ -69,7 +71,51 @@ class TapProgram:
             w_shape = tuple(sizes[i] for i in w_ch)
             self.expr = opt_einsum.contract_expression(eq, a_shape, w_shape)
 
+    def _native_spec(self, ch_a, w_ind, w_ch, out_ch, tap_axes, sizes, kernel_size, stride, dilation, padding):
+        """How to run this step as one grouped convolution on channels-last data, if it is one.
+
+        Activation channels must be (shared, summed) and the output (shared, new): then the
+        weight permuted to (shared, new, summed, taps) and flattened is a grouped conv weight
+        with groups = prod(shared).
+        """
+        shared = tuple(i for i in ch_a if i in w_ch and i in out_ch)
+        summed = tuple(i for i in ch_a if i in w_ch and i not in out_ch)
+        new = tuple(i for i in w_ch if i not in ch_a)
+        if tuple(ch_a) != shared + summed or tuple(out_ch) != shared + new:
+            return None
+        if not new and not summed and not self.modes:
+            return None  # a plain scale: the broadcast path is cheaper than a 1x1 depthwise conv
+        tap_letters = sorted(tap_axes, key=tap_axes.get)
+        order = [w_ind.index(i) for i in shared + new + summed + tuple(tap_letters)]
+        groups = 1
+        for i in shared:
+            groups *= sizes[i]
+        n_new = 1
+        for i in new:
+            n_new *= sizes[i]
+        n_sum = 1
+        for i in summed:
+            n_sum *= sizes[i]
+        ks = tuple(kernel_size[m] if m in self.modes else 1 for m in range(self.n))
+        padding_native = tuple(padding[m] if m in self.modes else (0, 0) for m in range(self.n))
+        return dict(order=order, shape=(groups * n_new, n_sum) + ks, groups=groups,
+                    flat_in=len(ch_a) != 1, out_sizes=tuple(sizes[i] for i in out_ch) if len(out_ch) != 1 else None,
+                    stride=tuple(stride[m] if m in self.modes else 1 for m in range(self.n)),
+                    dilation=tuple(dilation[m] if m in self.modes else 1 for m in range(self.n)),
+                    padding=padding_native)
+
     def __call__(self, backend, act, weight):
+        if self.native is not None and backend.has_channels_last_conv:
+            spec = self.native
+            w = backend.reshape(backend.permute(weight, spec["order"]), spec["shape"])
+            x = backend.reshape(act, tuple(act.shape[:1 + self.n]) + (-1,)) if spec["flat_in"] else act
+            out = backend.conv_channels_last(x, w, stride=spec["stride"], dilation=spec["dilation"],
+                                             padding=spec["padding"], padding_mode=self.padding_mode,
+                                             groups=spec["groups"])
+            if out is not None:
+                if spec["out_sizes"] is not None:
+                    out = backend.reshape(out, tuple(out.shape[:1 + self.n]) + spec["out_sizes"])
+                return out
         if self.pads:
             act = backend.pad(act, self.pads, self.padding_mode)
         out = None
