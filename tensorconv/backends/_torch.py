@@ -142,6 +142,14 @@ class TorchBackend(ArrayBackend):
                 act = self.pad(act, {1 + m: p for m, p in enumerate(padding) if p != (0, 0)}, padding_mode)
         if not act.is_contiguous():
             act = act.contiguous()
+        if not native_pad and all(k == 1 for k in ks) and all(v == 1 for v in stride):
+            # a 1x1 conv: one conv2d over a (B, C, positions, 1) view. This keeps oneDNN's
+            # channels-last GEMM path for any N and for small batch x channels, where
+            # conv3d's heuristics fall back to the slow unfold kernel
+            shape = tuple(act.shape)
+            x = act.reshape(shape[0], -1, 1, shape[-1]).movedim(-1, 1)
+            out = self.F.conv2d(x, weight.reshape(tuple(weight.shape[:2]) + (1, 1)), None, 1, 0, 1, groups)
+            return out.movedim(1, -1).reshape(shape[:-1] + (out.shape[1],))
         if n <= 3:
             x = act.movedim(-1, 1)
             conv = (self.F.conv1d, self.F.conv2d, self.F.conv3d)[n - 1]

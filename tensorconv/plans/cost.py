@@ -18,18 +18,30 @@ class CostModel:
     bytes_per_s: float  # streaming bandwidth
     call_overhead_s: float  # per primitive call (Python + dispatch / launch)
     dense_macs_per_s: float  # the backend's dense convolution (native where it has one)
+    conv_macs_per_s: float = 0.0  # a channel-mixing conv over some modes inside a plan (0: = macs_per_s)
+    native_steps: bool = False  # steps run as one native conv call (torch), not one call per tap
 
-    def seconds(self, macs, nbytes, calls=1, dense=False):
-        rate = self.dense_macs_per_s if dense else self.macs_per_s
+    def seconds(self, macs, nbytes, calls=1, dense=False, kind=None):
+        if dense:
+            rate = self.dense_macs_per_s
+        elif kind == "conv" and self.conv_macs_per_s:
+            rate = self.conv_macs_per_s
+        else:
+            rate = self.macs_per_s
         return max(macs / rate, nbytes / self.bytes_per_s) + calls * self.call_overhead_s
 
 
 _DEFAULTS = {
     # 2-core x86-64 CPU (the CI machine), float32
-    "numpy": CostModel(macs_per_s=3.0e10, bytes_per_s=6.0e9, call_overhead_s=1.5e-5, dense_macs_per_s=1.5e10),
-    "torch": CostModel(macs_per_s=5.0e10, bytes_per_s=8.0e9, call_overhead_s=1.5e-5, dense_macs_per_s=4.0e10),
+    # (a conv step with full channel mixing over a few modes falls off oneDNN's fast paths on
+    # torch CPU: measured ~5x slower per MAC than a 1x1 conv at C=16)
+    "numpy": CostModel(macs_per_s=3.0e10, bytes_per_s=6.0e9, call_overhead_s=1.5e-5, dense_macs_per_s=1.5e10,
+                       conv_macs_per_s=1.5e10),
+    "torch": CostModel(macs_per_s=5.0e10, bytes_per_s=8.0e9, call_overhead_s=1.5e-5, dense_macs_per_s=4.0e10,
+                       conv_macs_per_s=1.0e10, native_steps=True),
     # a datacenter GPU (H100 class)
-    "torch-cuda": CostModel(macs_per_s=2.5e13, bytes_per_s=2.5e12, call_overhead_s=1.0e-5, dense_macs_per_s=1.5e13),
+    "torch-cuda": CostModel(macs_per_s=2.5e13, bytes_per_s=2.5e12, call_overhead_s=1.0e-5, dense_macs_per_s=1.5e13,
+                            native_steps=True),
     "cupy": CostModel(macs_per_s=2.5e13, bytes_per_s=2.5e12, call_overhead_s=1.5e-5, dense_macs_per_s=5.0e12),
 }
 _calibrated: dict = {}

@@ -112,7 +112,8 @@ class ConvPathOptimizer(opt_einsum.paths.PathOptimizer):
             kind = "conv" if summed or any(i not in ch_a for i in ch_b) else "depthwise"
         else:
             kind = "pointwise" if summed or any(i not in ch_a for i in ch_b) else "scale"
-        secs = self.model.seconds(macs, nbytes, calls=n_taps)
+        native = self.model.native_steps and (len(self.geometry.kernel_size) <= 3 or len(tap_modes) <= 1)
+        secs = self.model.seconds(macs, nbytes, calls=1 if native else n_taps, kind=kind)
         out_ind = out_ch + tuple(self.tap_of[n] for n in range(len(grid_a))
                                  if self.tap_of[n] in open_s and self.tap_of[n] in ind_a)
         return dict(kind=kind, lhs=a, rhs=b, lhs_indices=ind_a, rhs_indices=ind_b, out_indices=out_ind,
