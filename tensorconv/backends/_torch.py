@@ -140,9 +140,17 @@ class TorchBackend(ArrayBackend):
                 native_pad = tuple(lo for lo, _ in padding)
             else:
                 act = self.pad(act, {1 + m: p for m, p in enumerate(padding) if p != (0, 0)}, padding_mode)
+        pointwise = not native_pad and all(k == 1 for k in ks) and all(v == 1 for v in stride)
+        if pointwise and groups == 1 and not act.is_contiguous():
+            # typically the caller's channels-first input seen channels-last: a GEMM with a
+            # transposed operand reads it in place, where a copy would cost more than the product
+            shape = tuple(act.shape)
+            flat = act.reshape(shape[0], -1, shape[-1])
+            out = self.xp.matmul(flat, weight.reshape(tuple(weight.shape[:2])).transpose(0, 1))
+            return out.reshape(shape[:-1] + (out.shape[-1],))
         if not act.is_contiguous():
             act = act.contiguous()
-        if not native_pad and all(k == 1 for k in ks) and all(v == 1 for v in stride):
+        if pointwise:
             # a 1x1 conv: one conv2d over a (B, C, positions, 1) view. This keeps oneDNN's
             # channels-last GEMM path for any N and for small batch x channels, where
             # conv3d's heuristics fall back to the slow unfold kernel

@@ -1,6 +1,426 @@
+"""``tensorconv bench``: plans timed per backend against dense convolution and tensorly-torch.
+
+Every ratio is measured in one run; results go to JSON (and a PNG for the Figure 6 suite)
+with the machine, versions and allocator settings they were measured under.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+from ..backends import available_backends, backend_for_name
+from ..kernels import KruskalKernel, TuckerKernel
+from ..plans.cost import calibrate
+from ..plans.plan import conv, plan_conv
+
+SUITES = ("fig6", "backends", "peers", "roofline")
+
+
+# -- timing ---------------------------------------------------------------------------------------------------
+def _sync(device):
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+    elif device == "cupy":
+        import cupy
+
+        cupy.cuda.Device().synchronize()
+
+
+def measure(fn, *, device=None, warmup=2, repeat=5, budget_s=None):
+    """median / min / max seconds of ``fn()`` over ``repeat`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    start = time.perf_counter()
+    for i in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        if budget_s is not None and i >= 2 and time.perf_counter() - start > budget_s:
+            break
+    times.sort()
+    return {"median_ms": 1e3 * times[len(times) // 2], "min_ms": 1e3 * times[0], "max_ms": 1e3 * times[-1],
+            "runs": len(times)}
+
+
+class _Progress:
+    def __init__(self, total, label):
+        self.total, self.done, self.label = total, 0, label
+        self.bar = None
+        if sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc=label, file=sys.stderr, leave=False)
+            except ImportError:
+                pass
+
+    def step(self, what):
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(what[:40])
+            self.bar.update(1)
+        else:
+            print(f"[{self.label} {self.done}/{self.total}] {what}", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+# -- environment ------------------------------------------------------------------------------------------------
+def _set_malloc_no_trim():
+    """glibc: never return freed memory to the OS, never mmap big blocks (process-wide; bench only).
+
+    Without it, every large intermediate freed and allocated again costs first-touch page faults.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    ok = libc.mallopt(M_MMAP_THRESHOLD, 2**30) and libc.mallopt(M_TRIM_THRESHOLD, 2**62 - 1)
+    return bool(ok)
+
+
+def environment(args):
+    env = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "python": platform.python_version(),
+           "machine": platform.machine(), "processor": _cpu_name(), "cpus": os.cpu_count(),
+           "numpy": np.__version__, "allocator": args.allocator_note,
+           "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+           "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE")}
+    try:
+        import torch
+
+        env["torch"] = torch.__version__
+        env["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            env["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    try:
+        import tltorch
+
+        env["tltorch"] = tltorch.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _targets(args):
+    out = []
+    for name in args.backend or available_backends():
+        if name == "torch-cuda":
+            out.append(("torch", "cuda"))
+        elif name == "cupy":
+            out.append(("cupy", "cupy"))
+        else:
+            out.append((name, "cpu" if name == "torch" else None))
+    return out
+
+
+def _make_input(backend, device, shape, dtype="float32", requires_grad=False):
+    b = backend_for_name(backend)
+    x = b.random_normal(shape, seed=0, dtype=dtype, device=None if device in (None, "cupy") else device)
+    if requires_grad:
+        x.requires_grad_(True)
+    return x
+
+
+def _params_matched_rank(c, t, ks):
+    return max(1, (c * t * int(np.prod(ks))) // (c + t + sum(ks) + 1))
+
+
+# -- suites -----------------------------------------------------------------------------------------------------
+def suite_fig6(args, targets):
+    """Paper Figure 6: input 16x32x32, 3x3x3 kernel, C = T, dense 3-D conv vs CP at R = 6C and R = 3C."""
+    channels = (16, 32, 64) if args.quick else (16, 32, 64, 128, 256)
+    rows = []
+    prog = _Progress(len(channels) * len(targets) * 3, "fig6")
+    for c in channels:
+        shape = (args.batch, c, 16, 32, 32)
+        dense_shape = (c, c, 3, 3, 3)
+        for backend, device in targets:
+            if backend == "numpy" and c > 64:
+                for _ in range(3):
+                    prog.step("skip numpy (too slow)")
+                continue
+            x = _make_input(backend, device, shape)
+            dense = backend_for_name(backend).random_normal(dense_shape, seed=1, dtype="float32",
+                                                            device=None if device in (None, "cupy") else device)
+            t = measure(lambda: conv(x, dense, padding=1), device=device, repeat=args.repeat, budget_s=args.budget)
+            plan = plan_conv(dense, shape, padding=1)
+            rows.append(dict(suite="fig6", channels=c, model="3D-Conv", backend=_label(backend, device),
+                             macs=plan.dense_macs, params=int(np.prod(dense_shape)), **t))
+            prog.step(f"C={c} dense {backend}")
+            for mult in (6, 3):
+                k = KruskalKernel.random(dense_shape, rank=mult * c, backend=backend, dtype="float32",
+                                         device=None if device in (None, "cupy") else device, seed=2)
+                plan = plan_conv(k, shape, padding=1, strategy="factorized", dtype="float32", backend=backend)
+                t = measure(lambda: conv(x, k, padding=1, strategy="factorized"), device=device, repeat=args.repeat,
+                            budget_s=args.budget)
+                rows.append(dict(suite="fig6", channels=c, model=f"CP-HOConv-{mult}", backend=_label(backend, device),
+                                 macs=plan.macs, params=k.n_params, **t))
+                prog.step(f"C={c} CP-{mult} {backend}")
+    prog.close()
+    return rows
+
+
+def _label(backend, device):
+    return "torch-cuda" if device == "cuda" else backend
+
+
+def suite_backends(args, targets):
+    """The same plans on every backend present; forward (all) and forward+backward (torch)."""
+    cases = []
+    c = 32 if args.quick else 64
+    for n, spatial in ((2, (64, 64)), (3, (16, 32, 32))):
+        ks = (3,) * n
+        cases.append(("CP", n, "R=C", (c, c) + ks, c, spatial))
+        cases.append(("CP", n, "R=matched", (c, c) + ks, _params_matched_rank(c, c, ks), spatial))
+        cases.append(("Tucker", n, "R=C/2", (c, c) + ks, (c // 2, c // 2), spatial))
+    rows = []
+    prog = _Progress(len(cases) * len(targets), "backends")
+    for kind, n, label, kshape, rank, spatial in cases:
+        shape = (args.batch, kshape[1]) + spatial
+        group = []
+        for backend, device in targets:
+            dev = None if device in (None, "cupy") else device
+            make = KruskalKernel.random if kind == "CP" else TuckerKernel.random
+            k = make(kshape, rank, backend=backend, dtype="float32", device=dev, seed=3)
+            x = _make_input(backend, device, shape)
+            t = measure(lambda: conv(x, k, padding=1), device=device, repeat=args.repeat, budget_s=args.budget)
+            plan = plan_conv(k, shape, padding=1, dtype="float32", backend=backend, device=dev if dev == "cuda" else None)
+            row = dict(suite="backends", kernel=kind, n_spatial=n, rank=label, backend=_label(backend, device),
+                       pass_="forward", strategy=plan.strategy, macs=plan.macs, **t)
+            group.append(row)
+            if backend == "torch":
+                arrays = [k.weights] + list(k.factors) if kind == "CP" else [k.core] + list(k.factors)
+                for a in arrays:
+                    if a is not None:
+                        a.requires_grad_(True)
+                xg = _make_input(backend, device, shape, requires_grad=True)
+
+                def fwd_bwd():
+                    conv(xg, k, padding=1).sum().backward()
+
+                t = measure(fwd_bwd, device=device, repeat=args.repeat, budget_s=args.budget)
+                group.append(dict(row, pass_="forward+backward", **t))
+            prog.step(f"{kind} N={n} {label} {backend}")
+        for p in ("forward", "forward+backward"):
+            sub = [r for r in group if r["pass_"] == p]
+            best = min((r["median_ms"] for r in sub), default=None)
+            for r in sub:
+                r["ratio_to_fastest"] = r["median_ms"] / best
+        rows += group
+    prog.close()
+    return rows
+
+
+def suite_peers(args, targets):
+    """(B, C, 16, 32, 32), k=3, C = T: dense Conv3d, (2+1)D, tensorly-torch, tensorconv strategies."""
+    import torch
+
+    try:
+        import tltorch
+    except ImportError:
+        tltorch = None
+    channels = (16, 64) if args.quick else (16, 32, 64, 128)
+    devices = [d for b, d in targets if b == "torch"]
+    rows = []
+    prog = _Progress(len(channels) * 2 * len(devices), "peers")
+    for device in devices:
+        for c in channels:
+            for rank_label in ("R=C", "R=matched"):
+                r = c if rank_label == "R=C" else _params_matched_rank(c, c, (3, 3, 3))
+                shape = (args.batch, c, 16, 32, 32)
+                x = torch.randn(shape, device=device)
+                dense = torch.nn.Conv3d(c, c, 3, padding=1, bias=False, device=device)
+                k = KruskalKernel.random((c, c, 3, 3, 3), rank=r, backend="torch", dtype="float32", device=device,
+                                         seed=4)
+                for t_ in [k.weights] + list(k.factors):
+                    t_.requires_grad_(False)
+                m = _r2plus1d_matched(c, device)
+                entries = {"dense Conv3d": lambda: dense(x), "(2+1)D matched params": lambda: m(x)}
+                for strategy in ("factorized", "reconstructed", "auto"):
+                    entries[f"tensorconv {strategy}"] = (lambda s: lambda: conv(x, k, padding=1, strategy=s))(strategy)
+                if tltorch is not None:
+                    for impl in ("factorized", "reconstructed"):
+                        layer = tltorch.FactorizedConv(c, c, 3, order=3, rank=r, factorization="cp",
+                                                       implementation=impl, padding=1, bias=False).to(device)
+                        entries[f"tltorch {impl}"] = (lambda l: lambda: l(x))(layer)
+                plan = plan_conv(k, shape, padding=1, strategy="factorized", dtype="float32", backend="torch",
+                                 device=None if device == "cpu" else device)
+                auto = plan_conv(k, shape, padding=1, strategy="auto", dtype="float32", backend="torch",
+                                 device=None if device == "cpu" else device)
+                group = []
+                with torch.no_grad():
+                    for name, fn in entries.items():
+                        t = measure(fn, device=device, repeat=args.repeat, budget_s=args.budget)
+                        group.append(dict(suite="peers", device=device, channels=c, rank=rank_label, r=r, impl=name,
+                                          **t))
+                times = {g["impl"]: g["median_ms"] for g in group}
+                for g in group:
+                    g["vs_dense"] = times["dense Conv3d"] / g["median_ms"]
+                    if "tltorch factorized" in times:
+                        g["vs_tltorch_factorized"] = times["tltorch factorized"] / g["median_ms"]
+                    g["mac_ratio"] = plan.dense_macs / plan.macs
+                    g["auto_picked"] = auto.strategy
+                rows += group
+                prog.step(f"{device} C={c} {rank_label}")
+    prog.close()
+    return rows
+
+
+def _r2plus1d_matched(c, device):
+    """A (2+1)D conv (1x3x3 C->M, 3x1x1 M->C) with about the dense conv's parameters (as R(2+1)D)."""
+    import torch
+
+    m = max(1, (27 * c * c) // (9 * c + 3 * c))
+    return torch.nn.Sequential(torch.nn.Conv3d(c, m, (1, 3, 3), padding=(0, 1, 1), bias=False),
+                               torch.nn.Conv3d(m, c, (3, 1, 1), padding=(1, 0, 0), bias=False)).to(device)
+
+
+def suite_roofline(args, targets):
+    """Per plan step: MACs, bytes, measured time and the roofline bound from a same-run calibration."""
+    rows = []
+    c = 32 if args.quick else 64
+    shape = (args.batch, c, 16, 32, 32)
+    prog = _Progress(len(targets), "roofline")
+    for backend, device in targets:
+        dev = None if device in (None, "cupy") else device
+        model = calibrate(backend, dev)
+        k = KruskalKernel.random((c, c, 3, 3, 3), rank=c, backend=backend, dtype="float32", device=dev, seed=5)
+        x = _make_input(backend, device, shape)
+        plan = plan_conv(k, shape, padding=1, strategy="factorized", dtype="float32", backend=backend,
+                         device=dev if dev == "cuda" else None)
+        times = plan.profile(x, k, repeat=args.repeat, sync=lambda: _sync(device))
+        for step, secs in zip(plan.steps, times):
+            bound = max(step.macs / model.macs_per_s, step.nbytes / model.bytes_per_s)
+            rows.append(dict(suite="roofline", backend=_label(backend, device), kind=step.kind, modes=list(step.modes),
+                             macs=step.macs, bytes=step.nbytes, measured_ms=1e3 * secs, roofline_ms=1e3 * bound,
+                             efficiency=bound / secs if secs else None, peak_macs_per_s=model.macs_per_s,
+                             bandwidth_bytes_per_s=model.bytes_per_s))
+        prog.step(backend)
+    prog.close()
+    return rows
+
+
+# -- output -----------------------------------------------------------------------------------------------------
+def format_rows(rows):
+    lines = []
+    by_suite = {}
+    for r in rows:
+        by_suite.setdefault(r["suite"], []).append(r)
+    for suite, items in by_suite.items():
+        lines.append(f"\n== {suite} ==")
+        keys = [k for k in items[0] if k not in ("suite", "runs")]
+        lines.append(" | ".join(keys))
+        for r in items:
+            lines.append(" | ".join(_fmt(r.get(k)) for k in keys))
+    return "\n".join(lines)
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def plot_fig6(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    models = ("3D-Conv", "CP-HOConv-6", "CP-HOConv-3")
+    backends = sorted({r["backend"] for r in rows})
+    for model in models:
+        pts = sorted({(r["channels"], r["macs"]) for r in rows if r["model"] == model})
+        ax1.plot([f"{c}x{c}" for c, _ in pts], [2 * m / 1e9 for _, m in pts], marker="o", label=model)
+        for backend in backends:
+            sel = sorted((r["channels"], r["median_ms"]) for r in rows if r["model"] == model and r["backend"] == backend)
+            if sel:
+                ax2.plot([f"{c}x{c}" for c, _ in sel], [t for _, t in sel], marker="o", label=f"{model} ({backend})")
+    ax1.set_yscale("log")
+    ax1.set_ylabel("GFLOPs (2 x MACs, exact from the plan)")
+    ax1.set_xlabel("input x output channels")
+    ax1.set_title("Figure 6: FLOPs, input 16x32x32, kernel 3x3x3")
+    ax1.legend()
+    ax2.set_yscale("log")
+    ax2.set_ylabel("forward time, median (ms)")
+    ax2.set_xlabel("input x output channels")
+    ax2.set_title("measured")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def add_arguments(parser):
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("suites", nargs="*", choices=[*SUITES, []], default=None,
+                        help=f"suites to run (default: all of {SUITES})")
+    parser.add_argument("--quick", action="store_true", help="small sizes, < 2 minutes on a 2-core CPU")
+    parser.add_argument("--out", metavar="DIR", help="write results.json (and fig6.png) there")
+    parser.add_argument("--backend", action="append", choices=["numpy", "torch", "torch-cuda", "cupy"],
+                        help="backend (repeatable; default: every one found)")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default 1, quick 1)")
+    parser.add_argument("--repeat", type=int, default=None, help="timed runs per point (default 7, quick 5)")
+    parser.add_argument("--allocator", choices=["default", "no-trim"], default="no-trim",
+                        help="glibc allocator: 'no-trim' keeps freed memory (no first-touch page faults); "
+                             "'default' leaves glibc as it is. Recorded with the results.")
 
 
 def main(args):
-    raise SystemExit("bench: not yet implemented")
+    suites = args.suites or list(SUITES)
+    args.batch = args.batch or 1
+    args.repeat = args.repeat or (5 if args.quick else 7)
+    args.budget = 2.0 if args.quick else 20.0
+    if args.batch < 1 or args.repeat < 1:
+        raise SystemExit("--batch and --repeat must be >= 1")
+    if args.allocator == "no-trim":
+        ok = _set_malloc_no_trim()
+        args.allocator_note = "glibc mallopt: M_MMAP_THRESHOLD=1GiB, M_TRIM_THRESHOLD=inf" if ok else "default (mallopt failed)"
+    else:
+        args.allocator_note = "glibc default"
+    targets = _targets(args)
+    t0 = time.perf_counter()
+    rows = []
+    for suite in suites:
+        rows += globals()[f"suite_{suite}"](args, targets)
+    env = environment(args)
+    env["seconds"] = round(time.perf_counter() - t0, 1)
+    env["command"] = "tensorconv bench " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else [])
+    print(format_rows(rows))
+    print(f"\n(ran in {env['seconds']} s; allocator: {env['allocator']})")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "results.json"), "w") as fh:
+            json.dump({"environment": env, "rows": rows}, fh, indent=1)
+        fig_rows = [r for r in rows if r["suite"] == "fig6"]
+        if fig_rows:
+            try:
+                plot_fig6(fig_rows, os.path.join(args.out, "fig6.png"))
+            except ImportError:
+                print("matplotlib is not installed: no fig6.png (pip install 'tensorconv[bench]')", file=sys.stderr)
+    return 0

@@ -221,6 +221,39 @@ class ConvPlan:
             out = backend.reshape(out, tuple(out.shape[: 1 + n]) + (st.out_channels,))
         return backend.moveaxis(out, -1, 1)
 
+    def profile(self, x, kernel, *, repeat=5, sync=None):
+        """Median seconds of each step (factorized plans) or of the whole dense call."""
+        import time
+
+        sync = sync or (lambda: None)
+        backend = self._check_call(x, kernel)
+        if self.strategy != "factorized":
+            times = []
+            for _ in range(repeat + 1):
+                sync()
+                t0 = time.perf_counter()
+                self(x, kernel)
+                sync()
+                times.append(time.perf_counter() - t0)
+            return [sorted(times[1:])[len(times[1:]) // 2]]
+        if not self.batched:
+            x = x[None]
+        arrays = weight_arrays(kernel, self.structure, backend)
+        per_step = [[] for _ in self.steps]
+        for _ in range(repeat + 1):
+            act = backend.moveaxis(x, 1, -1)
+            if len(self.structure.act_in) > 1:
+                act = backend.reshape(act, tuple(act.shape[:-1]) + tuple(self._sizes[i] for i in self.structure.act_in))
+            tensors = [act] + list(arrays)
+            for j, (step, (kind, prog)) in enumerate(zip(self.steps, self._programs)):
+                a, b = tensors[step.lhs], tensors[step.rhs]
+                sync()
+                t0 = time.perf_counter()
+                tensors.append(prog(a, b) if kind == "weights" else prog(backend, a, b))
+                sync()
+                per_step[j].append(time.perf_counter() - t0)
+        return [sorted(t[1:])[len(t[1:]) // 2] for t in per_step]
+
     # -- reporting ----------------------------------------------------------------------------------
     def describe(self):
         """A table of the steps: primitive, modes, indices summed, output shape, MACs, bytes."""
