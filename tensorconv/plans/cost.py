@@ -20,9 +20,24 @@ class CostModel:
     dense_macs_per_s: float  # the backend's dense convolution (native where it has one)
     conv_macs_per_s: float = 0.0  # a channel-mixing conv over some modes inside a plan (0: = macs_per_s)
     native_steps: bool = False  # steps run as one native conv call (torch), not one call per tap
+    dense_slow_macs_per_s: float = 0.0  # torch CPU: dense convs that miss oneDNN (see dense_rate)
 
-    def seconds(self, macs, nbytes, calls=1, dense=False, kind=None):
-        if dense:
+    def dense_rate(self, batch, channels, in_spatial, groups):
+        """MAC/s of the backend's dense conv. torch CPU sends small single-image groups=1 convs to
+        its unfold kernel instead of oneDNN (ATen's use_mkldnn: batch 1, groups 1 and
+        B*C*D_0*D_1 <= 20480); measured ~10x slower per MAC."""
+        if self.dense_slow_macs_per_s and batch == 1 and groups == 1:
+            lead = batch * channels
+            for d in tuple(in_spatial)[:2]:
+                lead *= d
+            if lead <= 20480:
+                return self.dense_slow_macs_per_s
+        return self.dense_macs_per_s
+
+    def seconds(self, macs, nbytes, calls=1, dense=False, kind=None, rate=None):
+        if rate is not None:
+            pass
+        elif dense:
             rate = self.dense_macs_per_s
         elif kind == "conv" and self.conv_macs_per_s:
             rate = self.conv_macs_per_s
@@ -35,10 +50,10 @@ _DEFAULTS = {
     # 2-core x86-64 CPU (the CI machine), float32
     # (a conv step with full channel mixing over a few modes falls off oneDNN's fast paths on
     # torch CPU: measured ~5x slower per MAC than a 1x1 conv at C=16)
-    "numpy": CostModel(macs_per_s=3.0e10, bytes_per_s=6.0e9, call_overhead_s=1.5e-5, dense_macs_per_s=1.5e10,
-                       conv_macs_per_s=1.5e10),
-    "torch": CostModel(macs_per_s=5.0e10, bytes_per_s=8.0e9, call_overhead_s=1.5e-5, dense_macs_per_s=4.0e10,
-                       conv_macs_per_s=1.0e10, native_steps=True),
+    "numpy": CostModel(macs_per_s=6.0e10, bytes_per_s=8.0e9, call_overhead_s=2.0e-5, dense_macs_per_s=3.0e10,
+                       conv_macs_per_s=3.0e10),
+    "torch": CostModel(macs_per_s=7.0e10, bytes_per_s=2.0e10, call_overhead_s=2.0e-5, dense_macs_per_s=1.0e11,
+                       conv_macs_per_s=1.0e10, native_steps=True, dense_slow_macs_per_s=8.0e9),
     # a datacenter GPU (H100 class)
     "torch-cuda": CostModel(macs_per_s=2.5e13, bytes_per_s=2.5e12, call_overhead_s=1.0e-5, dense_macs_per_s=1.5e13,
                             native_steps=True),

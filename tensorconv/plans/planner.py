@@ -281,7 +281,8 @@ def dense_step(structure, geometry, batch, itemsize, model):
     macs = positions * t * (c // groups) * taps
     padded = [d + lo + hi for d, (lo, hi) in zip(geometry.in_spatial, geometry.padding)]
     nbytes = itemsize * (batch * c * _prod(padded) + positions * t + t * (c // groups) * taps)
-    secs = model.seconds(macs, nbytes, calls=1, dense=True)
+    rate = model.dense_rate(batch, c, geometry.in_spatial, groups)
+    secs = model.seconds(macs, nbytes, calls=1, rate=rate)
     return Step(kind="dense", lhs=0, rhs=1, lhs_indices=("s",), rhs_indices=("t", "s") + structure.taps,
                 out_indices=("t",), summed=("s",) + structure.taps, modes=tuple(range(structure.n_spatial)),
                 out_shape=(batch, t) + tuple(out), macs=macs, nbytes=nbytes, seconds=secs,
