@@ -50,7 +50,10 @@ class ArrayBackend:
         return x.dtype.itemsize
 
     def resolve_dtype(self, dtype):
-        return self.xp.dtype(dtype) if dtype is not None else self.xp.dtype("float64")
+        import numpy
+
+        # numpy and cupy share numpy's dtype objects
+        return numpy.dtype(dtype) if dtype is not None else numpy.dtype("float64")
 
     def asarray(self, data, *, dtype=None, device=None):
         return self.xp.asarray(data, dtype=dtype)
@@ -72,7 +75,9 @@ class ArrayBackend:
         return rng.standard_normal(shape).astype(self.resolve_dtype(dtype), copy=False)
 
     def is_floating(self, x):
-        return self.xp.issubdtype(x.dtype, self.xp.floating)
+        import numpy
+
+        return numpy.issubdtype(x.dtype, numpy.floating)
 
     def all_finite(self, x):
         return bool(self.xp.isfinite(x).all())

@@ -41,6 +41,9 @@ class CupyBackend(ArrayBackend):
         host = numpy.random.default_rng(seed).standard_normal(shape)
         return self.asarray(host, dtype=self.resolve_dtype(dtype), device=device)
 
+    def einsum(self, subscripts, *operands):
+        return self.xp.einsum(subscripts, *operands)
+
     def to_numpy(self, x):
         return self.xp.asnumpy(x)
 

@@ -18,7 +18,7 @@ from ..kernels import KruskalKernel, TuckerKernel
 from ..plans.cost import calibrate
 from ..plans.plan import conv, plan_conv
 
-SUITES = ("fig6", "backends", "peers", "roofline")
+SUITES = ("fig6", "backends", "peers", "roofline", "targets")
 
 
 # -- timing ---------------------------------------------------------------------------------------------------
@@ -170,16 +170,19 @@ def suite_fig6(args, targets):
             t = measure(lambda: conv(x, dense, padding=1), device=device, repeat=args.repeat, budget_s=args.budget)
             plan = plan_conv(dense, shape, padding=1)
             rows.append(dict(suite="fig6", channels=c, model="3D-Conv", backend=_label(backend, device),
-                             macs=plan.dense_macs, params=int(np.prod(dense_shape)), **t))
+                             macs=plan.dense_macs, analytic_macs=plan.dense_macs, params=int(np.prod(dense_shape)),
+                             **t))
             prog.step(f"C={c} dense {backend}")
             for mult in (6, 3):
                 k = KruskalKernel.random(dense_shape, rank=mult * c, backend=backend, dtype="float32",
                                          device=None if device in (None, "cupy") else device, seed=2)
                 plan = plan_conv(k, shape, padding=1, strategy="factorized", dtype="float32", backend=backend)
+                # the paper's count: 1x1, one depthwise 1-D conv per mode, 1x1 (the torch plan's order)
+                canonical = plan_conv(k, shape, padding=1, strategy="factorized", dtype="float32", backend="torch")
                 t = measure(lambda: conv(x, k, padding=1, strategy="factorized"), device=device, repeat=args.repeat,
                             budget_s=args.budget)
                 rows.append(dict(suite="fig6", channels=c, model=f"CP-HOConv-{mult}", backend=_label(backend, device),
-                                 macs=plan.macs, params=k.n_params, **t))
+                                 macs=plan.macs, analytic_macs=canonical.macs, params=k.n_params, **t))
                 prog.step(f"C={c} CP-{mult} {backend}")
     prog.close()
     return rows
@@ -325,6 +328,57 @@ def suite_roofline(args, targets):
     return rows
 
 
+def suite_targets(args, targets):
+    """The wall-clock targets of the issues: (B, C, 16, 32, 32), k = 3, batch 1 and 8, torch.
+
+    Dense Conv3d vs the factorized CP plan at R = C (C in 32, 64, 128) and at the Figure 6
+    ranks R = 3C, 6C (C = 32); forward and forward+backward; the MAC ratio beside each.
+    """
+    import torch
+
+    devices = [d for b, d in targets if b == "torch"]
+    points = [(c, c) for c in (32, 64, 128)] + [(32, 3 * 32), (32, 6 * 32)]
+    batches = (1,) if args.quick else (1, 8)
+    if args.quick:
+        points = points[:1] + points[3:4]
+    rows = []
+    prog = _Progress(len(devices) * len(points) * len(batches), "targets")
+    for device in devices:
+        for batch in batches:
+            for c, r in points:
+                shape = (batch, c, 16, 32, 32)
+                x = torch.randn(shape, device=device)
+                w = torch.randn(c, c, 3, 3, 3, device=device) * 0.05
+                k = KruskalKernel.random((c, c, 3, 3, 3), rank=r, backend="torch", dtype="float32", device=device,
+                                         seed=6)
+                plan = plan_conv(k, shape, padding=1, strategy="factorized", dtype="float32", backend="torch",
+                                 device=None if device == "cpu" else device)
+                with torch.no_grad():
+                    t_dense = measure(lambda: torch.nn.functional.conv3d(x, w, padding=1), device=device,
+                                      repeat=args.repeat, budget_s=args.budget)
+                    t_fact = measure(lambda: conv(x, k, padding=1, strategy="factorized"), device=device,
+                                     repeat=args.repeat, budget_s=args.budget)
+                xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+                for t_ in [k.weights] + list(k.factors):
+                    t_.requires_grad_(True)
+                t_dense_b = measure(lambda: torch.nn.functional.conv3d(xg, wg, padding=1).sum().backward(),
+                                    device=device, repeat=max(3, args.repeat // 2), budget_s=args.budget)
+                t_fact_b = measure(lambda: conv(xg, k, padding=1, strategy="factorized").sum().backward(),
+                                   device=device, repeat=max(3, args.repeat // 2), budget_s=args.budget)
+                mac_ratio = plan.dense_macs / plan.macs
+                rows.append(dict(suite="targets", device=device, batch=batch, channels=c, rank=r,
+                                 mac_ratio=mac_ratio, dense_fwd_ms=t_dense["median_ms"],
+                                 factorized_fwd_ms=t_fact["median_ms"],
+                                 fwd_speedup=t_dense["median_ms"] / t_fact["median_ms"],
+                                 fwd_speedup_over_mac_ratio=t_dense["median_ms"] / t_fact["median_ms"] / mac_ratio,
+                                 dense_fwd_bwd_ms=t_dense_b["median_ms"], factorized_fwd_bwd_ms=t_fact_b["median_ms"],
+                                 fwd_bwd_speedup=t_dense_b["median_ms"] / t_fact_b["median_ms"],
+                                 plan_peak_bytes=plan.peak_bytes))
+                prog.step(f"{device} B={batch} C={c} R={r}")
+    prog.close()
+    return rows
+
+
 # -- output -----------------------------------------------------------------------------------------------------
 def format_rows(rows):
     lines = []
@@ -356,14 +410,14 @@ def plot_fig6(rows, path):
     models = ("3D-Conv", "CP-HOConv-6", "CP-HOConv-3")
     backends = sorted({r["backend"] for r in rows})
     for model in models:
-        pts = sorted({(r["channels"], r["macs"]) for r in rows if r["model"] == model})
+        pts = sorted({(r["channels"], r["analytic_macs"]) for r in rows if r["model"] == model})
         ax1.plot([f"{c}x{c}" for c, _ in pts], [2 * m / 1e9 for _, m in pts], marker="o", label=model)
         for backend in backends:
             sel = sorted((r["channels"], r["median_ms"]) for r in rows if r["model"] == model and r["backend"] == backend)
             if sel:
                 ax2.plot([f"{c}x{c}" for c, _ in sel], [t for _, t in sel], marker="o", label=f"{model} ({backend})")
     ax1.set_yscale("log")
-    ax1.set_ylabel("GFLOPs (2 x MACs, exact from the plan)")
+    ax1.set_ylabel("GFLOPs (2 x MACs of the 1x1/depthwise/1x1 plan)")
     ax1.set_xlabel("input x output channels")
     ax1.set_title("Figure 6: FLOPs, input 16x32x32, kernel 3x3x3")
     ax1.legend()
