@@ -12,8 +12,9 @@ COLUMNS = {
     "peers": ["device", "channels", "rank", "r", "impl", "median_ms", "min_ms", "max_ms", "vs_dense",
               "vs_tltorch_factorized", "mac_ratio", "auto_picked"],
     "roofline": ["backend", "kind", "modes", "macs", "bytes", "measured_ms", "roofline_ms", "efficiency"],
-    "targets": ["device", "batch", "channels", "rank", "mac_ratio", "dense_fwd_ms", "factorized_fwd_ms", "fwd_speedup",
-                "fwd_speedup_over_mac_ratio", "dense_fwd_bwd_ms", "factorized_fwd_bwd_ms", "fwd_bwd_speedup"],
+    "targets": ["device", "batch", "channels", "rank", "mac_ratio", "dense_fwd_ms", "factorized_fwd_ms", "fused_fwd_ms",
+                "fwd_speedup", "fused_fwd_speedup", "fwd_speedup_over_mac_ratio", "dense_fwd_bwd_ms",
+                "factorized_fwd_bwd_ms", "fused_fwd_bwd_ms", "fwd_bwd_speedup", "fused_fwd_bwd_speedup"],
 }
 
 

@@ -112,6 +112,14 @@ class ArrayBackend:
     def concat(self, arrays, axis):
         return self.xp.concatenate(arrays, axis=axis)
 
+    def take(self, x, indices, axis):
+        """Entries ``indices`` (a list of ints) along ``axis``."""
+        return self.xp.take(x, self.xp.asarray(indices), axis=axis)
+
+    def tile_checkpoint(self, x, tensors):
+        """How fused tiles are called: plainly here; torch recomputes them in backward."""
+        return lambda fn, *args: fn(*args)
+
     def contiguous(self, x):
         return self.xp.ascontiguousarray(x)
 

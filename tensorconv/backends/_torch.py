@@ -89,6 +89,20 @@ class TorchBackend(ArrayBackend):
     def contiguous(self, x):
         return x.contiguous()
 
+    def take(self, x, indices, axis):
+        return x.index_select(axis, self.xp.as_tensor(indices, device=x.device))
+
+    def tile_checkpoint(self, x, tensors):
+        torch = self.xp
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and getattr(t, "requires_grad", False) for t in [x] + list(tensors))
+        if not needs_grad:
+            return lambda fn, *args: fn(*args)
+        from torch.utils.checkpoint import checkpoint
+
+        # keep only the tile's input and output; backward recomputes the tile's intermediates
+        return lambda fn, *args: checkpoint(fn, *args, use_reentrant=False)
+
     def einsum(self, subscripts, *operands):
         return self.xp.einsum(subscripts, *operands)
 

@@ -264,7 +264,7 @@ def suite_peers(args, targets):
                     t_.requires_grad_(False)
                 m = _r2plus1d_matched(c, device)
                 entries = {"dense Conv3d": lambda: dense(x), "(2+1)D matched params": lambda: m(x)}
-                for strategy in ("factorized", "reconstructed", "auto"):
+                for strategy in ("factorized", "reconstructed", "auto", "fused"):
                     entries[f"tensorconv {strategy}"] = (lambda s: lambda: conv(x, k, padding=1, strategy=s))(strategy)
                 if tltorch is not None:
                     for impl in ("factorized", "reconstructed"):
@@ -365,8 +365,18 @@ def suite_targets(args, targets):
                                     device=device, repeat=max(3, args.repeat // 2), budget_s=args.budget)
                 t_fact_b = measure(lambda: conv(xg, k, padding=1, strategy="factorized").sum().backward(),
                                    device=device, repeat=max(3, args.repeat // 2), budget_s=args.budget)
+                with torch.no_grad():
+                    conv(x, k, padding=1, strategy="fused")  # compile outside the timing
+                    t_fused = measure(lambda: conv(x, k, padding=1, strategy="fused"), device=device,
+                                      repeat=args.repeat, budget_s=args.budget)
+                conv(xg, k, padding=1, strategy="fused").sum().backward()
+                t_fused_b = measure(lambda: conv(xg, k, padding=1, strategy="fused").sum().backward(),
+                                    device=device, repeat=max(3, args.repeat // 2), budget_s=args.budget)
                 mac_ratio = plan.dense_macs / plan.macs
                 rows.append(dict(suite="targets", device=device, batch=batch, channels=c, rank=r,
+                                 fused_fwd_ms=t_fused["median_ms"], fused_fwd_bwd_ms=t_fused_b["median_ms"],
+                                 fused_fwd_speedup=t_dense["median_ms"] / t_fused["median_ms"],
+                                 fused_fwd_bwd_speedup=t_dense_b["median_ms"] / t_fused_b["median_ms"],
                                  mac_ratio=mac_ratio, dense_fwd_ms=t_dense["median_ms"],
                                  factorized_fwd_ms=t_fact["median_ms"],
                                  fwd_speedup=t_dense["median_ms"] / t_fact["median_ms"],

@@ -112,8 +112,10 @@ class _FactorizedConv(nn.Module):
         if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
             raise ValueError(f"padding_mode={padding_mode!r} is not one of ('zeros', 'reflect', 'replicate', 'circular')")
         self.padding_mode = padding_mode
-        if strategy not in ("auto", "factorized", "reconstructed"):
-            raise ValueError(f"strategy={strategy!r} is not one of ('auto', 'factorized', 'reconstructed')")
+        from ..plans.planner import STRATEGIES
+
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy={strategy!r} is not one of {STRATEGIES}")
         self.strategy = strategy
 
     @property

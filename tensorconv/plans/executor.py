@@ -69,6 +69,7 @@ class TapProgram:
                   + "".join(letters[i] for i in out_ch))
             a_shape = (batch,) + tuple(grid_out) + tuple(sizes[i] for i in ch_a)
             w_shape = tuple(sizes[i] for i in w_ch)
+            self.eq = eq
             self.expr = opt_einsum.contract_expression(eq, a_shape, w_shape)
 
     def _native_spec(self, ch_a, w_ind, w_ch, out_ch, tap_axes, sizes, kernel_size, stride, dilation, padding):
@@ -104,8 +105,25 @@ class TapProgram:
                     dilation=tuple(dilation[m] if m in self.modes else 1 for m in range(self.n)),
                     padding=padding_native)
 
-    def __call__(self, backend, act, weight):
-        if self.native is not None and backend.has_channels_last_conv:
+    def traceable(self, backend, act, weight):
+        """The same step with plain array ops only (no opt_einsum, no in-place, no native conv):
+        what a tracing compiler (torch.compile) can see through and fuse."""
+        if self.pads:
+            act = backend.pad(act, self.pads, self.padding_mode)
+        out = None
+        for a_index, w_index in self.taps:
+            w = weight[w_index]
+            if self.broadcast:
+                if self.w_perm is not None:
+                    w = backend.permute(w, self.w_perm)
+                term = act[a_index] * backend.reshape(w, self.w_bshape)
+            else:
+                term = backend.einsum(self.eq, act[a_index], w)
+            out = term if out is None else out + term
+        return out
+
+    def __call__(self, backend, act, weight, native=True):
+        if native and self.native is not None and backend.has_channels_last_conv:
             spec = self.native
             w = backend.reshape(backend.permute(weight, spec["order"]), spec["shape"])
             x = backend.reshape(act, tuple(act.shape[:1 + self.n]) + (-1,)) if spec["flat_in"] else act

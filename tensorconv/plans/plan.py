@@ -9,6 +9,7 @@ from ..backends import get_backend
 from ..kernels import KruskalKernel, TuckerKernel
 from .cost import cost_model_for
 from .executor import TapProgram
+from .fused import CompiledChain, FusedRunner
 from .planner import STRATEGIES, dense_step, plan_steps, reconstruct_macs
 from .spec import make_geometry
 from .structure import structure_of, weight_arrays
@@ -98,7 +99,7 @@ class ConvPlan:
         sizes = dict(st.size_of)
         sizes.update({t: k for t, k in zip(st.taps, g.kernel_size)})
         self._sizes = sizes
-        if self.strategy == "factorized":
+        if self.strategy in ("factorized", "fused"):
             steps, self.path = self._factorized
             self.steps = steps
             self._programs = []
@@ -109,6 +110,7 @@ class ConvPlan:
                           + "->" + "".join(letters[i] for i in step.out_indices))
                     expr = opt_einsum.contract_expression(eq, tuple(sizes[i] for i in step.lhs_indices),
                                                           tuple(sizes[i] for i in step.rhs_indices))
+                    expr.equation = eq  # the plain einsum, for traced (compiled) execution
                     self._programs.append(("weights", expr))
                 else:
                     taps = {i: st.taps.index(i) for i in step.rhs_indices if i in st.taps}
@@ -124,6 +126,8 @@ class ConvPlan:
             self.macs = sum(s.macs for s in steps if s.kind != "weights")
             self.weight_macs = sum(s.macs for s in steps if s.kind == "weights")
             self.peak_bytes = self._peak_factorized(steps)
+            self._fused = FusedRunner(self) if self.strategy == "fused" else None
+            self._compiled = CompiledChain(self) if self.strategy == "fused" else None
         else:
             self.path = []
             self.steps = [self._dense_step]
@@ -148,6 +152,9 @@ class ConvPlan:
             self.peak_bytes = self.itemsize * (self.batch * c * (_prod(padded) + _prod(g.in_spatial))
                                                + _prod(self.output_shape) * (1 if self.batched else self.batch)
                                                + _prod(st.shape))
+
+    def _sizes_product(self, indices):
+        return _prod(self._sizes[i] for i in indices)
 
     def _peak_factorized(self, steps):
         weights = sum(_prod(op.shape) for op in self.structure.operands)
@@ -191,7 +198,7 @@ class ConvPlan:
         if not self.batched:
             x = x[None]
         arrays = weight_arrays(kernel, self.structure, backend)
-        if self.strategy == "factorized":
+        if self.strategy in ("factorized", "fused"):
             out = self._run_factorized(backend, x, arrays)
         else:
             g = self.geometry
@@ -205,15 +212,23 @@ class ConvPlan:
 
     def _run_factorized(self, backend, x, arrays):
         st = self.structure
-        sizes = self._sizes
-        act = backend.moveaxis(x, 1, -1)
-        if len(st.act_in) > 1:
-            act = backend.reshape(act, tuple(act.shape[:-1]) + tuple(sizes[i] for i in st.act_in))
-        tensors = [act] + list(arrays)
-        for step, (kind, prog) in zip(self.steps, self._programs):
-            a, b = tensors[step.lhs], tensors[step.rhs]
-            tensors.append(prog(a, b) if kind == "weights" else prog(backend, a, b))
-        out = tensors[-1]
+        out = None
+        if self._fused is not None and backend.name == "torch":
+            act = backend.moveaxis(x, 1, -1)
+            if len(st.act_in) > 1:
+                act = backend.reshape(act, tuple(act.shape[:-1]) + tuple(self._sizes[i] for i in st.act_in))
+            out = self._compiled(backend, act, list(arrays))
+        elif self._fused is not None:
+            out = self._fused(backend, x, [None] + list(arrays))
+        if out is None:
+            act = backend.moveaxis(x, 1, -1)
+            if len(st.act_in) > 1:
+                act = backend.reshape(act, tuple(act.shape[:-1]) + tuple(self._sizes[i] for i in st.act_in))
+            tensors = [act] + list(arrays)
+            for step, (kind, prog) in zip(self.steps, self._programs):
+                a, b = tensors[step.lhs], tensors[step.rhs]
+                tensors.append(prog(a, b) if kind == "weights" else prog(backend, a, b))
+            out = tensors[-1]
         if self._final_perm is not None:
             out = backend.permute(out, self._final_perm)
         n = st.n_spatial
@@ -227,7 +242,7 @@ class ConvPlan:
 
         sync = sync or (lambda: None)
         backend = self._check_call(x, kernel)
-        if self.strategy != "factorized":
+        if self.strategy != "factorized":  # fused and dense plans are timed as a whole
             times = []
             for _ in range(repeat + 1):
                 sync()

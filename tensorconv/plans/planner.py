@@ -20,7 +20,7 @@ from .spec import ConvGeometry
 
 __all__ = ["Step", "ConvPathOptimizer", "plan_steps", "STRATEGIES"]
 
-STRATEGIES = ("auto", "factorized", "reconstructed")
+STRATEGIES = ("auto", "factorized", "reconstructed", "fused")
 
 
 def _prod(values):
