@@ -170,7 +170,7 @@ class CompiledChain:
         self._failed = False
         self._backend = None
 
-    def _eager(self, act, *weights):
+    def _run_chain(self, act, *weights):
         plan = self.plan
         backend = self._backend
         tensors = [act] + list(weights)
@@ -187,9 +187,17 @@ class CompiledChain:
             return None
         self._backend = backend
         if self._compiled is None:
+            import types
+
             import torch
 
-            self._compiled = torch.compile(self._eager, dynamic=False)
+            # dynamo keeps its compiled-graph cache (and its recompile limit, 8) per code object:
+            # one shared function would make every plan after the 8th run uncompiled. Each plan
+            # gets its own copy of the code instead.
+            eager = CompiledChain._run_chain
+            code = eager.__code__.replace(co_name=f"tensorconv_fused_{id(self):x}")
+            fresh = types.FunctionType(code, eager.__globals__, code.co_name, eager.__defaults__, eager.__closure__)
+            self._compiled = torch.compile(types.MethodType(fresh, self), dynamic=False)
         try:
             return self._compiled(act, *weights)
         except Exception as exc:  # no C++ compiler, unsupported dynamo feature, ...

@@ -1,0 +1,51 @@
+"""Channels-first vs channels-last for the stages of a CP plan on torch CPU (issue: layout choice).
+
+    python benchmarks/layout.py            # prints a markdown table
+
+Each stage is timed as torch runs it natively in both layouts: the 1x1 stage (C -> R) as
+F.conv3d / a GEMM, and one depthwise 1-D stage (groups = R, kernel 3 along one mode).
+Medians of 9 runs after 2 warm-ups; glibc told not to trim (see docs/benchmarks.md).
+"""
+import ctypes
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def med(fn, n=9):
+    for _ in range(2):
+        fn()
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return 1e3 * ts[n // 2]
+
+
+def main():
+    ctypes.CDLL("libc.so.6").mallopt(-3, 2**30)
+    ctypes.CDLL("libc.so.6").mallopt(-1, 2**62 - 1)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}\n")
+    print("| B | C=R | stage | channels-first (NCDHW) ms | channels-last (NDHWC) ms | CF / CL |")
+    print("|---|---|---|---|---|---|")
+    with torch.no_grad():
+        for b in (1, 8):
+            for c in (16, 64, 128):
+                x = torch.randn(b, c, 16, 32, 32)
+                xl = x.contiguous(memory_format=torch.channels_last_3d)
+                w1 = torch.randn(c, c, 1, 1, 1)
+                wd = torch.randn(c, 1, 3, 1, 1)
+                rows = [("1x1 conv", lambda: F.conv3d(x, w1), lambda: F.conv3d(xl, w1)),
+                        ("depthwise (3,1,1)", lambda: F.conv3d(x, wd, padding=(1, 0, 0), groups=c),
+                         lambda: F.conv3d(xl, wd, padding=(1, 0, 0), groups=c))]
+                for name, cf, cl in rows:
+                    a, bb = med(cf), med(cl)
+                    print(f"| {b} | {c} | {name} | {a:.2f} | {bb:.2f} | {a / bb:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
