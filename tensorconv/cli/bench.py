@@ -52,6 +52,32 @@ def measure(fn, *, device=None, warmup=2, repeat=5, budget_s=None):
             "runs": len(times)}
 
 
+def measure_many(entries, *, device=None, warmup=2, repeat=5, budget_s=None):
+    """Like :func:`measure` for several functions, interleaved run by run, so that every
+    candidate sees the same machine state (a 2-core VM drifts by tens of percent over seconds)."""
+    names = list(entries)
+    for name in names:
+        for _ in range(warmup):
+            entries[name]()
+    _sync(device)
+    times = {name: [] for name in names}
+    start = time.perf_counter()
+    for i in range(repeat):
+        for name in names:
+            t0 = time.perf_counter()
+            entries[name]()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+        if budget_s is not None and i >= 2 and time.perf_counter() - start > budget_s * len(names):
+            break
+    out = {}
+    for name, ts in times.items():
+        ts.sort()
+        out[name] = {"median_ms": 1e3 * ts[len(ts) // 2], "min_ms": 1e3 * ts[0], "max_ms": 1e3 * ts[-1],
+                     "runs": len(ts)}
+    return out
+
+
 class _Progress:
     def __init__(self, total, label):
         self.total, self.done, self.label = total, 0, label
@@ -183,6 +209,13 @@ def suite_fig6(args, targets):
                             budget_s=args.budget)
                 rows.append(dict(suite="fig6", channels=c, model=f"CP-HOConv-{mult}", backend=_label(backend, device),
                                  macs=plan.macs, analytic_macs=canonical.macs, params=k.n_params, **t))
+                if backend == "torch" and not args.quick:  # (compiling each point would not fit --quick)
+                    conv(x, k, padding=1, strategy="fused")  # compile outside the timing
+                    t = measure(lambda: conv(x, k, padding=1, strategy="fused"), device=device, repeat=args.repeat,
+                                budget_s=args.budget)
+                    rows.append(dict(suite="fig6", channels=c, model=f"CP-HOConv-{mult}",
+                                     backend=_label(backend, device) + " fused", macs=plan.macs,
+                                     analytic_macs=canonical.macs, params=k.n_params, **t))
                 prog.step(f"C={c} CP-{mult} {backend}")
     prog.close()
     return rows
@@ -217,6 +250,11 @@ def suite_backends(args, targets):
                        pass_="forward", strategy=plan.strategy, macs=plan.macs, **t)
             group.append(row)
             if backend == "torch":
+                with_fused = dict(row, strategy="fused")
+                conv(x, k, padding=1, strategy="fused")
+                with_fused.update(measure(lambda: conv(x, k, padding=1, strategy="fused"), device=device,
+                                          repeat=args.repeat, budget_s=args.budget))
+                group.append(with_fused)
                 arrays = [k.weights] + list(k.factors) if kind == "CP" else [k.core] + list(k.factors)
                 for a in arrays:
                     if a is not None:
@@ -277,10 +315,9 @@ def suite_peers(args, targets):
                                  device=None if device == "cpu" else device)
                 group = []
                 with torch.no_grad():
-                    for name, fn in entries.items():
-                        t = measure(fn, device=device, repeat=args.repeat, budget_s=args.budget)
-                        group.append(dict(suite="peers", device=device, channels=c, rank=rank_label, r=r, impl=name,
-                                          **t))
+                    results = measure_many(entries, device=device, repeat=args.repeat, budget_s=args.budget)
+                for name, t in results.items():
+                    group.append(dict(suite="peers", device=device, channels=c, rank=rank_label, r=r, impl=name, **t))
                 times = {g["impl"]: g["median_ms"] for g in group}
                 for g in group:
                     g["vs_dense"] = times["dense Conv3d"] / g["median_ms"]
@@ -317,6 +354,20 @@ def suite_roofline(args, targets):
         plan = plan_conv(k, shape, padding=1, strategy="factorized", dtype="float32", backend=backend,
                          device=dev if dev == "cuda" else None)
         times = plan.profile(x, k, repeat=args.repeat, sync=lambda: _sync(device))
+        if backend == "torch":
+            fused = plan_conv(k, shape, padding=1, strategy="fused", dtype="float32", backend=backend,
+                              device=dev if dev == "cuda" else None)
+            fused(x, k)
+            total = fused.profile(x, k, repeat=args.repeat, sync=lambda: _sync(device))[0]
+            bound = sum(max(s.macs / model.macs_per_s, s.nbytes / model.bytes_per_s) for s in plan.steps)
+            macs = sum(s.macs for s in plan.steps)
+            # a fused chain moves only its input and output through memory
+            io_bytes = 4 * (x.numel() + int(np.prod(plan.output_shape)))
+            fused_bound = max(macs / model.macs_per_s, io_bytes / model.bytes_per_s)
+            rows.append(dict(suite="roofline", backend=_label(backend, device), kind="fused (whole chain)", modes=[],
+                             macs=macs, bytes=io_bytes, measured_ms=1e3 * total, roofline_ms=1e3 * fused_bound,
+                             efficiency=fused_bound / total, unfused_roofline_ms=1e3 * bound,
+                             peak_macs_per_s=model.macs_per_s, bandwidth_bytes_per_s=model.bytes_per_s))
         for step, secs in zip(plan.steps, times):
             bound = max(step.macs / model.macs_per_s, step.nbytes / model.bytes_per_s)
             rows.append(dict(suite="roofline", backend=_label(backend, device), kind=step.kind, modes=list(step.modes),
@@ -354,24 +405,21 @@ def suite_targets(args, targets):
                 plan = plan_conv(k, shape, padding=1, strategy="factorized", dtype="float32", backend="torch",
                                  device=None if device == "cpu" else device)
                 with torch.no_grad():
-                    t_dense = measure(lambda: torch.nn.functional.conv3d(x, w, padding=1), device=device,
-                                      repeat=args.repeat, budget_s=args.budget)
-                    t_fact = measure(lambda: conv(x, k, padding=1, strategy="factorized"), device=device,
-                                     repeat=args.repeat, budget_s=args.budget)
+                    conv(x, k, padding=1, strategy="fused")  # compile outside the timing
+                    fwd = measure_many({"dense": lambda: torch.nn.functional.conv3d(x, w, padding=1),
+                                        "factorized": lambda: conv(x, k, padding=1, strategy="factorized"),
+                                        "fused": lambda: conv(x, k, padding=1, strategy="fused")},
+                                       device=device, repeat=args.repeat, budget_s=args.budget)
                 xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
                 for t_ in [k.weights] + list(k.factors):
                     t_.requires_grad_(True)
-                t_dense_b = measure(lambda: torch.nn.functional.conv3d(xg, wg, padding=1).sum().backward(),
-                                    device=device, repeat=max(3, args.repeat // 2), budget_s=args.budget)
-                t_fact_b = measure(lambda: conv(xg, k, padding=1, strategy="factorized").sum().backward(),
-                                   device=device, repeat=max(3, args.repeat // 2), budget_s=args.budget)
-                with torch.no_grad():
-                    conv(x, k, padding=1, strategy="fused")  # compile outside the timing
-                    t_fused = measure(lambda: conv(x, k, padding=1, strategy="fused"), device=device,
-                                      repeat=args.repeat, budget_s=args.budget)
-                conv(xg, k, padding=1, strategy="fused").sum().backward()
-                t_fused_b = measure(lambda: conv(xg, k, padding=1, strategy="fused").sum().backward(),
-                                    device=device, repeat=max(3, args.repeat // 2), budget_s=args.budget)
+                bwd = measure_many(
+                    {"dense": lambda: torch.nn.functional.conv3d(xg, wg, padding=1).sum().backward(),
+                     "factorized": lambda: conv(xg, k, padding=1, strategy="factorized").sum().backward(),
+                     "fused": lambda: conv(xg, k, padding=1, strategy="fused").sum().backward()},
+                    device=device, repeat=max(3, args.repeat // 2), budget_s=args.budget)
+                t_dense, t_fact, t_fused = fwd["dense"], fwd["factorized"], fwd["fused"]
+                t_dense_b, t_fact_b, t_fused_b = bwd["dense"], bwd["factorized"], bwd["fused"]
                 mac_ratio = plan.dense_macs / plan.macs
                 rows.append(dict(suite="targets", device=device, batch=batch, channels=c, rank=r,
                                  fused_fwd_ms=t_fused["median_ms"], fused_fwd_bwd_ms=t_fused_b["median_ms"],

@@ -107,13 +107,15 @@ class ConvPathOptimizer(opt_einsum.paths.PathOptimizer):
         in_slice = positions * _prod(sizes[i] for i in ch_a)
         out_elems = positions * _prod(sizes[i] for i in out_ch)
         w_elems = _prod(sizes[i] for i in ind_b)
-        nbytes = self.itemsize * (n_taps * (in_slice + out_elems) + w_elems)
+        native = self.model.native_steps and (len(self.geometry.kernel_size) <= 3 or len(tap_modes) <= 1)
+        # a native conv streams its input and output once; a tap loop once per tap
+        passes = 1 if native else n_taps
+        nbytes = self.itemsize * (passes * (in_slice + out_elems) + w_elems)
         if tap_modes:
             kind = "conv" if summed or any(i not in ch_a for i in ch_b) else "depthwise"
         else:
             kind = "pointwise" if summed or any(i not in ch_a for i in ch_b) else "scale"
-        native = self.model.native_steps and (len(self.geometry.kernel_size) <= 3 or len(tap_modes) <= 1)
-        secs = self.model.seconds(macs, nbytes, calls=1 if native else n_taps, kind=kind)
+        secs = self.model.seconds(macs, nbytes, calls=passes, kind=kind)
         out_ind = out_ch + tuple(self.tap_of[n] for n in range(len(grid_a))
                                  if self.tap_of[n] in open_s and self.tap_of[n] in ind_a)
         return dict(kind=kind, lhs=a, rhs=b, lhs_indices=ind_a, rhs_indices=ind_b, out_indices=out_ind,
