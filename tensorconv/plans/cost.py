@@ -20,6 +20,7 @@ class CostModel:
     dense_macs_per_s: float  # the backend's dense convolution (native where it has one)
     conv_macs_per_s: float = 0.0  # a channel-mixing conv over some modes inside a plan (0: = macs_per_s)
     native_steps: bool = False  # steps run as one native conv call (torch), not one call per tap
+    depthwise_macs_per_s: float = 0.0  # native depthwise convs (little reuse per MAC; 0: = macs_per_s)
     dense_slow_macs_per_s: float = 0.0  # torch CPU: dense convs that miss oneDNN (see dense_rate)
 
     def dense_rate(self, batch, channels, in_spatial, groups):
@@ -41,6 +42,8 @@ class CostModel:
             rate = self.dense_macs_per_s
         elif kind == "conv" and self.conv_macs_per_s:
             rate = self.conv_macs_per_s
+        elif kind == "depthwise" and self.depthwise_macs_per_s:
+            rate = self.depthwise_macs_per_s
         else:
             rate = self.macs_per_s
         return max(macs / rate, nbytes / self.bytes_per_s) + calls * self.call_overhead_s
@@ -49,11 +52,13 @@ class CostModel:
 _DEFAULTS = {
     # 2-core x86-64 CPU (the CI machine), float32
     # (a conv step with full channel mixing over a few modes falls off oneDNN's fast paths on
-    # torch CPU: measured ~5x slower per MAC than a 1x1 conv at C=16)
+    # torch CPU: measured ~5x slower per MAC than a 1x1 conv at C=16; oneDNN's depthwise convs
+    # run at ~7-20 GMAC/s, so one 3x3x3 depthwise conv is slower than three 1-D ones)
     "numpy": CostModel(macs_per_s=6.0e10, bytes_per_s=8.0e9, call_overhead_s=2.0e-5, dense_macs_per_s=3.0e10,
                        conv_macs_per_s=3.0e10),
     "torch": CostModel(macs_per_s=7.0e10, bytes_per_s=2.0e10, call_overhead_s=2.0e-5, dense_macs_per_s=1.0e11,
-                       conv_macs_per_s=1.0e10, native_steps=True, dense_slow_macs_per_s=8.0e9),
+                       conv_macs_per_s=1.0e10, native_steps=True, dense_slow_macs_per_s=8.0e9,
+                       depthwise_macs_per_s=8.0e9),
     # a datacenter GPU (H100 class)
     "torch-cuda": CostModel(macs_per_s=2.5e13, bytes_per_s=2.5e12, call_overhead_s=1.0e-5, dense_macs_per_s=1.5e13,
                             native_steps=True),
