@@ -47,5 +47,29 @@ def main():
                     print(f"| {b} | {c} | {name} | {a:.2f} | {bb:.2f} | {a / bb:.1f} |")
 
 
+def first_step():
+    """The first 1x1 step reads the caller's channels-first input: copy to channels-last then a
+    oneDNN 1x1 conv, or one GEMM with a transposed operand (what the torch backend does)."""
+    print("\n| B | C=R | copy + channels-last 1x1 conv ms | GEMM on the transposed view ms | ratio |")
+    print("|---|---|---|---|---|")
+    with torch.no_grad():
+        for b in (1, 8):
+            for c in (16, 64, 128):
+                x = torch.randn(b, c, 16, 32, 32)
+                u = torch.randn(c, c)
+                p = 16 * 32 * 32
+
+                def copy_then_conv():
+                    act = x.movedim(1, -1).contiguous()
+                    return F.conv2d(act.reshape(b, p, 1, c).movedim(-1, 1), u.T.reshape(c, c, 1, 1))
+
+                def transposed_gemm():
+                    return torch.matmul(x.reshape(b, c, p).transpose(1, 2), u)
+
+                a, t = med(copy_then_conv), med(transposed_gemm)
+                print(f"| {b} | {c} | {a:.2f} | {t:.2f} | {a / t:.1f} |")
+
+
 if __name__ == "__main__":
     main()
+    first_step()
