@@ -250,7 +250,9 @@ def suite_backends(args, targets):
                        pass_="forward", strategy=plan.strategy, macs=plan.macs, **t)
             group.append(row)
             if backend == "torch":
-                with_fused = dict(row, strategy="fused")
+                fused_plan = plan_conv(k, shape, padding=1, strategy="fused", dtype="float32", backend=backend,
+                                       device=dev if dev == "cuda" else None)
+                with_fused = dict(row, strategy="fused", macs=fused_plan.macs)
                 conv(x, k, padding=1, strategy="fused")
                 with_fused.update(measure(lambda: conv(x, k, padding=1, strategy="fused"), device=device,
                                           repeat=args.repeat, budget_s=args.budget))
