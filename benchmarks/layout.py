@@ -6,29 +6,20 @@ Each stage is timed as torch runs it natively in both layouts: the 1x1 stage (C 
 F.conv3d / a GEMM, and one depthwise 1-D stage (groups = R, kernel 3 along one mode).
 Medians of 9 runs after 2 warm-ups; glibc told not to trim (see docs/benchmarks.md).
 """
-import ctypes
 import platform
-import time
 
 import torch
 import torch.nn.functional as F
 
+from tensorconv.cli.bench import _set_malloc_no_trim, measure
 
-def med(fn, n=9):
-    for _ in range(2):
-        fn()
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    ts.sort()
-    return 1e3 * ts[n // 2]
+
+def med(fn):
+    return measure(fn, repeat=9)["median_ms"]
 
 
 def main():
-    ctypes.CDLL("libc.so.6").mallopt(-3, 2**30)
-    ctypes.CDLL("libc.so.6").mallopt(-1, 2**62 - 1)
+    _set_malloc_no_trim()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}\n")
     print("| B | C=R | stage | channels-first (NCDHW) ms | channels-last (NDHWC) ms | CF / CL |")
     print("|---|---|---|---|---|---|")

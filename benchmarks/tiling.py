@@ -4,28 +4,20 @@ unfused plan, on torch CPU and NumPy. This is the measurement behind two choices
 
     python benchmarks/tiling.py
 """
-import ctypes
-import time
 
 import numpy as np
 
 from tensorconv import KruskalKernel, plan_conv
 from tensorconv.backends import get_backend
+from tensorconv.cli.bench import _set_malloc_no_trim, measure
 from tensorconv.plans.fused import FusedRunner
 from tensorconv.plans.structure import weight_arrays
 
 TILES = (256 << 10, 1 << 20, 4 << 20, 8 << 20)
 
 
-def med(fn, n=5):
-    fn()
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    ts.sort()
-    return 1e3 * ts[n // 2]
+def med(fn):
+    return measure(fn, warmup=1, repeat=5)["median_ms"]
 
 
 def sweep(backend_name, batch, c, mult):
@@ -49,9 +41,7 @@ def sweep(backend_name, batch, c, mult):
 
 
 def main():
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-3, 2**30)
-    libc.mallopt(-1, 2**62 - 1)
+    _set_malloc_no_trim()
     print("| backend | B | C | R | unfused ms | " + " | ".join(f"tiles {t >> 10} KiB ms" for t in TILES) + " |")
     print("|---|---|---|---|---|" + "---|" * len(TILES))
     try:

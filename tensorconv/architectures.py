@@ -52,7 +52,6 @@ class ConvLayer:
         return n
 
     def geometry(self, in_spatial):
-        n = self.n_spatial
         return make_geometry(in_spatial, tuple(self.weight.shape[2:]), stride=self.stride or 1,
                              padding=self.padding if self.padding is not None else 0,
                              dilation=self.dilation or 1, padding_mode=self.padding_mode)

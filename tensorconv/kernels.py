@@ -7,7 +7,6 @@ backend arrays (numpy, torch or cupy) and never convert them behind the user's b
 from __future__ import annotations
 
 import contextlib
-import math
 import string
 
 from .backends import backend_for_name, get_backend

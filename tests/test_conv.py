@@ -1,7 +1,7 @@
 """conv / plan_conv against independent dense convolutions (torch F.convNd, numpy windows)."""
 import numpy as np
 import pytest
-from conftest import rel_err, to_backend, to_numpy, torch
+from conftest import rel_err, to_backend, torch
 from hypothesis import given
 from hypothesis import strategies as st
 from oracles import np_conv, reference_conv

@@ -3,14 +3,13 @@ import copy
 import numpy as np
 import pytest
 import tensorly as tl
-from conftest import rel_err, to_backend, to_numpy, torch
+from conftest import rel_err, to_numpy, torch
 from hypothesis import given
 from hypothesis import strategies as st
 from tensorly.cp_tensor import cp_to_tensor
 from tensorly.tucker_tensor import tucker_to_tensor
 
 from tensorconv import KruskalKernel, TuckerKernel
-from tensorconv.backends import backend_for_name
 
 DTYPE_TOL = {"float64": 1e-12, "float32": 1e-5}
 kernel_shapes = st.lists(st.integers(1, 5), min_size=3, max_size=6).map(tuple)

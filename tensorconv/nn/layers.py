@@ -13,7 +13,7 @@ from torch import nn
 
 from ..kernels import KruskalKernel, TuckerKernel
 from ..plans.plan import conv
-from ..plans.spec import make_geometry, normalize_int_tuple
+from ..plans.spec import normalize_int_tuple
 
 __all__ = ["KruskalConv", "TuckerConv", "HOCPBlock", "cp_rank_for", "tucker_rank_for"]
 
@@ -333,7 +333,7 @@ class KruskalConv(_FactorizedConv):
             keep = (self.weights.abs() > threshold).nonzero().flatten()
         if keep.numel() == 0:
             raise ValueError(f"prune(threshold={threshold}) would remove every rank component "
-                             f"(max |lambda| = {float(self.weights.abs().max()):.3g})")
+                             f"(max |lambda| = {float(self.weights.detach().abs().max()):.3g})")
         self.weights = nn.Parameter(self.weights.detach()[keep].clone(), requires_grad=self.weights.requires_grad)
         self.factors = nn.ParameterList(
             [nn.Parameter(f.detach()[:, keep].clone(), requires_grad=f.requires_grad) for f in self.factors])

@@ -26,8 +26,6 @@ the tile's intermediates instead of keeping them, so peak memory stays at tile s
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
 from .executor import TapProgram
 
 __all__ = ["FusedRunner", "CompiledChain", "TILE_BYTES"]
@@ -138,7 +136,6 @@ class FusedRunner:
     def __call__(self, backend, x, tensors):
         """``tensors``: [activation placeholder] + weight arrays, as the unfused executor holds them."""
         plan = self.plan
-        st = plan.structure
         steps = plan.steps
         # weights-only steps run once, not per tile
         for step, (kind, prog) in zip(steps, plan._programs):

@@ -10,12 +10,10 @@ positions x channels, and both are priced by the backend's roofline (MACs and by
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 
 import opt_einsum
 
-from .cost import cost_model_for
 from .spec import ConvGeometry
 
 __all__ = ["Step", "ConvPathOptimizer", "plan_steps", "STRATEGIES"]
@@ -76,9 +74,9 @@ class ConvPathOptimizer(opt_einsum.paths.PathOptimizer):
         sizes = self.sizes
         taps = self.tap_set
         (ind_a, act_a, grid_a) = info_a
-        (ind_b, act_b, grid_b) = info_b
-        if act_b:
-            (ind_a, act_a, grid_a), (ind_b, act_b, grid_b) = info_b, info_a
+        (ind_b, act_b, _) = info_b
+        if act_b:  # keep the activation on the left
+            (ind_a, act_a, grid_a), (ind_b, act_b, _) = info_b, info_a
             a, b = b, a
         if not act_a:  # weights x weights
             union = list(ind_a) + [i for i in ind_b if i not in ind_a]
@@ -237,7 +235,7 @@ def plan_steps(structure, geometry: ConvGeometry, batch, itemsize, model):
     ids = {1 << p: p for p in range(len(shapes))}
     next_id = len(shapes)
     for mask, s in opt.ordered:
-        grid = s.pop("grid")
+        s.pop("grid")
         a, b = ids[s.pop("lhs")], ids[s.pop("rhs")]
         if s["kind"] != "weights":  # the activation's unsummed taps are virtual: keep channels only
             taps = set(structure.taps)

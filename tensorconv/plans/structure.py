@@ -72,7 +72,7 @@ def dense_structure(shape, groups=1):
         raise ValueError(f"a dense kernel has shape (T, C/groups, K_0, ...), got {shape}")
     if not isinstance(groups, int) or groups < 1:
         raise ValueError(f"groups must be an int >= 1, got {groups!r}")
-    t, c_g = shape[0], shape[1]
+    t = shape[0]
     if t % groups:
         raise ValueError(f"out_channels={t} (kernel shape {shape}) is not divisible by groups={groups}")
     taps = tuple(_tap(n) for n in range(len(shape) - 2))
@@ -108,7 +108,6 @@ def _kruskal_structure(kernel: KruskalKernel):
 def _tucker_structure(kernel: TuckerKernel):
     g = kernel.groups
     r_out, r_in = kernel.rank[:2]
-    n = kernel.n_spatial
     grouped = g > 1
     gi = ("g",) if grouped else ()
     gs = (g,) if grouped else ()
