@@ -122,12 +122,8 @@ class FusedRunner:
 
     def _run_tile(self, backend, progs, xt, *weights):
         plan = self.plan
-        st = plan.structure
-        act = backend.moveaxis(xt, 1, -1)
-        if len(st.act_in) > 1:
-            act = backend.reshape(act, tuple(act.shape[:-1]) + tuple(plan._sizes[i] for i in st.act_in))
-        local = [act] + list(weights)
-        base = len(st.operands) + 1  # ids of step results start here
+        local = [plan.activation(backend, xt)] + list(weights)
+        base = len(plan.structure.operands) + 1  # ids of step results start here
         for i in self.act_steps:
             step = plan.steps[i]
             local[base + i] = progs[i](backend, local[step.lhs], local[step.rhs])

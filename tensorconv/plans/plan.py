@@ -210,21 +210,23 @@ class ConvPlan:
                                      padding=g.padding, padding_mode=g.padding_mode)
         return out if self.batched else out[0]
 
+    def activation(self, backend, x):
+        """x (B, C, *D) as the plans hold it: channels last, C split into the kernel's input indices."""
+        act = backend.moveaxis(x, 1, -1)
+        st = self.structure
+        if len(st.act_in) > 1:
+            act = backend.reshape(act, tuple(act.shape[:-1]) + tuple(self._sizes[i] for i in st.act_in))
+        return act
+
     def _run_factorized(self, backend, x, arrays):
         st = self.structure
         out = None
         if self._fused is not None and backend.name == "torch":
-            act = backend.moveaxis(x, 1, -1)
-            if len(st.act_in) > 1:
-                act = backend.reshape(act, tuple(act.shape[:-1]) + tuple(self._sizes[i] for i in st.act_in))
-            out = self._compiled(backend, act, list(arrays))
+            out = self._compiled(backend, self.activation(backend, x), list(arrays))
         elif self._fused is not None:
             out = self._fused(backend, x, [None] + list(arrays))
         if out is None:
-            act = backend.moveaxis(x, 1, -1)
-            if len(st.act_in) > 1:
-                act = backend.reshape(act, tuple(act.shape[:-1]) + tuple(self._sizes[i] for i in st.act_in))
-            tensors = [act] + list(arrays)
+            tensors = [self.activation(backend, x)] + list(arrays)
             for step, (kind, prog) in zip(self.steps, self._programs):
                 a, b = tensors[step.lhs], tensors[step.rhs]
                 tensors.append(prog(a, b) if kind == "weights" else prog(backend, a, b))
@@ -256,10 +258,7 @@ class ConvPlan:
         arrays = weight_arrays(kernel, self.structure, backend)
         per_step = [[] for _ in self.steps]
         for _ in range(repeat + 1):
-            act = backend.moveaxis(x, 1, -1)
-            if len(self.structure.act_in) > 1:
-                act = backend.reshape(act, tuple(act.shape[:-1]) + tuple(self._sizes[i] for i in self.structure.act_in))
-            tensors = [act] + list(arrays)
+            tensors = [self.activation(backend, x)] + list(arrays)
             for j, (step, (kind, prog)) in enumerate(zip(self.steps, self._programs)):
                 a, b = tensors[step.lhs], tensors[step.rhs]
                 sync()
