@@ -9,7 +9,7 @@ COLUMNS = {
     "fig6": ["channels", "model", "backend", "analytic_macs", "macs", "params", "median_ms", "min_ms", "max_ms"],
     "backends": ["kernel", "n_spatial", "rank", "backend", "pass_", "strategy", "macs", "median_ms", "min_ms",
                  "max_ms", "ratio_to_fastest"],
-    "peers": ["device", "channels", "rank", "r", "impl", "median_ms", "min_ms", "max_ms", "vs_dense",
+    "peers": ["device", "channels", "rank", "r", "impl", "pass_", "median_ms", "min_ms", "max_ms", "vs_dense",
               "vs_tltorch_factorized", "mac_ratio", "auto_picked"],
     "roofline": ["backend", "kind", "modes", "macs", "bytes", "measured_ms", "roofline_ms", "efficiency"],
     "targets": ["device", "batch", "channels", "rank", "mac_ratio", "dense_fwd_ms", "factorized_fwd_ms", "fused_fwd_ms",
@@ -26,6 +26,91 @@ def fmt(v):
     return "" if v is None else str(v)
 
 
+def _status(ok_all, ok_any):
+    return "met" if ok_all else ("partly met" if ok_any else "**missed**")
+
+
+def targets_summary(rows):
+    """The issues' speed targets, evaluated on this run's rows (markdown table)."""
+    out = ["| target | measured (this run) | status |", "|---|---|---|"]
+    peers = [r for r in rows if r["suite"] == "peers" and r["device"] == "cpu"]
+    tg = [r for r in rows if r["suite"] == "targets" and r["device"] == "cpu"]
+
+    def peer(c, rank, impl, p="forward"):
+        for r in peers:
+            if r["channels"] == c and r["rank"] == rank and r["impl"] == impl and r.get("pass_", "forward") == p:
+                return r
+        return None
+
+    chans = sorted({r["channels"] for r in peers})
+    for p, goal in (("forward", 3.0), ("forward+backward", 2.5)):
+        cells, oks = [], []
+        for c in chans:
+            best = max((peer(c, "R=C", i, p) or {}).get("vs_tltorch_factorized", 0) for i in
+                       ("tensorconv factorized", "tensorconv fused"))
+            if best:
+                cells.append(f"C={c}: {best:.2f}x")
+                oks.append(best >= goal)
+        if cells:
+            out.append(f"| torch CPU, B=1, R=C: {p} >= {goal}x faster than tensorly-torch factorized (best of "
+                       f"factorized / fused) | {'; '.join(cells)} | {_status(all(oks), any(oks))} |")
+    for key, goal, label in (("fwd", 0.6, "forward"), ("fwd_bwd", 0.4, "forward+backward")):
+        cells, oks = [], []
+        for r in tg:
+            if r["rank"] != r["channels"]:
+                continue
+            unfused = r["fwd_speedup" if key == "fwd" else "fwd_bwd_speedup"] / r["mac_ratio"]
+            fused = r[f"fused_{key}_speedup"] / r["mac_ratio"]
+            cells.append(f"B={r['batch']} C={r['channels']}: {unfused:.2f} (fused {fused:.2f})")
+            oks.append(max(unfused, fused) >= goal)
+        if cells:
+            out.append(f"| R=C: {label} speedup over dense Conv3d >= {goal} x MAC ratio | {'; '.join(cells)} | "
+                       f"{_status(all(oks), any(oks))} |")
+    for mult, goal, label in ((3, 1.0, "faster than dense Conv3d"), (6, 1.5, "within 1.5x of dense Conv3d")):
+        for r in tg:
+            if r["batch"] == 8 and r["rank"] == mult * r["channels"]:
+                best = min(r["factorized_fwd_ms"], r["fused_fwd_ms"])
+                ratio = best / r["dense_fwd_ms"]
+                out.append(f"| B=8, C={r['channels']}, R={mult}C forward: {label} | factorized {r['factorized_fwd_ms']:.1f} ms, "
+                           f"fused {r['fused_fwd_ms']:.1f} ms, dense {r['dense_fwd_ms']:.1f} ms (best/dense {ratio:.2f}) | "
+                           f"{_status(ratio < goal if mult == 3 else ratio <= goal, False)} |")
+    worst, where = 0.0, ""
+    for c in chans:
+        for rank in ("R=C", "R=matched"):
+            a, f, rc = (peer(c, rank, f"tensorconv {s}") for s in ("auto", "factorized", "reconstructed"))
+            if a and f and rc:
+                ratio = a["median_ms"] / min(f["median_ms"], rc["median_ms"])
+                if ratio > worst:
+                    worst, where = ratio, f"C={c} {rank}"
+    if where:
+        out.append(f"| auto within 1.15x of the faster of factorized / reconstructed (peers, forward) | worst {worst:.2f}x "
+                   f"({where}) | {_status(worst <= 1.15, False)} |")
+    be = [r for r in rows if r["suite"] == "backends" and r["pass_"] == "forward"]
+    ratios = []
+    for r in be:
+        if r["backend"] != "numpy":
+            continue
+        for t in be:
+            if (t["backend"] == "torch" and t["strategy"] == r["strategy"] and t["kernel"] == r["kernel"]
+                    and t["n_spatial"] == r["n_spatial"] and t["rank"] == r["rank"]):
+                ratios.append((r["median_ms"] / t["median_ms"], f"{r['kernel']} N={r['n_spatial']} {r['rank']}"))
+    if ratios:
+        cells = "; ".join(f"{w}: {x:.2f}x" for x, w in ratios)
+        out.append(f"| NumPy within 3x of torch CPU on the same plan (backends, forward) | {cells} | "
+                   f"{_status(all(x <= 3 for x, _ in ratios), any(x <= 3 for x, _ in ratios))} |")
+    cells, oks = [], []
+    for r in tg:
+        cells.append(f"B={r['batch']} C={r['channels']} R={r['rank']}: {r['fused_fwd_bwd_ms']:.0f} vs "
+                     f"{r['factorized_fwd_bwd_ms']:.0f} ms")
+        oks.append(r["fused_fwd_bwd_ms"] < r["factorized_fwd_bwd_ms"])
+    if cells:
+        out.append(f"| fused forward+backward faster than unfused | {'; '.join(cells)} | {_status(all(oks), any(oks))} |")
+    gpu = [r for r in rows if r.get("device") == "cuda" or r.get("backend") in ("torch-cuda", "cupy")]
+    if not gpu:
+        out.append("| GPU targets (issues #6, #7) | no GPU in this run | not measured |")
+    return "\n".join(out)
+
+
 def main(path):
     data = json.load(open(path))
     env = data["environment"]
@@ -34,6 +119,9 @@ def main(path):
           f"tensorly-torch {env.get('tltorch', 'not installed')}, GPU: {env.get('gpu', 'none')}. "
           f"Allocator: {env['allocator']}. Command: `{env['command']}` ({env['seconds']} s). "
           f"Times in ms, median of the runs (min / max beside).\n")
+    print("### targets, evaluated on this run\n")
+    print(targets_summary(data["rows"]))
+    print()
     for suite, cols in COLUMNS.items():
         rows = [r for r in data["rows"] if r["suite"] == suite]
         if not rows:

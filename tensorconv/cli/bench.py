@@ -319,9 +319,27 @@ def suite_peers(args, targets):
                 with torch.no_grad():
                     results = measure_many(entries, device=device, repeat=args.repeat, budget_s=args.budget)
                 for name, t in results.items():
-                    group.append(dict(suite="peers", device=device, channels=c, rank=rank_label, r=r, impl=name, **t))
-                times = {g["impl"]: g["median_ms"] for g in group}
+                    group.append(dict(suite="peers", device=device, channels=c, rank=rank_label, r=r, impl=name,
+                                      pass_="forward", **t))
+                # forward + backward (gradients for the input and every parameter)
+                xg = x.clone().requires_grad_(True)
+                for t_ in [k.weights] + list(k.factors):
+                    t_.requires_grad_(True)
+                train = {"dense Conv3d": lambda: dense(xg).sum().backward(),
+                         "tensorconv factorized": lambda: conv(xg, k, padding=1, strategy="factorized").sum().backward(),
+                         "tensorconv fused": lambda: conv(xg, k, padding=1, strategy="fused").sum().backward()}
+                if tltorch is not None:
+                    layer = tltorch.FactorizedConv(c, c, 3, order=3, rank=r, factorization="cp",
+                                                   implementation="factorized", padding=1, bias=False).to(device)
+                    train["tltorch factorized"] = lambda: layer(xg).sum().backward()
+                results = measure_many(train, device=device, repeat=max(3, args.repeat // 2), budget_s=args.budget)
+                for t_ in [k.weights] + list(k.factors):
+                    t_.requires_grad_(False)
+                for name, t in results.items():
+                    group.append(dict(suite="peers", device=device, channels=c, rank=rank_label, r=r, impl=name,
+                                      pass_="forward+backward", **t))
                 for g in group:
+                    times = {h["impl"]: h["median_ms"] for h in group if h["pass_"] == g["pass_"]}
                     g["vs_dense"] = times["dense Conv3d"] / g["median_ms"]
                     if "tltorch factorized" in times:
                         g["vs_tltorch_factorized"] = times["tltorch factorized"] / g["median_ms"]
