@@ -172,6 +172,15 @@ class ConvPlan:
 
     # -- execution ---------------------------------------------------------------------------------
     def _check_call(self, x, kernel):
+        backend = self._check_arrays(x, kernel)
+        if tuple(int(s) for s in x.shape) != self.input_shape:
+            raise ValueError(f"x has shape {tuple(x.shape)} but this plan was made for input shape {self.input_shape}")
+        key = structure_of(kernel, self.structure.groups).key
+        if key != self.structure.key:
+            raise ValueError(f"the kernel's structure {key} differs from the one planned for {self.structure.key}")
+        return backend
+
+    def _check_arrays(self, x, kernel):
         arrays = [x]
         if isinstance(kernel, KruskalKernel):
             arrays += [kernel.weights] + [f for f in kernel.factors if f is not None]
@@ -180,11 +189,6 @@ class ConvPlan:
         else:
             arrays.append(kernel)
         backend = get_backend(*arrays)
-        if tuple(int(s) for s in x.shape) != self.input_shape:
-            raise ValueError(f"x has shape {tuple(x.shape)} but this plan was made for input shape {self.input_shape}")
-        key = structure_of(kernel, self.structure.groups).key
-        if key != self.structure.key:
-            raise ValueError(f"the kernel's structure {key} differs from the one planned for {self.structure.key}")
         ref = arrays[1]
         if backend.dtype(x) != backend.dtype(ref):
             raise TypeError(
@@ -194,7 +198,10 @@ class ConvPlan:
         return backend
 
     def __call__(self, x, kernel):
-        backend = self._check_call(x, kernel)
+        return self._execute(self._check_call(x, kernel), x, kernel)
+
+    def _execute(self, backend, x, kernel):
+        """Run on arguments already checked against this plan (see :meth:`_check_call`)."""
         if not self.batched:
             x = x[None]
         arrays = weight_arrays(kernel, self.structure, backend)
@@ -413,7 +420,11 @@ def conv(x, kernel, *, stride=1, padding=0, dilation=1, groups=1, padding_mode="
     backend = get_backend(x, ref)
     device = backend.device(x)
     device_key = None if device is None or getattr(device, "type", None) == "cpu" else device
-    plan = plan_conv(kernel, tuple(int(s) for s in x.shape), stride=stride, padding=padding, dilation=dilation,
+    structure = structure_of(kernel, groups)
+    plan = plan_conv(structure, tuple(int(s) for s in x.shape), stride=stride, padding=padding, dilation=dilation,
                      groups=groups, padding_mode=padding_mode, strategy=strategy, dtype=backend.itemsize(x),
                      backend=backend.name, device=device_key)
-    return plan(x, kernel)
+    # the plan was looked up by this kernel's structure and x's shape; what is left to check is
+    # that every array shares one backend and x's dtype
+    plan._check_arrays(x, kernel)
+    return plan._execute(backend, x, kernel)

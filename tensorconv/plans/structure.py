@@ -152,6 +152,8 @@ def structure_of(kernel, groups=1):
                 f"groups={groups} applies to dense kernels only; give the TuckerKernel groups= instead"
             )
         return _tucker_structure(kernel)
+    if isinstance(kernel, KernelStructure):
+        return kernel
     if isinstance(kernel, tuple):
         return dense_structure(kernel, groups)
     if hasattr(kernel, "shape") and hasattr(kernel, "ndim"):
