@@ -1,0 +1,28 @@
+"""`tensorconv bench` runs end to end and writes what it promises (tiny settings, NumPy only)."""
+import json
+
+import pytest
+
+from tensorconv.cli import main as cli_main
+
+
+def test_bench_writes_json_with_environment_and_rows(tmp_path, capsys):
+    assert cli_main(["bench", "fig6", "backends", "--quick", "--backend", "numpy", "--repeat", "1",
+                     "--allocator", "default", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    env = data["environment"]
+    assert env["allocator"] == "glibc default" and env["numpy"]
+    fig6 = [r for r in data["rows"] if r["suite"] == "fig6"]
+    assert {r["model"] for r in fig6} == {"3D-Conv", "CP-HOConv-6", "CP-HOConv-3"}
+    for r in fig6:  # the plan's MAC counts: dense C*C*27 per voxel, CP R*(2C + 9) per voxel
+        c, voxels = r["channels"], 16 * 32 * 32
+        if r["model"] == "3D-Conv":
+            assert r["analytic_macs"] == voxels * c * c * 27
+        else:
+            rank = int(r["model"][-1]) * c
+            assert r["analytic_macs"] == voxels * rank * (2 * c + 9)
+        assert r["min_ms"] <= r["median_ms"] <= r["max_ms"]
+    backends = [r for r in data["rows"] if r["suite"] == "backends"]
+    assert backends and all(r["ratio_to_fastest"] >= 1.0 for r in backends)
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "fig6.png").stat().st_size > 10_000
