@@ -26,3 +26,14 @@ def test_bench_writes_json_with_environment_and_rows(tmp_path, capsys):
     assert backends and all(r["ratio_to_fastest"] >= 1.0 for r in backends)
     pytest.importorskip("matplotlib")
     assert (tmp_path / "fig6.png").stat().st_size > 10_000
+
+
+def test_importing_the_peer_leaves_tensorly_backend_alone():
+    import tensorly
+
+    from tensorconv.cli.bench import _import_tltorch
+
+    before = tensorly.get_backend()
+    if _import_tltorch() is None:
+        pytest.skip("tensorly-torch is not installed (optional benchmark peer)")
+    assert tensorly.get_backend() == before

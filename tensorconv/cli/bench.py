@@ -132,11 +132,11 @@ def environment(args):
             env["gpu"] = torch.cuda.get_device_name(0)
     except ImportError:
         pass
-    try:
-        import tltorch
+    try:  # read the version without importing it: importing tltorch switches tensorly's global backend
+        from importlib.metadata import version
 
-        env["tltorch"] = tltorch.__version__
-    except ImportError:
+        env["tltorch"] = version("tensorly-torch")
+    except Exception:
         pass
     return env
 
@@ -281,12 +281,16 @@ def suite_backends(args, targets):
 
 def suite_peers(args, targets):
     """(B, C, 16, 32, 32), k=3, C = T: dense Conv3d, (2+1)D, tensorly-torch, tensorconv strategies."""
+    import tensorly
+
+    with tensorly.backend_context("pytorch"):  # what tensorly-torch's layers need (see _import_tltorch)
+        return _suite_peers(args, targets)
+
+
+def _suite_peers(args, targets):
     import torch
 
-    try:
-        import tltorch
-    except ImportError:
-        tltorch = None
+    tltorch = _import_tltorch()
     channels = (16, 64) if args.quick else (16, 32, 64, 128)
     devices = [d for b, d in targets if b == "torch"]
     rows = []
@@ -349,6 +353,25 @@ def suite_peers(args, targets):
                 prog.step(f"{device} C={c} {rank_label}")
     prog.close()
     return rows
+
+
+def _import_tltorch():
+    """tensorly-torch if installed. Importing it calls ``tensorly.set_backend("pytorch")`` for the
+    whole process (a known trap); the caller's backend is put back at once, and the peers suite
+    runs inside ``tensorly.backend_context("pytorch")`` instead (tensorconv does not read
+    tensorly's global backend; a context per call would cost tltorch ~0.1 ms per call)."""
+    try:
+        import tensorly
+    except ImportError:
+        return None
+    before = tensorly.get_backend()
+    try:
+        import tltorch
+    except ImportError:
+        return None
+    finally:
+        tensorly.set_backend(before)
+    return tltorch
 
 
 def _r2plus1d_matched(c, device):
