@@ -81,7 +81,8 @@ def tucker_rank_for(rank, in_channels, out_channels, kernel_size, groups):
             r_out, r_in = groups * max(1, round(s * out_channels / max(in_channels, out_channels) / groups)), \
                 groups * max(1, round(s * in_channels / max(in_channels, out_channels) / groups))
             params = r_out * r_in * k // groups + out_channels * r_out + in_channels * r_in
-            if params > frac * dense or r_out > out_channels * 4:
+            # largest ranks within the budget, and no larger than the channels they compress
+            if params > frac * dense or r_out > out_channels or r_in > in_channels:
                 break
             best = (r_out, r_in)
         return best
