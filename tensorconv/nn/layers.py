@@ -236,7 +236,6 @@ class KruskalConv(_FactorizedConv):
         dims = (out_channels, in_channels) + self.kernel_size
         self.weights = nn.Parameter(torch.empty(self.rank, **factory))
         self.factors = nn.ParameterList([nn.Parameter(torch.empty(d, self.rank, **factory)) for d in dims])
-        self._frozen = []
         self.reset_parameters()
         self._init_bias(bias, in_channels * math.prod(self.kernel_size), factory)
 
@@ -315,16 +314,17 @@ class KruskalConv(_FactorizedConv):
         self.factors = nn.ParameterList(factors)
         assert len(self.factors) == 2 + n + 1
         if freeze:
-            self._frozen = [p for p in self.parameters() if p is not self.factors[2 + position] and p.requires_grad]
-            for p in self._frozen:
-                p.requires_grad_(False)
+            new_factor = self.factors[2 + position]
+            for p in self.parameters():
+                if p is not new_factor:
+                    p.requires_grad_(False)
         return self
 
     def unfreeze(self):
-        """Let every parameter train again after a frozen :meth:`transduct`."""
-        for p in self._frozen:
+        """Let every parameter of the layer train again (after a frozen :meth:`transduct`; also
+        after :meth:`prune`, which replaces the parameters)."""
+        for p in self.parameters():
             p.requires_grad_(True)
-        self._frozen = []
         return self
 
     # -- rank selection (paper sec. 4) ------------------------------------------------------------------------
