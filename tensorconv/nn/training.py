@@ -54,6 +54,8 @@ def transduct(model, kernel_size, position=0, padding="same", stride=1, dilation
     pool, a flatten before a linear layer) is left alone and named in a warning: decide how
     it should see the new mode. Returns the model.
     """
+    if isinstance(model, KruskalConv):  # a bare layer has no parent to look at it from
+        return model.transduct(kernel_size, position, padding, stride, dilation, init, freeze)
     left = []
     with torch.no_grad():
         for name, module in list(model.named_modules()):
