@@ -162,3 +162,24 @@ def test_verify_cli_passes_and_fails_when_a_derivation_is_broken(monkeypatch, ca
     monkeypatch.setattr(d, "to_block", corrupted)
     assert cli_main(["verify", "--backend", "numpy", "--cases", "2", "--derivation", "cp"]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+@given(n=st.integers(1, 4), c=st.integers(1, 5), t=st.integers(1, 5), seed=st.integers(0, 2**20))
+def test_pointwise_conv_is_the_channel_mode_product(backend, n, c, t, seed):
+    from tensorconv import mode_dot
+    from tensorconv.architectures import matrix_to_pointwise, pointwise_to_matrix
+
+    rng = np.random.default_rng(seed)
+    m = rng.standard_normal((t, c))
+    x = rng.standard_normal((2, c) + tuple(int(d) for d in rng.integers(1, 5, size=n)))
+    expected = np.einsum("tc,bc...->bt...", m, x)  # the definition of x ×_1 M
+    xb = x if backend[0] == "numpy" else torch.from_numpy(x).to(backend[1]) if backend[0] == "torch" else None
+    mb = m if backend[0] == "numpy" else torch.from_numpy(m).to(backend[1]) if backend[0] == "torch" else None
+    if xb is None:
+        import cupy
+
+        xb, mb = cupy.asarray(x), cupy.asarray(m)
+    w = matrix_to_pointwise(mb, n)
+    assert tuple(w.shape) == (t, c) + (1,) * n
+    assert rel_err(conv(xb, w), expected) < TOL
+    assert rel_err(mode_dot(xb, pointwise_to_matrix(w), 1), expected) < TOL
