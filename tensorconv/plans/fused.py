@@ -21,8 +21,9 @@ and the output tile touch main memory. Padding along mode 0 is materialised on t
 rows of the tile (zeros, or mirrored / repeated / wrapped rows), which is exact because every
 step before the mode-0 convolution acts on each row independently.
 
-With autograd (torch), each tile runs under activation checkpointing: backward recomputes
-the tile's intermediates instead of keeping them, so peak memory stays at tile size.
+Run on torch tensors that need gradients (not the default torch path, which compiles), each
+tile runs under activation checkpointing: backward recomputes the tile's intermediates
+instead of keeping them, so peak memory stays at tile size.
 """
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ from .executor import TapProgram
 
 __all__ = ["FusedRunner", "CompiledChain", "TILE_BYTES"]
 
-#: target size of one tile's widest intermediate: 8 MiB (a quarter of the test machine's L3) measured
-#: fastest for NumPy among 0.5, 1, 2 and 8 MiB (docs/benchmarks.md)
+#: target size of one tile's widest intermediate: 8 MiB (a quarter of the test machine's L3),
+#: fastest for NumPy among 0.25, 1, 4 and 8 MiB (benchmarks/tiling.py, docs/benchmarks.md)
 TILE_BYTES = 8 << 20
 
 
