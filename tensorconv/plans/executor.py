@@ -108,19 +108,7 @@ class TapProgram:
     def traceable(self, backend, act, weight):
         """The same step with plain array ops only (no opt_einsum, no in-place, no native conv):
         what a tracing compiler (torch.compile) can see through and fuse."""
-        if self.pads:
-            act = backend.pad(act, self.pads, self.padding_mode)
-        out = None
-        for a_index, w_index in self.taps:
-            w = weight[w_index]
-            if self.broadcast:
-                if self.w_perm is not None:
-                    w = backend.permute(w, self.w_perm)
-                term = act[a_index] * backend.reshape(w, self.w_bshape)
-            else:
-                term = backend.einsum(self.eq, act[a_index], w)
-            out = term if out is None else out + term
-        return out
+        return self._tap_loop(backend, act, weight, traced=True)
 
     def __call__(self, backend, act, weight, native=True):
         if native and self.native is not None and backend.has_channels_last_conv:
@@ -134,21 +122,32 @@ class TapProgram:
                 if spec["out_sizes"] is not None:
                     out = backend.reshape(out, tuple(out.shape[:1 + self.n]) + spec["out_sizes"])
                 return out
+        return self._tap_loop(backend, act, weight, traced=False)
+
+    def _tap_loop(self, backend, act, weight, traced):
+        """Sum over the taps of (shifted activation slice) x (weight at that tap).
+
+        Untraced, the sum accumulates in place and contractions use the compiled opt_einsum
+        expression; traced, every op is out of place and a plain einsum."""
         if self.pads:
             act = backend.pad(act, self.pads, self.padding_mode)
         out = None
-        if self.broadcast:
-            for a_index, w_index in self.taps:
-                w = weight[w_index]
+        for a_index, w_index in self.taps:
+            a, w = act[a_index], weight[w_index]
+            if self.broadcast:
                 if self.w_perm is not None:
                     w = backend.permute(w, self.w_perm)
                 w = backend.reshape(w, self.w_bshape)
-                a = act[a_index]
-                out = a * w if out is None else backend.mul_add_(out, a, w)
-            return out
-        for a_index, w_index in self.taps:
-            term = self.expr(act[a_index], weight[w_index])
-            out = term if out is None else backend.add_(out, term)
+                if out is None:
+                    out = a * w
+                else:
+                    out = out + a * w if traced else backend.mul_add_(out, a, w)
+                continue
+            term = backend.einsum(self.eq, a, w) if traced else self.expr(a, w)
+            if out is None:
+                out = term
+            else:
+                out = out + term if traced else backend.add_(out, term)
         return out
 
 
