@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The full CPU run behind docs/benchmarks.md: every suite, then the markdown tables.
-# Needs the bench extra and, for the peer columns, tensorly-torch:
-#   pip install -e ".[bench]" tensorly-torch==0.5.0
+# Needs the bench extra (matplotlib, tqdm, and tensorly-torch as the peer):
+#   pip install torch==2.13.0 -e ".[bench]"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-bench-out/cpu}"
