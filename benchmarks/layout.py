@@ -18,24 +18,29 @@ def med(fn):
     return measure(fn, repeat=9)["median_ms"]
 
 
+def inputs():
+    """(batch, channels, channels-first input) for every measured point."""
+    for b in (1, 8):
+        for c in (16, 64, 128):
+            yield b, c, torch.randn(b, c, 16, 32, 32)
+
+
 def main():
     _set_malloc_no_trim()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}\n")
     print("| B | C=R | stage | channels-first (NCDHW) ms | channels-last (NDHWC) ms | CF / CL |")
     print("|---|---|---|---|---|---|")
     with torch.no_grad():
-        for b in (1, 8):
-            for c in (16, 64, 128):
-                x = torch.randn(b, c, 16, 32, 32)
-                xl = x.contiguous(memory_format=torch.channels_last_3d)
-                w1 = torch.randn(c, c, 1, 1, 1)
-                wd = torch.randn(c, 1, 3, 1, 1)
-                rows = [("1x1 conv", lambda: F.conv3d(x, w1), lambda: F.conv3d(xl, w1)),
-                        ("depthwise (3,1,1)", lambda: F.conv3d(x, wd, padding=(1, 0, 0), groups=c),
-                         lambda: F.conv3d(xl, wd, padding=(1, 0, 0), groups=c))]
-                for name, cf, cl in rows:
-                    a, bb = med(cf), med(cl)
-                    print(f"| {b} | {c} | {name} | {a:.2f} | {bb:.2f} | {a / bb:.1f} |")
+        for b, c, x in inputs():
+            xl = x.contiguous(memory_format=torch.channels_last_3d)
+            w1 = torch.randn(c, c, 1, 1, 1)
+            wd = torch.randn(c, 1, 3, 1, 1)
+            rows = [("1x1 conv", lambda: F.conv3d(x, w1), lambda: F.conv3d(xl, w1)),
+                    ("depthwise (3,1,1)", lambda: F.conv3d(x, wd, padding=(1, 0, 0), groups=c),
+                     lambda: F.conv3d(xl, wd, padding=(1, 0, 0), groups=c))]
+            for name, cf, cl in rows:
+                a, bb = med(cf), med(cl)
+                print(f"| {b} | {c} | {name} | {a:.2f} | {bb:.2f} | {a / bb:.1f} |")
 
 
 def first_step():
@@ -44,21 +49,19 @@ def first_step():
     print("\n| B | C=R | copy + channels-last 1x1 conv ms | GEMM on the transposed view ms | ratio |")
     print("|---|---|---|---|---|")
     with torch.no_grad():
-        for b in (1, 8):
-            for c in (16, 64, 128):
-                x = torch.randn(b, c, 16, 32, 32)
-                u = torch.randn(c, c)
-                p = 16 * 32 * 32
+        for b, c, x in inputs():
+            u = torch.randn(c, c)
+            p = 16 * 32 * 32
 
-                def copy_then_conv():
-                    act = x.movedim(1, -1).contiguous()
-                    return F.conv2d(act.reshape(b, p, 1, c).movedim(-1, 1), u.T.reshape(c, c, 1, 1))
+            def copy_then_conv():
+                act = x.movedim(1, -1).contiguous()
+                return F.conv2d(act.reshape(b, p, 1, c).movedim(-1, 1), u.T.reshape(c, c, 1, 1))
 
-                def transposed_gemm():
-                    return torch.matmul(x.reshape(b, c, p).transpose(1, 2), u)
+            def transposed_gemm():
+                return torch.matmul(x.reshape(b, c, p).transpose(1, 2), u)
 
-                a, t = med(copy_then_conv), med(transposed_gemm)
-                print(f"| {b} | {c} | {a:.2f} | {t:.2f} | {a / t:.1f} |")
+            a, t = med(copy_then_conv), med(transposed_gemm)
+            print(f"| {b} | {c} | {a:.2f} | {t:.2f} | {a / t:.1f} |")
 
 
 if __name__ == "__main__":
