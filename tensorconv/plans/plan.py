@@ -33,6 +33,25 @@ def _itemsize(dtype):
     return {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "complex64": 8, "complex128": 16}.get(name, 4)
 
 
+def _check_arrays(x, kernel):
+    """The backend of x and every array of the kernel (one library, one dtype, or an error)."""
+    arrays = [x]
+    if isinstance(kernel, KruskalKernel):
+        arrays += [kernel.weights] + [f for f in kernel.factors if f is not None]
+    elif isinstance(kernel, TuckerKernel):
+        arrays += [kernel.core] + [f for f in kernel.factors if f is not None]
+    else:
+        arrays.append(kernel)
+    backend = get_backend(*arrays)
+    ref = arrays[1]
+    if backend.dtype(x) != backend.dtype(ref):
+        raise TypeError(
+            f"x has dtype {backend.dtype_name(x)} but the kernel has dtype {backend.dtype_name(ref)}; "
+            f"convert one of them (nothing is cast implicitly)"
+        )
+    return backend
+
+
 class ConvPlan:
     """A planned convolution. Call it as ``plan(x, kernel)``.
 
@@ -172,7 +191,7 @@ class ConvPlan:
 
     # -- execution ---------------------------------------------------------------------------------
     def _check_call(self, x, kernel):
-        backend = self._check_arrays(x, kernel)
+        backend = _check_arrays(x, kernel)
         if tuple(int(s) for s in x.shape) != self.input_shape:
             raise ValueError(f"x has shape {tuple(x.shape)} but this plan was made for input shape {self.input_shape}")
         key = structure_of(kernel, self.structure.groups).key
@@ -180,22 +199,6 @@ class ConvPlan:
             raise ValueError(f"the kernel's structure {key} differs from the one planned for {self.structure.key}")
         return backend
 
-    def _check_arrays(self, x, kernel):
-        arrays = [x]
-        if isinstance(kernel, KruskalKernel):
-            arrays += [kernel.weights] + [f for f in kernel.factors if f is not None]
-        elif isinstance(kernel, TuckerKernel):
-            arrays += [kernel.core] + [f for f in kernel.factors if f is not None]
-        else:
-            arrays.append(kernel)
-        backend = get_backend(*arrays)
-        ref = arrays[1]
-        if backend.dtype(x) != backend.dtype(ref):
-            raise TypeError(
-                f"x has dtype {backend.dtype_name(x)} but the kernel has dtype {backend.dtype_name(ref)}; "
-                f"convert one of them (nothing is cast implicitly)"
-            )
-        return backend
 
     def __call__(self, x, kernel):
         return self._execute(self._check_call(x, kernel), x, kernel)
@@ -225,19 +228,24 @@ class ConvPlan:
             act = backend.reshape(act, tuple(act.shape[:-1]) + tuple(self._sizes[i] for i in st.act_in))
         return act
 
+    def _run_steps(self, backend, x, arrays, timer=None):
+        """The plan's steps one after another; ``timer(j, thunk)`` may wrap step j (profiling)."""
+        tensors = [self.activation(backend, x)] + list(arrays)
+        for j, (step, (kind, prog)) in enumerate(zip(self.steps, self._programs)):
+            a, b = tensors[step.lhs], tensors[step.rhs]
+            run = (lambda: prog(a, b)) if kind == "weights" else (lambda: prog(backend, a, b))
+            tensors.append(run() if timer is None else timer(j, run))
+        return tensors[-1]
+
     def _run_factorized(self, backend, x, arrays):
         st = self.structure
         out = None
-        if self._fused is not None and backend.name == "torch":
+        if self.strategy == "fused" and backend.name == "torch":
             out = self._compiled(backend, self.activation(backend, x), list(arrays))
-        elif self._fused is not None:
+        elif self.strategy == "fused":
             out = self._fused(backend, x, [None] + list(arrays))
-        if out is None:
-            tensors = [self.activation(backend, x)] + list(arrays)
-            for step, (kind, prog) in zip(self.steps, self._programs):
-                a, b = tensors[step.lhs], tensors[step.rhs]
-                tensors.append(prog(a, b) if kind == "weights" else prog(backend, a, b))
-            out = tensors[-1]
+        if out is None:  # unfused, or compiling failed
+            out = self._run_steps(backend, x, arrays)
         if self._final_perm is not None:
             out = backend.permute(out, self._final_perm)
         n = st.n_spatial
@@ -251,28 +259,24 @@ class ConvPlan:
 
         sync = sync or (lambda: None)
         backend = self._check_call(x, kernel)
-        if self.strategy != "factorized":  # fused and dense plans are timed as a whole
-            times = []
-            for _ in range(repeat + 1):
-                sync()
-                t0 = time.perf_counter()
-                self(x, kernel)
-                sync()
-                times.append(time.perf_counter() - t0)
-            return [sorted(times[1:])[len(times[1:]) // 2]]
-        if not self.batched:
-            x = x[None]
+        whole = self.strategy != "factorized"  # fused and dense plans are timed as a whole
+        per_step = [[] for _ in ([None] if whole else self.steps)]
+
+        def timer(j, run):
+            sync()
+            t0 = time.perf_counter()
+            out = run()
+            sync()
+            per_step[j].append(time.perf_counter() - t0)
+            return out
+
+        batched_x = x if self.batched else x[None]
         arrays = weight_arrays(kernel, self.structure, backend)
-        per_step = [[] for _ in self.steps]
-        for _ in range(repeat + 1):
-            tensors = [self.activation(backend, x)] + list(arrays)
-            for j, (step, (kind, prog)) in enumerate(zip(self.steps, self._programs)):
-                a, b = tensors[step.lhs], tensors[step.rhs]
-                sync()
-                t0 = time.perf_counter()
-                tensors.append(prog(a, b) if kind == "weights" else prog(backend, a, b))
-                sync()
-                per_step[j].append(time.perf_counter() - t0)
+        for _ in range(repeat + 1):  # the first round warms up and is dropped
+            if whole:
+                timer(0, lambda: self._execute(backend, x, kernel))
+            else:
+                self._run_steps(backend, batched_x, arrays, timer)
         return [sorted(t[1:])[len(t[1:]) // 2] for t in per_step]
 
     # -- reporting ----------------------------------------------------------------------------------
@@ -413,18 +417,13 @@ def conv(x, kernel, *, stride=1, padding=0, dilation=1, groups=1, padding_mode="
     >>> bool(np.allclose(y, conv(x, k.to_dense(), padding="same")))
     True
     """
-    if isinstance(kernel, (KruskalKernel, TuckerKernel)):
-        ref = kernel.weights if isinstance(kernel, KruskalKernel) else kernel.core
-    else:
-        ref = kernel
-    backend = get_backend(x, ref)
+    backend = _check_arrays(x, kernel)
     device = backend.device(x)
     device_key = None if device is None or getattr(device, "type", None) == "cpu" else device
     structure = structure_of(kernel, groups)
     plan = plan_conv(structure, tuple(int(s) for s in x.shape), stride=stride, padding=padding, dilation=dilation,
                      groups=groups, padding_mode=padding_mode, strategy=strategy, dtype=backend.itemsize(x),
                      backend=backend.name, device=device_key)
-    # the plan was looked up by this kernel's structure and x's shape; what is left to check is
-    # that every array shares one backend and x's dtype
-    plan._check_arrays(x, kernel)
+    # the plan was looked up by this kernel's structure and x's shape, and the arrays were
+    # checked above: nothing is left for the plan to re-check
     return plan._execute(backend, x, kernel)
