@@ -124,17 +124,21 @@ class TorchBackend(ArrayBackend):
             return self.F.pad(x, pads)
         return super().pad_axis(x, axis, low, high, mode)
 
+    def _split_padding(self, x, padding, padding_mode, first_axis):
+        """(x, native padding): symmetric zero padding is left to the conv itself (no copy);
+        anything else is applied here, to the spatial axes starting at ``first_axis``."""
+        if padding is None or not any(lo or hi for lo, hi in padding):
+            return x, 0
+        if padding_mode == "zeros" and all(lo == hi for lo, hi in padding):
+            return x, tuple(lo for lo, _ in padding)
+        return self.pad(x, {first_axis + m: p for m, p in enumerate(padding) if p != (0, 0)}, padding_mode), 0
+
     def conv_dense(self, x, weight, *, stride, dilation, groups=1, padding=None, padding_mode="zeros"):
         n = x.ndim - 2
         if not 1 <= n <= 3:
             return super().conv_dense(x, weight, stride=stride, dilation=dilation, groups=groups,
                                       padding=padding, padding_mode=padding_mode)
-        native_pad = 0
-        if padding is not None:
-            if padding_mode == "zeros" and all(lo == hi for lo, hi in padding):
-                native_pad = tuple(lo for lo, _ in padding)
-            else:
-                x = self.pad(x, {2 + m: p for m, p in enumerate(padding) if p != (0, 0)}, padding_mode)
+        x, native_pad = self._split_padding(x, padding, padding_mode, first_axis=2)
         conv = (self.F.conv1d, self.F.conv2d, self.F.conv3d)[n - 1]
         return conv(x, weight, None, tuple(stride), native_pad, tuple(dilation), groups)
 
@@ -148,12 +152,10 @@ class TorchBackend(ArrayBackend):
         """
         n = act.ndim - 2
         ks = tuple(weight.shape[2:])
-        native_pad = 0
-        if any(lo or hi for lo, hi in padding):
-            if padding_mode == "zeros" and all(lo == hi for lo, hi in padding):
-                native_pad = tuple(lo for lo, _ in padding)
-            else:
-                act = self.pad(act, {1 + m: p for m, p in enumerate(padding) if p != (0, 0)}, padding_mode)
+        active = [m for m in range(n) if ks[m] != 1 or stride[m] != 1 or dilation[m] != 1 or padding[m] != (0, 0)]
+        if n > 3 and len(active) > 1:
+            return None  # decided before any padding is done: the caller's tap loop pads itself
+        act, native_pad = self._split_padding(act, padding, padding_mode, first_axis=1)
         pointwise = not native_pad and all(k == 1 for k in ks) and all(v == 1 for v in stride)
         if pointwise and groups == 1 and not act.is_contiguous():
             # typically the caller's channels-first input seen channels-last: a GEMM with a
@@ -176,10 +178,6 @@ class TorchBackend(ArrayBackend):
             x = act.movedim(-1, 1)
             conv = (self.F.conv1d, self.F.conv2d, self.F.conv3d)[n - 1]
             return conv(x, weight, None, tuple(stride), native_pad, tuple(dilation), groups).movedim(1, -1)
-        active = [m for m in range(n) if ks[m] != 1 or stride[m] != 1 or dilation[m] != 1
-                  or (native_pad and native_pad[m])]
-        if len(active) > 1:
-            return None
         m = active[0] if active else 0
         shape = tuple(act.shape)
         before = 1

@@ -37,10 +37,9 @@ TILE_BYTES = 8 << 20
 
 
 def _source_row(r, size, mode):
+    """The input row that padded row r copies (reflect / replicate / circular padding)."""
     if 0 <= r < size:
         return r
-    if mode == "zeros":
-        return None
     if mode == "reflect":
         return -r if r < 0 else 2 * (size - 1) - r
     if mode == "replicate":
@@ -147,7 +146,6 @@ class FusedRunner:
             for y0, y1, p0, p1 in self.tiles():
                 progs = self._programs_for(p1 - p0, y1 - y0)
                 xt = self._input_rows(backend, x, b, p0, p1)
-
                 pieces.append(checkpoint(self._run_tile, backend, progs, xt, *tensors[1:]))
             out_images.append(pieces[0] if len(pieces) == 1 else backend.concat(pieces, 1))
         return out_images[0] if len(out_images) == 1 else backend.concat(out_images, 0)
