@@ -244,3 +244,16 @@ def test_torch_compile_smoke():
     except Exception as exc:  # pragma: no cover - environment without a working dynamo
         pytest.skip(f"torch.compile unavailable here: {exc}")
     assert rel_err(got, fn(x)) < 1e-6
+
+
+@pytest.mark.skipif(torch is None, reason="torch is not installed")
+def test_device_selects_the_cost_model_however_it_is_named():
+    from tensorconv.plans.cost import cost_model_for
+
+    k = KruskalKernel.random((8, 8, 3, 3), rank=4, seed=0)
+    by_name = plan_conv(k, (1, 8, 16, 16), padding=1, backend="torch", device="cuda")
+    by_object = plan_conv(k, (1, 8, 16, 16), padding=1, backend="torch", device=torch.device("cuda", 0))
+    assert by_name is by_object
+    assert by_name.cost_model == cost_model_for("torch", "cuda") != cost_model_for("torch", None)
+    assert plan_conv(k, (1, 8, 16, 16), padding=1, backend="torch", device="cpu") is \
+        plan_conv(k, (1, 8, 16, 16), padding=1, backend="torch")

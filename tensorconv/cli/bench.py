@@ -152,6 +152,11 @@ def _cpu_name():
     return platform.processor()
 
 
+def _array_device(device):
+    """The device argument for creating arrays ("cupy" is a backend, not a device name)."""
+    return None if device in (None, "cupy") else device
+
+
 def _targets(args):
     out = []
     for name in args.backend or available_backends():
@@ -166,7 +171,7 @@ def _targets(args):
 
 def _make_input(backend, device, shape, dtype="float32", requires_grad=False):
     b = backend_for_name(backend)
-    x = b.random_normal(shape, seed=0, dtype=dtype, device=None if device in (None, "cupy") else device)
+    x = b.random_normal(shape, seed=0, dtype=dtype, device=_array_device(device))
     if requires_grad:
         x.requires_grad_(True)
     return x
@@ -192,7 +197,7 @@ def suite_fig6(args, targets):
                 continue
             x = _make_input(backend, device, shape)
             dense = backend_for_name(backend).random_normal(dense_shape, seed=1, dtype="float32",
-                                                            device=None if device in (None, "cupy") else device)
+                                                            device=_array_device(device))
             t = measure(lambda: conv(x, dense, padding=1), device=device, repeat=args.repeat, budget_s=args.budget)
             plan = plan_conv(dense, shape, padding=1)
             rows.append(dict(suite="fig6", channels=c, model="3D-Conv", backend=_label(backend, device),
@@ -201,7 +206,7 @@ def suite_fig6(args, targets):
             prog.step(f"C={c} dense {backend}")
             for mult in (6, 3):
                 k = KruskalKernel.random(dense_shape, rank=mult * c, backend=backend, dtype="float32",
-                                         device=None if device in (None, "cupy") else device, seed=2)
+                                         device=_array_device(device), seed=2)
                 plan = plan_conv(k, shape, padding=1, strategy="factorized", dtype="float32", backend=backend)
                 # the paper's count: 1x1, one depthwise 1-D conv per mode, 1x1 (the torch plan's order)
                 canonical = plan_conv(k, shape, padding=1, strategy="factorized", dtype="float32", backend="torch")
@@ -240,18 +245,18 @@ def suite_backends(args, targets):
         shape = (args.batch, kshape[1]) + spatial
         group = []
         for backend, device in targets:
-            dev = None if device in (None, "cupy") else device
+            dev = _array_device(device)
             make = KruskalKernel.random if kind == "CP" else TuckerKernel.random
             k = make(kshape, rank, backend=backend, dtype="float32", device=dev, seed=3)
             x = _make_input(backend, device, shape)
             t = measure(lambda: conv(x, k, padding=1), device=device, repeat=args.repeat, budget_s=args.budget)
-            plan = plan_conv(k, shape, padding=1, dtype="float32", backend=backend, device=dev if dev == "cuda" else None)
+            plan = plan_conv(k, shape, padding=1, dtype="float32", backend=backend, device=device)
             row = dict(suite="backends", kernel=kind, n_spatial=n, rank=label, backend=_label(backend, device),
                        pass_="forward", strategy=plan.strategy, macs=plan.macs, **t)
             group.append(row)
             if backend == "torch":
                 fused_plan = plan_conv(k, shape, padding=1, strategy="fused", dtype="float32", backend=backend,
-                                       device=dev if dev == "cuda" else None)
+                                       device=device)
                 with_fused = dict(row, strategy="fused", macs=fused_plan.macs)
                 conv(x, k, padding=1, strategy="fused")
                 with_fused.update(measure(lambda: conv(x, k, padding=1, strategy="fused"), device=device,
@@ -316,9 +321,9 @@ def _suite_peers(args, targets):
                                                        implementation=impl, padding=1, bias=False).to(device)
                         entries[f"tltorch {impl}"] = (lambda l: lambda: l(x))(layer)
                 plan = plan_conv(k, shape, padding=1, strategy="factorized", dtype="float32", backend="torch",
-                                 device=None if device == "cpu" else device)
+                                 device=device)
                 auto = plan_conv(k, shape, padding=1, strategy="auto", dtype="float32", backend="torch",
-                                 device=None if device == "cpu" else device)
+                                 device=device)
                 group = []
                 with torch.no_grad():
                     results = measure_many(entries, device=device, repeat=args.repeat, budget_s=args.budget)
@@ -390,16 +395,16 @@ def suite_roofline(args, targets):
     shape = (args.batch, c, 16, 32, 32)
     prog = _Progress(len(targets), "roofline")
     for backend, device in targets:
-        dev = None if device in (None, "cupy") else device
+        dev = _array_device(device)
         model = calibrate(backend, dev)
         k = KruskalKernel.random((c, c, 3, 3, 3), rank=c, backend=backend, dtype="float32", device=dev, seed=5)
         x = _make_input(backend, device, shape)
         plan = plan_conv(k, shape, padding=1, strategy="factorized", dtype="float32", backend=backend,
-                         device=dev if dev == "cuda" else None)
+                         device=device)
         times = plan.profile(x, k, repeat=args.repeat, sync=lambda: _sync(device))
         if backend == "torch":
             fused = plan_conv(k, shape, padding=1, strategy="fused", dtype="float32", backend=backend,
-                              device=dev if dev == "cuda" else None)
+                              device=device)
             fused(x, k)
             total = fused.profile(x, k, repeat=args.repeat, sync=lambda: _sync(device))[0]
             bound = sum(max(s.macs / model.macs_per_s, s.nbytes / model.bytes_per_s) for s in plan.steps)
@@ -446,7 +451,7 @@ def suite_targets(args, targets):
                 k = KruskalKernel.random((c, c, 3, 3, 3), rank=r, backend="torch", dtype="float32", device=device,
                                          seed=6)
                 plan = plan_conv(k, shape, padding=1, strategy="factorized", dtype="float32", backend="torch",
-                                 device=None if device == "cpu" else device)
+                                 device=device)
                 with torch.no_grad():
                     conv(x, k, padding=1, strategy="fused")  # compile outside the timing
                     fwd = measure_many({"dense": lambda: torch.nn.functional.conv3d(x, w, padding=1),

@@ -151,7 +151,7 @@ class _FactorizedConv(nn.Module):
         p = next(self.parameters())
         return plan_conv(self.kernel, input_shape, stride=self.stride, padding=self.padding, dilation=self.dilation,
                          padding_mode=self.padding_mode, strategy=self.strategy, dtype=p.dtype, backend="torch",
-                         device=None if p.device.type == "cpu" else p.device)
+                         device=p.device)
 
     @property
     def dense_params(self):

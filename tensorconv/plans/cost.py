@@ -68,7 +68,8 @@ _calibrated: dict = {}
 
 
 def _key(backend_name, device):
-    if backend_name == "torch" and device is not None and getattr(device, "type", "cpu") == "cuda":
+    # a torch.device or a string such as "cuda" / "cuda:0"
+    if backend_name == "torch" and device is not None and str(getattr(device, "type", device)).startswith("cuda"):
         return "torch-cuda"
     return backend_name
 

@@ -7,6 +7,7 @@ import opt_einsum
 
 from ..backends import get_backend
 from ..kernels import KruskalKernel, TuckerKernel
+from .cost import _key as cost_key
 from .cost import cost_model_for
 from .executor import TapProgram
 from .fused import CompiledChain, FusedRunner
@@ -386,9 +387,11 @@ def plan_conv(kernel_or_shape, input_shape, *, stride=1, padding=0, dilation=1, 
     structure = structure_of(kernel_or_shape, groups)
     if not isinstance(strategy, str) or strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r} is not one of {STRATEGIES}")
+    backend_name = getattr(backend, "name", backend)
+    # the device only selects a cost model: one cache entry per model, whatever names the device
+    device = "cuda" if cost_key(backend_name, device) == "torch-cuda" else None
     return _cached_plan(structure, tuple(int(s) for s in input_shape), _hashable(stride), _hashable(padding),
-                        _hashable(dilation), padding_mode, strategy, _itemsize(dtype),
-                        getattr(backend, "name", backend), device)
+                        _hashable(dilation), padding_mode, strategy, _itemsize(dtype), backend_name, device)
 
 
 def conv(x, kernel, *, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros", strategy="auto"):
@@ -418,12 +421,10 @@ def conv(x, kernel, *, stride=1, padding=0, dilation=1, groups=1, padding_mode="
     True
     """
     backend = _check_arrays(x, kernel)
-    device = backend.device(x)
-    device_key = None if device is None or getattr(device, "type", None) == "cpu" else device
     structure = structure_of(kernel, groups)
     plan = plan_conv(structure, tuple(int(s) for s in x.shape), stride=stride, padding=padding, dilation=dilation,
                      groups=groups, padding_mode=padding_mode, strategy=strategy, dtype=backend.itemsize(x),
-                     backend=backend.name, device=device_key)
+                     backend=backend.name, device=backend.device(x))
     # the plan was looked up by this kernel's structure and x's shape, and the arrays were
     # checked above: nothing is left for the plan to re-check
     return plan._execute(backend, x, kernel)
