@@ -57,8 +57,7 @@ def _case(derivation, rng, n, backend_name, device, dtype):
     layers = derivation.to_block(kernel, **geo)
     outputs = {"block": run_block(x, layers)}
     outputs["kernel"] = conv(x, kernel, **geo)
-    outputs["dense"] = b.conv_dense(x, dense, stride=_tuple(geo["stride"], n), dilation=_tuple(geo["dilation"], n),
-                                    padding=_pairs(geo["padding"], n))
+    outputs["dense"] = conv(x, dense, **geo)  # the kernel's dense form as one dense convolution
     back = derivation.to_kernel(layers)
     outputs["kernel<-block"] = conv(x, back, **geo)
     if derivation.name == "pointwise":
@@ -92,8 +91,7 @@ def _transduction_case(rng, n, backend_name, device, dtype, init):
     got = conv(x, big, padding=padding)
     per_frame = [conv(x[:, :, f], k, padding=1) for f in range(frames)]
     if init == "center":
-        stack = b.xp.stack(per_frame, 2) if backend_name != "torch" else b.xp.stack(per_frame, dim=2)
-        ref = stack
+        ref = b.xp.stack(per_frame, 2)  # positional axis: numpy, cupy and torch alike
     else:
         outs = []
         for f in range(frames - kt + 1):
@@ -101,7 +99,7 @@ def _transduction_case(rng, n, backend_name, device, dtype, init):
             for j in range(1, kt):
                 acc = acc + per_frame[f + j]
             outs.append(acc)
-        ref = b.xp.stack(outs, 2) if backend_name != "torch" else b.xp.stack(outs, dim=2)
+        ref = b.xp.stack(outs, 2)
     e = _errors(got, ref, b)
     plan = plan_conv(big, tuple(x.shape), padding=padding, strategy="factorized")
     return e[0], e[1], big.n_params, big.dense_params, plan.macs, plan.dense_macs
@@ -194,12 +192,3 @@ def main(args):
             json.dump(rows, fh, indent=2)
     return 1 if failed else 0
 
-
-def _tuple(v, n):
-    return (v,) * n if isinstance(v, int) else tuple(v)
-
-
-def _pairs(p, n):
-    if isinstance(p, int):
-        return ((p, p),) * n
-    return tuple((q, q) if isinstance(q, int) else tuple(q) for q in p)
