@@ -308,7 +308,7 @@ class KruskalKernel(_FactorizedKernel):
         if sorted(order) != list(range(weight.ndim)):
             raise ValueError(f"modes={modes} must cover the weight's modes 0..{weight.ndim - 1} exactly once")
         grouped = backend.reshape(
-            weight.permute(*order) if backend.name == "torch" else backend.xp.transpose(weight, order),
+            backend.permute(weight, order),
             tuple(_prod(weight.shape[m] for m in group) for group in modes),
         )
         kwargs = {"init": "svd", "n_iter_max": 200, "normalize_factors": True}

@@ -13,7 +13,8 @@ from torch import nn
 
 from ..kernels import KruskalKernel, TuckerKernel
 from ..plans.plan import conv
-from ..plans.spec import normalize_int_tuple
+from ..backends import PADDING_MODES
+from ..plans.spec import normalize_int_tuple, normalize_padding
 
 __all__ = ["KruskalConv", "TuckerConv", "HOCPBlock", "cp_rank_for", "tucker_rank_for"]
 
@@ -27,30 +28,6 @@ def _kernel_size(kernel_size, n_spatial):
     if n_spatial is not None and len(ks) != n_spatial:
         raise ValueError(f"kernel_size={ks} has {len(ks)} entries but n_spatial={n_spatial}")
     return normalize_int_tuple(ks, len(ks), "kernel_size", minimum=1)
-
-
-def _padding_form(padding, n):
-    """Keep 'same' / 'valid' as strings; anything else as per-mode (low, high) pairs."""
-    if isinstance(padding, str):
-        if padding not in ("same", "valid"):
-            raise ValueError(f"padding={padding!r} is not one of 'same', 'valid', an int or a tuple")
-        return padding
-    if isinstance(padding, int) and not isinstance(padding, bool):
-        if padding < 0:
-            raise ValueError(f"padding={padding} must be >= 0")
-        return ((padding, padding),) * n
-    entries = tuple(padding)
-    if len(entries) != n:
-        raise ValueError(f"padding={padding!r} has {len(entries)} entries but the convolution has {n} spatial dims")
-    return tuple((p, p) if isinstance(p, int) else tuple(p) for p in entries)
-
-
-def _padding_pairs(padding, kernel_size, dilation):
-    if padding == "valid":
-        return ((0, 0),) * len(kernel_size)
-    if padding == "same":
-        return tuple((d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(kernel_size, dilation))
-    return padding
 
 
 def cp_rank_for(rank, in_channels, out_channels, kernel_size):
@@ -107,11 +84,11 @@ class _FactorizedConv(nn.Module):
         self.out_channels = out_channels
         self.stride = normalize_int_tuple(stride, n, "stride", minimum=1)
         self.dilation = normalize_int_tuple(dilation, n, "dilation", minimum=1)
-        self.padding = _padding_form(padding, n)
-        if self.padding == "same" and any(s != 1 for s in self.stride):
-            raise ValueError(f"padding='same' needs stride 1 in every mode, got stride={self.stride}")
-        if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
-            raise ValueError(f"padding_mode={padding_mode!r} is not one of ('zeros', 'reflect', 'replicate', 'circular')")
+        # validated like any convolution's; "same" / "valid" are kept as given (they follow transduct)
+        pairs = normalize_padding(padding, self.kernel_size, self.stride, self.dilation)
+        self.padding = padding if isinstance(padding, str) else pairs
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode={padding_mode!r} is not one of {PADDING_MODES}")
         self.padding_mode = padding_mode
         from ..plans.planner import STRATEGIES
 
@@ -299,10 +276,9 @@ class KruskalConv(_FactorizedConv):
             raise ValueError(f"stride for the new mode must be an int >= 1, got {stride!r}")
         if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
             raise ValueError(f"dilation for the new mode must be an int >= 1, got {dilation!r}")
-        new_pad = _padding_pairs(_padding_form(padding, 1), (kernel_size,), (dilation,))[0]
-        if padding == "same" and stride != 1:
-            raise ValueError("padding='same' for the new mode needs stride=1")
-        old_pairs = _padding_pairs(self.padding, self.kernel_size, self.dilation)
+        new_pad = normalize_padding(padding if isinstance(padding, str) else (padding,), (kernel_size,), (stride,),
+                                    (dilation,))[0]
+        old_pairs = normalize_padding(self.padding, self.kernel_size, self.stride, self.dilation)
         insert = lambda seq, v: tuple(seq[:position]) + (v,) + tuple(seq[position:])  # noqa: E731
         keep_same = self.padding == "same" and padding == "same"
         self.kernel_size = insert(self.kernel_size, kernel_size)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ..backends import PADDING_MODES
 
-__all__ = ["ConvGeometry", "make_geometry", "normalize_int_tuple"]
+__all__ = ["ConvGeometry", "make_geometry", "normalize_int_tuple", "normalize_padding"]
 
 
 def normalize_int_tuple(value, n, name, *, minimum):
@@ -36,7 +36,8 @@ def normalize_int_tuple(value, n, name, *, minimum):
     return tuple(int(v) for v in values)
 
 
-def _normalize_padding(padding, kernel_size, stride, dilation):
+def normalize_padding(padding, kernel_size, stride, dilation):
+    """Per-mode (low, high) pairs from an int, per-mode ints / pairs, "same" or "valid"."""
     n = len(kernel_size)
     if isinstance(padding, str):
         if padding == "valid":
@@ -126,7 +127,7 @@ def make_geometry(in_spatial, kernel_size, *, stride=1, padding=0, dilation=1, p
     dilation = normalize_int_tuple(dilation, n, "dilation", minimum=1)
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"padding_mode={padding_mode!r} is not one of {PADDING_MODES}")
-    pads = _normalize_padding(padding, kernel_size, stride, dilation)
+    pads = normalize_padding(padding, kernel_size, stride, dilation)
     for i, (d, (lo, hi), k, dil) in enumerate(zip(in_spatial, pads, kernel_size, dilation)):
         span = dil * (k - 1) + 1
         if d < 1:
