@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from .backends import backend_for_name, get_backend
 from .kernels import KruskalKernel, TuckerKernel
 from .plans.plan import conv
-from .plans.spec import make_geometry
+from .plans.spec import make_geometry, normalize_int_tuple, normalize_padding
 
 __all__ = ["ConvLayer", "run_block", "DERIVATIONS", "Derivation", "from_torch", "TorchBlockMatch",
            "pointwise_to_matrix", "matrix_to_pointwise", "kruskal_to_block", "block_to_kruskal",
@@ -90,13 +90,12 @@ def _one_mode(value, n, mode, default):
     return tuple(out)
 
 
-def _geom(n, stride, padding, dilation):
-    stride = (stride,) * n if isinstance(stride, int) else tuple(stride)
-    dilation = (dilation,) * n if isinstance(dilation, int) else tuple(dilation)
-    if isinstance(padding, int):
-        padding = ((padding, padding),) * n
-    padding = tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
-    return stride, padding, dilation
+def _geom(kernel_size, stride, padding, dilation):
+    """Per-mode stride, (low, high) padding and dilation, validated as for any convolution."""
+    n = len(kernel_size)
+    stride = normalize_int_tuple(stride, n, "stride", minimum=1)
+    dilation = normalize_int_tuple(dilation, n, "dilation", minimum=1)
+    return stride, normalize_padding(padding, kernel_size, stride, dilation), dilation
 
 
 def _ones_shape(n, mode=None, k=None):
@@ -130,7 +129,7 @@ def kruskal_to_block(kernel: KruskalKernel, *, stride=1, padding=0, dilation=1, 
     b = kernel.backend
     n = kernel.n_spatial
     r = kernel.rank
-    stride, padding, dilation = _geom(n, stride, padding, dilation)
+    stride, padding, dilation = _geom(kernel.kernel_size, stride, padding, dilation)
     u_t, u_c = kernel.factors[0], kernel.factors[1]
     eye = b.eye(r, like=kernel.weights)
     u_t = eye if u_t is None else u_t
@@ -172,7 +171,7 @@ def tucker_to_block(kernel: TuckerKernel, *, stride=1, padding=0, dilation=1, pa
     """
     b = kernel.backend
     n = kernel.n_spatial
-    stride, padding, dilation = _geom(n, stride, padding, dilation)
+    stride, padding, dilation = _geom(kernel.kernel_size, stride, padding, dilation)
     core = kernel.core
     for j, f in enumerate(kernel.factors[2:]):
         if f is not None:
@@ -230,7 +229,7 @@ def kernel_to_mobilenet_v1(kernel: KruskalKernel, *, stride=1, padding=0, dilati
         raise ValueError(f"MobileNet v1 is a CP kernel with an identity input factor and one merged spatial factor; "
                          f"got modes={kernel.modes} with input factor {'present' if kernel.factors[1] is not None else 'None'}")
     b = kernel.backend
-    stride, padding, dilation = _geom(n, stride, padding, dilation)
+    stride, padding, dilation = _geom(kernel.kernel_size, stride, padding, dilation)
     u_t = kernel.factors[0] if kernel.factors[0] is not None else b.eye(kernel.rank, like=kernel.weights)
     return [ConvLayer(_factor_to_depthwise(kernel.factors[2]), groups=kernel.rank, stride=stride, padding=padding,
                       dilation=dilation, padding_mode=padding_mode),
@@ -251,7 +250,7 @@ def kernel_to_mobilenet_v2(kernel: KruskalKernel, *, stride=1, padding=0, dilati
         raise ValueError(f"MobileNet v2 is a CP kernel with output and input factors and one merged spatial factor; "
                          f"got modes={kernel.modes}")
     b = kernel.backend
-    stride, padding, dilation = _geom(n, stride, padding, dilation)
+    stride, padding, dilation = _geom(kernel.kernel_size, stride, padding, dilation)
     return [ConvLayer(matrix_to_pointwise(b.moveaxis(kernel.factors[1], 0, 1), n)),
             ConvLayer(_factor_to_depthwise(kernel.factors[2]), groups=kernel.rank, stride=stride, padding=padding,
                       dilation=dilation, padding_mode=padding_mode),
@@ -271,7 +270,7 @@ def kernel_to_xception(kernel: KruskalKernel, *, stride=1, padding=0, dilation=1
         raise ValueError(f"Xception is a CP kernel with an identity output factor and one merged spatial factor; "
                          f"got modes={kernel.modes}")
     b = kernel.backend
-    stride, padding, dilation = _geom(n, stride, padding, dilation)
+    stride, padding, dilation = _geom(kernel.kernel_size, stride, padding, dilation)
     spatial = kernel.factors[2] * kernel.weights
     return [ConvLayer(matrix_to_pointwise(b.moveaxis(kernel.factors[1], 0, 1), n)),
             ConvLayer(_factor_to_depthwise(spatial), groups=kernel.rank, stride=stride, padding=padding,
@@ -296,7 +295,7 @@ def kernel_to_r2plus1d(kernel: KruskalKernel, *, stride=1, padding=0, dilation=1
     if kernel.modes != [(0, 2), (1,) + tuple(range(3, 2 + n))]:
         raise ValueError(f"(2+1)D is a CP kernel with modes [(0, 2), (1, 3, ...)]; got modes={kernel.modes}")
     b = kernel.backend
-    stride, padding, dilation = _geom(n, stride, padding, dilation)
+    stride, padding, dilation = _geom(kernel.kernel_size, stride, padding, dilation)
     a, s = kernel.factors
     m = kernel.rank
     temporal = b.reshape(b.moveaxis(a * kernel.weights, -1, 1), tuple(a.shape[:1]) + (m, int(a.shape[1])) + (1,) * (n - 1))

@@ -183,3 +183,15 @@ def test_pointwise_conv_is_the_channel_mode_product(backend, n, c, t, seed):
     assert tuple(w.shape) == (t, c) + (1,) * n
     assert rel_err(conv(xb, w), expected) < TOL
     assert rel_err(mode_dot(xb, pointwise_to_matrix(w), 1), expected) < TOL
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_blocks_accept_padding_strings(padding):
+    from tensorconv.architectures import kruskal_to_block, run_block, tucker_to_block
+    from tensorconv import TuckerKernel
+
+    x = np.random.default_rng(0).standard_normal((1, 3, 7, 6))
+    for k in (KruskalKernel.random((4, 3, 4, 3), 2, seed=0), TuckerKernel.random((4, 3, 4, 3), (2, 2), seed=1)):
+        to_block = kruskal_to_block if isinstance(k, KruskalKernel) else tucker_to_block
+        expected = reference_conv(x, k.to_dense(), padding=((1, 2), (1, 1)) if padding == "same" else 0)
+        assert rel_err(_oracle_block(x, to_block(k, padding=padding)), expected) < TOL
