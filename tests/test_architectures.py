@@ -187,7 +187,7 @@ def test_pointwise_conv_is_the_channel_mode_product(backend, n, c, t, seed):
 
 @pytest.mark.parametrize("padding", ["same", "valid"])
 def test_blocks_accept_padding_strings(padding):
-    from tensorconv.architectures import kruskal_to_block, run_block, tucker_to_block
+    from tensorconv.architectures import kruskal_to_block, tucker_to_block
     from tensorconv import TuckerKernel
 
     x = np.random.default_rng(0).standard_normal((1, 3, 7, 6))
