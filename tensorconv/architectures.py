@@ -419,13 +419,8 @@ def _torch_layers(module):
         if isinstance(child, tnn.Sequential):
             layers += _torch_layers(child)
         elif isinstance(child, convs):
-            if isinstance(child.padding, str):
-                n = child.weight.ndim - 2
-                geo = make_geometry((10**6,) * n, tuple(child.kernel_size), stride=child.stride, padding=child.padding,
-                                    dilation=child.dilation)
-                padding = geo.padding
-            else:
-                padding = tuple((p, p) for p in child.padding)
+            padding = normalize_padding(child.padding, tuple(child.kernel_size), tuple(child.stride),
+                                        tuple(child.dilation))
             layers.append([child.weight.detach(), child.bias.detach() if child.bias is not None else None,
                            ConvLayer(None, child.groups, tuple(child.stride), padding, tuple(child.dilation),
                                      child.padding_mode), name])
