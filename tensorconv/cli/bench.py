@@ -34,22 +34,9 @@ def _sync(device):
 
 
 def measure(fn, *, device=None, warmup=2, repeat=5, budget_s=None):
-    """median / min / max seconds of ``fn()`` over ``repeat`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    start = time.perf_counter()
-    for i in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        if budget_s is not None and i >= 2 and time.perf_counter() - start > budget_s:
-            break
-    times.sort()
-    return {"median_ms": 1e3 * times[len(times) // 2], "min_ms": 1e3 * times[0], "max_ms": 1e3 * times[-1],
-            "runs": len(times)}
+    """median / min / max milliseconds of ``fn()`` over ``repeat`` runs after ``warmup`` runs
+    (stopping early, after at least 3 runs, once ``budget_s`` seconds are spent)."""
+    return measure_many({"fn": fn}, device=device, warmup=warmup, repeat=repeat, budget_s=budget_s)["fn"]
 
 
 def measure_many(entries, *, device=None, warmup=2, repeat=5, budget_s=None):
