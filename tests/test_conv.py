@@ -1,4 +1,6 @@
 """conv / plan_conv against independent dense convolutions (torch F.convNd, numpy windows)."""
+import contextlib
+
 import numpy as np
 import pytest
 from conftest import rel_err, to_backend, torch
@@ -7,6 +9,7 @@ from hypothesis import strategies as st
 from oracles import np_conv, reference_conv
 
 from tensorconv import KruskalKernel, TuckerKernel, conv, plan_conv
+from tensorconv.plans import CostModel, set_cost_model
 
 TOL = 1e-10
 STRATEGIES = ["factorized", "reconstructed", "auto"]
@@ -164,6 +167,76 @@ def test_auto_picks_reconstructed_at_params_matched_rank_and_factorized_at_r_eq_
         assert small.strategy == "factorized", small.estimates
 
 
+# a cost model under which memory passes are all that count: the fastest factorized order
+# merges spatial factors into one multi-mode depthwise step; rebuilding the dense kernel and
+# convs that mix channels are priced out
+_MERGING = CostModel(macs_per_s=1e15, bytes_per_s=1e6, call_overhead_s=0.0, dense_macs_per_s=1e-3,
+                     conv_macs_per_s=1e-3, native_steps=True, depthwise_macs_per_s=1e15)
+
+
+@contextlib.contextmanager
+def _cost_model(model, backend):
+    name, device = backend
+    set_cost_model(name, model, device)
+    try:
+        yield
+    finally:
+        set_cost_model(name, None, device)
+
+
+@given(geo=geometries(), data=st.data())
+def test_fastest_order_with_merged_depthwise_matches_reference(backend, geo, data):
+    """auto's "fastest" order (one depthwise step over several modes) is still the same conv."""
+    if len(geo["ks"]) < 2:
+        geo = dict(geo, ks=geo["ks"] * 2, stride=geo["stride"] * 2, dilation=geo["dilation"] * 2,
+                   pads=geo["pads"] * 2, dims=geo["dims"] * 2,
+                   padding=geo["padding"] * 2 if isinstance(geo["padding"], tuple) else geo["padding"])
+    t, c = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 4))
+    kernel = _kernel("kruskal", t, c, geo["ks"], data.draw(st.integers(0, 999)), data)
+    x = np.random.default_rng(2).standard_normal((2, c) + geo["dims"])
+    kw = dict(stride=geo["stride"], padding=geo["padding"], dilation=geo["dilation"], padding_mode=geo["mode"])
+    expected = reference_conv(x, kernel.to_dense(), stride=geo["stride"], padding=geo["pads"],
+                              dilation=geo["dilation"], padding_mode=geo["mode"])
+    with _cost_model(_MERGING, backend):
+        plan = plan_conv(kernel, x.shape, backend=backend[0], device=backend[1], **kw)
+        got = conv(to_backend(x, backend), _to(kernel, backend), **kw)
+    assert plan.strategy == "factorized"
+    assert rel_err(got, expected) < TOL
+    if plan.order == "fastest":
+        assert plan.macs >= plan.min_macs
+
+
+@pytest.mark.parametrize("n", [2, 3])  # N > 3: a multi-mode step is a tap loop on torch (priced so)
+def test_fastest_order_merges_modes_and_min_macs_keep_the_closed_form(n):
+    c, t, r, ks = 6, 5, 4, (3,) * n
+    k = KruskalKernel.random((t, c) + ks, rank=r, seed=0)
+    with _cost_model(_MERGING, ("numpy", None)):
+        plan = plan_conv(k, (2, c) + (6,) * n, padding="same")
+    voxels = 2 * 6 ** n
+    assert plan.order == "fastest"
+    assert [len(s.modes) for s in plan.steps if s.kind == "depthwise"] == [n]  # one step over every mode
+    assert plan.macs == voxels * r * (c + t + 3 ** n)
+    assert plan.min_macs == voxels * r * (c + t + sum(ks))  # the paper's count is still reported
+    assert "fewest-MAC factorized order" in plan.describe()
+    # the fewest-MAC order is what "factorized" runs, under any cost model
+    with _cost_model(_MERGING, ("numpy", None)):
+        fewest = plan_conv(k, (2, c) + (6,) * n, padding="same", strategy="factorized")
+    assert fewest.order == "fewest-macs" and fewest.macs == plan.min_macs
+    x = np.random.default_rng(0).standard_normal((2, c) + (6,) * n)
+    assert rel_err(plan(x, k), fewest(x, k)) < TOL
+
+
+def test_cost_models_are_part_of_the_plan_cache_key():
+    k = KruskalKernel.random((4, 3, 3, 3), rank=2, seed=0)
+    default = plan_conv(k, (2, 3, 6, 6), padding=1)
+    with _cost_model(_MERGING, ("numpy", None)):
+        other = plan_conv(k, (2, 3, 6, 6), padding=1)
+        assert other.cost_model == _MERGING and other is not default
+    assert plan_conv(k, (2, 3, 6, 6), padding=1) is default  # set_cost_model(..., None) restored it
+    with pytest.raises(TypeError, match="model=.*not a CostModel"):
+        set_cost_model("numpy", {"macs_per_s": 1})
+
+
 def test_errors_name_the_argument():
     k = KruskalKernel.random((4, 3, 3, 3), rank=2, seed=0)
     x = np.zeros((2, 3, 6, 6))
@@ -225,6 +298,33 @@ def test_gradcheck_every_strategy(strategy, kind):
         return conv(x, kk, stride=(2, 1), padding=((1, 0), 1), padding_mode="reflect", strategy=strategy)
 
     assert torch.autograd.gradcheck(fn, (x, *leaves))
+
+
+@pytest.mark.skipif(not _torch_available(), reason="torch is not installed")
+def test_gradcheck_fastest_order_with_merged_depthwise():
+    k = KruskalKernel.random((3, 2, 3, 2), rank=2, backend="torch", seed=0)
+    leaves = [k.weights] + list(k.factors)
+    for leaf in leaves:
+        leaf.requires_grad_(True)
+    x = torch.randn(2, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    with _cost_model(_MERGING, ("torch", "cpu")):
+        plan = plan_conv(k, x.shape, stride=(2, 1), padding=((1, 0), 1), backend="torch")
+        assert [len(s.modes) for s in plan.steps if s.kind == "depthwise"] == [2]
+        assert torch.autograd.gradcheck(
+            lambda x, *arrays: conv(x, KruskalKernel(arrays[0], list(arrays[1:])), stride=(2, 1),
+                                    padding=((1, 0), 1)), (x, *leaves))
+
+
+@pytest.mark.skipif(torch is None, reason="torch is not installed")
+def test_torch_cpu_auto_runs_one_3x3x3_depthwise_conv_at_r_eq_c():
+    """Measured (benchmarks/depthwise.py): oneDNN's channels-last 3x3x3 depthwise conv beats three
+    1-D ones at 16-128 channels, so the default torch CPU model merges the spatial factors."""
+    for c in (16, 64, 128):
+        k = KruskalKernel.random((c, c, 3, 3, 3), rank=c, seed=0)
+        plan = plan_conv(k, (1, c, 16, 32, 32), padding=1, backend="torch")
+        assert (plan.strategy, plan.order) == ("factorized", "fastest"), plan.estimates
+        assert [s.modes for s in plan.steps if s.kind == "depthwise"] == [(0, 1, 2)]
+        assert plan.min_macs == 16 * 32 * 32 * c * (2 * c + 9)
 
 
 @pytest.mark.skipif(not _torch_available(), reason="torch is not installed")

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..backends import available_backends, backend_for_name
 from ..kernels import KruskalKernel, TuckerKernel
-from ..plans.cost import calibrate
+from ..plans.cost import calibrate, set_cost_model
 from ..plans.plan import conv, plan_conv
 
 SUITES = ("fig6", "backends", "peers", "roofline", "targets")
@@ -340,7 +340,7 @@ def _suite_peers(args, targets):
                     if "tltorch factorized" in times:
                         g["vs_tltorch_factorized"] = times["tltorch factorized"] / g["median_ms"]
                     g["mac_ratio"] = plan.dense_macs / plan.macs
-                    g["auto_picked"] = auto.strategy
+                    g["auto_picked"] = _picked(auto)
                 rows += group
                 prog.step(f"{device} C={c} {rank_label}")
     prog.close()
@@ -366,6 +366,14 @@ def _import_tltorch():
     return tltorch
 
 
+def _picked(plan):
+    """What an auto plan runs, e.g. 'factorized (fastest order: depthwise over modes 0,1,2)'."""
+    if plan.order != "fastest":
+        return plan.strategy
+    merged = [",".join(map(str, s.modes)) for s in plan.steps if len(s.modes) > 1]
+    return f"{plan.strategy} (fastest order" + (f": depthwise over modes {'; '.join(merged)})" if merged else ")")
+
+
 def _r2plus1d_matched(c, device):
     """A (2+1)D conv (1x3x3 C->M, 3x1x1 M->C) with about the dense conv's parameters (as R(2+1)D)."""
     import torch
@@ -384,6 +392,8 @@ def suite_roofline(args, targets):
     for backend, device in targets:
         dev = _array_device(device)
         model = calibrate(backend, dev)
+        # the same-run roofline only: later suites plan with the shipped defaults, as users do
+        set_cost_model(backend, None, dev)
         k = KruskalKernel.random((c, c, 3, 3, 3), rank=c, backend=backend, dtype="float32", device=dev, seed=5)
         x = _make_input(backend, device, shape)
         plan = plan_conv(k, shape, padding=1, strategy="factorized", dtype="float32", backend=backend,
@@ -443,7 +453,8 @@ def suite_targets(args, targets):
                     conv(x, k, padding=1, strategy="fused")  # compile outside the timing
                     fwd = measure_many({"dense": lambda: torch.nn.functional.conv3d(x, w, padding=1),
                                         "factorized": lambda: conv(x, k, padding=1, strategy="factorized"),
-                                        "fused": lambda: conv(x, k, padding=1, strategy="fused")},
+                                        "fused": lambda: conv(x, k, padding=1, strategy="fused"),
+                                        "auto": lambda: conv(x, k, padding=1)},
                                        device=device, repeat=args.repeat, budget_s=args.budget)
                 xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
                 for t_ in [k.weights] + list(k.factors):
@@ -451,12 +462,18 @@ def suite_targets(args, targets):
                 bwd = measure_many(
                     {"dense": lambda: torch.nn.functional.conv3d(xg, wg, padding=1).sum().backward(),
                      "factorized": lambda: conv(xg, k, padding=1, strategy="factorized").sum().backward(),
-                     "fused": lambda: conv(xg, k, padding=1, strategy="fused").sum().backward()},
+                     "fused": lambda: conv(xg, k, padding=1, strategy="fused").sum().backward(),
+                     "auto": lambda: conv(xg, k, padding=1).sum().backward()},
                     device=device, repeat=max(3, args.repeat // 2), budget_s=args.budget)
+                auto = plan_conv(k, shape, padding=1, dtype="float32", backend="torch", device=device)
                 t_dense, t_fact, t_fused = fwd["dense"], fwd["factorized"], fwd["fused"]
                 t_dense_b, t_fact_b, t_fused_b = bwd["dense"], bwd["factorized"], bwd["fused"]
                 mac_ratio = plan.dense_macs / plan.macs
                 rows.append(dict(suite="targets", device=device, batch=batch, channels=c, rank=r,
+                                 auto_picked=_picked(auto), auto_fwd_ms=fwd["auto"]["median_ms"],
+                                 auto_fwd_bwd_ms=bwd["auto"]["median_ms"],
+                                 auto_fwd_speedup=t_dense["median_ms"] / fwd["auto"]["median_ms"],
+                                 auto_fwd_bwd_speedup=t_dense_b["median_ms"] / bwd["auto"]["median_ms"],
                                  fused_fwd_ms=t_fused["median_ms"], fused_fwd_bwd_ms=t_fused_b["median_ms"],
                                  fused_fwd_speedup=t_dense["median_ms"] / t_fused["median_ms"],
                                  fused_fwd_bwd_speedup=t_dense_b["median_ms"] / t_fused_b["median_ms"],

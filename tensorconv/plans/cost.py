@@ -52,13 +52,16 @@ class CostModel:
 _DEFAULTS = {
     # 2-core x86-64 CPU (the CI machine), float32
     # (a conv step with full channel mixing over a few modes falls off oneDNN's fast paths on
-    # torch CPU: measured ~5x slower per MAC than a 1x1 conv at C=16; oneDNN's depthwise convs
-    # run at ~7-20 GMAC/s, so one 3x3x3 depthwise conv is slower than three 1-D ones)
+    # torch CPU: measured ~5x slower per MAC than a 1x1 conv at C=16. oneDNN's channels-last
+    # depthwise convs: a 3x3x3 one runs at 22-49 GMAC/s (falling with the channel count), 1-D
+    # ones are bandwidth-bound, so one 3x3x3 conv (27 MACs per voxel, one pass) is 1.0-2.0x
+    # faster than three 1-D ones (9 MACs, three passes) at batch 1 and 8, 16-192 channels:
+    # benchmarks/depthwise.py)
     "numpy": CostModel(macs_per_s=6.0e10, bytes_per_s=8.0e9, call_overhead_s=2.0e-5, dense_macs_per_s=3.0e10,
                        conv_macs_per_s=3.0e10),
     "torch": CostModel(macs_per_s=7.0e10, bytes_per_s=2.0e10, call_overhead_s=2.0e-5, dense_macs_per_s=1.0e11,
                        conv_macs_per_s=1.0e10, native_steps=True, dense_slow_macs_per_s=8.0e9,
-                       depthwise_macs_per_s=8.0e9),
+                       depthwise_macs_per_s=3.5e10),
     # a datacenter GPU (H100 class)
     "torch-cuda": CostModel(macs_per_s=2.5e13, bytes_per_s=2.5e12, call_overhead_s=1.0e-5, dense_macs_per_s=1.5e13,
                             native_steps=True),
@@ -79,7 +82,14 @@ def cost_model_for(backend_name, device=None) -> CostModel:
     return _calibrated.get(key) or _DEFAULTS.get(key) or _DEFAULTS["numpy"]
 
 
-def set_cost_model(backend_name, model: CostModel, device=None):
+def set_cost_model(backend_name, model, device=None):
+    """Price new plans for this backend (and device) with ``model``; ``None`` restores the
+    defaults. Plans are cached per cost model, so plans made before keep theirs."""
+    if model is None:
+        _calibrated.pop(_key(backend_name, device), None)
+        return
+    if not isinstance(model, CostModel):
+        raise TypeError(f"model={model!r} is not a CostModel (or None to restore the defaults)")
     _calibrated[_key(backend_name, device)] = model
 
 

@@ -7,7 +7,6 @@ import opt_einsum
 
 from ..backends import get_backend
 from ..kernels import KruskalKernel, TuckerKernel
-from .cost import _key as cost_key
 from .cost import cost_model_for
 from .executor import TapProgram
 from .fused import CompiledChain, FusedRunner
@@ -59,13 +58,21 @@ class ConvPlan:
     Attributes
     ----------
     strategy : str
-        ``"factorized"``, ``"reconstructed"`` or ``"dense"`` (what runs; ``requested`` is what
-        was asked for, e.g. ``"auto"``).
+        ``"factorized"``, ``"reconstructed"``, ``"fused"`` or ``"dense"`` (what runs;
+        ``requested`` is what was asked for, e.g. ``"auto"``).
+    order : str or None
+        Factorized plans: ``"fewest-macs"`` (the paper's separable chain; what ``"factorized"``
+        and ``"fused"`` run) or ``"fastest"`` (``"auto"`` only: the cost model's fastest
+        factorized order, which may merge spatial factors into one multi-mode depthwise step).
     steps : list of :class:`~tensorconv.plans.planner.Step`
     path : list of tuples
         The contraction order in opt_einsum's linear format (factorized plans).
     macs : int
         Multiply-adds that touch the activation per call.
+    min_macs : int
+        The fewest activation multiply-adds of any factorized order (the paper's count, e.g.
+        ``out_voxels x R x (C + T + sum K)`` for a CP kernel); ``dense_macs / min_macs`` is the
+        MAC ratio. Equals ``macs`` unless ``order == "fastest"`` merged factors.
     weight_macs : int
         Multiply-adds on the weights alone (folding lambda, merging factors, reconstructing).
     dense_macs : int
@@ -77,7 +84,7 @@ class ConvPlan:
     """
 
     def __init__(self, structure, input_shape, geometry, *, batched, strategy, itemsize, backend_name="numpy",
-                 device=None):
+                 device=None, cost_model=None):
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy={strategy!r} is not one of {STRATEGIES}")
         self.structure = structure
@@ -88,25 +95,39 @@ class ConvPlan:
         self.itemsize = itemsize
         batch = self.input_shape[0] if batched else 1
         self.batch = batch
-        model = cost_model_for(backend_name, device)
+        model = cost_model or cost_model_for(backend_name, device)
         self.cost_model = model
         self._dense_step = dense_step(structure, geometry, batch, itemsize, model)
         self.dense_macs = self._dense_step.macs
         self.estimates = {}
         self._factorized = None
+        self.order = None
+        self.min_macs = self.dense_macs
         if structure.kind == "dense":
             chosen = "dense"
         else:
-            steps, path, _ = plan_steps(structure, geometry, batch, itemsize, model)
+            steps, path, _ = plan_steps(structure, geometry, batch, itemsize, model, objective="macs")
             self._factorized = (steps, path)
+            self.min_macs = sum(s.macs for s in steps if s.kind != "weights")
             self._reconstruct_macs = reconstruct_macs(structure)
             self.estimates["factorized"] = sum(s.seconds for s in steps)
             self.estimates["reconstructed"] = self._dense_step.seconds + model.seconds(
                 self._reconstruct_macs, itemsize * _prod(structure.shape))
+            chosen = strategy
+            self.order = "fewest-macs"
             if strategy == "auto":
-                chosen = min(("factorized", "reconstructed"), key=self.estimates.__getitem__)
-            else:
-                chosen = strategy
+                # the fastest factorized order by the cost model may merge spatial factors (one
+                # multi-mode depthwise conv: more MACs, fewer passes over memory)
+                fast_steps, fast_path, _ = plan_steps(structure, geometry, batch, itemsize, model,
+                                                      objective="seconds")
+                if fast_path != path:
+                    self.estimates["factorized, fastest order"] = sum(s.seconds for s in fast_steps)
+                chosen = min(self.estimates, key=self.estimates.__getitem__)
+                if chosen == "factorized, fastest order":
+                    chosen, self.order = "factorized", "fastest"
+                    self._factorized = (fast_steps, fast_path)
+            if chosen == "reconstructed":
+                self.order = None
         self.strategy = chosen
         out_spatial = geometry.out_spatial
         self.output_shape = ((batch,) if batched else ()) + (structure.out_channels,) + tuple(out_spatial)
@@ -287,7 +308,8 @@ class ConvPlan:
         lines = [
             f"ConvPlan: {self.structure.kind} kernel {self.structure.shape}, input {self.input_shape} -> "
             f"output {self.output_shape}",
-            f"  strategy: {self.strategy} (requested {self.requested})"
+            f"  strategy: {self.strategy}" + (f", {self.order} order" if self.order else "")
+            + f" (requested {self.requested})"
             + (", estimates: " + ", ".join(f"{k} {v * 1e3:.3g} ms" for k, v in self.estimates.items())
                if self.estimates else ""),
             f"  geometry: stride={self.geometry.stride} padding={self.geometry.padding} "
@@ -310,6 +332,8 @@ class ConvPlan:
         lines += [
             "",
             f"  activation MACs: {self.macs:,}   weight-only MACs: {self.weight_macs:,}",
+        ] + ([f"  fewest-MAC factorized order: {self.min_macs:,} activation MACs (this order merges "
+              f"factors: fewer passes over memory)"] if self.min_macs != self.macs and self.order else []) + [
             f"  dense MACs: {self.dense_macs:,}   (dense / plan = {ratio:.2f}x)",
             f"  peak intermediate bytes: {self.peak_bytes:,}",
         ]
@@ -347,12 +371,12 @@ def _split_input_shape(input_shape, structure):
 
 @functools.lru_cache(maxsize=512)
 def _cached_plan(structure, input_shape, stride, padding, dilation, padding_mode, strategy, itemsize,
-                 backend_name, device):
+                 backend_name, cost_model):
     batched, spatial = _split_input_shape(input_shape, structure)
     geometry = make_geometry(spatial, structure.shape[2:], stride=stride, padding=padding, dilation=dilation,
                              padding_mode=padding_mode)
     return ConvPlan(structure, input_shape, geometry, batched=batched, strategy=strategy, itemsize=itemsize,
-                    backend_name=backend_name, device=device)
+                    backend_name=backend_name, cost_model=cost_model)
 
 
 def _hashable(value):
@@ -389,9 +413,10 @@ def plan_conv(kernel_or_shape, input_shape, *, stride=1, padding=0, dilation=1, 
         raise ValueError(f"strategy={strategy!r} is not one of {STRATEGIES}")
     backend_name = getattr(backend, "name", backend)
     # the device only selects a cost model: one cache entry per model, whatever names the device
-    device = "cuda" if cost_key(backend_name, device) == "torch-cuda" else None
+    # (and a model installed by calibrate / set_cost_model takes effect for the next plan)
+    model = cost_model_for(backend_name, device)
     return _cached_plan(structure, tuple(int(s) for s in input_shape), _hashable(stride), _hashable(padding),
-                        _hashable(dilation), padding_mode, strategy, _itemsize(dtype), backend_name, device)
+                        _hashable(dilation), padding_mode, strategy, _itemsize(dtype), backend_name, model)
 
 
 def conv(x, kernel, *, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros", strategy="auto"):

@@ -19,6 +19,10 @@ from .spec import ConvGeometry
 __all__ = ["Step", "ConvPathOptimizer", "plan_steps", "STRATEGIES"]
 
 STRATEGIES = ("auto", "factorized", "reconstructed", "fused")
+#: what the order search minimises: multiply-adds (the paper's count; ties broken by the cost
+#: model) or the cost model's seconds (may merge spatial factors when the backend runs one
+#: multi-mode depthwise conv faster than several 1-D ones, at more MACs)
+OBJECTIVES = ("macs", "seconds")
 
 
 def _prod(values):
@@ -61,7 +65,10 @@ class ConvPathOptimizer(opt_einsum.paths.PathOptimizer):
     Exhaustive over subsets (3^n for n operands; a CP kernel of N spatial modes has N + 3).
     """
 
-    def __init__(self, structure, geometry: ConvGeometry, batch, itemsize, model):
+    def __init__(self, structure, geometry: ConvGeometry, batch, itemsize, model, objective="macs"):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective={objective!r} is not one of {OBJECTIVES}")
+        self.objective = objective
         self.structure = structure
         self.geometry = geometry
         self.batch = batch
@@ -151,7 +158,7 @@ class ConvPathOptimizer(opt_einsum.paths.PathOptimizer):
         best = {}
         for pos in range(n):
             grid = tuple(self.geometry.in_spatial) if pos == 0 else None
-            best[1 << pos] = (0.0, 0, (inputs[pos], pos == 0, grid), pos, None)
+            best[1 << pos] = (0.0, 0, (inputs[pos], pos == 0, grid), pos, None, None)
         masks = sorted(range(1, full + 1), key=lambda m: bin(m).count("1"))
         # a factorized plan never contracts every factor into the dense kernel (that is the
         # "reconstructed" strategy), unless that kernel mixes no channels (a depthwise kernel)
@@ -173,10 +180,11 @@ class ConvPathOptimizer(opt_einsum.paths.PathOptimizer):
                 step = self._step(sub, other, ca[2], cb[2], open_s)
                 total = ca[0] + cb[0] + step["seconds"]
                 macs = ca[1] + cb[1] + step["macs"]
-                if choice is None or (total, macs) < (choice[0], choice[1]):
+                key = (macs, total) if self.objective == "macs" else (total, macs)
+                if choice is None or key < choice[5]:
                     is_act = bool(mask & 1)
                     info = (step["out_indices"], is_act, step["grid"])
-                    choice = (total, macs, info, (sub, other), step)
+                    choice = (total, macs, info, (sub, other), step, key)
                 sub = (sub - 1) & mask
             best[mask] = choice
         # unfold the tree into an ordered list of steps (children first)
@@ -213,9 +221,9 @@ def _letters_for(indices):
     return {i: next(pool) for i in indices}
 
 
-def plan_steps(structure, geometry: ConvGeometry, batch, itemsize, model):
+def plan_steps(structure, geometry: ConvGeometry, batch, itemsize, model, objective="macs"):
     """Run the optimizer through opt_einsum; returns (steps, linear path, optimizer)."""
-    opt = ConvPathOptimizer(structure, geometry, batch, itemsize, model)
+    opt = ConvPathOptimizer(structure, geometry, batch, itemsize, model, objective)
     all_indices = list(dict.fromkeys(
         ["batch"] + [f"y{n}" for n in range(structure.n_spatial)] + list(structure.act_in) + list(structure.taps)
         + [i for op in structure.operands for i in op.indices] + list(structure.act_out)))
