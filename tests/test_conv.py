@@ -347,6 +347,22 @@ def test_torch_compile_smoke():
 
 
 @pytest.mark.skipif(torch is None, reason="torch is not installed")
+def test_plan_conv_prices_with_the_kernels_own_backend_and_dtype():
+    from tensorconv.plans.cost import cost_model_for
+
+    k = KruskalKernel.random((16, 16, 3, 3, 3), rank=16, seed=0)
+    shape = (2, 16, 8, 16, 16)
+    on_torch = plan_conv(k.to_backend("torch", dtype="float32"), shape, padding=1)
+    assert on_torch is plan_conv(k, shape, padding=1, backend="torch", dtype="float32")
+    assert on_torch.cost_model == cost_model_for("torch") and on_torch.itemsize == 4
+    on_numpy = plan_conv(k, shape, padding=1)
+    assert on_numpy.cost_model == cost_model_for("numpy") and on_numpy.itemsize == 8
+    assert plan_conv((16, 16, 3, 3, 3), shape, padding=1).itemsize == 4  # a bare shape: float32, NumPy
+    with pytest.raises(TypeError, match="different libraries"):
+        plan_conv(KruskalKernel(k.weights, [torch.from_numpy(f) for f in k.factors]), shape)
+
+
+@pytest.mark.skipif(torch is None, reason="torch is not installed")
 def test_device_selects_the_cost_model_however_it_is_named():
     from tensorconv.plans.cost import cost_model_for
 

@@ -299,7 +299,8 @@ def _suite_peers(args, targets):
                 for t_ in [k.weights] + list(k.factors):
                     t_.requires_grad_(False)
                 m = _r2plus1d_matched(c, device)
-                entries = {"dense Conv3d": lambda: dense(x), "(2+1)D matched params": lambda: m(x)}
+                entries = {"dense Conv3d": lambda: dense(x), "(2+1)D matched params": lambda: m(x),
+                           "floor: the two 1x1 GEMMs alone": _gemm_floor(args.batch, c, r, c, shape[2:], device)}
                 for strategy in ("factorized", "reconstructed", "auto", "fused"):
                     entries[f"tensorconv {strategy}"] = (lambda s: lambda: conv(x, k, padding=1, strategy=s))(strategy)
                 if tltorch is not None:
@@ -372,6 +373,21 @@ def _picked(plan):
         return plan.strategy
     merged = [",".join(map(str, s.modes)) for s in plan.steps if len(s.modes) > 1]
     return f"{plan.strategy} (fastest order" + (f": depthwise over modes {'; '.join(merged)})" if merged else ")")
+
+
+def _gemm_floor(batch, c, r, t, spatial, device):
+    """The two 1x1 convolutions of a CP chain alone (C -> R, R -> T over every position): a
+    lower bound for any factorized forward that runs them as float32 library GEMMs. oneDNN's
+    channels-last 1x1 conv, as the plans run their last step (measured at or above torch.matmul
+    from 32 channels up)."""
+    import torch
+    import torch.nn.functional as F
+
+    positions = int(np.prod(spatial))
+    a = torch.randn(batch, positions, 1, c, device=device).movedim(-1, 1)
+    w1 = torch.randn(r, c, 1, 1, device=device)
+    w2 = torch.randn(t, r, 1, 1, device=device)
+    return lambda: F.conv2d(F.conv2d(a, w1), w2)
 
 
 def _r2plus1d_matched(c, device):
@@ -454,7 +470,8 @@ def suite_targets(args, targets):
                     fwd = measure_many({"dense": lambda: torch.nn.functional.conv3d(x, w, padding=1),
                                         "factorized": lambda: conv(x, k, padding=1, strategy="factorized"),
                                         "fused": lambda: conv(x, k, padding=1, strategy="fused"),
-                                        "auto": lambda: conv(x, k, padding=1)},
+                                        "auto": lambda: conv(x, k, padding=1),
+                                        "gemm floor": _gemm_floor(batch, c, r, c, shape[2:], device)},
                                        device=device, repeat=args.repeat, budget_s=args.budget)
                 xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
                 for t_ in [k.weights] + list(k.factors):
@@ -471,6 +488,7 @@ def suite_targets(args, targets):
                 mac_ratio = plan.dense_macs / plan.macs
                 rows.append(dict(suite="targets", device=device, batch=batch, channels=c, rank=r,
                                  auto_picked=_picked(auto), auto_fwd_ms=fwd["auto"]["median_ms"],
+                                 gemm_floor_ms=fwd["gemm floor"]["median_ms"],
                                  auto_fwd_bwd_ms=bwd["auto"]["median_ms"],
                                  auto_fwd_speedup=t_dense["median_ms"] / fwd["auto"]["median_ms"],
                                  auto_fwd_bwd_speedup=t_dense_b["median_ms"] / bwd["auto"]["median_ms"],

@@ -12,7 +12,7 @@ from .executor import TapProgram
 from .fused import CompiledChain, FusedRunner
 from .planner import STRATEGIES, dense_step, plan_steps, reconstruct_macs
 from .spec import make_geometry
-from .structure import structure_of, weight_arrays
+from .structure import KernelStructure, structure_of, weight_arrays
 
 __all__ = ["ConvPlan", "plan_conv", "conv"]
 
@@ -33,15 +33,19 @@ def _itemsize(dtype):
     return {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "complex64": 8, "complex128": 16}.get(name, 4)
 
 
+def _kernel_arrays(kernel):
+    if isinstance(kernel, KruskalKernel):
+        return [kernel.weights] + [f for f in kernel.factors if f is not None]
+    if isinstance(kernel, TuckerKernel):
+        return [kernel.core] + [f for f in kernel.factors if f is not None]
+    if isinstance(kernel, (tuple, KernelStructure)):
+        return []  # a dense kernel's shape, or a planned structure: no arrays
+    return [kernel]
+
+
 def _check_arrays(x, kernel):
     """The backend of x and every array of the kernel (one library, one dtype, or an error)."""
-    arrays = [x]
-    if isinstance(kernel, KruskalKernel):
-        arrays += [kernel.weights] + [f for f in kernel.factors if f is not None]
-    elif isinstance(kernel, TuckerKernel):
-        arrays += [kernel.core] + [f for f in kernel.factors if f is not None]
-    else:
-        arrays.append(kernel)
+    arrays = [x] + (_kernel_arrays(kernel) or [kernel])
     backend = get_backend(*arrays)
     ref = arrays[1]
     if backend.dtype(x) != backend.dtype(ref):
@@ -386,7 +390,7 @@ def _hashable(value):
 
 
 def plan_conv(kernel_or_shape, input_shape, *, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros",
-              strategy="auto", dtype="float32", backend="numpy", device=None):
+              strategy="auto", dtype=None, backend=None, device=None):
     """Plan a convolution once; the plan is reused for every call with these shapes.
 
     Parameters
@@ -396,9 +400,15 @@ def plan_conv(kernel_or_shape, input_shape, *, stride=1, padding=0, dilation=1, 
         (B, C, *spatial) or unbatched (C, *spatial).
     stride, padding, dilation, groups, padding_mode : as ``torch.nn.ConvNd``
         ``padding`` may also be per-mode (low, high) pairs, ``"same"`` or ``"valid"``.
-    strategy : {"auto", "factorized", "reconstructed"}
-    dtype : the dtype the plan will run in (sizes the byte counts)
-    backend, device : whose cost model prices the steps (the plan runs on any backend)
+    strategy : {"auto", "factorized", "reconstructed", "fused"}
+        ``"factorized"``: the fewest-MAC order of the factors; ``"reconstructed"``: rebuild the
+        dense kernel, one dense conv; ``"fused"``: the factorized steps fused (torch.compile on
+        torch, cache-sized tiles elsewhere); ``"auto"``: the cheapest by the backend's cost
+        model of those two orders and the cost model's fastest factorized order.
+    dtype : the dtype the plan will run in (sizes the byte counts); default: the kernel's, or
+        float32 for a kernel given by its shape
+    backend, device : whose cost model prices the steps (the plan runs on any backend);
+        default: the kernel's arrays' library and device, or NumPy for a shape
 
     Examples
     --------
@@ -411,7 +421,14 @@ def plan_conv(kernel_or_shape, input_shape, *, stride=1, padding=0, dilation=1, 
     structure = structure_of(kernel_or_shape, groups)
     if not isinstance(strategy, str) or strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r} is not one of {STRATEGIES}")
-    backend_name = getattr(backend, "name", backend)
+    arrays = _kernel_arrays(kernel_or_shape) if backend is None or dtype is None else []
+    if arrays:
+        owner = get_backend(*arrays)
+        if backend is None:
+            backend, device = owner, owner.device(arrays[0]) if device is None else device
+        if dtype is None:
+            dtype = owner.itemsize(arrays[0])
+    backend_name = getattr(backend, "name", backend) or "numpy"
     # the device only selects a cost model: one cache entry per model, whatever names the device
     # (and a model installed by calibrate / set_cost_model takes effect for the next plan)
     model = cost_model_for(backend_name, device)
