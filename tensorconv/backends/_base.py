@@ -243,6 +243,10 @@ class ArrayBackend:
         """Grouped N-D convolution of a channels-last activation (B, *D, C); None if unsupported."""
         return None
 
+    def channels_last_conv(self, act_shape, weight_shape, *, stride, dilation, padding, padding_mode, groups):
+        """:meth:`conv_channels_last` prepared once for static shapes: ``run(act, weight)``, or None."""
+        return None
+
     def conv_dense(self, x, weight, *, stride, dilation, groups=1, padding=None, padding_mode="zeros"):
         """Dense N-D cross-correlation, channels first: x (B, C, *D), weight (T, C/g, *K).
 

@@ -143,51 +143,80 @@ class TorchBackend(ArrayBackend):
         return conv(x, weight, None, tuple(stride), native_pad, tuple(dilation), groups)
 
     def conv_channels_last(self, act, weight, *, stride, dilation, padding, padding_mode, groups):
-        """Native grouped conv on channels-last data, no copies.
+        """Native grouped conv on channels-last data, no copies (see :meth:`channels_last_conv`)."""
+        run = self.channels_last_conv(tuple(act.shape), tuple(weight.shape), stride=stride, dilation=dilation,
+                                      padding=padding, padding_mode=padding_mode, groups=groups)
+        return None if run is None else run(act, weight)
 
-        A contiguous (B, *D, C) tensor viewed as (B, C, *D) has exactly the channels_last
-        strides, so oneDNN / cuDNN run their channels-last kernels and return channels-last
-        output, which viewed back is again contiguous (B, *D', T). Modes beyond 3 are folded
-        into neighbours when only one mode is convolved (a view as well).
+    def channels_last_conv(self, act_shape, weight_shape, *, stride, dilation, padding, padding_mode, groups):
+        """``run(act, weight)`` for these static shapes, or None where the caller's tap loop runs.
+
+        Every decision that depends on shapes only is taken here, once per plan step, so a
+        call costs the conv and a few views. A contiguous (B, *D, C) tensor viewed as
+        (B, C, *D) has exactly the channels_last strides, so oneDNN / cuDNN run their
+        channels-last kernels and return channels-last output, which viewed back is again
+        contiguous (B, *D', T). Modes beyond 3 are folded into neighbours when only one mode is
+        convolved (a view as well).
         """
-        n = act.ndim - 2
-        ks = tuple(weight.shape[2:])
+        F, torch = self.F, self.xp
+        n = len(act_shape) - 2
+        ks = tuple(weight_shape[2:])
+        stride, dilation = tuple(stride), tuple(dilation)
         active = [m for m in range(n) if ks[m] != 1 or stride[m] != 1 or dilation[m] != 1 or padding[m] != (0, 0)]
         if n > 3 and len(active) > 1:
             return None  # decided before any padding is done: the caller's tap loop pads itself
-        act, native_pad = self._split_padding(act, padding, padding_mode, first_axis=1)
+        pre_pad, native_pad = None, 0
+        if padding is not None and any(lo or hi for lo, hi in padding):
+            if padding_mode == "zeros" and all(lo == hi for lo, hi in padding):
+                native_pad = tuple(lo for lo, _ in padding)  # left to the conv itself: no copy
+            else:
+                pre_pad = {1 + m: p for m, p in enumerate(padding) if p != (0, 0)}
         pointwise = not native_pad and all(k == 1 for k in ks) and all(v == 1 for v in stride)
-        if pointwise and groups == 1 and not act.is_contiguous():
-            # typically the caller's channels-first input seen channels-last: a GEMM with a
-            # transposed operand reads it in place, where a copy would cost more than the product
-            shape = tuple(act.shape)
-            flat = act.reshape(shape[0], -1, shape[-1])
-            out = self.xp.matmul(flat, weight.reshape(tuple(weight.shape[:2])).transpose(0, 1))
-            return out.reshape(shape[:-1] + (out.shape[-1],))
-        if not act.is_contiguous():
-            act = act.contiguous()
+        t, per_group = int(weight_shape[0]), int(weight_shape[1])
+
+        def prepare(act):
+            if pre_pad is not None:
+                act = self.pad(act, pre_pad, padding_mode)
+            return act
+
         if pointwise:
-            # a 1x1 conv: one conv2d over a (B, C, positions, 1) view. This keeps oneDNN's
-            # channels-last GEMM path for any N and for small batch x channels, where
-            # conv3d's heuristics fall back to the slow unfold kernel
-            shape = tuple(act.shape)
-            x = act.reshape(shape[0], -1, 1, shape[-1]).movedim(-1, 1)
-            out = self.F.conv2d(x, weight.reshape(tuple(weight.shape[:2]) + (1, 1)), None, 1, 0, 1, groups)
-            return out.movedim(1, -1).reshape(shape[:-1] + (out.shape[1],))
+            def run(act, weight):
+                act = prepare(act)
+                shape = tuple(act.shape)
+                if groups == 1 and not act.is_contiguous():
+                    # typically the caller's channels-first input seen channels-last: a GEMM with a
+                    # transposed operand reads it in place, where a copy would cost more than the product
+                    out = torch.matmul(act.reshape(shape[0], -1, shape[-1]), weight.reshape(t, per_group).transpose(0, 1))
+                    return out.reshape(shape[:-1] + (t,))
+                # a 1x1 conv: one conv2d over a (B, C, positions, 1) view. This keeps oneDNN's
+                # channels-last GEMM path for any N and for small batch x channels, where
+                # conv3d's heuristics fall back to the slow unfold kernel
+                x = act.contiguous().reshape(shape[0], -1, 1, shape[-1]).movedim(-1, 1)
+                out = F.conv2d(x, weight.reshape(t, per_group, 1, 1), None, 1, 0, 1, groups)
+                return out.movedim(1, -1).reshape(shape[:-1] + (t,))
+            return run
         if n <= 3:
-            x = act.movedim(-1, 1)
-            conv = (self.F.conv1d, self.F.conv2d, self.F.conv3d)[n - 1]
-            return conv(x, weight, None, tuple(stride), native_pad, tuple(dilation), groups).movedim(1, -1)
+            conv = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
+
+            def run(act, weight):
+                x = prepare(act).contiguous().movedim(-1, 1)
+                return conv(x, weight, None, stride, native_pad, dilation, groups).movedim(1, -1)
+            return run
         m = active[0] if active else 0
-        shape = tuple(act.shape)
-        before = 1
-        for d in shape[1:1 + m]:
-            before *= d
-        after = 1
-        for d in shape[2 + m:-1]:
-            after *= d
-        x = act.reshape(shape[0], before, shape[1 + m], after, shape[-1]).movedim(-1, 1)
-        w = weight.reshape(tuple(weight.shape[:2]) + (1, ks[m], 1))
+        w_shape = (t, per_group, 1, ks[m], 1)
         pad3 = (0, native_pad[m], 0) if native_pad else 0
-        out = self.F.conv3d(x, w, None, (1, stride[m], 1), pad3, (1, dilation[m], 1), groups).movedim(1, -1)
-        return out.reshape(shape[:1 + m] + (out.shape[2],) + shape[2 + m:-1] + (out.shape[-1],))
+
+        def run(act, weight):
+            act = prepare(act).contiguous()
+            shape = tuple(act.shape)
+            before = 1
+            for d in shape[1:1 + m]:
+                before *= d
+            after = 1
+            for d in shape[2 + m:-1]:
+                after *= d
+            x = act.reshape(shape[0], before, shape[1 + m], after, shape[-1]).movedim(-1, 1)
+            out = F.conv3d(x, weight.reshape(w_shape), None, (1, stride[m], 1), pad3, (1, dilation[m], 1),
+                           groups).movedim(1, -1)
+            return out.reshape(shape[:1 + m] + (out.shape[2],) + shape[2 + m:-1] + (out.shape[-1],))
+        return run

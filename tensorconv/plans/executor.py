@@ -13,9 +13,55 @@ import itertools
 
 import opt_einsum
 
-__all__ = ["TapProgram", "dense_conv_by_taps"]
+__all__ = ["TapProgram", "WeightProduct", "dense_conv_by_taps"]
 
 _POOL = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+class WeightProduct:
+    """One weights x weights step (folding lambda, merging factors), compiled for fixed shapes.
+
+    A product that sums no index (an outer or elementwise product, e.g. U_K1 x U_K0 over r)
+    is one broadcast multiply: it runs on every call, and an einsum dispatch costs several
+    times the arithmetic of these small factors. A contraction goes through opt_einsum.
+    """
+
+    def __init__(self, lhs, rhs, out, sizes):
+        letters = dict(zip(dict.fromkeys(lhs + rhs), _POOL))
+        self.equation = ("".join(letters[i] for i in lhs) + "," + "".join(letters[i] for i in rhs) + "->"
+                         + "".join(letters[i] for i in out))
+        self.expr = None
+        self.layout = None
+        if set(lhs) | set(rhs) == set(out):
+            self.layout = [self._broadcast_layout(ind, out, sizes) for ind in (lhs, rhs)]
+        else:
+            self.expr = opt_einsum.contract_expression(self.equation, tuple(sizes[i] for i in lhs),
+                                                       tuple(sizes[i] for i in rhs))
+
+    @staticmethod
+    def _broadcast_layout(ind, out, sizes):
+        perm = tuple(sorted(range(len(ind)), key=lambda j: out.index(ind[j])))
+        shape = tuple(sizes[i] if i in ind else 1 for i in out)
+        return (None if perm == tuple(range(len(ind))) else perm), shape
+
+    def __call__(self, backend, a, b):
+        if self.layout is None:
+            return self.expr(a, b)
+        return self._broadcast(backend, a, b)
+
+    def traceable(self, backend, a, b):
+        """Plain array ops only (for torch.compile)."""
+        if self.layout is None:
+            return backend.einsum(self.equation, a, b)
+        return self._broadcast(backend, a, b)
+
+    def _broadcast(self, backend, a, b):
+        operands = []
+        for x, (perm, shape) in zip((a, b), self.layout):
+            if perm is not None:
+                x = backend.permute(x, perm)
+            operands.append(backend.reshape(x, shape))
+        return operands[0] * operands[1]
 
 
 class TapProgram:
@@ -51,6 +97,7 @@ class TapProgram:
                 a_index[1 + m] = slice(start, start + (grid_out[m] - 1) * stride[m] + 1, stride[m])
             w_index = tuple(tap_of_mode[tap_axes[i]] if i in tap_axes else slice(None) for i in w_ind)
             self.taps.append((tuple(a_index), w_index))
+        self._runs = {}
         self.native = self._native_spec(ch_a, w_ind, w_ch, out_ch, tap_axes, sizes, kernel_size, stride, dilation,
                                         padding)
         self.broadcast = set(w_ch) <= set(ch_a) and tuple(out_ch) == tuple(ch_a)
@@ -113,16 +160,24 @@ class TapProgram:
     def __call__(self, backend, act, weight, native=True):
         if native and self.native is not None and backend.has_channels_last_conv:
             spec = self.native
-            w = backend.reshape(backend.permute(weight, spec["order"]), spec["shape"])
             x = backend.reshape(act, tuple(act.shape[:1 + self.n]) + (-1,)) if spec["flat_in"] else act
-            out = backend.conv_channels_last(x, w, stride=spec["stride"], dilation=spec["dilation"],
-                                             padding=spec["padding"], padding_mode=self.padding_mode,
-                                             groups=spec["groups"])
-            if out is not None:
+            run = self._native_run(backend, tuple(x.shape))
+            if run is not None:
+                out = run(x, backend.reshape(backend.permute(weight, spec["order"]), spec["shape"]))
                 if spec["out_sizes"] is not None:
                     out = backend.reshape(out, tuple(out.shape[:1 + self.n]) + spec["out_sizes"])
                 return out
         return self._tap_loop(backend, act, weight, traced=False)
+
+    def _native_run(self, backend, act_shape):
+        """The backend's prepared native conv for this step (decided once per backend and shape)."""
+        key = (backend.name, act_shape)
+        if key not in self._runs:
+            spec = self.native
+            self._runs[key] = backend.channels_last_conv(act_shape, spec["shape"], stride=spec["stride"],
+                                                         dilation=spec["dilation"], padding=spec["padding"],
+                                                         padding_mode=self.padding_mode, groups=spec["groups"])
+        return self._runs[key]
 
     def _tap_loop(self, backend, act, weight, traced):
         """Sum over the taps of (shifted activation slice) x (weight at that tap).

@@ -136,7 +136,7 @@ class FusedRunner:
         # weights-only steps run once, not per tile
         for step, (kind, prog) in zip(steps, plan._programs):
             if kind == "weights":
-                tensors.append(prog(tensors[step.lhs], tensors[step.rhs]))
+                tensors.append(prog(backend, tensors[step.lhs], tensors[step.rhs]))
             else:
                 tensors.append(None)
         checkpoint = backend.tile_checkpoint(x, tensors)
@@ -168,10 +168,7 @@ class CompiledChain:
         tensors = [act] + list(weights)
         for step, (kind, prog) in zip(plan.steps, plan._programs):
             a, b = tensors[step.lhs], tensors[step.rhs]
-            if kind == "weights":
-                tensors.append(backend.einsum(prog.equation, a, b))
-            else:
-                tensors.append(prog.traceable(backend, a, b))
+            tensors.append(prog.traceable(backend, a, b))
         return tensors[-1]
 
     def __call__(self, backend, act, weights):

@@ -8,7 +8,7 @@ import opt_einsum
 from ..backends import get_backend
 from ..kernels import KruskalKernel, TuckerKernel
 from .cost import cost_model_for
-from .executor import TapProgram
+from .executor import TapProgram, WeightProduct
 from .fused import CompiledChain, FusedRunner
 from .planner import STRATEGIES, dense_step, plan_steps, reconstruct_macs
 from .spec import make_geometry
@@ -150,13 +150,8 @@ class ConvPlan:
             self._programs = []
             for step in steps:
                 if step.kind == "weights":
-                    letters = {i: c for i, c in zip(dict.fromkeys(step.lhs_indices + step.rhs_indices), "abcdefghijklmnopqrstuvwxyz")}
-                    eq = ("".join(letters[i] for i in step.lhs_indices) + "," + "".join(letters[i] for i in step.rhs_indices)
-                          + "->" + "".join(letters[i] for i in step.out_indices))
-                    expr = opt_einsum.contract_expression(eq, tuple(sizes[i] for i in step.lhs_indices),
-                                                          tuple(sizes[i] for i in step.rhs_indices))
-                    expr.equation = eq  # the plain einsum, for traced (compiled) execution
-                    self._programs.append(("weights", expr))
+                    self._programs.append(("weights", WeightProduct(step.lhs_indices, step.rhs_indices,
+                                                                    step.out_indices, sizes)))
                 else:
                     taps = {i: st.taps.index(i) for i in step.rhs_indices if i in st.taps}
                     prog = TapProgram(step.lhs_indices, step.rhs_indices, step.out_indices, taps, step.in_grid,
@@ -259,8 +254,7 @@ class ConvPlan:
         tensors = [self.activation(backend, x)] + list(arrays)
         for j, (step, (kind, prog)) in enumerate(zip(self.steps, self._programs)):
             a, b = tensors[step.lhs], tensors[step.rhs]
-            run = (lambda: prog(a, b)) if kind == "weights" else (lambda: prog(backend, a, b))
-            tensors.append(run() if timer is None else timer(j, run))
+            tensors.append(prog(backend, a, b) if timer is None else timer(j, lambda: prog(backend, a, b)))
         return tensors[-1]
 
     def _run_factorized(self, backend, x, arrays):

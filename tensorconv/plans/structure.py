@@ -7,6 +7,7 @@ tap index; the output carries ``act_out`` (T split into them).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from ..kernels import KruskalKernel, TuckerKernel
@@ -87,22 +88,28 @@ def dense_structure(shape, groups=1):
 
 
 def _kruskal_structure(kernel: KruskalKernel):
+    # built once per (shape, rank, modes, identity factors): conv() asks for it on every call
+    return _kruskal_structure_of(tuple(kernel.shape), int(kernel.rank), tuple(tuple(g) for g in kernel.modes),
+                                 tuple(f is None for f in kernel.factors))
+
+
+@functools.lru_cache(maxsize=256)
+def _kruskal_structure_of(kshape, rank, modes, none_mask):
     names = {0: "t", 1: "s"}
-    names.update({2 + n: _tap(n) for n in range(kernel.n_spatial)})
-    for f, group in zip(kernel.factors, kernel.modes):
-        if f is None and group[0] in (0, 1):
+    names.update({2 + n: _tap(n) for n in range(len(kshape) - 2)})
+    for is_none, group in zip(none_mask, modes):
+        if is_none and group[0] in (0, 1):
             names[group[0]] = "r"  # an identity channel factor: the channel index IS the rank index
-    operands = [Operand("lambda", ("r",), (kernel.rank,))]
-    for f, group in zip(kernel.factors, kernel.modes):
-        if f is None and group[0] in (0, 1):
+    operands = [Operand("lambda", ("r",), (rank,))]
+    for is_none, group in zip(none_mask, modes):
+        if is_none and group[0] in (0, 1):
             continue
         label = "U_" + "".join({0: "T", 1: "C"}.get(m, f"K{m - 2}") for m in group)
-        shape = tuple(kernel.shape[m] for m in group) + (kernel.rank,)
+        shape = tuple(kshape[m] for m in group) + (rank,)
         operands.append(Operand(label, tuple(names[m] for m in group) + ("r",), shape))
-    none_mask = tuple(f is None for f in kernel.factors)
     sizes = _collect_sizes(operands, {})
-    key = ("kruskal", kernel.shape, kernel.rank, tuple(kernel.modes), none_mask)
-    return KernelStructure("kruskal", kernel.shape, 1, tuple(operands), (names[1],), (names[0],), sizes, key)
+    key = ("kruskal", kshape, rank, modes, none_mask)
+    return KernelStructure("kruskal", kshape, 1, tuple(operands), (names[1],), (names[0],), sizes, key)
 
 
 def _tucker_structure(kernel: TuckerKernel):
