@@ -1,6 +1,7 @@
 """Render a `tensorconv bench --out DIR` results.json as the markdown tables of docs/benchmarks.md.
 
     python benchmarks/render.py bench-out/cpu/results.json > docs/benchmarks-tables.md
+    python benchmarks/render.py NEW/results.json --before OLD/results.json   # + a before/after table
 """
 import json
 import sys
@@ -124,7 +125,34 @@ def targets_summary(rows):
     return "\n".join(out)
 
 
-def main(path):
+def _best_speedup(r):
+    """dense / (fastest factorized-family forward) of a targets row, and which one it was."""
+    cands = {"factorized": r["factorized_fwd_ms"], "fused": r["fused_fwd_ms"]}
+    if r.get("auto_fwd_ms") and str(r.get("auto_picked", "")).startswith("factorized"):
+        cands["auto"] = r["auto_fwd_ms"]
+    name = min(cands, key=cands.get)
+    return r["dense_fwd_ms"] / cands[name], name
+
+
+def before_after(rows, before_rows):
+    """Forward speedup over dense Conv3d per targets point: an earlier run next to this one."""
+    out = ["| B | C | R | MAC ratio | before: dense / best | after: dense / best | after: factorized / auto (same run) |",
+           "|---|---|---|---|---|---|---|"]
+    old = {(r["batch"], r["channels"], r["rank"]): r for r in before_rows if r["suite"] == "targets"}
+    for r in rows:
+        if r["suite"] != "targets" or (r["batch"], r["channels"], r["rank"]) not in old:
+            continue
+        b, (a, which) = _best_speedup(old[(r["batch"], r["channels"], r["rank"])]), _best_speedup(r)
+        same_run = ""
+        if r.get("auto_fwd_ms"):
+            same_run = (f"{r['factorized_fwd_ms'] / r['auto_fwd_ms']:.2f}"
+                        if str(r.get("auto_picked", "")).startswith("factorized") else f"(auto: {r['auto_picked']})")
+        out.append(f"| {r['batch']} | {r['channels']} | {r['rank']} | {r['mac_ratio']:.1f} | {b[0]:.2f} ({b[1]}) | "
+                   f"{a:.2f} ({which}) | {same_run} |")
+    return "\n".join(out)
+
+
+def main(path, before=None):
     data = json.load(open(path))
     env = data["environment"]
     print(f"Measured {env['date']} on {env['processor']} ({env['cpus']} CPUs), Python {env['python']}, "
@@ -135,6 +163,11 @@ def main(path):
     print("### targets, evaluated on this run\n")
     print(targets_summary(data["rows"]))
     print()
+    if before:
+        prev = json.load(open(before))
+        print(f"### before / after (before: {prev['environment']['date']}, `{before}`)\n")
+        print(before_after(data["rows"], prev["rows"]))
+        print()
     for suite, cols in COLUMNS.items():
         rows = [r for r in data["rows"] if r["suite"] == suite]
         if not rows:
@@ -148,4 +181,6 @@ def main(path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    args = sys.argv[1:]
+    before = args[args.index("--before") + 1] if "--before" in args else None
+    main(args[0], before)
