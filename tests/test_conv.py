@@ -226,6 +226,18 @@ def test_fastest_order_merges_modes_and_min_macs_keep_the_closed_form(n):
     assert rel_err(plan(x, k), fewest(x, k)) < TOL
 
 
+def test_order_objective_must_be_known():
+    from tensorconv.plans.cost import cost_model_for
+    from tensorconv.plans.planner import ConvPathOptimizer
+    from tensorconv.plans.spec import make_geometry
+    from tensorconv.plans.structure import structure_of
+
+    k = KruskalKernel.random((4, 3, 3, 3), rank=2, seed=0)
+    geometry = make_geometry((6, 6), (3, 3), stride=1, padding=1, dilation=1, padding_mode="zeros")
+    with pytest.raises(ValueError, match="objective='flops' is not one of"):
+        ConvPathOptimizer(structure_of(k), geometry, 2, 8, cost_model_for("numpy"), objective="flops")
+
+
 def test_cost_models_are_part_of_the_plan_cache_key():
     k = KruskalKernel.random((4, 3, 3, 3), rank=2, seed=0)
     default = plan_conv(k, (2, 3, 6, 6), padding=1)

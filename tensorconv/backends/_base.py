@@ -21,7 +21,7 @@ class ArrayBackend:
     """
 
     name = "abstract"
-    #: whether :meth:`conv_channels_last` runs a native convolution (else plans loop over taps)
+    #: whether :meth:`channels_last_conv` runs a native convolution (else plans loop over taps)
     has_channels_last_conv = False
 
     def __init__(self, xp):
@@ -239,12 +239,9 @@ class ArrayBackend:
             out = a * w_k if out is None else self.mul_add_(out, a, w_k)
         return out
 
-    def conv_channels_last(self, act, weight, *, stride, dilation, padding, padding_mode, groups):
-        """Grouped N-D convolution of a channels-last activation (B, *D, C); None if unsupported."""
-        return None
-
     def channels_last_conv(self, act_shape, weight_shape, *, stride, dilation, padding, padding_mode, groups):
-        """:meth:`conv_channels_last` prepared once for static shapes: ``run(act, weight)``, or None."""
+        """A native grouped N-D convolution of channels-last activations (B, *D, C) of these
+        static shapes, as ``run(act, weight)``; None if unsupported (the plans loop over taps)."""
         return None
 
     def conv_dense(self, x, weight, *, stride, dilation, groups=1, padding=None, padding_mode="zeros"):

@@ -124,29 +124,27 @@ class TorchBackend(ArrayBackend):
             return self.F.pad(x, pads)
         return super().pad_axis(x, axis, low, high, mode)
 
-    def _split_padding(self, x, padding, padding_mode, first_axis):
-        """(x, native padding): symmetric zero padding is left to the conv itself (no copy);
-        anything else is applied here, to the spatial axes starting at ``first_axis``."""
+    @staticmethod
+    def _split_padding(padding, padding_mode, first_axis):
+        """(pads to apply first or None, native padding): symmetric zero padding is left to the
+        conv itself (no copy); anything else is applied first, to the spatial axes from
+        ``first_axis`` on."""
         if padding is None or not any(lo or hi for lo, hi in padding):
-            return x, 0
+            return None, 0
         if padding_mode == "zeros" and all(lo == hi for lo, hi in padding):
-            return x, tuple(lo for lo, _ in padding)
-        return self.pad(x, {first_axis + m: p for m, p in enumerate(padding) if p != (0, 0)}, padding_mode), 0
+            return None, tuple(lo for lo, _ in padding)
+        return {first_axis + m: p for m, p in enumerate(padding) if p != (0, 0)}, 0
 
     def conv_dense(self, x, weight, *, stride, dilation, groups=1, padding=None, padding_mode="zeros"):
         n = x.ndim - 2
         if not 1 <= n <= 3:
             return super().conv_dense(x, weight, stride=stride, dilation=dilation, groups=groups,
                                       padding=padding, padding_mode=padding_mode)
-        x, native_pad = self._split_padding(x, padding, padding_mode, first_axis=2)
+        pre_pad, native_pad = self._split_padding(padding, padding_mode, first_axis=2)
+        if pre_pad is not None:
+            x = self.pad(x, pre_pad, padding_mode)
         conv = (self.F.conv1d, self.F.conv2d, self.F.conv3d)[n - 1]
         return conv(x, weight, None, tuple(stride), native_pad, tuple(dilation), groups)
-
-    def conv_channels_last(self, act, weight, *, stride, dilation, padding, padding_mode, groups):
-        """Native grouped conv on channels-last data, no copies (see :meth:`channels_last_conv`)."""
-        run = self.channels_last_conv(tuple(act.shape), tuple(weight.shape), stride=stride, dilation=dilation,
-                                      padding=padding, padding_mode=padding_mode, groups=groups)
-        return None if run is None else run(act, weight)
 
     def channels_last_conv(self, act_shape, weight_shape, *, stride, dilation, padding, padding_mode, groups):
         """``run(act, weight)`` for these static shapes, or None where the caller's tap loop runs.
@@ -165,12 +163,7 @@ class TorchBackend(ArrayBackend):
         active = [m for m in range(n) if ks[m] != 1 or stride[m] != 1 or dilation[m] != 1 or padding[m] != (0, 0)]
         if n > 3 and len(active) > 1:
             return None  # decided before any padding is done: the caller's tap loop pads itself
-        pre_pad, native_pad = None, 0
-        if padding is not None and any(lo or hi for lo, hi in padding):
-            if padding_mode == "zeros" and all(lo == hi for lo, hi in padding):
-                native_pad = tuple(lo for lo, _ in padding)  # left to the conv itself: no copy
-            else:
-                pre_pad = {1 + m: p for m, p in enumerate(padding) if p != (0, 0)}
+        pre_pad, native_pad = self._split_padding(padding, padding_mode, first_axis=1)
         pointwise = not native_pad and all(k == 1 for k in ks) and all(v == 1 for v in stride)
         t, per_group = int(weight_shape[0]), int(weight_shape[1])
 

@@ -154,7 +154,7 @@ class ConvPathOptimizer(opt_einsum.paths.PathOptimizer):
                             seen.append(i)
             return tuple(seen)
 
-        # best[mask] = (seconds, macs, info, tree)
+        # best[mask] = (seconds, macs, info, tree, step, objective key)
         best = {}
         for pos in range(n):
             grid = tuple(self.geometry.in_spatial) if pos == 0 else None
