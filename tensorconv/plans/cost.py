@@ -35,6 +35,16 @@ class CostModel:
                 return self.dense_slow_macs_per_s
         return self.dense_macs_per_s
 
+    def for_itemsize(self, itemsize):
+        """The model for elements of ``itemsize`` bytes: the rates above are for float32; SIMD
+        units do half as many float64 multiply-adds per cycle (NumPy GEMMs measured 10-29 vs
+        31-79 GMAC/s on the CI CPU)."""
+        if itemsize <= 4:
+            return self
+        scale = 4.0 / itemsize
+        rates = ("macs_per_s", "dense_macs_per_s", "conv_macs_per_s", "depthwise_macs_per_s", "dense_slow_macs_per_s")
+        return replace(self, **{name: getattr(self, name) * scale for name in rates})
+
     def seconds(self, macs, nbytes, calls=1, dense=False, kind=None, rate=None):
         if rate is not None:
             pass
@@ -57,8 +67,12 @@ _DEFAULTS = {
     # ones are bandwidth-bound, so one 3x3x3 conv (27 MACs per voxel, one pass) is 1.0-2.0x
     # faster than three 1-D ones (9 MACs, three passes) at batch 1 and 8, 16-192 channels:
     # benchmarks/depthwise.py)
+    # (NumPy: a step that mixes channels over some taps is a GEMM per tap on a strided slice;
+    # priced at 10 GMAC/s it is chosen only at <= 8 channels, where it measured 1.2-1.3x
+    # faster than the fewest-MAC chain at 4 and 0.6-1.0x at 8, and no longer from 16 up, where
+    # it measured 1.2-1.9x slower at 30 GMAC/s: benchmarks/numpy_orders.py)
     "numpy": CostModel(macs_per_s=6.0e10, bytes_per_s=8.0e9, call_overhead_s=2.0e-5, dense_macs_per_s=3.0e10,
-                       conv_macs_per_s=3.0e10),
+                       conv_macs_per_s=1.0e10),
     "torch": CostModel(macs_per_s=7.0e10, bytes_per_s=2.0e10, call_overhead_s=2.0e-5, dense_macs_per_s=1.0e11,
                        conv_macs_per_s=1.0e10, native_steps=True, dense_slow_macs_per_s=8.0e9,
                        depthwise_macs_per_s=3.5e10),

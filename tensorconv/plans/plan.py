@@ -99,8 +99,8 @@ class ConvPlan:
         self.itemsize = itemsize
         batch = self.input_shape[0] if batched else 1
         self.batch = batch
-        model = cost_model or cost_model_for(backend_name, device)
-        self.cost_model = model
+        self.cost_model = cost_model or cost_model_for(backend_name, device)
+        model = self.cost_model.for_itemsize(itemsize)
         self._dense_step = dense_step(structure, geometry, batch, itemsize, model)
         self.dense_macs = self._dense_step.macs
         self.estimates = {}

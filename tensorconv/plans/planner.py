@@ -288,9 +288,13 @@ def dense_step(structure, geometry, batch, itemsize, model):
     taps = _prod(geometry.kernel_size)
     macs = positions * t * (c // groups) * taps
     padded = [d + lo + hi for d, (lo, hi) in zip(geometry.in_spatial, geometry.padding)]
-    nbytes = itemsize * (batch * c * _prod(padded) + positions * t + t * (c // groups) * taps)
+    weights = t * (c // groups) * taps
+    if model.native_steps and structure.n_spatial <= 3:  # one native conv call
+        passes, nbytes = 1, itemsize * (batch * c * _prod(padded) + positions * t + weights)
+    else:  # the tap loop (dense_conv_by_taps): one input slice and one accumulation per tap
+        passes, nbytes = taps, itemsize * (taps * positions * (c + 2 * t) + weights)
     rate = model.dense_rate(batch, c, geometry.in_spatial, groups)
-    secs = model.seconds(macs, nbytes, calls=1, rate=rate)
+    secs = model.seconds(macs, nbytes, calls=passes, rate=rate)
     return Step(kind="dense", lhs=0, rhs=1, lhs_indices=("s",), rhs_indices=("t", "s") + structure.taps,
                 out_indices=("t",), summed=("s",) + structure.taps, modes=tuple(range(structure.n_spatial)),
                 out_shape=(batch, t) + tuple(out), macs=macs, nbytes=nbytes, seconds=secs,
