@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import numpy as np
@@ -77,3 +78,19 @@ def rel_err(a, b):
     assert a.shape == b.shape, (a.shape, b.shape)
     scale = max(np.abs(b).max(), 1e-300)
     return float(np.abs(a - b).max() / scale)
+
+
+@contextlib.contextmanager
+def native_torch_convs():
+    """Run torch float64 plan steps through the native channels-last convs as float32 does.
+
+    Plans on torch CPU send float64 steps to tap loops (oneDNN has no float64 kernels); the
+    float64 equivalence tests use this to prove the native path too, at float64 precision."""
+    from tensorconv.backends._torch import TorchBackend
+
+    saved = TorchBackend.native_conv_ok
+    TorchBackend.native_conv_ok = lambda self, x: True
+    try:
+        yield
+    finally:
+        TorchBackend.native_conv_ok = saved

@@ -3,7 +3,7 @@ import contextlib
 
 import numpy as np
 import pytest
-from conftest import rel_err, to_backend, torch
+from conftest import native_torch_convs, rel_err, to_backend, torch
 from hypothesis import given
 from hypothesis import strategies as st
 from oracles import np_conv, reference_conv
@@ -76,6 +76,9 @@ def test_conv_matches_dense_reference(backend, kind, strategy, geo, data):
     kw = dict(stride=geo["stride"], padding=geo["padding"], dilation=geo["dilation"], padding_mode=geo["mode"])
     got = conv(to_backend(x, backend), _to(kernel, backend), strategy=strategy, **kw)
     assert rel_err(got, expected) < TOL
+    if backend[0] == "torch":  # the native channels-last convs as well (float32's path)
+        with native_torch_convs():
+            assert rel_err(conv(to_backend(x, backend), _to(kernel, backend), strategy=strategy, **kw), expected) < TOL
     if kind != "dense":  # conv(x, kernel) == conv(x, kernel.to_dense())
         via_dense = conv(to_backend(x, backend), to_backend(dense, backend), **kw)
         assert rel_err(got, via_dense) < TOL
@@ -155,15 +158,17 @@ def test_plan_is_reused_and_runs_on_several_backends():
         assert rel_err(got, ref) < 1e-12
 
 
-def test_auto_picks_reconstructed_at_params_matched_rank_and_factorized_at_r_eq_c():
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_auto_picks_reconstructed_at_params_matched_rank_and_factorized_at_r_eq_c(dtype):
     c = 64
     shape = (c, c, 3, 3, 3)
     matched = (c * c * 27) // (2 * c + 9 + 1)
     for backend_name in ("numpy", "torch"):
-        big = plan_conv(shape and KruskalKernel.random(shape, matched, seed=0), (1, c, 16, 32, 32), padding=1,
-                        backend=backend_name)
+        big = plan_conv(KruskalKernel.random(shape, matched, seed=0), (1, c, 16, 32, 32), padding=1,
+                        backend=backend_name, dtype=dtype)
         assert big.strategy == "reconstructed", big.estimates
-        small = plan_conv(KruskalKernel.random(shape, c, seed=0), (1, c, 16, 32, 32), padding=1, backend=backend_name)
+        small = plan_conv(KruskalKernel.random(shape, c, seed=0), (1, c, 16, 32, 32), padding=1, backend=backend_name,
+                          dtype=dtype)
         assert small.strategy == "factorized", small.estimates
 
 
@@ -200,8 +205,11 @@ def test_fastest_order_with_merged_depthwise_matches_reference(backend, geo, dat
     with _cost_model(_MERGING, backend):
         plan = plan_conv(kernel, x.shape, backend=backend[0], device=backend[1], **kw)
         got = conv(to_backend(x, backend), _to(kernel, backend), **kw)
+        with native_torch_convs():
+            got_native = conv(to_backend(x, backend), _to(kernel, backend), **kw)
     assert plan.strategy == "factorized"
     assert rel_err(got, expected) < TOL
+    assert rel_err(got_native, expected) < TOL
     if plan.order == "fastest":
         assert plan.macs >= plan.min_macs
 
@@ -295,9 +303,10 @@ def _torch_available():
 
 
 @pytest.mark.skipif(not _torch_available(), reason="torch is not installed")
+@pytest.mark.parametrize("native", [False, True], ids=["tap-loops", "native-convs"])
 @pytest.mark.parametrize("strategy", ["factorized", "reconstructed"])
 @pytest.mark.parametrize("kind", ["kruskal", "merged", "tucker"])
-def test_gradcheck_every_strategy(strategy, kind):
+def test_gradcheck_every_strategy(strategy, kind, native):
     if kind == "kruskal":
         k = KruskalKernel.random((3, 2, 3, 2), rank=2, backend="torch", seed=0)
         leaves = [k.weights] + list(k.factors)
@@ -318,7 +327,8 @@ def test_gradcheck_every_strategy(strategy, kind):
             kk = KruskalKernel(arrays[0], list(arrays[1:]), k.modes)
         return conv(x, kk, stride=(2, 1), padding=((1, 0), 1), padding_mode="reflect", strategy=strategy)
 
-    assert torch.autograd.gradcheck(fn, (x, *leaves))
+    with native_torch_convs() if native else contextlib.nullcontext():
+        assert torch.autograd.gradcheck(fn, (x, *leaves))
 
 
 @pytest.mark.skipif(not _torch_available(), reason="torch is not installed")
@@ -328,7 +338,7 @@ def test_gradcheck_fastest_order_with_merged_depthwise():
     for leaf in leaves:
         leaf.requires_grad_(True)
     x = torch.randn(2, 2, 5, 4, dtype=torch.float64, requires_grad=True)
-    with _cost_model(_MERGING, ("torch", "cpu")):
+    with _cost_model(_MERGING, ("torch", "cpu")), native_torch_convs():
         plan = plan_conv(k, x.shape, stride=(2, 1), padding=((1, 0), 1), backend="torch")
         assert [len(s.modes) for s in plan.steps if s.kind == "depthwise"] == [2]
         assert torch.autograd.gradcheck(
@@ -339,13 +349,16 @@ def test_gradcheck_fastest_order_with_merged_depthwise():
 @pytest.mark.skipif(torch is None, reason="torch is not installed")
 def test_torch_cpu_auto_runs_one_3x3x3_depthwise_conv_at_r_eq_c():
     """Measured (benchmarks/depthwise.py): oneDNN's channels-last 3x3x3 depthwise conv beats three
-    1-D ones at 16-128 channels, so the default torch CPU model merges the spatial factors."""
+    1-D ones at 16-128 channels, so the default torch CPU model merges the spatial factors in
+    float32. In float64 (no oneDNN kernels) the steps are tap loops, and nothing is merged."""
     for c in (16, 64, 128):
         k = KruskalKernel.random((c, c, 3, 3, 3), rank=c, seed=0)
-        plan = plan_conv(k, (1, c, 16, 32, 32), padding=1, backend="torch")
+        plan = plan_conv(k, (1, c, 16, 32, 32), padding=1, backend="torch", dtype="float32")
         assert (plan.strategy, plan.order) == ("factorized", "fastest"), plan.estimates
         assert [s.modes for s in plan.steps if s.kind == "depthwise"] == [(0, 1, 2)]
         assert plan.min_macs == 16 * 32 * 32 * c * (2 * c + 9)
+        in_float64 = plan_conv(k, (1, c, 16, 32, 32), padding=1, backend="torch", dtype="float64")
+        assert (in_float64.strategy, in_float64.order) == ("factorized", "fewest-macs"), in_float64.estimates
 
 
 @pytest.mark.skipif(not _torch_available(), reason="torch is not installed")

@@ -239,6 +239,11 @@ class ArrayBackend:
             out = a * w_k if out is None else self.mul_add_(out, a, w_k)
         return out
 
+    def native_conv_ok(self, x):
+        """Whether :meth:`channels_last_conv` is worth using for arrays like ``x`` (a fast
+        native kernel exists for its device and dtype)."""
+        return self.has_channels_last_conv
+
     def channels_last_conv(self, act_shape, weight_shape, *, stride, dilation, padding, padding_mode, groups):
         """A native grouped N-D convolution of channels-last activations (B, *D, C) of these
         static shapes, as ``run(act, weight)``; None if unsupported (the plans loop over taps)."""

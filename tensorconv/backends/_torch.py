@@ -124,6 +124,11 @@ class TorchBackend(ArrayBackend):
             return self.F.pad(x, pads)
         return super().pad_axis(x, axis, low, high, mode)
 
+    def native_conv_ok(self, x):
+        # oneDNN has no float64 kernels: ATen's CPU fallbacks measured 0.6-1.1 GMAC/s for
+        # depthwise convs, slower than a tap loop of elementwise multiply-adds
+        return x.is_cuda or x.dtype != self.xp.float64
+
     @staticmethod
     def _split_padding(padding, padding_mode, first_axis):
         """(pads to apply first or None, native padding): symmetric zero padding is left to the

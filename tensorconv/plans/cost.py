@@ -22,6 +22,7 @@ class CostModel:
     native_steps: bool = False  # steps run as one native conv call (torch), not one call per tap
     depthwise_macs_per_s: float = 0.0  # native depthwise convs (little reuse per MAC; 0: = macs_per_s)
     dense_slow_macs_per_s: float = 0.0  # torch CPU: dense convs that miss oneDNN (see dense_rate)
+    float64: "CostModel | None" = None  # the model for float64 where it is not this one at half rate
 
     def dense_rate(self, batch, channels, in_spatial, groups):
         """MAC/s of the backend's dense conv. torch CPU sends small single-image groups=1 convs to
@@ -41,6 +42,8 @@ class CostModel:
         31-79 GMAC/s on the CI CPU)."""
         if itemsize <= 4:
             return self
+        if itemsize == 8 and self.float64 is not None:
+            return self.float64
         scale = 4.0 / itemsize
         rates = ("macs_per_s", "dense_macs_per_s", "conv_macs_per_s", "depthwise_macs_per_s", "dense_slow_macs_per_s")
         return replace(self, **{name: getattr(self, name) * scale for name in rates})
@@ -67,15 +70,21 @@ _DEFAULTS = {
     # ones are bandwidth-bound, so one 3x3x3 conv (27 MACs per voxel, one pass) is 1.0-2.0x
     # faster than three 1-D ones (9 MACs, three passes) at batch 1 and 8, 16-192 channels:
     # benchmarks/depthwise.py)
-    # (NumPy: a step that mixes channels over some taps is a GEMM per tap on a strided slice;
-    # priced at 10 GMAC/s it is chosen only at <= 8 channels, where it measured 1.2-1.3x
-    # faster than the fewest-MAC chain at 4 and 0.6-1.0x at 8, and no longer from 16 up, where
-    # it measured 1.2-1.9x slower at 30 GMAC/s: benchmarks/numpy_orders.py)
+    # (NumPy: a step that mixes channels over some taps is a GEMM per tap on a strided slice,
+    # measured 1.2-1.9x slower than the fewest-MAC chain from 16 channels up at the old
+    # 30 GMAC/s price; at 10 GMAC/s, and with its slice copies priced (planner), auto picks
+    # the faster plan at every point of benchmarks/auto_check.py)
     "numpy": CostModel(macs_per_s=6.0e10, bytes_per_s=8.0e9, call_overhead_s=2.0e-5, dense_macs_per_s=3.0e10,
                        conv_macs_per_s=1.0e10),
+    # (torch CPU float64: oneDNN has no float64, ATen's fallback convs ran at 0.6-1.1 GMAC/s
+    # (depthwise) and 3-20 GMAC/s (dense, 1x1; 17-20 from 32 channels up); so plans run
+    # float64 steps as tap loops of elementwise ops and GEMMs (TorchBackend.native_conv_ok),
+    # priced like NumPy's; the dense conv stays ATen's)
     "torch": CostModel(macs_per_s=7.0e10, bytes_per_s=2.0e10, call_overhead_s=2.0e-5, dense_macs_per_s=1.0e11,
                        conv_macs_per_s=1.0e10, native_steps=True, dense_slow_macs_per_s=8.0e9,
-                       depthwise_macs_per_s=3.5e10),
+                       depthwise_macs_per_s=3.5e10,
+                       float64=CostModel(macs_per_s=3.0e10, bytes_per_s=1.5e10, call_overhead_s=2.0e-5,
+                                         dense_macs_per_s=2.0e10, conv_macs_per_s=3.0e9)),
     # a datacenter GPU (H100 class)
     "torch-cuda": CostModel(macs_per_s=2.5e13, bytes_per_s=2.5e12, call_overhead_s=1.0e-5, dense_macs_per_s=1.5e13,
                             native_steps=True),

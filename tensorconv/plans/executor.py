@@ -158,7 +158,7 @@ class TapProgram:
         return self._tap_loop(backend, act, weight, traced=True)
 
     def __call__(self, backend, act, weight, native=True):
-        if native and self.native is not None and backend.has_channels_last_conv:
+        if native and self.native is not None and backend.native_conv_ok(act):
             spec = self.native
             x = backend.reshape(act, tuple(act.shape[:1 + self.n]) + (-1,)) if spec["flat_in"] else act
             run = self._native_run(backend, tuple(x.shape))

@@ -113,13 +113,16 @@ class ConvPathOptimizer(opt_einsum.paths.PathOptimizer):
         out_elems = positions * _prod(sizes[i] for i in out_ch)
         w_elems = _prod(sizes[i] for i in ind_b)
         native = self.model.native_steps and (len(self.geometry.kernel_size) <= 3 or len(tap_modes) <= 1)
-        # a native conv streams its input and output once; a tap loop once per tap
-        passes = 1 if native else n_taps
-        nbytes = self.itemsize * (passes * (in_slice + out_elems) + w_elems)
         if tap_modes:
             kind = "conv" if summed or any(i not in ch_a for i in ch_b) else "depthwise"
         else:
             kind = "pointwise" if summed or any(i not in ch_a for i in ch_b) else "scale"
+        # a native conv streams its input and output once; a tap loop once per tap, and a
+        # channel-mixing tap twice (the GEMM copies its strided slice, then the product is
+        # accumulated: measured 1.6-2.3x slower than priced otherwise, benchmarks/auto_check.py)
+        passes = 1 if native else n_taps
+        per_pass = 2 if kind == "conv" and not native else 1
+        nbytes = self.itemsize * (passes * per_pass * (in_slice + out_elems) + w_elems)
         secs = self.model.seconds(macs, nbytes, calls=passes, kind=kind)
         out_ind = out_ch + tuple(self.tap_of[n] for n in range(len(grid_a))
                                  if self.tap_of[n] in open_s and self.tap_of[n] in ind_a)
