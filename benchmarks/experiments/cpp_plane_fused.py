@@ -9,11 +9,12 @@ Built with torch.utils.cpp_extension.load_inline (g++, ~30 s). Stride 1, padding
 float32, forward only. It is compared with tensorconv's default plan and tensorly-torch in one
 interleaved run.
 
-Result on the 2-core CPU (2026-11-27): correct (rel 3e-7), 0.97-1.1x the time of `auto`: its
-32 per-plane MKL GEMMs together cost what the two whole GEMMs cost (2.4 ms at C = 64, 8.6 ms
-at C = 128, slower than oneDNN's 1x1 conv at 1.8 / 7.3 ms), and its depthwise loops took
-~0.8 ms at C = 64. See docs/benchmarks.md ("Reading the targets") for why even an ideal
-version stays near 3x tensorly-torch at C = 128.
+Result on the 2-core CPU (2026-11-27, two runs): correct (rel 3e-7); 1.0-1.2x faster than
+`auto` (2.4-2.9x faster than tensorly-torch at C = 64-128). Its 32 per-plane MKL GEMMs alone
+take 2.5 / 8.0 ms at C = 64 / 128 ("its GEMMs alone" row), where oneDNN's two whole 1x1 convs
+take 1.9 / 6.9 ms; its depthwise loops cost 0.5-0.7 ms. Not adopted: forward only, one
+geometry, a compiler at run time, for at most 1.2x. See docs/benchmarks.md ("Reading the
+targets").
 """
 import sys
 import time
@@ -129,6 +130,14 @@ with tensorly.backend_context("pytorch"):
             ref = conv(x, k, padding=1)
             print("rel err", float((got - ref).abs().max() / ref.abs().max()))
             layer = tltorch.FactorizedConv(c, c, 3, order=3, rank=c, factorization="cp", implementation="factorized", padding=1, bias=False)
+            planes = x.shape[2]
+            a_buf, o_buf, out_buf = torch.empty(1024, c), torch.randn(1024, c), torch.empty(1, planes, 32, 32, c)
+
+            def per_plane_gemms():  # the kernel's 2 x 16 GEMMs alone, through torch.mm
+                for d in range(planes):
+                    torch.mm(x[0, :, d].reshape(c, 1024).t(), args[1], out=a_buf)
+                    torch.mm(o_buf, wt, out=out_buf[0, d].view(1024, c))
             r = measure_many({"tltorch": lambda: layer(x), "auto": lambda: conv(x, k, padding=1),
-                              "cpp fused": lambda: mod.cp_fused_forward(*args)}, repeat=21)
+                              "cpp fused": lambda: mod.cp_fused_forward(*args),
+                              "its GEMMs alone": per_plane_gemms}, repeat=21)
         for n, t in r.items(): print(f"C={c} {n:10s} {t['median_ms']:7.2f} ms  tltorch/this {r['tltorch']['median_ms']/t['median_ms']:.2f}")
