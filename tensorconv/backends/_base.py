@@ -21,8 +21,6 @@ class ArrayBackend:
     """
 
     name = "abstract"
-    #: whether :meth:`channels_last_conv` runs a native convolution (else plans loop over taps)
-    has_channels_last_conv = False
 
     def __init__(self, xp):
         self.xp = xp
@@ -241,8 +239,8 @@ class ArrayBackend:
 
     def native_conv_ok(self, x):
         """Whether :meth:`channels_last_conv` is worth using for arrays like ``x`` (a fast
-        native kernel exists for its device and dtype)."""
-        return self.has_channels_last_conv
+        native kernel exists for its device and dtype); if not, plans loop over taps."""
+        return False
 
     def channels_last_conv(self, act_shape, weight_shape, *, stride, dilation, padding, padding_mode, groups):
         """A native grouped N-D convolution of channels-last activations (B, *D, C) of these

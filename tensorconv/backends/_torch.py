@@ -7,7 +7,6 @@ _DTYPES = {"float16", "bfloat16", "float32", "float64", "complex64", "complex128
 
 class TorchBackend(ArrayBackend):
     name = "torch"
-    has_channels_last_conv = True
 
     def __init__(self):
         import torch
