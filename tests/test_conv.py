@@ -16,8 +16,8 @@ STRATEGIES = ["factorized", "reconstructed", "auto"]
 
 
 @st.composite
-def geometries(draw, max_n=4):
-    n = draw(st.integers(1, max_n))
+def geometries(draw, max_n=4, min_n=1):
+    n = draw(st.integers(min_n, max_n))
     max_d = {1: 9, 2: 7, 3: 5, 4: 4}[n]
     ks = tuple(draw(st.integers(1, 3)) for _ in range(n))
     dil = tuple(draw(st.integers(1, 2)) for _ in range(n))

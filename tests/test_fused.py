@@ -1,4 +1,5 @@
-"""The fused strategy equals the unfused plan: tiles (NumPy / CuPy) and torch.compile (torch)."""
+"""The fused strategy equals the unfused plan: tiles (NumPy / CuPy), torch.compile (torch) and the
+compiled plane-by-plane CPU kernel (torch, 3-D CP kernels, no gradients)."""
 import numpy as np
 import pytest
 from conftest import rel_err, torch
@@ -8,6 +9,11 @@ from test_conv import geometries
 
 from tensorconv import KruskalKernel, TuckerKernel, conv, plan_conv
 from tensorconv.plans.fused import FusedRunner
+
+try:
+    from tensorconv.backends._torch import TorchBackend
+except ImportError:  # no torch
+    TorchBackend = None
 
 TOL = 1e-10
 
@@ -50,7 +56,8 @@ def _compile_works():
 @pytest.mark.slow
 @pytest.mark.skipif(not _compile_works(), reason="torch.compile does not work here (no torch or no C++ compiler)")
 @pytest.mark.parametrize("case", CASES, ids=["N1", "N2", "N3", "N4"])
-def test_compiled_fused_equals_unfused_torch(case):
+def test_compiled_fused_equals_unfused_torch(case, monkeypatch):
+    monkeypatch.setattr(TorchBackend, "cp_chain_3d", lambda self, *a, **kw: None)  # torch.compile's path, here
     shape, rank, in_shape, geo = case
     k = KruskalKernel.random(shape, rank, backend="torch", seed=0)
     x = torch.randn(in_shape, dtype=torch.float64)
@@ -94,3 +101,81 @@ def test_fused_falls_back_when_compile_fails(monkeypatch):
     with pytest.warns(RuntimeWarning, match="runs unfused"):
         got = conv(x, k, padding=(1, 2), strategy="fused")
     assert rel_err(got, conv(x, k, padding=(1, 2), strategy="factorized")) < TOL
+
+
+# -- the compiled plane-by-plane CPU kernel (torch, 3-D CP kernels, forward without gradients) --------------
+@pytest.fixture(scope="module")
+def plane_kernel():
+    pytest.importorskip("torch")
+    from tensorconv.backends import _torch_cpu_chain
+
+    if _torch_cpu_chain.load() is None:
+        pytest.skip("the CPU fused kernel cannot be built here (no C++ compiler / ninja, or disabled)")
+    return _torch_cpu_chain
+
+
+@pytest.fixture
+def chain_calls(plane_kernel, monkeypatch):
+    """Counts calls of the compiled kernel, so a test knows the plane chain ran (not a fallback)."""
+    calls = []
+    real = plane_kernel.cp_chain_forward
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(plane_kernel, "cp_chain_forward", spy)
+    return calls
+
+
+@given(geo=geometries(max_n=3, min_n=3), data=st.data())
+def test_plane_chain_equals_dense_conv_float64(chain_calls, geo, data):
+    c, t, rank = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 4)), data.draw(st.integers(1, 5))
+    k = KruskalKernel.random((t, c) + geo["ks"], rank, backend="torch", seed=data.draw(st.integers(0, 99)))
+    x = torch.randn((data.draw(st.integers(1, 2)), c) + geo["dims"], dtype=torch.float64)
+    if data.draw(st.booleans()):
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    kw = dict(stride=geo["stride"], padding=geo["padding"], dilation=geo["dilation"], padding_mode=geo["mode"])
+    before = len(chain_calls)
+    with torch.no_grad():
+        got = conv(x, k, strategy="fused", **kw)
+    assert len(chain_calls) == before + 1
+    # the oracle: torch's dense conv3d with the rebuilt kernel
+    assert rel_err(got, conv(x, k.to_dense(), **kw)) < TOL
+
+
+def test_plane_chain_float32_and_layers(chain_calls):
+    """float32 (stated tolerance 1e-5); C, T, R past one SIMD vector; batch 3, stride 2 in depth."""
+    k = KruskalKernel.random((24, 20, 3, 3, 3), 37, backend="torch", dtype="float32", seed=3)
+    x = torch.randn(3, 20, 9, 10, 11)
+    with torch.no_grad():
+        got = conv(x, k, stride=(2, 1, 1), padding=1, strategy="fused")
+        want = conv(x.double(), k.astype("float64").to_dense(), stride=(2, 1, 1), padding=1)
+    assert len(chain_calls) == 1 and got.dtype == torch.float32
+    assert rel_err(got, want) < 1e-5
+
+
+def test_plane_chain_not_used_when_gradients_are_needed(chain_calls, monkeypatch):
+    import tensorconv.plans.fused as fused_mod
+
+    monkeypatch.setattr(fused_mod.CompiledChain, "__call__", lambda self, *a: None)  # unfused, quickly
+    k = KruskalKernel.random((3, 2, 3, 3, 3), 2, backend="torch", seed=0)
+    x = torch.randn(1, 2, 5, 5, 5, dtype=torch.float64, requires_grad=True)
+    out = conv(x, k, padding=1, strategy="fused")
+    assert out.requires_grad and not chain_calls
+    out.sum().backward()
+    assert x.grad is not None
+    with torch.no_grad():
+        conv(x, k, padding=1, strategy="fused")
+    assert len(chain_calls) == 1
+
+
+def test_plane_chain_can_be_disabled(plane_kernel, monkeypatch):
+    monkeypatch.setattr(plane_kernel, "_state", {})
+    monkeypatch.setenv("TENSORCONV_NO_CPU_KERNEL", "1")
+    assert plane_kernel.load() is None
+    k = KruskalKernel.random((3, 2, 3, 3, 3), 2, backend="torch", seed=0)
+    x = torch.randn(1, 2, 5, 5, 5, dtype=torch.float64)
+    assert TorchBackend().cp_chain_3d(x, k.weights, k.factors[0], k.factors[1], k.factors[2:],
+                                      out_spatial=(3, 3, 3), stride=(1, 1, 1), pad_lo=(0, 0, 0),
+                                      dilation=(1, 1, 1)) is None

@@ -247,6 +247,13 @@ class ArrayBackend:
         static shapes, as ``run(act, weight)``; None if unsupported (the plans loop over taps)."""
         return None
 
+    def cp_chain_3d(self, x, lam, u_t, u_c, spatial, *, out_spatial, stride, pad_lo, dilation):
+        """A whole 3-D CP convolution in one compiled kernel, plane by plane (``strategy="fused"``):
+        x (B, C, D, H, W) -> (B, D', H', W', T) channels-last; zero padding ``pad_lo`` on the low
+        side (the high side follows from ``out_spatial``). None where the backend has no such
+        kernel, or where it does not apply (gradients needed): the caller runs its own path."""
+        return None
+
     def conv_dense(self, x, weight, *, stride, dilation, groups=1, padding=None, padding_mode="zeros"):
         """Dense N-D cross-correlation, channels first: x (B, C, *D), weight (T, C/g, *K).
 

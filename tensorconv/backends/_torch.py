@@ -150,6 +150,17 @@ class TorchBackend(ArrayBackend):
         conv = (self.F.conv1d, self.F.conv2d, self.F.conv3d)[n - 1]
         return conv(x, weight, None, tuple(stride), native_pad, tuple(dilation), groups)
 
+    def cp_chain_3d(self, x, lam, u_t, u_c, spatial, *, out_spatial, stride, pad_lo, dilation):
+        torch = self.xp
+        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+            return None
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, lam, u_t, u_c, *spatial)):
+            return None  # forward only: autograd goes through the compiled chain instead
+        from ._torch_cpu_chain import cp_chain_forward
+
+        return cp_chain_forward(x, lam, u_t, u_c, spatial, out_spatial=out_spatial, stride=stride, pad_lo=pad_lo,
+                                dilation=dilation)
+
     def channels_last_conv(self, act_shape, weight_shape, *, stride, dilation, padding, padding_mode, groups):
         """``run(act, weight)`` for these static shapes, or None where the caller's tap loop runs.
 

@@ -1,7 +1,11 @@
 """Fused execution of a factorized plan.
 
-Two mechanisms, measured in docs/benchmarks.md:
+Three mechanisms, measured in docs/benchmarks.md:
 
+- torch CPU, 3-D CP kernels, no gradient needed: :class:`PlaneChain` calls the backend's
+  compiled kernel (``cp_chain_3d``; C++ built on first use), which runs the whole chain plane
+  by plane along spatial mode 0 with a ring of planes for the mode-0 taps: only the input and
+  the output touch main memory.
 - torch: :class:`CompiledChain` hands the plan's steps, written as shifted multiply-adds and
   matrix products (no opaque convolution calls), to ``torch.compile``; inductor fuses the
   padding and the depthwise stages into loops over the (cache-resident) 1x1 outputs, and
@@ -29,7 +33,7 @@ from __future__ import annotations
 
 from .executor import TapProgram
 
-__all__ = ["FusedRunner", "CompiledChain", "TILE_BYTES"]
+__all__ = ["FusedRunner", "CompiledChain", "PlaneChain", "TILE_BYTES"]
 
 #: target size of one tile's widest intermediate: 8 MiB (a quarter of the test machine's L3),
 #: fastest for NumPy among 0.25, 1, 4 and 8 MiB (benchmarks/tiling.py, docs/benchmarks.md)
@@ -198,3 +202,32 @@ class CompiledChain:
                               f"strategy runs unfused", RuntimeWarning, stacklevel=3)
                 CompiledChain._warned = True
             return None
+
+
+class PlaneChain:
+    """A 3-D CP plan handed whole to the backend's compiled plane-by-plane kernel, if it has one.
+
+    Applies to plain CP kernels (one factor per mode, none identity) with three spatial modes;
+    padding other than zeros is applied to the input first. Returns None (the caller's other
+    fused mechanisms run) where the backend has no kernel or gradients are needed.
+    """
+
+    def __init__(self, plan):
+        self.plan = plan
+
+    @staticmethod
+    def applies(structure):
+        if structure.kind != "kruskal" or structure.n_spatial != 3:
+            return False
+        _, _, rank, modes, none_mask = structure.key
+        return modes == tuple((m,) for m in range(5)) and not any(none_mask)
+
+    def __call__(self, backend, x, arrays):
+        g = self.plan.geometry
+        lam, u_t, u_c, *spatial = arrays
+        pad_lo = tuple(lo for lo, _ in g.padding)
+        if g.padding_mode != "zeros":
+            x = backend.pad(x, {2 + m: p for m, p in enumerate(g.padding) if p != (0, 0)}, g.padding_mode)
+            pad_lo = (0, 0, 0)
+        return backend.cp_chain_3d(x, lam, u_t, u_c, spatial, out_spatial=tuple(g.out_spatial), stride=g.stride,
+                                   pad_lo=pad_lo, dilation=g.dilation)

@@ -9,7 +9,7 @@ from ..backends import get_backend
 from ..kernels import KruskalKernel, TuckerKernel
 from .cost import cost_model_for
 from .executor import TapProgram, WeightProduct
-from .fused import CompiledChain, FusedRunner
+from .fused import CompiledChain, FusedRunner, PlaneChain
 from .planner import STRATEGIES, dense_step, plan_steps, reconstruct_macs
 from .spec import make_geometry
 from .structure import KernelStructure, structure_of, weight_arrays
@@ -168,6 +168,7 @@ class ConvPlan:
             self.peak_bytes = self._peak_factorized(steps)
             self._fused = FusedRunner(self) if self.strategy == "fused" else None
             self._compiled = CompiledChain(self) if self.strategy == "fused" else None
+            self._plane_chain = PlaneChain(self) if self.strategy == "fused" and PlaneChain.applies(st) else None
         else:
             self.path = []
             self.steps = [self._dense_step]
@@ -259,6 +260,10 @@ class ConvPlan:
 
     def _run_factorized(self, backend, x, arrays):
         st = self.structure
+        if self._plane_chain is not None:
+            out = self._plane_chain(backend, x, arrays)
+            if out is not None:  # (B, *D', T) from one compiled kernel
+                return backend.moveaxis(out, -1, 1)
         out = None
         if self.strategy == "fused" and backend.name == "torch":
             out = self._compiled(backend, self.activation(backend, x), list(arrays))

@@ -1,0 +1,187 @@
+// A 3-D CP (Kruskal) convolution on CPU, run plane by plane along spatial mode 0.
+//
+// For each input plane d: one GEMM C -> R (BLAS, reading the caller's plane in place), the
+// mode-2 and mode-1 depthwise passes while the plane is in cache, the result kept in a ring of
+// (K0 - 1) * dilation0 + 1 planes; each output plane is then the mode-0 depthwise pass over the
+// ring followed by one GEMM R -> T straight into the output. Nothing activation-sized but the
+// output is written to memory: this is what makes it faster than the unfused chain once the
+// R-channel intermediates leave the cache (docs/benchmarks.md). Forward only; the Python side
+// uses it only where no gradient is needed.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+struct Axis {
+  int64_t in, out, k, stride, pad_lo, dil;
+  int64_t src(int64_t o, int64_t tap) const { return o * stride - pad_lo + tap * dil; }
+};
+
+// dst[r] = sum_t w_t[r] * src_t[r] over the n taps whose source exists (zero if none)
+template <typename scalar_t>
+inline void tap_sum(scalar_t* __restrict__ dst, const scalar_t* const* src, const scalar_t* const* w, int n,
+                    int64_t R) {
+  if (n == 0) {
+    std::fill(dst, dst + R, scalar_t(0));
+    return;
+  }
+  {
+    const scalar_t* __restrict__ s = src[0];
+    const scalar_t* __restrict__ c = w[0];
+#pragma omp simd
+    for (int64_t r = 0; r < R; ++r) dst[r] = s[r] * c[r];
+  }
+  for (int t = 1; t < n; ++t) {
+    const scalar_t* __restrict__ s = src[t];
+    const scalar_t* __restrict__ c = w[t];
+#pragma omp simd
+    for (int64_t r = 0; r < R; ++r) dst[r] += s[r] * c[r];
+  }
+}
+
+// rows of positions per parallel task: enough work per task to amortise the dispatch
+inline int64_t grain(int64_t per_row) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, per_row)); }
+
+template <typename scalar_t>
+void run(const torch::Tensor& x, const torch::Tensor& uc, const torch::Tensor& u0, const torch::Tensor& u1,
+         const torch::Tensor& u2, const torch::Tensor& wt, torch::Tensor& out, const Axis& a0, const Axis& a1,
+         const Axis& a2) {
+  const int64_t B = x.size(0), C = x.size(1);
+  const int64_t R = uc.size(1), T = wt.size(1);
+  const int64_t H = a1.in, W = a2.in, Ho = a1.out, Wo = a2.out;
+  const int64_t K0 = a0.k, K1 = a1.k, K2 = a2.k;
+  const int64_t span = (K0 - 1) * a0.dil + 1;
+  auto opts = x.options();
+  auto a = torch::empty({H * W, R}, opts);        // GEMM C -> R of one input plane
+  auto t1 = torch::empty({H * Wo, R}, opts);      // after the mode-2 pass
+  auto ring = torch::empty({span, Ho * Wo, R}, opts);  // after the mode-1 pass, last `span` planes
+  auto o = torch::empty({Ho * Wo, R}, opts);      // after the mode-0 pass
+  scalar_t* pa = a.data_ptr<scalar_t>();
+  scalar_t* pt1 = t1.data_ptr<scalar_t>();
+  scalar_t* pring = ring.data_ptr<scalar_t>();
+  scalar_t* po = o.data_ptr<scalar_t>();
+  const scalar_t* w0 = u0.data_ptr<scalar_t>();
+  const scalar_t* w1 = u1.data_ptr<scalar_t>();
+  const scalar_t* w2 = u2.data_ptr<scalar_t>();
+  const int64_t plane = Ho * Wo * R;
+
+  // the last input plane each output plane needs (-1: none, all of its taps are padding)
+  std::vector<int64_t> last_needed(a0.out, -1);
+  for (int64_t d = 0; d < a0.out; ++d)
+    for (int64_t i = 0; i < K0; ++i) {
+      const int64_t s = a0.src(d, i);
+      if (s >= 0 && s < a0.in) last_needed[d] = s;
+    }
+
+  for (int64_t b = 0; b < B; ++b) {
+    auto xb = x[b];                 // (C, D, H, W)
+    auto ob = out[b];               // (Do, Ho, Wo, T)
+    int64_t next_out = 0;
+    auto emit_ready = [&](int64_t have) {  // every output plane whose input planes are all in the ring
+      for (; next_out < a0.out && last_needed[next_out] <= have; ++next_out) {
+        const int64_t d = next_out;
+        at::parallel_for(0, Ho * Wo, grain(R * K0), [&](int64_t p0, int64_t p1) {
+          const scalar_t* src[64];
+          const scalar_t* w[64];
+          for (int64_t p = p0; p < p1; ++p) {
+            int n = 0;
+            for (int64_t i = 0; i < K0; ++i) {
+              const int64_t s = a0.src(d, i);
+              if (s < 0 || s >= a0.in) continue;
+              src[n] = pring + (s % span) * plane + p * R;
+              w[n++] = w0 + i * R;
+            }
+            tap_sum(po + p * R, src, w, n, R);
+          }
+        });
+        auto out_plane = ob[d].view({Ho * Wo, T});
+        at::mm_out(out_plane, o, wt);
+      }
+    };
+    emit_ready(-1);
+    for (int64_t d = 0; d < a0.in; ++d) {
+      auto xp = xb.select(1, d).reshape({C, H * W});  // a view for channels-first and channels-last input
+      at::mm_out(a, xp.t(), uc);
+      // mode 2 (W): (H, W, R) -> (H, Wo, R)
+      at::parallel_for(0, H, grain(Wo * R * K2), [&](int64_t h0, int64_t h1) {
+        const scalar_t* src[64];
+        const scalar_t* w[64];
+        for (int64_t h = h0; h < h1; ++h)
+          for (int64_t wo = 0; wo < Wo; ++wo) {
+            int n = 0;
+            for (int64_t k = 0; k < K2; ++k) {
+              const int64_t s = a2.src(wo, k);
+              if (s < 0 || s >= W) continue;
+              src[n] = pa + (h * W + s) * R;
+              w[n++] = w2 + k * R;
+            }
+            tap_sum(pt1 + (h * Wo + wo) * R, src, w, n, R);
+          }
+      });
+      // mode 1 (H): (H, Wo, R) -> (Ho, Wo, R), into the ring
+      scalar_t* dst_plane = pring + (d % span) * plane;
+      at::parallel_for(0, Ho, grain(Wo * R * K1), [&](int64_t h0, int64_t h1) {
+        const scalar_t* src[64];
+        const scalar_t* w[64];
+        for (int64_t ho = h0; ho < h1; ++ho) {
+          int n = 0;
+          for (int64_t j = 0; j < K1; ++j) {
+            const int64_t s = a1.src(ho, j);
+            if (s < 0 || s >= H) continue;
+            src[n] = pt1 + s * Wo * R;
+            w[n++] = w1 + j * R;
+          }
+          for (int64_t wo = 0; wo < Wo; ++wo) {
+            const scalar_t* row_src[64];
+            for (int t = 0; t < n; ++t) row_src[t] = src[t] + wo * R;
+            tap_sum(dst_plane + (ho * Wo + wo) * R, row_src, w, n, R);
+          }
+        }
+      });
+      emit_ready(d);
+    }
+    emit_ready(a0.in);
+  }
+}
+
+}  // namespace
+
+// x (B, C, D, H, W) any strides; uc (C, R); u0 (K0, R), u1 (K1, R), u2 (K2, R); wt (R, T) with lambda
+// folded in. geometry: per spatial mode, output size, stride, low padding, dilation (high padding is
+// implied by the output size). Returns (B, Do, Ho, Wo, T) contiguous.
+torch::Tensor cp_chain_forward(torch::Tensor x, torch::Tensor uc, torch::Tensor u0, torch::Tensor u1,
+                               torch::Tensor u2, torch::Tensor wt, std::vector<int64_t> out_size,
+                               std::vector<int64_t> stride, std::vector<int64_t> pad_lo,
+                               std::vector<int64_t> dilation) {
+  TORCH_CHECK(x.dim() == 5, "x must be (B, C, D, H, W), got ", x.dim(), " dims");
+  TORCH_CHECK(!x.is_cuda(), "cp_chain_forward runs on CPU tensors");
+  TORCH_CHECK(out_size.size() == 3 && stride.size() == 3 && pad_lo.size() == 3 && dilation.size() == 3,
+              "geometry vectors must have 3 entries");
+  const torch::Tensor* fs[] = {&uc, &u0, &u1, &u2, &wt};
+  for (auto f : fs) {
+    TORCH_CHECK(f->dim() == 2 && f->is_contiguous(), "factors must be contiguous 2-D tensors");
+    TORCH_CHECK(f->scalar_type() == x.scalar_type(), "factors must have x's dtype");
+  }
+  const int64_t R = uc.size(1);
+  TORCH_CHECK(uc.size(0) == x.size(1), "uc has ", uc.size(0), " rows but x has ", x.size(1), " channels");
+  TORCH_CHECK(u0.size(1) == R && u1.size(1) == R && u2.size(1) == R && wt.size(0) == R, "rank mismatch");
+  TORCH_CHECK(u0.size(0) <= 64 && u1.size(0) <= 64 && u2.size(0) <= 64, "kernel sizes above 64 are not supported");
+  Axis ax[3];
+  const torch::Tensor* us[] = {&u0, &u1, &u2};
+  for (int m = 0; m < 3; ++m) {
+    ax[m] = Axis{x.size(2 + m), out_size[m], us[m]->size(0), stride[m], pad_lo[m], dilation[m]};
+    TORCH_CHECK(ax[m].out >= 1 && ax[m].stride >= 1 && ax[m].dil >= 1 && ax[m].pad_lo >= 0, "bad geometry");
+  }
+  auto out = torch::empty({x.size(0), out_size[0], out_size[1], out_size[2], wt.size(1)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cp_chain_forward", [&] {
+    run<scalar_t>(x, uc, u0, u1, u2, wt, out, ax[0], ax[1], ax[2]);
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("cp_chain_forward", &cp_chain_forward, "3-D CP convolution, plane by plane (forward)");
+}
