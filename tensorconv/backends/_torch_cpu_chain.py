@@ -21,6 +21,9 @@ __all__ = ["load", "cp_chain_forward"]
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "cp_chain_cpu.cpp")
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]
 _state = {}
+#: target size of one chunk's widest intermediate (a chunk of input planes goes through one GEMM);
+#: measured with benchmarks/plane_chain.py, docs/benchmarks.md
+CHUNK_BYTES = 1 << 20
 log = logging.getLogger("tensorconv")
 
 
@@ -59,7 +62,15 @@ def load():
     return module
 
 
-def cp_chain_forward(x, lam, u_t, u_c, spatial, *, out_spatial, stride, pad_lo, dilation):
+def planes_per_chunk(x, rank, chunk_bytes=None):
+    """Input planes per chunk: as many as keep one chunk's widest intermediate within
+    ``chunk_bytes`` (at least one)."""
+    b, c, d, h, w = (int(s) for s in x.shape)
+    per_plane = h * w * max(rank, c) * x.element_size()
+    return max(1, min(d, (chunk_bytes or CHUNK_BYTES) // per_plane))
+
+
+def cp_chain_forward(x, lam, u_t, u_c, spatial, *, out_spatial, stride, pad_lo, dilation, chunk_bytes=None):
     """``x`` (B, C, D, H, W) -> (B, D', H', W', T) channels-last, or None without the kernel.
 
     ``spatial`` = (U_0, U_1, U_2), each (K_n, R); zero padding ``pad_lo`` (low side per mode;
@@ -68,5 +79,6 @@ def cp_chain_forward(x, lam, u_t, u_c, spatial, *, out_spatial, stride, pad_lo, 
     if module is None:
         return None
     wt = (u_t * lam).t().contiguous()
+    chunk = planes_per_chunk(x, int(u_c.shape[1]), chunk_bytes)
     return module.cp_chain_forward(x, u_c.contiguous(), *[u.contiguous() for u in spatial], wt, list(out_spatial),
-                                   list(stride), list(pad_lo), list(dilation))
+                                   list(stride), list(pad_lo), list(dilation), chunk)

@@ -1,12 +1,13 @@
 // A 3-D CP (Kruskal) convolution on CPU, run plane by plane along spatial mode 0.
 //
-// For each input plane d: one GEMM C -> R (BLAS, reading the caller's plane in place), the
-// mode-2 and mode-1 depthwise passes while the plane is in cache, the result kept in a ring of
-// (K0 - 1) * dilation0 + 1 planes; each output plane is then the mode-0 depthwise pass over the
-// ring followed by one GEMM R -> T straight into the output. Nothing activation-sized but the
-// output is written to memory: this is what makes it faster than the unfused chain once the
-// R-channel intermediates leave the cache (docs/benchmarks.md). Forward only; the Python side
-// uses it only where no gradient is needed.
+// For each chunk of input planes along mode 0: one GEMM C -> R (BLAS, reading the caller's planes
+// in place), the mode-2 and mode-1 depthwise passes while the chunk is in cache, the result kept
+// in a ring of (K0 - 1) * dilation0 + chunk planes; every output plane whose inputs are all in the
+// ring is then the mode-0 depthwise pass over the ring, and a batch of them one GEMM R -> T
+// straight into the output. A chunk is sized to stay in cache (small planes: several per GEMM).
+// Nothing activation-sized but the output is written to memory: this is what makes it faster
+// than the unfused chain once the R-channel intermediates leave the cache (docs/benchmarks.md).
+// Forward only; the Python side uses it only where no gradient is needed.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -21,24 +22,47 @@ struct Axis {
 };
 
 // dst[r] = sum_t w_t[r] * src_t[r] over the n taps whose source exists (zero if none)
+// (one loop for up to 3 taps, the common kernel sizes: dst is written once)
 template <typename scalar_t>
 inline void tap_sum(scalar_t* __restrict__ dst, const scalar_t* const* src, const scalar_t* const* w, int n,
                     int64_t R) {
-  if (n == 0) {
-    std::fill(dst, dst + R, scalar_t(0));
-    return;
-  }
-  {
-    const scalar_t* __restrict__ s = src[0];
-    const scalar_t* __restrict__ c = w[0];
+  switch (n) {
+    case 0:
+      std::fill(dst, dst + R, scalar_t(0));
+      return;
+    case 1: {
+      const scalar_t* __restrict__ s0 = src[0]; const scalar_t* __restrict__ c0 = w[0];
 #pragma omp simd
-    for (int64_t r = 0; r < R; ++r) dst[r] = s[r] * c[r];
-  }
-  for (int t = 1; t < n; ++t) {
-    const scalar_t* __restrict__ s = src[t];
-    const scalar_t* __restrict__ c = w[t];
+      for (int64_t r = 0; r < R; ++r) dst[r] = s0[r] * c0[r];
+      return;
+    }
+    case 2: {
+      const scalar_t* __restrict__ s0 = src[0]; const scalar_t* __restrict__ c0 = w[0];
+      const scalar_t* __restrict__ s1 = src[1]; const scalar_t* __restrict__ c1 = w[1];
 #pragma omp simd
-    for (int64_t r = 0; r < R; ++r) dst[r] += s[r] * c[r];
+      for (int64_t r = 0; r < R; ++r) dst[r] = s0[r] * c0[r] + s1[r] * c1[r];
+      return;
+    }
+    case 3: {
+      const scalar_t* __restrict__ s0 = src[0]; const scalar_t* __restrict__ c0 = w[0];
+      const scalar_t* __restrict__ s1 = src[1]; const scalar_t* __restrict__ c1 = w[1];
+      const scalar_t* __restrict__ s2 = src[2]; const scalar_t* __restrict__ c2 = w[2];
+#pragma omp simd
+      for (int64_t r = 0; r < R; ++r) dst[r] = s0[r] * c0[r] + s1[r] * c1[r] + s2[r] * c2[r];
+      return;
+    }
+    default: {
+      {
+        const scalar_t* __restrict__ s0 = src[0]; const scalar_t* __restrict__ c0 = w[0];
+#pragma omp simd
+        for (int64_t r = 0; r < R; ++r) dst[r] = s0[r] * c0[r];
+      }
+      for (int t = 1; t < n; ++t) {
+        const scalar_t* __restrict__ s = src[t]; const scalar_t* __restrict__ c = w[t];
+#pragma omp simd
+        for (int64_t r = 0; r < R; ++r) dst[r] += s[r] * c[r];
+      }
+    }
   }
 }
 
@@ -48,17 +72,19 @@ inline int64_t grain(int64_t per_row) { return std::max<int64_t>(1, 16384 / std:
 template <typename scalar_t>
 void run(const torch::Tensor& x, const torch::Tensor& uc, const torch::Tensor& u0, const torch::Tensor& u1,
          const torch::Tensor& u2, const torch::Tensor& wt, torch::Tensor& out, const Axis& a0, const Axis& a1,
-         const Axis& a2) {
+         const Axis& a2, int64_t chunk) {
   const int64_t B = x.size(0), C = x.size(1);
   const int64_t R = uc.size(1), T = wt.size(1);
   const int64_t H = a1.in, W = a2.in, Ho = a1.out, Wo = a2.out;
   const int64_t K0 = a0.k, K1 = a1.k, K2 = a2.k;
   const int64_t span = (K0 - 1) * a0.dil + 1;
+  const int64_t G = chunk;                 // input planes per GEMM C -> R (and output planes per GEMM R -> T)
+  const int64_t slots = span + G - 1;      // ring slots: a chunk never overwrites a plane still needed
   auto opts = x.options();
-  auto a = torch::empty({H * W, R}, opts);        // GEMM C -> R of one input plane
-  auto t1 = torch::empty({H * Wo, R}, opts);      // after the mode-2 pass
-  auto ring = torch::empty({span, Ho * Wo, R}, opts);  // after the mode-1 pass, last `span` planes
-  auto o = torch::empty({Ho * Wo, R}, opts);      // after the mode-0 pass
+  auto a = torch::empty({G * H * W, R}, opts);        // GEMM C -> R of a chunk of input planes
+  auto t1 = torch::empty({G * H * Wo, R}, opts);      // after the mode-2 pass
+  auto ring = torch::empty({slots, Ho * Wo, R}, opts);  // after the mode-1 pass
+  auto o = torch::empty({G * Ho * Wo, R}, opts);      // after the mode-0 pass, a batch of output planes
   scalar_t* pa = a.data_ptr<scalar_t>();
   scalar_t* pt1 = t1.data_ptr<scalar_t>();
   scalar_t* pring = ring.data_ptr<scalar_t>();
@@ -80,68 +106,78 @@ void run(const torch::Tensor& x, const torch::Tensor& uc, const torch::Tensor& u
     auto xb = x[b];                 // (C, D, H, W)
     auto ob = out[b];               // (Do, Ho, Wo, T)
     int64_t next_out = 0;
-    auto emit_ready = [&](int64_t have) {  // every output plane whose input planes are all in the ring
-      for (; next_out < a0.out && last_needed[next_out] <= have; ++next_out) {
-        const int64_t d = next_out;
-        at::parallel_for(0, Ho * Wo, grain(R * K0), [&](int64_t p0, int64_t p1) {
+    auto emit_ready = [&](int64_t have) {  // output planes whose input planes are all in the ring
+      while (next_out < a0.out && last_needed[next_out] <= have) {
+        int64_t n_out = 0;
+        while (n_out < G && next_out + n_out < a0.out && last_needed[next_out + n_out] <= have) ++n_out;
+        const int64_t d_first = next_out;
+        const int64_t positions = Ho * Wo;
+        at::parallel_for(0, n_out * positions, grain(R * K0), [&](int64_t q0, int64_t q1) {
           const scalar_t* src[64];
           const scalar_t* w[64];
-          for (int64_t p = p0; p < p1; ++p) {
+          for (int64_t q = q0; q < q1; ++q) {
+            const int64_t d = d_first + q / positions, p = q % positions;
             int n = 0;
             for (int64_t i = 0; i < K0; ++i) {
               const int64_t s = a0.src(d, i);
               if (s < 0 || s >= a0.in) continue;
-              src[n] = pring + (s % span) * plane + p * R;
+              src[n] = pring + (s % slots) * plane + p * R;
               w[n++] = w0 + i * R;
             }
-            tap_sum(po + p * R, src, w, n, R);
+            tap_sum(po + q * R, src, w, n, R);
           }
         });
-        auto out_plane = ob[d].view({Ho * Wo, T});
-        at::mm_out(out_plane, o, wt);
+        auto out_rows = ob.narrow(0, d_first, n_out).view({n_out * positions, T});
+        at::mm_out(out_rows, o.narrow(0, 0, n_out * positions), wt);
+        next_out += n_out;
       }
     };
     emit_ready(-1);
-    for (int64_t d = 0; d < a0.in; ++d) {
-      auto xp = xb.select(1, d).reshape({C, H * W});  // a view for channels-first and channels-last input
-      at::mm_out(a, xp.t(), uc);
-      // mode 2 (W): (H, W, R) -> (H, Wo, R)
-      at::parallel_for(0, H, grain(Wo * R * K2), [&](int64_t h0, int64_t h1) {
+    for (int64_t d0 = 0; d0 < a0.in; d0 += G) {
+      const int64_t g = std::min(G, a0.in - d0);
+      // (C, g, H, W) -> (C, g*H*W): a view for channels-first and channels-last input
+      auto xp = xb.narrow(1, d0, g).reshape({C, g * H * W});
+      auto a_rows = a.narrow(0, 0, g * H * W);
+      at::mm_out(a_rows, xp.t(), uc);
+      // mode 2 (W): (g, H, W, R) -> (g, H, Wo, R)
+      at::parallel_for(0, g * H, grain(Wo * R * K2), [&](int64_t r0, int64_t r1) {
         const scalar_t* src[64];
         const scalar_t* w[64];
-        for (int64_t h = h0; h < h1; ++h)
+        for (int64_t row = r0; row < r1; ++row)
           for (int64_t wo = 0; wo < Wo; ++wo) {
             int n = 0;
             for (int64_t k = 0; k < K2; ++k) {
               const int64_t s = a2.src(wo, k);
               if (s < 0 || s >= W) continue;
-              src[n] = pa + (h * W + s) * R;
+              src[n] = pa + (row * W + s) * R;
               w[n++] = w2 + k * R;
             }
-            tap_sum(pt1 + (h * Wo + wo) * R, src, w, n, R);
+            tap_sum(pt1 + (row * Wo + wo) * R, src, w, n, R);
           }
       });
-      // mode 1 (H): (H, Wo, R) -> (Ho, Wo, R), into the ring
-      scalar_t* dst_plane = pring + (d % span) * plane;
-      at::parallel_for(0, Ho, grain(Wo * R * K1), [&](int64_t h0, int64_t h1) {
+      // mode 1 (H): (g, H, Wo, R) -> (g, Ho, Wo, R), each plane into its ring slot
+      at::parallel_for(0, g * Ho, grain(Wo * R * K1), [&](int64_t r0, int64_t r1) {
         const scalar_t* src[64];
         const scalar_t* w[64];
-        for (int64_t ho = h0; ho < h1; ++ho) {
+        const scalar_t* row_src[64];
+        for (int64_t row = r0; row < r1; ++row) {
+          const int64_t q = row / Ho, ho = row % Ho;
+          const scalar_t* t1_plane = pt1 + q * H * Wo * R;
+          scalar_t* dst = pring + ((d0 + q) % slots) * plane + ho * Wo * R;
           int n = 0;
           for (int64_t j = 0; j < K1; ++j) {
             const int64_t s = a1.src(ho, j);
             if (s < 0 || s >= H) continue;
-            src[n] = pt1 + s * Wo * R;
+            src[n] = t1_plane + s * Wo * R;
             w[n++] = w1 + j * R;
           }
           for (int64_t wo = 0; wo < Wo; ++wo) {
-            const scalar_t* row_src[64];
             for (int t = 0; t < n; ++t) row_src[t] = src[t] + wo * R;
-            tap_sum(dst_plane + (ho * Wo + wo) * R, row_src, w, n, R);
+            tap_sum(dst + wo * R, row_src, w, n, R);
           }
         }
       });
-      emit_ready(d);
+      emit_ready(d0 + g - 1);
     }
     emit_ready(a0.in);
   }
@@ -151,11 +187,11 @@ void run(const torch::Tensor& x, const torch::Tensor& uc, const torch::Tensor& u
 
 // x (B, C, D, H, W) any strides; uc (C, R); u0 (K0, R), u1 (K1, R), u2 (K2, R); wt (R, T) with lambda
 // folded in. geometry: per spatial mode, output size, stride, low padding, dilation (high padding is
-// implied by the output size). Returns (B, Do, Ho, Wo, T) contiguous.
+// implied by the output size). chunk: input planes per GEMM C -> R. Returns (B, Do, Ho, Wo, T) contiguous.
 torch::Tensor cp_chain_forward(torch::Tensor x, torch::Tensor uc, torch::Tensor u0, torch::Tensor u1,
                                torch::Tensor u2, torch::Tensor wt, std::vector<int64_t> out_size,
                                std::vector<int64_t> stride, std::vector<int64_t> pad_lo,
-                               std::vector<int64_t> dilation) {
+                               std::vector<int64_t> dilation, int64_t chunk) {
   TORCH_CHECK(x.dim() == 5, "x must be (B, C, D, H, W), got ", x.dim(), " dims");
   TORCH_CHECK(!x.is_cuda(), "cp_chain_forward runs on CPU tensors");
   TORCH_CHECK(out_size.size() == 3 && stride.size() == 3 && pad_lo.size() == 3 && dilation.size() == 3,
@@ -175,9 +211,11 @@ torch::Tensor cp_chain_forward(torch::Tensor x, torch::Tensor uc, torch::Tensor 
     ax[m] = Axis{x.size(2 + m), out_size[m], us[m]->size(0), stride[m], pad_lo[m], dilation[m]};
     TORCH_CHECK(ax[m].out >= 1 && ax[m].stride >= 1 && ax[m].dil >= 1 && ax[m].pad_lo >= 0, "bad geometry");
   }
+  TORCH_CHECK(chunk >= 1, "chunk must be >= 1, got ", chunk);
+  chunk = std::min(chunk, x.size(2));
   auto out = torch::empty({x.size(0), out_size[0], out_size[1], out_size[2], wt.size(1)}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cp_chain_forward", [&] {
-    run<scalar_t>(x, uc, u0, u1, u2, wt, out, ax[0], ax[1], ax[2]);
+    run<scalar_t>(x, uc, u0, u1, u2, wt, out, ax[0], ax[1], ax[2], chunk);
   });
   return out;
 }

@@ -1,0 +1,53 @@
+"""The compiled plane-by-plane CP kernel (``strategy="fused"`` on torch CPU, no gradients) by chunk size.
+
+    python benchmarks/plane_chain.py            # prints a markdown table
+
+Input (B, C, 16, 32, 32), CP kernel C -> C, 3x3x3, rank R, padding 1, float32. For each point:
+dense Conv3d, tensorconv ``auto`` (what runs without asking for ``fused``), the plane kernel
+with chunks of 256 KiB .. 4 MiB (input planes per GEMM so that a chunk's widest intermediate
+fits; ``CHUNK_BYTES`` in tensorconv/backends/_torch_cpu_chain.py is the default), all timed
+interleaved (medians of 11 runs after 2 warm-ups), glibc told not to trim (see
+docs/benchmarks.md). The kernel is built on first use (about 30 s).
+"""
+import platform
+
+import torch
+
+from tensorconv import KruskalKernel, conv
+from tensorconv.backends import _torch_cpu_chain
+from tensorconv.cli.bench import _set_malloc_no_trim, measure_many
+
+POINTS = [(1, 16, 16), (1, 32, 32), (1, 64, 64), (1, 128, 128), (8, 32, 32), (8, 32, 96), (8, 32, 192),
+          (8, 128, 128)]
+CHUNKS_KIB = [256, 1024, 4096]
+
+
+def main():
+    _set_malloc_no_trim()
+    if _torch_cpu_chain.load() is None:
+        raise SystemExit("the CPU kernel cannot be built here")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+          f", default chunk {_torch_cpu_chain.CHUNK_BYTES >> 10} KiB\n")
+    cols = " | ".join(f"plane chain {c} KiB ms" for c in CHUNKS_KIB)
+    print(f"| B | C | R | dense Conv3d ms | auto ms | {cols} | auto / best chunk | dense / best chunk |")
+    print("|---|---|---|---|---|" + "---|" * len(CHUNKS_KIB) + "---|---|")
+    for b, c, r in POINTS:
+        x = torch.randn(b, c, 16, 32, 32)
+        k = KruskalKernel.random((c, c, 3, 3, 3), r, backend="torch", dtype="float32", seed=4)
+        lam, u_t, u_c, *spatial = [k.weights] + list(k.factors)
+        dense = torch.nn.Conv3d(c, c, 3, padding=1, bias=False)
+        entries = {"dense": lambda: dense(x), "auto": lambda: conv(x, k, padding=1)}
+        for kib in CHUNKS_KIB:
+            entries[kib] = (lambda cb: lambda: _torch_cpu_chain.cp_chain_forward(
+                x, lam, u_t, u_c, spatial, out_spatial=(16, 32, 32), stride=(1, 1, 1), pad_lo=(1, 1, 1),
+                dilation=(1, 1, 1), chunk_bytes=cb))(kib << 10)
+        with torch.no_grad():
+            t = {n: v["median_ms"] for n, v in measure_many(entries, repeat=11).items()}
+        best = min(t[kib] for kib in CHUNKS_KIB)
+        chunks = " | ".join(f"{t[kib]:.2f}" for kib in CHUNKS_KIB)
+        print(f"| {b} | {c} | {r} | {t['dense']:.2f} | {t['auto']:.2f} | {chunks} | {t['auto'] / best:.2f} | "
+              f"{t['dense'] / best:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
