@@ -169,7 +169,9 @@ def test_auto_picks_reconstructed_at_params_matched_rank_and_factorized_at_r_eq_
         assert big.strategy == "reconstructed", big.estimates
         small = plan_conv(KruskalKernel.random(shape, c, seed=0), (1, c, 16, 32, 32), padding=1, backend=backend_name,
                           dtype=dtype)
-        assert small.strategy == "factorized", small.estimates
+        # "fused" where the compiled plane-by-plane kernel is built on this machine (torch CPU)
+        assert small.strategy in ("factorized", "fused"), small.estimates
+        assert small.strategy == "factorized" or "fused (plane chain)" in small.estimates
 
 
 # a cost model under which memory passes are all that count: the fastest factorized order
@@ -354,11 +356,13 @@ def test_torch_cpu_auto_runs_one_3x3x3_depthwise_conv_at_r_eq_c():
     for c in (16, 64, 128):
         k = KruskalKernel.random((c, c, 3, 3, 3), rank=c, seed=0)
         plan = plan_conv(k, (1, c, 16, 32, 32), padding=1, backend="torch", dtype="float32")
-        assert (plan.strategy, plan.order) == ("factorized", "fastest"), plan.estimates
+        # ("fused" where the compiled plane-by-plane kernel is built here: its fallback is this order)
+        assert plan.strategy in ("factorized", "fused") and plan.order == "fastest", plan.estimates
         assert [s.modes for s in plan.steps if s.kind == "depthwise"] == [(0, 1, 2)]
         assert plan.min_macs == 16 * 32 * 32 * c * (2 * c + 9)
         in_float64 = plan_conv(k, (1, c, 16, 32, 32), padding=1, backend="torch", dtype="float64")
-        assert (in_float64.strategy, in_float64.order) == ("factorized", "fewest-macs"), in_float64.estimates
+        assert in_float64.strategy in ("factorized", "fused") and in_float64.order == "fewest-macs", \
+            in_float64.estimates
 
 
 @pytest.mark.skipif(not _torch_available(), reason="torch is not installed")

@@ -254,6 +254,11 @@ class ArrayBackend:
         kernel, or where it does not apply (gradients needed): the caller runs its own path."""
         return None
 
+    def plane_chain_chunk(self, input_shape, rank, itemsize, device=None):
+        """Input planes per chunk of :meth:`cp_chain_3d` for this input (B, C, D, H, W), or None
+        where the kernel is not ready to run without building it (``auto`` plans then leave it out)."""
+        return None
+
     def conv_dense(self, x, weight, *, stride, dilation, groups=1, padding=None, padding_mode="zeros"):
         """Dense N-D cross-correlation, channels first: x (B, C, *D), weight (T, C/g, *K).
 

@@ -3,10 +3,11 @@
 ``csrc/cp_chain_cpu.cpp`` runs a CP convolution plane by plane along spatial mode 0 (GEMM
 C -> R, the three depthwise passes, GEMM R -> T) so the R-channel intermediates stay in cache;
 see docs/benchmarks.md for what it gains. It is built with ``torch.utils.cpp_extension`` on
-first use (a C++ compiler and ninja; about 30 s on 2 cores, once per machine: torch caches
-the build under ``TORCH_EXTENSIONS_DIR``). Without a compiler, or with
+first use (a C++ compiler and ninja; about 30 s on 2 cores, once per machine: the build is
+kept under ``~/.cache/tensorconv``, or ``TENSORCONV_BUILD_DIR``). Without a compiler, or with
 ``TENSORCONV_NO_CPU_KERNEL=1`` in the environment, :func:`load` returns None and callers run
-their portable path.
+their portable path. ``strategy="auto"`` considers the kernel only once it is built
+(:func:`available`): it never makes a conv call wait for a compiler.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import os
 import platform
 import warnings
 
-__all__ = ["load", "cp_chain_forward"]
+__all__ = ["load", "available", "planes_per_chunk", "cp_chain_forward"]
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "cp_chain_cpu.cpp")
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -37,6 +38,17 @@ def _cpu_signature():
     return platform.machine() + flags
 
 
+def _module_name():
+    with open(_SOURCE, "rb") as f:
+        digest = hashlib.sha1(f.read() + " ".join(_FLAGS).encode() + _cpu_signature().encode()).hexdigest()
+    return f"tensorconv_cp_chain_{digest[:12]}"
+
+
+def _build_root():
+    """Where builds are kept: ``TENSORCONV_BUILD_DIR``, else ``~/.cache/tensorconv``."""
+    return os.environ.get("TENSORCONV_BUILD_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "tensorconv")
+
+
 def load():
     """The compiled module, or None where it cannot be built (decided once per process)."""
     if "module" in _state:
@@ -48,11 +60,12 @@ def load():
     try:
         from torch.utils.cpp_extension import load as build
 
-        with open(_SOURCE, "rb") as f:
-            digest = hashlib.sha1(f.read() + " ".join(_FLAGS).encode() + _cpu_signature().encode()).hexdigest()
-        log.info("tensorconv: loading (or building, once per machine) the CPU fused kernel")
-        module = build(name=f"tensorconv_cp_chain_{digest[:12]}", sources=[_SOURCE], extra_cflags=_FLAGS,
-                       extra_ldflags=["-fopenmp"], verbose=False)
+        name = _module_name()
+        directory = os.path.join(_build_root(), name)
+        os.makedirs(directory, exist_ok=True)
+        log.info("tensorconv: loading (or building, once per machine) the CPU fused kernel in %s", directory)
+        module = build(name=name, sources=[_SOURCE], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+                       build_directory=directory, verbose=False)
     except Exception as exc:  # no compiler or ninja, a failed build: the portable path runs instead
         warnings.warn(f"tensorconv: the CPU fused kernel could not be built ({type(exc).__name__}: "
                       f"{str(exc)[:200]}); strategy='fused' uses torch.compile instead", RuntimeWarning,
@@ -62,12 +75,24 @@ def load():
     return module
 
 
-def planes_per_chunk(x, rank, chunk_bytes=None):
-    """Input planes per chunk: as many as keep one chunk's widest intermediate within
-    ``chunk_bytes`` (at least one)."""
-    b, c, d, h, w = (int(s) for s in x.shape)
-    per_plane = h * w * max(rank, c) * x.element_size()
+def planes_per_chunk(shape, rank, itemsize, chunk_bytes=None):
+    """Input planes per chunk for an input of ``shape`` (B, C, D, H, W): as many as keep one
+    chunk's widest intermediate within ``chunk_bytes`` (at least one)."""
+    _, c, d, h, w = (int(s) for s in shape)
+    per_plane = h * w * max(rank, c) * itemsize
     return max(1, min(d, (chunk_bytes or CHUNK_BYTES) // per_plane))
+
+
+def available():
+    """Whether :func:`load` would return the kernel without building it (loaded, or built
+    here before): ``strategy="auto"`` only considers the kernel then."""
+    if "module" in _state:
+        return _state["module"] is not None
+    if "built" not in _state:  # looked up once per process: plan_conv asks on every call
+        name = _module_name()
+        _state["built"] = (os.environ.get("TENSORCONV_NO_CPU_KERNEL", "") in ("", "0")
+                           and os.path.exists(os.path.join(_build_root(), name, name + ".so")))
+    return _state["built"]
 
 
 def cp_chain_forward(x, lam, u_t, u_c, spatial, *, out_spatial, stride, pad_lo, dilation, chunk_bytes=None):
@@ -79,6 +104,6 @@ def cp_chain_forward(x, lam, u_t, u_c, spatial, *, out_spatial, stride, pad_lo, 
     if module is None:
         return None
     wt = (u_t * lam).t().contiguous()
-    chunk = planes_per_chunk(x, int(u_c.shape[1]), chunk_bytes)
+    chunk = planes_per_chunk(x.shape, int(u_c.shape[1]), x.element_size(), chunk_bytes)
     return module.cp_chain_forward(x, u_c.contiguous(), *[u.contiguous() for u in spatial], wt, list(out_spatial),
                                    list(stride), list(pad_lo), list(dilation), chunk)

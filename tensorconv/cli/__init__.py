@@ -1,4 +1,4 @@
-"""Command-line entry points: ``tensorconv verify`` and ``tensorconv bench``."""
+"""Command-line entry points: ``tensorconv verify``, ``tensorconv bench`` and ``tensorconv build-kernel``."""
 from __future__ import annotations
 
 import argparse
@@ -19,7 +19,15 @@ def main(argv=None):
         bench = None
     if bench is not None:
         bench.add_arguments(p_bench)
+    sub.add_parser("build-kernel", help="build the compiled CPU kernel of strategy='fused' (torch, 3-D CP), "
+                                        "so that strategy='auto' uses it")
     args = parser.parse_args(argv)
+    if args.command == "build-kernel":
+        from ..backends import build_cpu_kernel
+
+        ok = build_cpu_kernel()
+        print("tensorconv: the CPU kernel is " + ("ready" if ok else "not available here (see the warning above)"))
+        return 0 if ok else 1
     if args.command == "verify":
         return verify.main(args)
     return bench.main(args)

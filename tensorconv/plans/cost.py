@@ -22,6 +22,8 @@ class CostModel:
     native_steps: bool = False  # steps run as one native conv call (torch), not one call per tap
     depthwise_macs_per_s: float = 0.0  # native depthwise convs (little reuse per MAC; 0: = macs_per_s)
     dense_slow_macs_per_s: float = 0.0  # torch CPU: dense convs that miss oneDNN (see dense_rate)
+    plane_macs_per_s: float = 0.0  # depthwise MACs inside the compiled plane-by-plane kernel (0: none)
+    plane_cache_bytes: int = 12 << 20  # its working set beyond which its passes run at bytes_per_s
     float64: "CostModel | None" = None  # the model for float64 where it is not this one at half rate
 
     def dense_rate(self, batch, channels, in_spatial, groups):
@@ -45,7 +47,8 @@ class CostModel:
         if itemsize == 8 and self.float64 is not None:
             return self.float64
         scale = 4.0 / itemsize
-        rates = ("macs_per_s", "dense_macs_per_s", "conv_macs_per_s", "depthwise_macs_per_s", "dense_slow_macs_per_s")
+        rates = ("macs_per_s", "dense_macs_per_s", "conv_macs_per_s", "depthwise_macs_per_s", "dense_slow_macs_per_s",
+                 "plane_macs_per_s")
         return replace(self, **{name: getattr(self, name) * scale for name in rates})
 
     def seconds(self, macs, nbytes, calls=1, dense=False, kind=None, rate=None):
@@ -76,15 +79,21 @@ _DEFAULTS = {
     # the faster plan at every point of benchmarks/auto_check.py)
     "numpy": CostModel(macs_per_s=6.0e10, bytes_per_s=8.0e9, call_overhead_s=2.0e-5, dense_macs_per_s=3.0e10,
                        conv_macs_per_s=1.0e10),
+    # (torch CPU, the compiled plane-by-plane CP kernel (plans/fused.py, PlaneChain): its two
+    # GEMMs run through BLAS at about the matmul rate; its depthwise passes, in cache, measured
+    # 14-26 GMAC/s including their share of the per-chunk overhead: benchmarks/plane_chain.py;
+    # with a working set of 20 MiB per chunk (R = 801, C = 64) they fell to memory speed, 2x
+    # slower than the dense conv, where 5-7 MiB ran in cache)
     # (torch CPU float64: oneDNN has no float64, ATen's fallback convs ran at 0.6-1.1 GMAC/s
     # (depthwise) and 3-20 GMAC/s (dense, 1x1; 17-20 from 32 channels up); so plans run
     # float64 steps as tap loops of elementwise ops and GEMMs (TorchBackend.native_conv_ok),
     # priced like NumPy's; the dense conv stays ATen's)
     "torch": CostModel(macs_per_s=7.0e10, bytes_per_s=2.0e10, call_overhead_s=2.0e-5, dense_macs_per_s=1.0e11,
                        conv_macs_per_s=1.0e10, native_steps=True, dense_slow_macs_per_s=8.0e9,
-                       depthwise_macs_per_s=3.5e10,
+                       depthwise_macs_per_s=3.5e10, plane_macs_per_s=2.0e10,
                        float64=CostModel(macs_per_s=3.0e10, bytes_per_s=1.5e10, call_overhead_s=2.0e-5,
-                                         dense_macs_per_s=2.0e10, conv_macs_per_s=3.0e9)),
+                                         dense_macs_per_s=2.0e10, conv_macs_per_s=3.0e9,
+                                         plane_macs_per_s=1.0e10)),
     # a datacenter GPU (H100 class)
     "torch-cuda": CostModel(macs_per_s=2.5e13, bytes_per_s=2.5e12, call_overhead_s=1.0e-5, dense_macs_per_s=1.5e13,
                             native_steps=True),

@@ -5,12 +5,12 @@ import functools
 
 import opt_einsum
 
-from ..backends import get_backend
+from ..backends import backend_for_name, get_backend
 from ..kernels import KruskalKernel, TuckerKernel
 from .cost import cost_model_for
 from .executor import TapProgram, WeightProduct
 from .fused import CompiledChain, FusedRunner, PlaneChain
-from .planner import STRATEGIES, dense_step, plan_steps, reconstruct_macs
+from .planner import STRATEGIES, dense_step, plan_steps, plane_chain_seconds, reconstruct_macs
 from .spec import make_geometry
 from .structure import KernelStructure, structure_of, weight_arrays
 
@@ -88,7 +88,7 @@ class ConvPlan:
     """
 
     def __init__(self, structure, input_shape, geometry, *, batched, strategy, itemsize, backend_name="numpy",
-                 device=None, cost_model=None):
+                 device=None, cost_model=None, plane_chunk=None):
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy={strategy!r} is not one of {STRATEGIES}")
         self.structure = structure
@@ -126,7 +126,17 @@ class ConvPlan:
                                                       objective="seconds")
                 if fast_path != path:
                     self.estimates["factorized, fastest order"] = sum(s.seconds for s in fast_steps)
+                if plane_chunk is not None and PlaneChain.applies(structure) and model.plane_macs_per_s:
+                    self.estimates["fused (plane chain)"] = plane_chain_seconds(structure, geometry, batch, itemsize,
+                                                                               model, plane_chunk)
                 chosen = min(self.estimates, key=self.estimates.__getitem__)
+                if chosen == "fused (plane chain)":
+                    # where gradients are needed the kernel does not apply: the faster unfused order runs
+                    chosen = "fused"
+                    unfused = [k for k in self.estimates if k.startswith("factorized")]
+                    if min(unfused, key=self.estimates.__getitem__) == "factorized, fastest order":
+                        self.order = "fastest"
+                        self._factorized = (fast_steps, fast_path)
                 if chosen == "factorized, fastest order":
                     chosen, self.order = "factorized", "fastest"
                     self._factorized = (fast_steps, fast_path)
@@ -166,8 +176,11 @@ class ConvPlan:
             self.macs = sum(s.macs for s in steps if s.kind != "weights")
             self.weight_macs = sum(s.macs for s in steps if s.kind == "weights")
             self.peak_bytes = self._peak_factorized(steps)
-            self._fused = FusedRunner(self) if self.strategy == "fused" else None
-            self._compiled = CompiledChain(self) if self.strategy == "fused" else None
+            # asked for by name, fused also compiles (torch) or tiles (elsewhere) what the plane chain
+            # does not take; auto never waits for a compiler, so its fallback is the unfused plan
+            asked = self.strategy == "fused" and self.requested == "fused"
+            self._fused = FusedRunner(self) if asked else None
+            self._compiled = CompiledChain(self) if asked else None
             self._plane_chain = PlaneChain(self) if self.strategy == "fused" and PlaneChain.applies(st) else None
         else:
             self.path = []
@@ -265,9 +278,9 @@ class ConvPlan:
             if out is not None:  # (B, *D', T) from one compiled kernel
                 return backend.moveaxis(out, -1, 1)
         out = None
-        if self.strategy == "fused" and backend.name == "torch":
+        if self._compiled is not None and backend.name == "torch":
             out = self._compiled(backend, self.activation(backend, x), list(arrays))
-        elif self.strategy == "fused":
+        elif self._fused is not None:
             out = self._fused(backend, x, [None] + list(arrays))
         if out is None:  # unfused, or compiling failed
             out = self._run_steps(backend, x, arrays)
@@ -317,6 +330,12 @@ class ConvPlan:
                if self.estimates else ""),
             f"  geometry: stride={self.geometry.stride} padding={self.geometry.padding} "
             f"dilation={self.geometry.dilation} padding_mode={self.geometry.padding_mode}",
+        ]
+        if getattr(self, "_plane_chain", None) is not None:
+            rest = "torch.compile of the steps below" if self._compiled is not None else "the steps below, unfused"
+            lines.append("  fused: on torch CPU without gradients, one compiled plane-by-plane kernel; "
+                         f"otherwise {rest}")
+        lines += [
             "",
             f"  {'#':>2}  {'primitive':<10} {'operands':<22} {'modes':<8} {'summed':<14} {'output shape':<26} "
             f"{'MACs':>15} {'bytes':>13}",
@@ -374,12 +393,12 @@ def _split_input_shape(input_shape, structure):
 
 @functools.lru_cache(maxsize=512)
 def _cached_plan(structure, input_shape, stride, padding, dilation, padding_mode, strategy, itemsize,
-                 backend_name, cost_model):
+                 backend_name, cost_model, plane_chunk=None):
     batched, spatial = _split_input_shape(input_shape, structure)
     geometry = make_geometry(spatial, structure.shape[2:], stride=stride, padding=padding, dilation=dilation,
                              padding_mode=padding_mode)
     return ConvPlan(structure, input_shape, geometry, batched=batched, strategy=strategy, itemsize=itemsize,
-                    backend_name=backend_name, cost_model=cost_model)
+                    backend_name=backend_name, cost_model=cost_model, plane_chunk=plane_chunk)
 
 
 def _hashable(value):
@@ -431,8 +450,14 @@ def plan_conv(kernel_or_shape, input_shape, *, stride=1, padding=0, dilation=1, 
     # the device only selects a cost model: one cache entry per model, whatever names the device
     # (and a model installed by calibrate / set_cost_model takes effect for the next plan)
     model = cost_model_for(backend_name, device)
-    return _cached_plan(structure, tuple(int(s) for s in input_shape), _hashable(stride), _hashable(padding),
-                        _hashable(dilation), padding_mode, strategy, _itemsize(dtype), backend_name, model)
+    input_shape = tuple(int(s) for s in input_shape)
+    plane_chunk = None
+    if strategy == "auto" and PlaneChain.applies(structure) and len(input_shape) == 5:
+        # a compiled kernel the backend has ready (built before): auto weighs it in
+        plane_chunk = backend_for_name(backend_name).plane_chain_chunk(input_shape, structure.size_of["r"],
+                                                                       _itemsize(dtype), device)
+    return _cached_plan(structure, input_shape, _hashable(stride), _hashable(padding), _hashable(dilation),
+                        padding_mode, strategy, _itemsize(dtype), backend_name, model, plane_chunk)
 
 
 def conv(x, kernel, *, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros", strategy="auto"):

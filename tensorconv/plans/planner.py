@@ -16,7 +16,7 @@ import opt_einsum
 
 from .spec import ConvGeometry
 
-__all__ = ["Step", "ConvPathOptimizer", "plan_steps", "STRATEGIES"]
+__all__ = ["Step", "ConvPathOptimizer", "plan_steps", "plane_chain_seconds", "STRATEGIES"]
 
 STRATEGIES = ("auto", "factorized", "reconstructed", "fused")
 #: what the order search minimises: multiply-adds (the paper's count; ties broken by the cost
@@ -302,3 +302,26 @@ def dense_step(structure, geometry, batch, itemsize, model):
                 out_indices=("t",), summed=("s",) + structure.taps, modes=tuple(range(structure.n_spatial)),
                 out_shape=(batch, t) + tuple(out), macs=macs, nbytes=nbytes, seconds=secs,
                 in_grid=tuple(geometry.in_spatial), out_grid=tuple(out))
+
+
+def plane_chain_seconds(structure, geometry, batch, itemsize, model, chunk_planes):
+    """Cost-model seconds of a 3-D CP conv run plane by plane in one compiled kernel
+    (``PlaneChain``): its two GEMMs at the matmul rate over the input and output alone (the
+    intermediates stay in cache), its depthwise passes at ``plane_macs_per_s``, and two calls
+    per chunk of ``chunk_planes`` input planes."""
+    sizes = structure.size_of
+    c, r, t = sizes["s"], sizes["r"], sizes["t"]
+    (d, h, w), (do, ho, wo) = geometry.in_spatial, geometry.out_spatial
+    k0, k1, k2 = geometry.kernel_size
+    gemm_macs = batch * (d * h * w * c * r + do * ho * wo * r * t)
+    depthwise_macs = batch * r * (d * h * wo * k2 + d * ho * wo * k1 + do * ho * wo * k0)
+    nbytes = itemsize * batch * (d * h * w * c + do * ho * wo * t)
+    chunks = batch * -(-d // chunk_planes)
+    passes = depthwise_macs / model.plane_macs_per_s
+    span = (k0 - 1) * geometry.dilation[0] + 1
+    if itemsize * chunk_planes * h * w * r * (4 + span) > model.plane_cache_bytes:
+        # a chunk's planes (GEMM output, two passes, the ring, the GEMM input) no longer fit in
+        # cache: each pass streams them (about 5 reads / writes per input voxel, K0 + 2 per output)
+        pass_bytes = itemsize * batch * r * (5 * d * h * w + (k0 + 2) * do * ho * wo)
+        passes = max(passes, pass_bytes / model.bytes_per_s)
+    return model.seconds(gemm_macs, nbytes, calls=2 * chunks) + passes
