@@ -68,6 +68,9 @@ class ConvPlan:
         Factorized plans: ``"fewest-macs"`` (the paper's separable chain; what ``"factorized"``
         and ``"fused"`` run) or ``"fastest"`` (``"auto"`` only: the cost model's fastest
         factorized order, which may merge spatial factors into one multi-mode depthwise step).
+    plane_chain : bool
+        Fused plans of 3-D CP kernels: calls on torch CPU that need no gradient run the
+        compiled plane-by-plane kernel (``tensorconv.build_cpu_kernel``) instead of ``steps``.
     steps : list of :class:`~tensorconv.plans.planner.Step`
     path : list of tuples
         The contraction order in opt_einsum's linear format (factorized plans).
@@ -182,7 +185,9 @@ class ConvPlan:
             self._fused = FusedRunner(self) if asked else None
             self._compiled = CompiledChain(self) if asked else None
             self._plane_chain = PlaneChain(self) if self.strategy == "fused" and PlaneChain.applies(st) else None
+            self.plane_chain = self._plane_chain is not None
         else:
+            self.plane_chain = False
             self.path = []
             self.steps = [self._dense_step]
             self.macs = self.dense_macs
@@ -331,7 +336,7 @@ class ConvPlan:
             f"  geometry: stride={self.geometry.stride} padding={self.geometry.padding} "
             f"dilation={self.geometry.dilation} padding_mode={self.geometry.padding_mode}",
         ]
-        if getattr(self, "_plane_chain", None) is not None:
+        if self.plane_chain:
             rest = "torch.compile of the steps below" if self._compiled is not None else "the steps below, unfused"
             lines.append("  fused: on torch CPU without gradients, one compiled plane-by-plane kernel; "
                          f"otherwise {rest}")
