@@ -77,8 +77,8 @@ def targets_summary(rows):
     for mult, goal, label in ((3, 1.0, "faster than dense Conv3d"), (6, 1.5, "within 1.5x of dense Conv3d")):
         for r in tg:
             if r["batch"] == 8 and r["rank"] == mult * r["channels"]:
-                # auto counts only where it runs a factorized plan (reconstructed is a dense conv)
-                auto = r.get("auto_fwd_ms") if str(r.get("auto_picked", "")).startswith("factorized") else None
+                # auto counts only where it runs a factorized or fused plan (reconstructed is a dense conv)
+                auto = r.get("auto_fwd_ms") if str(r.get("auto_picked", "")).startswith(("factorized", "fused")) else None
                 best = min(t for t in (r["factorized_fwd_ms"], r["fused_fwd_ms"], auto) if t)
                 ratio = best / r["dense_fwd_ms"]
                 auto_txt = f"auto {r['auto_fwd_ms']:.1f} ms ({r['auto_picked']}), " if r.get("auto_fwd_ms") else ""
@@ -128,7 +128,7 @@ def targets_summary(rows):
 def _best_speedup(r):
     """dense / (fastest factorized-family forward) of a targets row, and which one it was."""
     cands = {"factorized": r["factorized_fwd_ms"], "fused": r["fused_fwd_ms"]}
-    if r.get("auto_fwd_ms") and str(r.get("auto_picked", "")).startswith("factorized"):
+    if r.get("auto_fwd_ms") and str(r.get("auto_picked", "")).startswith(("factorized", "fused")):
         cands["auto"] = r["auto_fwd_ms"]
     name = min(cands, key=cands.get)
     return r["dense_fwd_ms"] / cands[name], name
@@ -146,7 +146,7 @@ def before_after(rows, before_rows):
         same_run = ""
         if r.get("auto_fwd_ms"):
             same_run = (f"{r['factorized_fwd_ms'] / r['auto_fwd_ms']:.2f}"
-                        if str(r.get("auto_picked", "")).startswith("factorized") else f"(auto: {r['auto_picked']})")
+                        if str(r.get("auto_picked", "")).startswith(("factorized", "fused")) else f"(auto: {r['auto_picked']})")
         out.append(f"| {r['batch']} | {r['channels']} | {r['rank']} | {r['mac_ratio']:.1f} | {b[0]:.2f} ({b[1]}) | "
                    f"{a:.2f} ({which}) | {same_run} |")
     return "\n".join(out)
@@ -158,7 +158,8 @@ def main(path, before=None):
     print(f"Measured {env['date']} on {env['processor']} ({env['cpus']} CPUs), Python {env['python']}, "
           f"numpy {env['numpy']}, torch {env.get('torch', '-')} ({env.get('torch_threads', '-')} threads), "
           f"tensorly-torch {env.get('tltorch', 'not installed')}, GPU: {env.get('gpu', 'none')}. "
-          f"Allocator: {env['allocator']}. Command: `{env['command']}` ({env['seconds']} s). "
+          f"Allocator: {env['allocator']}. CPU plane-chain kernel: "
+          f"{ {True: 'built', False: 'unavailable', None: 'not used'}[env.get('cpu_kernel')] }. Command: `{env['command']}` ({env['seconds']} s). "
           f"Times in ms, median of the runs (min / max beside).\n")
     print("### targets, evaluated on this run\n")
     print(targets_summary(data["rows"]))
