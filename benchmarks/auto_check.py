@@ -9,7 +9,9 @@ runs; input (2, C, 16, 32, 32) for N = 3, (2, C, 64, 64) for N = 2. "pick / best
 of the plan auto runs over the faster of factorized and reconstructed. Where auto runs one of
 those two plans, its time is that plan's own column (the `auto` column then times the same
 plan at another place in the interleaved rounds: a call right after `reconstructed` pays for
-its large buffers, up to 1.4x on float64). Checks the cost models in tensorconv/plans/cost.py.
+its large buffers, up to 1.4x on float64). Where auto runs the compiled plane chain (torch CPU,
+N = 3, once built: `tensorconv build-kernel`), it is the `auto` column. Checks the cost models
+in tensorconv/plans/cost.py.
 """
 import sys
 
@@ -38,11 +40,12 @@ def main(backend):
                 k = KruskalKernel.random((c, c) + (3,) * n, rank=c, seed=0, dtype=dtype).to_backend(backend)
                 x = _array(backend, np.random.default_rng(0).standard_normal((2, c) + spatial).astype(dtype))
                 plan = plan_conv(k, tuple(x.shape), padding=1)
-                runs = f"{plan.strategy}, {plan.order}" if plan.order else plan.strategy
+                runs = "fused (plane chain)" if plan.plane_chain else (
+                    f"{plan.strategy}, {plan.order}" if plan.order else plan.strategy)
                 t = measure_many({s: (lambda s: lambda: conv(x, k, padding=1, strategy=s))(s)
                                   for s in ("factorized", "reconstructed", "auto")}, repeat=5)
                 f, r, a = (t[s]["median_ms"] for s in ("factorized", "reconstructed", "auto"))
-                pick = {"fewest-macs": f, None: r}.get(plan.order, a)
+                pick = a if plan.plane_chain else {"fewest-macs": f, None: r}.get(plan.order, a)
                 print(f"| {n} | {dtype} | {c} | {runs} | {f:.2f} | {r:.2f} | {a:.2f} | {pick / min(f, r):.2f} |")
 
 

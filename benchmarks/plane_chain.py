@@ -3,23 +3,37 @@
     python benchmarks/plane_chain.py            # prints a markdown table
 
 Input (B, C, 16, 32, 32), CP kernel C -> C, 3x3x3, rank R, padding 1, float32. For each point:
-dense Conv3d, tensorconv ``auto`` (what runs without asking for ``fused``), the plane kernel
-with chunks of 256 KiB .. 4 MiB (input planes per GEMM so that a chunk's widest intermediate
-fits; ``CHUNK_BYTES`` in tensorconv/backends/_torch_cpu_chain.py is the default), all timed
-interleaved (medians of 11 runs after 2 warm-ups), glibc told not to trim (see
-docs/benchmarks.md). The kernel is built on first use (about 30 s).
+dense Conv3d, the fewest-MAC factorized chain unfused, the plan ``auto`` picks when the kernel
+is not built (unfused; before the plane chain existed this was the default), and the plane
+kernel with chunks of 256 KiB .. 4 MiB (input planes per GEMM so that a chunk's widest
+intermediate fits; ``CHUNK_BYTES`` in tensorconv/backends/_torch_cpu_chain.py is the default;
+the ratios use it), all timed interleaved in shuffled order (medians of 15 runs after 2
+warm-ups), glibc told not to trim (see docs/benchmarks.md); "auto picks" is what ``auto`` runs
+once the kernel is built. The kernel is built on first use (about 30 s).
 """
 import platform
 
 import torch
 
-from tensorconv import KruskalKernel, conv
+from tensorconv import KruskalKernel, conv, plan_conv
 from tensorconv.backends import _torch_cpu_chain
 from tensorconv.cli.bench import _set_malloc_no_trim, measure_many
 
 POINTS = [(1, 16, 16), (1, 32, 32), (1, 64, 64), (1, 128, 128), (8, 32, 32), (8, 32, 96), (8, 32, 192),
           (8, 128, 128)]
 CHUNKS_KIB = [256, 1024, 4096]
+
+
+def _unfused_auto(k, shape):
+    """The plan auto picks when the kernel is not built (what ran before the plane chain)."""
+    saved = dict(_torch_cpu_chain._state)
+    _torch_cpu_chain._state.clear()
+    _torch_cpu_chain._state["module"] = None
+    try:
+        return plan_conv(k, shape, padding=1)
+    finally:
+        _torch_cpu_chain._state.clear()
+        _torch_cpu_chain._state.update(saved)
 
 
 def main():
@@ -29,24 +43,30 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
           f", default chunk {_torch_cpu_chain.CHUNK_BYTES >> 10} KiB\n")
     cols = " | ".join(f"plane chain {c} KiB ms" for c in CHUNKS_KIB)
-    print(f"| B | C | R | dense Conv3d ms | auto ms | {cols} | auto / best chunk | dense / best chunk |")
-    print("|---|---|---|---|---|" + "---|" * len(CHUNKS_KIB) + "---|---|")
+    print(f"| B | C | R | dense Conv3d ms | factorized (unfused) ms | auto without the kernel ms | {cols} | "
+          f"auto picks | unfused auto / chain | dense / chain |")
+    print("|---|---|---|---|---|---|" + "---|" * len(CHUNKS_KIB) + "---|---|---|")
     for b, c, r in POINTS:
-        x = torch.randn(b, c, 16, 32, 32)
+        shape = (b, c, 16, 32, 32)
+        x = torch.randn(shape)
         k = KruskalKernel.random((c, c, 3, 3, 3), r, backend="torch", dtype="float32", seed=4)
         lam, u_t, u_c, *spatial = [k.weights] + list(k.factors)
         dense = torch.nn.Conv3d(c, c, 3, padding=1, bias=False)
-        entries = {"dense": lambda: dense(x), "auto": lambda: conv(x, k, padding=1)}
+        unfused = _unfused_auto(k, shape)
+        auto = plan_conv(k, shape, padding=1)
+        entries = {"dense": lambda: dense(x), "factorized": lambda: conv(x, k, padding=1, strategy="factorized"),
+                   "unfused auto": lambda: unfused(x, k)}
         for kib in CHUNKS_KIB:
             entries[kib] = (lambda cb: lambda: _torch_cpu_chain.cp_chain_forward(
                 x, lam, u_t, u_c, spatial, out_spatial=(16, 32, 32), stride=(1, 1, 1), pad_lo=(1, 1, 1),
                 dilation=(1, 1, 1), chunk_bytes=cb))(kib << 10)
         with torch.no_grad():
-            t = {n: v["median_ms"] for n, v in measure_many(entries, repeat=11).items()}
-        best = min(t[kib] for kib in CHUNKS_KIB)
+            t = {n: v["median_ms"] for n, v in measure_many(entries, repeat=15).items()}
+        chain = t[_torch_cpu_chain.CHUNK_BYTES >> 10]
         chunks = " | ".join(f"{t[kib]:.2f}" for kib in CHUNKS_KIB)
-        print(f"| {b} | {c} | {r} | {t['dense']:.2f} | {t['auto']:.2f} | {chunks} | {t['auto'] / best:.2f} | "
-              f"{t['dense'] / best:.2f} |")
+        pick = "plane chain" if auto.plane_chain else auto.strategy
+        print(f"| {b} | {c} | {r} | {t['dense']:.2f} | {t['factorized']:.2f} | {t['unfused auto']:.2f} | {chunks} | "
+              f"{pick} | {t['unfused auto'] / chain:.2f} | {t['dense'] / chain:.2f} |")
 
 
 if __name__ == "__main__":

@@ -6,9 +6,9 @@ with the machine, versions and allocator settings they were measured under.
 from __future__ import annotations
 
 import json
-import random
 import os
 import platform
+import random
 import sys
 import time
 
