@@ -1,6 +1,7 @@
 """The compiled plane-by-plane CP kernel (``strategy="fused"`` on torch CPU, no gradients) by chunk size.
 
     python benchmarks/plane_chain.py            # prints a markdown table
+    python benchmarks/plane_chain.py 2d         # 2-D CP convs: unfused auto vs the chain
 
 Input (B, C, 16, 32, 32), CP kernel C -> C, 3x3x3, rank R, padding 1, float32. For each point:
 dense Conv3d, the fewest-MAC factorized chain unfused, the plan ``auto`` picks when the kernel
@@ -34,6 +35,29 @@ def _unfused_auto(k, shape):
     finally:
         _torch_cpu_chain._state.clear()
         _torch_cpu_chain._state.update(saved)
+
+
+POINTS_2D = [(8, 64, 64, 56), (8, 32, 96, 64), (1, 128, 128, 28), (32, 64, 64, 32), (8, 256, 256, 14)]
+
+
+def main_2d():
+    """2-D CP convs (B, C, S, S), 3x3: the chain runs rows of mode 0 as its planes."""
+    print("| B | C | R | S | dense Conv2d ms | auto without the kernel ms | plane chain ms | auto picks | "
+          "unfused auto / chain |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for b, c, r, side in POINTS_2D:
+        shape = (b, c, side, side)
+        x = torch.randn(shape)
+        k = KruskalKernel.random((c, c, 3, 3), r, backend="torch", dtype="float32", seed=1)
+        dense = torch.nn.Conv2d(c, c, 3, padding=1, bias=False)
+        unfused, auto = _unfused_auto(k, shape), plan_conv(k, shape, padding=1)
+        with torch.no_grad():
+            t = {n: v["median_ms"] for n, v in measure_many(
+                {"dense": lambda: dense(x), "unfused": lambda: unfused(x, k),
+                 "chain": lambda: conv(x, k, padding=1, strategy="fused")}, repeat=15).items()}
+        pick = "plane chain" if auto.plane_chain else auto.strategy
+        print(f"| {b} | {c} | {r} | {side} | {t['dense']:.2f} | {t['unfused']:.2f} | {t['chain']:.2f} | {pick} | "
+              f"{t['unfused'] / t['chain']:.2f} |")
 
 
 def main():
@@ -70,4 +94,12 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if sys.argv[1:] == ["2d"]:
+        _set_malloc_no_trim()
+        if _torch_cpu_chain.load() is None:
+            raise SystemExit("the CPU kernel cannot be built here")
+        main_2d()
+    else:
+        main()

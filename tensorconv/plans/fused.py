@@ -2,7 +2,7 @@
 
 Three mechanisms, measured in docs/benchmarks.md:
 
-- torch CPU, 3-D CP kernels, no gradient needed: :class:`PlaneChain` calls the backend's
+- torch CPU, CP kernels of 1-3 spatial modes, no gradient needed: :class:`PlaneChain` calls the backend's
   compiled kernel (``cp_chain_3d``; C++ built on first use), which runs the whole chain plane
   by plane along spatial mode 0 with a ring of planes for the mode-0 taps: only the input and
   the output touch main memory.
@@ -32,6 +32,7 @@ instead of keeping them, so peak memory stays at tile size.
 from __future__ import annotations
 
 from .executor import TapProgram
+from .spec import as_3d
 
 __all__ = ["FusedRunner", "CompiledChain", "PlaneChain", "TILE_BYTES"]
 
@@ -205,11 +206,12 @@ class CompiledChain:
 
 
 class PlaneChain:
-    """A 3-D CP plan handed whole to the backend's compiled plane-by-plane kernel, if it has one.
+    """A CP plan handed whole to the backend's compiled plane-by-plane kernel, if it has one.
 
-    Applies to plain CP kernels (one factor per mode, none identity) with three spatial modes;
-    padding other than zeros is applied to the input first. Returns None (the caller's other
-    fused mechanisms run) where the backend has no kernel or gradients are needed.
+    Applies to plain CP kernels (one factor per mode, none identity) with 1 to 3 spatial modes
+    (fewer than 3 run with unit modes inserted, see :func:`as_3d`); padding other than zeros
+    is applied to the input first. Returns None (the caller's other fused mechanisms run)
+    where the backend has no kernel or gradients are needed.
     """
 
     def __init__(self, plan):
@@ -217,17 +219,26 @@ class PlaneChain:
 
     @staticmethod
     def applies(structure):
-        if structure.kind != "kruskal" or structure.n_spatial != 3:
+        n = structure.n_spatial
+        if structure.kind != "kruskal" or not 1 <= n <= 3:
             return False
         _, _, rank, modes, none_mask = structure.key
-        return modes == tuple((m,) for m in range(5)) and not any(none_mask)
+        return modes == tuple((m,) for m in range(2 + n)) and not any(none_mask)
 
     def __call__(self, backend, x, arrays):
         g = self.plan.geometry
+        n = len(g.kernel_size)
         lam, u_t, u_c, *spatial = arrays
         pad_lo = tuple(lo for lo, _ in g.padding)
         if g.padding_mode != "zeros":
             x = backend.pad(x, {2 + m: p for m, p in enumerate(g.padding) if p != (0, 0)}, g.padding_mode)
-            pad_lo = (0, 0, 0)
-        return backend.cp_chain_3d(x, lam, u_t, u_c, spatial, out_spatial=tuple(g.out_spatial), stride=g.stride,
-                                   pad_lo=pad_lo, dilation=g.dilation)
+            pad_lo = (0,) * n
+        if n < 3:
+            x = backend.reshape(x, tuple(x.shape[:2]) + as_3d(x.shape[2:], 1))
+            spatial = as_3d(spatial, backend.ones((1, int(lam.shape[0])), like=lam))
+        out = backend.cp_chain_3d(x, lam, u_t, u_c, spatial, out_spatial=as_3d(g.out_spatial, 1),
+                                  stride=as_3d(g.stride, 1), pad_lo=as_3d(pad_lo, 0),
+                                  dilation=as_3d(g.dilation, 1))
+        if out is not None and n < 3:
+            out = backend.reshape(out, (out.shape[0],) + tuple(g.out_spatial) + (out.shape[-1],))
+        return out

@@ -11,7 +11,7 @@ from .cost import cost_model_for
 from .executor import TapProgram, WeightProduct
 from .fused import CompiledChain, FusedRunner, PlaneChain
 from .planner import STRATEGIES, dense_step, plan_steps, plane_chain_seconds, reconstruct_macs
-from .spec import make_geometry
+from .spec import as_3d, make_geometry
 from .structure import KernelStructure, structure_of, weight_arrays
 
 __all__ = ["ConvPlan", "plan_conv", "conv"]
@@ -457,9 +457,10 @@ def plan_conv(kernel_or_shape, input_shape, *, stride=1, padding=0, dilation=1, 
     model = cost_model_for(backend_name, device)
     input_shape = tuple(int(s) for s in input_shape)
     plane_chunk = None
-    if strategy == "auto" and PlaneChain.applies(structure) and len(input_shape) == 5:
+    if strategy == "auto" and PlaneChain.applies(structure) and len(input_shape) == 2 + structure.n_spatial:
         # a compiled kernel the backend has ready (built before): auto weighs it in
-        plane_chunk = backend_for_name(backend_name).plane_chain_chunk(input_shape, structure.size_of["r"],
+        shape_3d = input_shape[:2] + as_3d(input_shape[2:], 1)
+        plane_chunk = backend_for_name(backend_name).plane_chain_chunk(shape_3d, structure.size_of["r"],
                                                                        _itemsize(dtype), device)
     return _cached_plan(structure, input_shape, _hashable(stride), _hashable(padding), _hashable(dilation),
                         padding_mode, strategy, _itemsize(dtype), backend_name, model, plane_chunk)

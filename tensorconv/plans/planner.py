@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import opt_einsum
 
-from .spec import ConvGeometry
+from .spec import ConvGeometry, as_3d
 
 __all__ = ["Step", "ConvPathOptimizer", "plan_steps", "plane_chain_seconds", "STRATEGIES"]
 
@@ -305,14 +305,14 @@ def dense_step(structure, geometry, batch, itemsize, model):
 
 
 def plane_chain_seconds(structure, geometry, batch, itemsize, model, chunk_planes):
-    """Cost-model seconds of a 3-D CP conv run plane by plane in one compiled kernel
+    """Cost-model seconds of a CP conv (1-3 spatial modes) run plane by plane in one compiled kernel
     (``PlaneChain``): its two GEMMs at the matmul rate over the input and output alone (the
     intermediates stay in cache), its depthwise passes at ``plane_macs_per_s``, and two calls
     per chunk of ``chunk_planes`` input planes."""
     sizes = structure.size_of
     c, r, t = sizes["s"], sizes["r"], sizes["t"]
-    (d, h, w), (do, ho, wo) = geometry.in_spatial, geometry.out_spatial
-    k0, k1, k2 = geometry.kernel_size
+    (d, h, w), (do, ho, wo) = as_3d(geometry.in_spatial, 1), as_3d(geometry.out_spatial, 1)
+    k0, k1, k2 = as_3d(geometry.kernel_size, 1)
     gemm_macs = batch * (d * h * w * c * r + do * ho * wo * r * t)
     depthwise_macs = batch * r * (d * h * wo * k2 + d * ho * wo * k1 + do * ho * wo * k0)
     nbytes = itemsize * batch * (d * h * w * c + do * ho * wo * t)
