@@ -96,6 +96,7 @@ def test_fused_falls_back_when_compile_fails(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: broken)
     monkeypatch.setattr(fused_mod.CompiledChain, "_warned", False)
+    monkeypatch.setattr(TorchBackend, "cp_chain_3d", lambda self, *a, **kw: None)  # torch.compile's path
     k = KruskalKernel.random((4, 3, 3, 3), 2, backend="torch", seed=7)
     x = torch.randn(1, 3, 7, 9, dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match="runs unfused"):
