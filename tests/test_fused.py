@@ -156,18 +156,61 @@ def test_plane_chain_float32_and_layers(chain_calls):
     assert rel_err(got, want) < 1e-5
 
 
-def test_plane_chain_not_used_when_gradients_are_needed(chain_calls, monkeypatch):
+@given(geo=geometries(max_n=3, min_n=1), data=st.data())
+def test_plane_chain_gradients_equal_the_unfused_plan_float64(chain_calls, geo, data):
+    """Stride 1 (its backward's domain): every gradient, against autograd through the steps."""
+    c, t, rank = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3)), data.draw(st.integers(1, 4))
+    k = KruskalKernel.random((t, c) + geo["ks"], rank, backend="torch", seed=data.draw(st.integers(0, 99)))
+    x = torch.randn((data.draw(st.integers(1, 2)), c) + geo["dims"], dtype=torch.float64)
+    kw = dict(padding=geo["padding"], dilation=geo["dilation"], padding_mode=geo["mode"])
+    leaves = [k.weights] + list(k.factors)
+    grads, outs = {}, {}
+    for strategy in ("fused", "factorized"):
+        xg = x.clone().requires_grad_(True)
+        for leaf in leaves:
+            leaf.grad = None
+            leaf.requires_grad_(True)
+        before = len(chain_calls)
+        out = conv(xg, k, strategy=strategy, **kw)
+        assert len(chain_calls) == before + (strategy == "fused")
+        weight = torch.from_numpy(np.random.default_rng(1).standard_normal(tuple(out.shape)))
+        (out * weight).sum().backward()
+        outs[strategy] = out.detach()
+        grads[strategy] = [xg.grad] + [leaf.grad.clone() for leaf in leaves]
+    assert rel_err(outs["fused"], outs["factorized"]) < TOL
+    for got, want in zip(grads["fused"], grads["factorized"]):
+        assert rel_err(got, want) < TOL
+
+
+def test_plane_chain_gradcheck():
+    from torch.autograd import gradcheck
+
+    from tensorconv.backends import _torch_cpu_chain
+
+    if _torch_cpu_chain.load() is None:
+        pytest.skip("the CPU fused kernel cannot be built here")
+    k = KruskalKernel.random((3, 2, 3, 2, 3), 2, backend="torch", seed=5)
+    leaves = [a.detach().clone().requires_grad_(True) for a in [k.weights] + list(k.factors)]
+    x = torch.randn(2, 2, 4, 3, 5, dtype=torch.float64, requires_grad=True)
+
+    def f(x, lam, *factors):
+        return conv(x, KruskalKernel(lam, factors), padding=((1, 0), 1, (0, 2)), dilation=(1, 2, 1), strategy="fused")
+
+    assert gradcheck(f, (x, *leaves))
+
+
+def test_plane_chain_with_gradients_needs_stride_1(chain_calls, monkeypatch):
     import tensorconv.plans.fused as fused_mod
 
     monkeypatch.setattr(fused_mod.CompiledChain, "__call__", lambda self, *a: None)  # unfused, quickly
     k = KruskalKernel.random((3, 2, 3, 3, 3), 2, backend="torch", seed=0)
-    x = torch.randn(1, 2, 5, 5, 5, dtype=torch.float64, requires_grad=True)
-    out = conv(x, k, padding=1, strategy="fused")
+    x = torch.randn(1, 2, 5, 6, 5, dtype=torch.float64, requires_grad=True)
+    out = conv(x, k, padding=1, stride=(1, 2, 1), strategy="fused")
     assert out.requires_grad and not chain_calls
     out.sum().backward()
-    assert x.grad is not None
+    assert rel_err(out.detach(), conv(x.detach(), k.to_dense(), padding=1, stride=(1, 2, 1))) < TOL
     with torch.no_grad():
-        conv(x, k, padding=1, strategy="fused")
+        conv(x, k, padding=1, stride=(1, 2, 1), strategy="fused")
     assert len(chain_calls) == 1
 
 
@@ -184,7 +227,7 @@ def test_plane_chain_can_be_disabled(plane_kernel, monkeypatch):
 
 def test_auto_runs_the_plane_chain_once_built_and_never_compiles(chain_calls, monkeypatch):
     """R = C at 64 channels: the plane chain is the cheapest plan (measured 1.0-1.2x faster than
-    the unfused order, benchmarks/plane_chain.py). With gradients, auto's plan runs unfused."""
+    the unfused order, benchmarks/plane_chain.py); with gradients it runs its own backward."""
     def no_compiler(*args, **kwargs):
         raise AssertionError("auto must not call torch.compile")
 
@@ -203,7 +246,7 @@ def test_auto_runs_the_plane_chain_once_built_and_never_compiles(chain_calls, mo
     assert plan_conv(small, xg.shape, padding=1).strategy == "fused"
     out = conv(xg, small, padding=1)
     out.sum().backward()
-    assert len(chain_calls) == 1 and xg.grad is not None
+    assert len(chain_calls) == 2 and xg.grad is not None
     assert rel_err(out.detach(), conv(xg.detach(), small.to_dense(), padding=1)) < TOL
 
 

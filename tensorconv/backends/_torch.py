@@ -154,8 +154,9 @@ class TorchBackend(ArrayBackend):
         torch = self.xp
         if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
             return None
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, lam, u_t, u_c, *spatial)):
-            return None  # forward only: autograd goes through the compiled chain instead
+        if (torch.is_grad_enabled() and any(t.requires_grad for t in (x, lam, u_t, u_c, *spatial))
+                and any(s != 1 for s in stride)):
+            return None  # its backward is written for stride 1: autograd goes through the plan's steps
         from ._torch_cpu_chain import cp_chain_forward
 
         return cp_chain_forward(x, lam, u_t, u_c, spatial, out_spatial=out_spatial, stride=stride, pad_lo=pad_lo,

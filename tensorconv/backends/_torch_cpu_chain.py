@@ -99,11 +99,51 @@ def cp_chain_forward(x, lam, u_t, u_c, spatial, *, out_spatial, stride, pad_lo, 
     """``x`` (B, C, D, H, W) -> (B, D', H', W', T) channels-last, or None without the kernel.
 
     ``spatial`` = (U_0, U_1, U_2), each (K_n, R); zero padding ``pad_lo`` (low side per mode;
-    the high side follows from ``out_spatial``)."""
+    the high side follows from ``out_spatial``). Differentiable (through :func:`_function`)
+    where ``stride`` is 1 in every mode; for a strided conv the caller must not need gradients."""
     module = load()
     if module is None:
         return None
+    geo = (tuple(out_spatial), tuple(stride), tuple(pad_lo), tuple(dilation), chunk_bytes)
+    return _function().apply(x, lam, u_t, u_c, *spatial, geo)
+
+
+def _run_forward(module, x, lam, u_t, u_c, spatial, geo):
+    out_spatial, stride, pad_lo, dilation, chunk_bytes = geo
     wt = (u_t * lam).t().contiguous()
     chunk = planes_per_chunk(x.shape, int(u_c.shape[1]), x.element_size(), chunk_bytes)
     return module.cp_chain_forward(x, u_c.contiguous(), *[u.contiguous() for u in spatial], wt, list(out_spatial),
                                    list(stride), list(pad_lo), list(dilation), chunk)
+
+
+def _function():
+    """The autograd Function around the kernel (made once: torch is imported lazily)."""
+    if "function" in _state:
+        return _state["function"]
+    import torch
+    from torch.autograd.function import once_differentiable
+
+    class CpChain(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, lam, u_t, u_c, u0, u1, u2, geo):
+            ctx.geo = geo
+            ctx.save_for_backward(x, lam, u_t, u_c, u0, u1, u2)
+            return _run_forward(_state["module"], x, lam, u_t, u_c, (u0, u1, u2), geo)
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx, grad):
+            x, lam, u_t, u_c, u0, u1, u2 = ctx.saved_tensors
+            _, stride, pad_lo, dilation, _ = ctx.geo
+            if any(s != 1 for s in stride):  # pragma: no cover - cp_chain_3d never asks
+                raise RuntimeError("the plane chain's backward needs stride 1")
+            wt = (u_t * lam).t().contiguous()
+            gx, duc, du0, du1, du2, dwt = _state["module"].cp_chain_backward(
+                x, u_c.contiguous(), u0.contiguous(), u1.contiguous(), u2.contiguous(), wt, grad.contiguous(),
+                list(pad_lo), list(dilation), bool(ctx.needs_input_grad[0]))
+            gx = gx.permute(0, 4, 1, 2, 3) if ctx.needs_input_grad[0] else None
+            dwt_t = dwt.t()  # (T, R): the gradient of U_T * lambda
+            return gx, (dwt_t * u_t).sum(0), dwt_t * lam, duc, du0, du1, du2, None
+
+    _state["function"] = CpChain
+    return CpChain

@@ -7,7 +7,7 @@
 // straight into the output. A chunk is sized to stay in cache (small planes: several per GEMM).
 // Nothing activation-sized but the output is written to memory: this is what makes it faster
 // than the unfused chain once the R-channel intermediates leave the cache (docs/benchmarks.md).
-// Forward only; the Python side uses it only where no gradient is needed.
+// The backward (stride 1) recomputes the intermediates plane by plane the same way.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -220,6 +220,245 @@ torch::Tensor cp_chain_forward(torch::Tensor x, torch::Tensor uc, torch::Tensor 
   return out;
 }
 
+
+// ---- backward (stride 1 in every mode) -----------------------------------------------------------
+//
+// Plane by plane again, recomputing the forward intermediates instead of keeping them. With
+// g_o = gy Wt^T (the gradient at the mode-0 pass output), for each input plane d:
+//   a, b, c            forward recompute (GEMM C -> R, mode-2 pass, mode-1 pass; c into a ring)
+//   g_c = sum_i u0[i] g_o[d + p0 - i dl0]        (mode-0 pass transposed, g_o kept in a ring)
+//   g_b = mode-1 pass transposed of g_c,  du1[j] += sum b(shifted by j) * g_c
+//   g_a = mode-2 pass transposed of g_b,  du2[k] += sum a(shifted by k) * g_b
+//   gx[d] = g_a Uc^T,  duc += X_d g_a
+// and for every output plane e whose input planes are all in the ring: o_e (mode-0 pass over
+// the ring), dwt += o_e^T gy_e, du0[i] += sum c[e - p0 + i dl0] * g_o[e].
+
+namespace {
+
+// acc[t * R + r] += sum over n rows of src_t[row * stride_src + r] * g[row * stride_g + r]
+template <typename scalar_t>
+inline void tap_dot(scalar_t* __restrict__ acc, const scalar_t* __restrict__ src, const scalar_t* __restrict__ g,
+                    int64_t R) {
+#pragma omp simd
+  for (int64_t r = 0; r < R; ++r) acc[r] += src[r] * g[r];
+}
+
+template <typename scalar_t>
+void run_backward(const torch::Tensor& x, const torch::Tensor& uc, const torch::Tensor& u0, const torch::Tensor& u1,
+                  const torch::Tensor& u2, const torch::Tensor& wt, const torch::Tensor& gy, torch::Tensor& gx,
+                  torch::Tensor& duc, torch::Tensor& du0, torch::Tensor& du1, torch::Tensor& du2, torch::Tensor& dwt,
+                  const Axis& a0, const Axis& a1, const Axis& a2, bool need_gx) {
+  const int64_t B = x.size(0), C = x.size(1);
+  const int64_t R = uc.size(1), T = wt.size(1);
+  const int64_t H = a1.in, W = a2.in, Ho = a1.out, Wo = a2.out;
+  const int64_t K0 = a0.k, K1 = a1.k, K2 = a2.k;
+  const int64_t span = (K0 - 1) * a0.dil + 1;
+  const int64_t P = H * W, Pm = H * Wo, Po = Ho * Wo;
+  auto opts = x.options();
+  auto a = torch::empty({P, R}, opts);
+  auto bm = torch::empty({Pm, R}, opts);             // after the mode-2 pass
+  auto cring = torch::empty({span, Po, R}, opts);    // after the mode-1 pass, last `span` planes
+  auto gring = torch::empty({span, Po, R}, opts);    // g_o of the output planes in the window
+  auto o = torch::empty({Po, R}, opts);
+  auto gc = torch::empty({Po, R}, opts);
+  auto gb = torch::empty({Pm, R}, opts);
+  auto ga = torch::empty({P, R}, opts);
+  scalar_t* pa = a.data_ptr<scalar_t>();
+  scalar_t* pb = bm.data_ptr<scalar_t>();
+  scalar_t* pc = cring.data_ptr<scalar_t>();
+  scalar_t* pg = gring.data_ptr<scalar_t>();
+  scalar_t* po = o.data_ptr<scalar_t>();
+  scalar_t* pgc = gc.data_ptr<scalar_t>();
+  scalar_t* pgb = gb.data_ptr<scalar_t>();
+  scalar_t* pga = ga.data_ptr<scalar_t>();
+  const scalar_t* w0 = u0.data_ptr<scalar_t>();
+  const scalar_t* w1 = u1.data_ptr<scalar_t>();
+  const scalar_t* w2 = u2.data_ptr<scalar_t>();
+  const auto wt_t = wt.t();
+  const auto uc_t = uc.t();
+
+  // per-thread partial sums of the tap gradients (each parallel region writes its thread's row)
+  const int64_t nt = at::get_num_threads();
+  auto part0 = torch::zeros({nt, K0 * R}, opts), part1 = torch::zeros({nt, K1 * R}, opts),
+       part2 = torch::zeros({nt, K2 * R}, opts);
+  scalar_t* pp0 = part0.data_ptr<scalar_t>();
+  scalar_t* pp1 = part1.data_ptr<scalar_t>();
+  scalar_t* pp2 = part2.data_ptr<scalar_t>();
+
+  // output planes by the step at which their input planes are all in the ring
+  std::vector<std::vector<int64_t>> ready(a0.in);
+  for (int64_t e = 0; e < a0.out; ++e) {
+    int64_t last = -1;
+    for (int64_t i = 0; i < K0; ++i) {
+      const int64_t s = a0.src(e, i);
+      if (s >= 0 && s < a0.in) last = s;
+    }
+    if (last >= 0) ready[last].push_back(e);  // outputs with no input plane get no gradient
+  }
+  const int64_t plane = Po * R;
+
+  for (int64_t b = 0; b < B; ++b) {
+    auto xb = x[b];
+    auto gyb = gy[b];   // (Do, Ho, Wo, T)
+    auto gxb = need_gx ? gx[b] : gx;   // (D, H, W, C)
+    int64_t g_next = 0;  // g_o is computed for output planes < g_next
+    for (int64_t d = 0; d < a0.in; ++d) {
+      // g_o for the output planes that plane d feeds (d + p0 - i dl0)
+      const int64_t e_hi = std::min(a0.out - 1, d + a0.pad_lo);
+      for (int64_t e = std::max(g_next, d + a0.pad_lo - (K0 - 1) * a0.dil); e <= e_hi; ++e) {
+        if (e < 0) continue;
+        auto slot = gring[e % span];
+        at::mm_out(slot, gyb[e].view({Po, T}), wt_t);
+      }
+      g_next = std::max(g_next, e_hi + 1);
+      // forward recompute: a, b (mode 2), c (mode 1) into the ring
+      auto xp = xb.select(1, d).reshape({C, P});
+      at::mm_out(a, xp.t(), uc);
+      at::parallel_for(0, H, grain(Wo * R * K2), [&](int64_t h0, int64_t h1) {
+        const scalar_t* src[64];
+        const scalar_t* w[64];
+        for (int64_t h = h0; h < h1; ++h)
+          for (int64_t wo = 0; wo < Wo; ++wo) {
+            int n = 0;
+            for (int64_t k = 0; k < K2; ++k) {
+              const int64_t s = a2.src(wo, k);
+              if (s < 0 || s >= W) continue;
+              src[n] = pa + (h * W + s) * R;
+              w[n++] = w2 + k * R;
+            }
+            tap_sum(pb + (h * Wo + wo) * R, src, w, n, R);
+          }
+      });
+      scalar_t* cd = pc + (d % span) * plane;
+      at::parallel_for(0, Ho, grain(Wo * R * K1), [&](int64_t h0, int64_t h1) {
+        const scalar_t* src[64];
+        const scalar_t* w[64];
+        for (int64_t ho = h0; ho < h1; ++ho)
+          for (int64_t wo = 0; wo < Wo; ++wo) {
+            int n = 0;
+            for (int64_t j = 0; j < K1; ++j) {
+              const int64_t s = a1.src(ho, j);
+              if (s < 0 || s >= H) continue;
+              src[n] = pb + (s * Wo + wo) * R;
+              w[n++] = w1 + j * R;
+            }
+            tap_sum(cd + (ho * Wo + wo) * R, src, w, n, R);
+          }
+      });
+      // g_c = mode-0 pass transposed
+      at::parallel_for(0, Po, grain(R * K0), [&](int64_t q0, int64_t q1) {
+        const scalar_t* src[64];
+        const scalar_t* w[64];
+        for (int64_t q = q0; q < q1; ++q) {
+          int n = 0;
+          for (int64_t i = 0; i < K0; ++i) {
+            const int64_t e = d + a0.pad_lo - i * a0.dil;
+            if (e < 0 || e >= a0.out) continue;
+            src[n] = pg + (e % span) * plane + q * R;
+            w[n++] = w0 + i * R;
+          }
+          tap_sum(pgc + q * R, src, w, n, R);
+        }
+      });
+      // g_b = mode-1 pass transposed; du1[j] += b(row ho - p1 + j dl1) * g_c(row ho)
+      at::parallel_for(0, H, grain(Wo * R * K1), [&](int64_t h0, int64_t h1) {
+        const scalar_t* src[64];
+        const scalar_t* w[64];
+        scalar_t* acc = pp1 + at::get_thread_num() * K1 * R;
+        for (int64_t h = h0; h < h1; ++h) {
+          int n = 0;
+          for (int64_t j = 0; j < K1; ++j) {
+            const int64_t ho = h + a1.pad_lo - j * a1.dil;
+            if (ho < 0 || ho >= Ho) continue;
+            src[n] = pgc + ho * Wo * R;
+            w[n++] = w1 + j * R;
+            for (int64_t wo = 0; wo < Wo; ++wo)
+              tap_dot(acc + j * R, pb + (h * Wo + wo) * R, pgc + (ho * Wo + wo) * R, R);
+          }
+          const scalar_t* row_src[64];
+          for (int64_t wo = 0; wo < Wo; ++wo) {
+            for (int t = 0; t < n; ++t) row_src[t] = src[t] + wo * R;
+            tap_sum(pgb + (h * Wo + wo) * R, row_src, w, n, R);
+          }
+        }
+      });
+      // g_a = mode-2 pass transposed; du2[k] += a(col wo - p2 + k dl2) * g_b(col wo)
+      at::parallel_for(0, H, grain(W * R * K2), [&](int64_t h0, int64_t h1) {
+        const scalar_t* src[64];
+        const scalar_t* w[64];
+        scalar_t* acc = pp2 + at::get_thread_num() * K2 * R;
+        for (int64_t h = h0; h < h1; ++h)
+          for (int64_t wi = 0; wi < W; ++wi) {
+            int n = 0;
+            for (int64_t k = 0; k < K2; ++k) {
+              const int64_t wo = wi + a2.pad_lo - k * a2.dil;
+              if (wo < 0 || wo >= Wo) continue;
+              src[n] = pgb + (h * Wo + wo) * R;
+              w[n++] = w2 + k * R;
+              tap_dot(acc + k * R, pa + (h * W + wi) * R, pgb + (h * Wo + wo) * R, R);
+            }
+            tap_sum(pga + (h * W + wi) * R, src, w, n, R);
+          }
+      });
+      if (need_gx) {
+        auto gx_plane = gxb[d].view({P, C});
+        at::mm_out(gx_plane, ga, uc_t);
+      }
+      duc.addmm_(xp, ga);
+      // output planes complete at this step: o, dwt, du0
+      for (int64_t e : ready[d]) {
+        at::parallel_for(0, Po, grain(R * K0), [&](int64_t q0, int64_t q1) {
+          const scalar_t* src[64];
+          const scalar_t* w[64];
+          scalar_t* acc = pp0 + at::get_thread_num() * K0 * R;
+          const scalar_t* ge = pg + (e % span) * plane;
+          for (int64_t q = q0; q < q1; ++q) {
+            int n = 0;
+            for (int64_t i = 0; i < K0; ++i) {
+              const int64_t s = a0.src(e, i);
+              if (s < 0 || s >= a0.in) continue;
+              src[n] = pc + (s % span) * plane + q * R;
+              w[n++] = w0 + i * R;
+              tap_dot(acc + i * R, src[n - 1], ge + q * R, R);
+            }
+            tap_sum(po + q * R, src, w, n, R);
+          }
+        });
+        dwt.addmm_(o.t(), gyb[e].view({Po, T}));
+      }
+    }
+  }
+  du0.copy_(part0.sum(0).view({K0, R}));
+  du1.copy_(part1.sum(0).view({K1, R}));
+  du2.copy_(part2.sum(0).view({K2, R}));
+}
+
+}  // namespace
+
+// Gradients of cp_chain_forward (stride 1): gy (B, Do, Ho, Wo, T) contiguous. Returns gx as
+// (B, D, H, W, C) contiguous (empty unless need_gx) and the gradients of uc, u0, u1, u2 and wt.
+std::vector<torch::Tensor> cp_chain_backward(torch::Tensor x, torch::Tensor uc, torch::Tensor u0, torch::Tensor u1,
+                                             torch::Tensor u2, torch::Tensor wt, torch::Tensor gy,
+                                             std::vector<int64_t> pad_lo, std::vector<int64_t> dilation,
+                                             bool need_gx) {
+  TORCH_CHECK(x.dim() == 5 && gy.dim() == 5 && gy.is_contiguous(), "x (B, C, D, H, W), gy contiguous (B, Do, Ho, Wo, T)");
+  const torch::Tensor* us[] = {&u0, &u1, &u2};
+  Axis ax[3];
+  for (int m = 0; m < 3; ++m) {
+    TORCH_CHECK(us[m]->size(0) <= 64, "kernel sizes above 64 are not supported");
+    ax[m] = Axis{x.size(2 + m), gy.size(1 + m), us[m]->size(0), 1, pad_lo[m], dilation[m]};
+  }
+  auto gx = need_gx ? torch::empty({x.size(0), x.size(2), x.size(3), x.size(4), x.size(1)}, x.options())
+                    : torch::empty({0}, x.options());
+  auto duc = torch::zeros_like(uc), du0 = torch::empty_like(u0), du1 = torch::empty_like(u1),
+       du2 = torch::empty_like(u2), dwt = torch::zeros_like(wt);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cp_chain_backward", [&] {
+    run_backward<scalar_t>(x, uc, u0, u1, u2, wt, gy, gx, duc, du0, du1, du2, dwt, ax[0], ax[1], ax[2], need_gx);
+  });
+  return {gx, duc, du0, du1, du2, dwt};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cp_chain_forward", &cp_chain_forward, "3-D CP convolution, plane by plane (forward)");
+  m.def("cp_chain_backward", &cp_chain_backward, "its gradients (stride 1), plane by plane");
 }
