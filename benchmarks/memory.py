@@ -1,8 +1,10 @@
 """Peak memory of one forward+backward, dense Conv3d vs the unfused and fused CP plans (torch CPU).
 
 Each configuration runs in a fresh process (so nothing is cached between them) and reports its
-peak resident set size (getrusage ru_maxrss) after the step, minus the peak before it; the
-fused one compiles first, outside the measured step.
+peak resident set size (getrusage ru_maxrss) after the step, minus the peak before it.
+"fused" is what ``strategy="fused"`` runs with gradients at stride 1 (the plane chain and its
+backward, which keeps only the input and the factors); "torch.compile" is the compiled chain
+it used before (compiled first, outside the measured step).
 
     python benchmarks/memory.py
 """
@@ -18,6 +20,10 @@ from tensorconv.cli.bench import _set_malloc_no_trim
 _set_malloc_no_trim()
 torch.set_num_threads(2)
 b, c, mult, how = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+if how == "compiled":
+    from tensorconv.backends._torch import TorchBackend
+    TorchBackend.cp_chain_3d = lambda self, *a, **kw: None  # torch.compile's path
+    how = "fused"
 x = torch.randn(b, c, 16, 32, 32, requires_grad=True)
 k = KruskalKernel.random((c, c, 3, 3, 3), rank=mult * c, backend="torch", dtype="float32", seed=0)
 w = torch.randn(c, c, 3, 3, 3, requires_grad=True)
@@ -48,10 +54,10 @@ def run(b, c, mult, how):
 
 
 def main():
-    print("| B | C | R | dense Conv3d MiB | factorized MiB | fused MiB |")
-    print("|---|---|---|---|---|---|")
+    print("| B | C | R | dense Conv3d MiB | factorized MiB | fused (plane chain) MiB | fused (torch.compile) MiB |")
+    print("|---|---|---|---|---|---|---|")
     for b, c, mult in ((8, 32, 1), (8, 32, 3), (8, 64, 1)):
-        cells = [run(b, c, mult, how) for how in ("dense", "factorized", "fused")]
+        cells = [run(b, c, mult, how) for how in ("dense", "factorized", "fused", "compiled")]
         print(f"| {b} | {c} | {mult}C | " + " | ".join("failed" if v is None else f"{v:.0f}" for v in cells) + " |")
 
 
