@@ -69,6 +69,23 @@ inline void tap_sum(scalar_t* __restrict__ dst, const scalar_t* const* src, cons
 // rows of positions per parallel task: enough work per task to amortise the dispatch
 inline int64_t grain(int64_t per_row) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, per_row)); }
 
+// With at least one image per thread, each thread runs whole images with its own buffers: no
+// barrier per pass, and each core keeps its own chunk in its own cache (the inner parallel
+// loops and BLAS calls then run on the calling thread). Otherwise the passes split rows.
+template <typename F>
+inline void over_images(int64_t B, const F& body) {
+  const int64_t nt = at::get_num_threads();
+  // grad mode is thread-local: worker threads would record the BLAS calls for autograd
+  auto guarded = [&](int64_t b0, int64_t b1) {
+    at::NoGradGuard no_grad;
+    body(b0, b1);
+  };
+  if (nt > 1 && B >= nt)
+    at::parallel_for(0, B, 1, guarded);
+  else
+    guarded(0, B);
+}
+
 template <typename scalar_t>
 void run(const torch::Tensor& x, const torch::Tensor& uc, const torch::Tensor& u0, const torch::Tensor& u1,
          const torch::Tensor& u2, const torch::Tensor& wt, torch::Tensor& out, const Axis& a0, const Axis& a1,
@@ -80,20 +97,6 @@ void run(const torch::Tensor& x, const torch::Tensor& uc, const torch::Tensor& u
   const int64_t span = (K0 - 1) * a0.dil + 1;
   const int64_t G = chunk;                 // input planes per GEMM C -> R (and output planes per GEMM R -> T)
   const int64_t slots = span + G - 1;      // ring slots: a chunk never overwrites a plane still needed
-  auto opts = x.options();
-  auto a = torch::empty({G * H * W, R}, opts);        // GEMM C -> R of a chunk of input planes
-  auto t1 = torch::empty({G * H * Wo, R}, opts);      // after the mode-2 pass
-  auto ring = torch::empty({slots, Ho * Wo, R}, opts);  // after the mode-1 pass
-  auto o = torch::empty({G * Ho * Wo, R}, opts);      // after the mode-0 pass, a batch of output planes
-  scalar_t* pa = a.data_ptr<scalar_t>();
-  scalar_t* pt1 = t1.data_ptr<scalar_t>();
-  scalar_t* pring = ring.data_ptr<scalar_t>();
-  scalar_t* po = o.data_ptr<scalar_t>();
-  const scalar_t* w0 = u0.data_ptr<scalar_t>();
-  const scalar_t* w1 = u1.data_ptr<scalar_t>();
-  const scalar_t* w2 = u2.data_ptr<scalar_t>();
-  const int64_t plane = Ho * Wo * R;
-
   // the last input plane each output plane needs (-1: none, all of its taps are padding)
   std::vector<int64_t> last_needed(a0.out, -1);
   for (int64_t d = 0; d < a0.out; ++d)
@@ -102,85 +105,100 @@ void run(const torch::Tensor& x, const torch::Tensor& uc, const torch::Tensor& u
       if (s >= 0 && s < a0.in) last_needed[d] = s;
     }
 
-  for (int64_t b = 0; b < B; ++b) {
-    auto xb = x[b];                 // (C, D, H, W)
-    auto ob = out[b];               // (Do, Ho, Wo, T)
-    int64_t next_out = 0;
-    auto emit_ready = [&](int64_t have) {  // output planes whose input planes are all in the ring
-      while (next_out < a0.out && last_needed[next_out] <= have) {
-        int64_t n_out = 0;
-        while (n_out < G && next_out + n_out < a0.out && last_needed[next_out + n_out] <= have) ++n_out;
-        const int64_t d_first = next_out;
-        const int64_t positions = Ho * Wo;
-        at::parallel_for(0, n_out * positions, grain(R * K0), [&](int64_t q0, int64_t q1) {
+  const auto opts = x.options();
+  over_images(B, [&](int64_t b0, int64_t b1) {
+    auto a = torch::empty({G * H * W, R}, opts);        // GEMM C -> R of a chunk of input planes
+    auto t1 = torch::empty({G * H * Wo, R}, opts);      // after the mode-2 pass
+    auto ring = torch::empty({slots, Ho * Wo, R}, opts);  // after the mode-1 pass
+    auto o = torch::empty({G * Ho * Wo, R}, opts);      // after the mode-0 pass, a batch of output planes
+    scalar_t* pa = a.data_ptr<scalar_t>();
+    scalar_t* pt1 = t1.data_ptr<scalar_t>();
+    scalar_t* pring = ring.data_ptr<scalar_t>();
+    scalar_t* po = o.data_ptr<scalar_t>();
+    const scalar_t* w0 = u0.data_ptr<scalar_t>();
+    const scalar_t* w1 = u1.data_ptr<scalar_t>();
+    const scalar_t* w2 = u2.data_ptr<scalar_t>();
+    const int64_t plane = Ho * Wo * R;
+    for (int64_t b = b0; b < b1; ++b) {
+      auto xb = x[b];                 // (C, D, H, W)
+      auto ob = out[b];               // (Do, Ho, Wo, T)
+      int64_t next_out = 0;
+      auto emit_ready = [&](int64_t have) {  // output planes whose input planes are all in the ring
+        while (next_out < a0.out && last_needed[next_out] <= have) {
+          int64_t n_out = 0;
+          while (n_out < G && next_out + n_out < a0.out && last_needed[next_out + n_out] <= have) ++n_out;
+          const int64_t d_first = next_out;
+          const int64_t positions = Ho * Wo;
+          at::parallel_for(0, n_out * positions, grain(R * K0), [&](int64_t q0, int64_t q1) {
+            const scalar_t* src[64];
+            const scalar_t* w[64];
+            for (int64_t q = q0; q < q1; ++q) {
+              const int64_t d = d_first + q / positions, p = q % positions;
+              int n = 0;
+              for (int64_t i = 0; i < K0; ++i) {
+                const int64_t s = a0.src(d, i);
+                if (s < 0 || s >= a0.in) continue;
+                src[n] = pring + (s % slots) * plane + p * R;
+                w[n++] = w0 + i * R;
+              }
+              tap_sum(po + q * R, src, w, n, R);
+            }
+          });
+          auto out_rows = ob.narrow(0, d_first, n_out).view({n_out * positions, T});
+          at::mm_out(out_rows, o.narrow(0, 0, n_out * positions), wt);
+          next_out += n_out;
+        }
+      };
+      emit_ready(-1);
+      for (int64_t d0 = 0; d0 < a0.in; d0 += G) {
+        const int64_t g = std::min(G, a0.in - d0);
+        // (C, g, H, W) -> (C, g*H*W): a view for channels-first and channels-last input
+        auto xp = xb.narrow(1, d0, g).reshape({C, g * H * W});
+        auto a_rows = a.narrow(0, 0, g * H * W);
+        at::mm_out(a_rows, xp.t(), uc);
+        // mode 2 (W): (g, H, W, R) -> (g, H, Wo, R)
+        at::parallel_for(0, g * H, grain(Wo * R * K2), [&](int64_t r0, int64_t r1) {
           const scalar_t* src[64];
           const scalar_t* w[64];
-          for (int64_t q = q0; q < q1; ++q) {
-            const int64_t d = d_first + q / positions, p = q % positions;
-            int n = 0;
-            for (int64_t i = 0; i < K0; ++i) {
-              const int64_t s = a0.src(d, i);
-              if (s < 0 || s >= a0.in) continue;
-              src[n] = pring + (s % slots) * plane + p * R;
-              w[n++] = w0 + i * R;
+          for (int64_t row = r0; row < r1; ++row)
+            for (int64_t wo = 0; wo < Wo; ++wo) {
+              int n = 0;
+              for (int64_t k = 0; k < K2; ++k) {
+                const int64_t s = a2.src(wo, k);
+                if (s < 0 || s >= W) continue;
+                src[n] = pa + (row * W + s) * R;
+                w[n++] = w2 + k * R;
+              }
+              tap_sum(pt1 + (row * Wo + wo) * R, src, w, n, R);
             }
-            tap_sum(po + q * R, src, w, n, R);
+        });
+        // mode 1 (H): (g, H, Wo, R) -> (g, Ho, Wo, R), each plane into its ring slot
+        at::parallel_for(0, g * Ho, grain(Wo * R * K1), [&](int64_t r0, int64_t r1) {
+          const scalar_t* src[64];
+          const scalar_t* w[64];
+          const scalar_t* row_src[64];
+          for (int64_t row = r0; row < r1; ++row) {
+            const int64_t q = row / Ho, ho = row % Ho;
+            const scalar_t* t1_plane = pt1 + q * H * Wo * R;
+            scalar_t* dst = pring + ((d0 + q) % slots) * plane + ho * Wo * R;
+            int n = 0;
+            for (int64_t j = 0; j < K1; ++j) {
+              const int64_t s = a1.src(ho, j);
+              if (s < 0 || s >= H) continue;
+              src[n] = t1_plane + s * Wo * R;
+              w[n++] = w1 + j * R;
+            }
+            for (int64_t wo = 0; wo < Wo; ++wo) {
+              for (int t = 0; t < n; ++t) row_src[t] = src[t] + wo * R;
+              tap_sum(dst + wo * R, row_src, w, n, R);
+            }
           }
         });
-        auto out_rows = ob.narrow(0, d_first, n_out).view({n_out * positions, T});
-        at::mm_out(out_rows, o.narrow(0, 0, n_out * positions), wt);
-        next_out += n_out;
+        emit_ready(d0 + g - 1);
       }
-    };
-    emit_ready(-1);
-    for (int64_t d0 = 0; d0 < a0.in; d0 += G) {
-      const int64_t g = std::min(G, a0.in - d0);
-      // (C, g, H, W) -> (C, g*H*W): a view for channels-first and channels-last input
-      auto xp = xb.narrow(1, d0, g).reshape({C, g * H * W});
-      auto a_rows = a.narrow(0, 0, g * H * W);
-      at::mm_out(a_rows, xp.t(), uc);
-      // mode 2 (W): (g, H, W, R) -> (g, H, Wo, R)
-      at::parallel_for(0, g * H, grain(Wo * R * K2), [&](int64_t r0, int64_t r1) {
-        const scalar_t* src[64];
-        const scalar_t* w[64];
-        for (int64_t row = r0; row < r1; ++row)
-          for (int64_t wo = 0; wo < Wo; ++wo) {
-            int n = 0;
-            for (int64_t k = 0; k < K2; ++k) {
-              const int64_t s = a2.src(wo, k);
-              if (s < 0 || s >= W) continue;
-              src[n] = pa + (row * W + s) * R;
-              w[n++] = w2 + k * R;
-            }
-            tap_sum(pt1 + (row * Wo + wo) * R, src, w, n, R);
-          }
-      });
-      // mode 1 (H): (g, H, Wo, R) -> (g, Ho, Wo, R), each plane into its ring slot
-      at::parallel_for(0, g * Ho, grain(Wo * R * K1), [&](int64_t r0, int64_t r1) {
-        const scalar_t* src[64];
-        const scalar_t* w[64];
-        const scalar_t* row_src[64];
-        for (int64_t row = r0; row < r1; ++row) {
-          const int64_t q = row / Ho, ho = row % Ho;
-          const scalar_t* t1_plane = pt1 + q * H * Wo * R;
-          scalar_t* dst = pring + ((d0 + q) % slots) * plane + ho * Wo * R;
-          int n = 0;
-          for (int64_t j = 0; j < K1; ++j) {
-            const int64_t s = a1.src(ho, j);
-            if (s < 0 || s >= H) continue;
-            src[n] = t1_plane + s * Wo * R;
-            w[n++] = w1 + j * R;
-          }
-          for (int64_t wo = 0; wo < Wo; ++wo) {
-            for (int t = 0; t < n; ++t) row_src[t] = src[t] + wo * R;
-            tap_sum(dst + wo * R, row_src, w, n, R);
-          }
-        }
-      });
-      emit_ready(d0 + g - 1);
+      emit_ready(a0.in);
     }
-    emit_ready(a0.in);
-  }
+  });
 }
 
 }  // namespace
@@ -254,36 +272,15 @@ void run_backward(const torch::Tensor& x, const torch::Tensor& uc, const torch::
   const int64_t K0 = a0.k, K1 = a1.k, K2 = a2.k;
   const int64_t span = (K0 - 1) * a0.dil + 1;
   const int64_t P = H * W, Pm = H * Wo, Po = Ho * Wo;
-  auto opts = x.options();
-  auto a = torch::empty({P, R}, opts);
-  auto bm = torch::empty({Pm, R}, opts);             // after the mode-2 pass
-  auto cring = torch::empty({span, Po, R}, opts);    // after the mode-1 pass, last `span` planes
-  auto gring = torch::empty({span, Po, R}, opts);    // g_o of the output planes in the window
-  auto o = torch::empty({Po, R}, opts);
-  auto gc = torch::empty({Po, R}, opts);
-  auto gb = torch::empty({Pm, R}, opts);
-  auto ga = torch::empty({P, R}, opts);
-  scalar_t* pa = a.data_ptr<scalar_t>();
-  scalar_t* pb = bm.data_ptr<scalar_t>();
-  scalar_t* pc = cring.data_ptr<scalar_t>();
-  scalar_t* pg = gring.data_ptr<scalar_t>();
-  scalar_t* po = o.data_ptr<scalar_t>();
-  scalar_t* pgc = gc.data_ptr<scalar_t>();
-  scalar_t* pgb = gb.data_ptr<scalar_t>();
-  scalar_t* pga = ga.data_ptr<scalar_t>();
-  const scalar_t* w0 = u0.data_ptr<scalar_t>();
-  const scalar_t* w1 = u1.data_ptr<scalar_t>();
-  const scalar_t* w2 = u2.data_ptr<scalar_t>();
-  const auto wt_t = wt.t();
-  const auto uc_t = uc.t();
-
   // per-thread partial sums of the tap gradients (each parallel region writes its thread's row)
+  const auto opts = x.options();
   const int64_t nt = at::get_num_threads();
   auto part0 = torch::zeros({nt, K0 * R}, opts), part1 = torch::zeros({nt, K1 * R}, opts),
        part2 = torch::zeros({nt, K2 * R}, opts);
   scalar_t* pp0 = part0.data_ptr<scalar_t>();
   scalar_t* pp1 = part1.data_ptr<scalar_t>();
   scalar_t* pp2 = part2.data_ptr<scalar_t>();
+  auto duc_part = torch::zeros({nt, C, R}, opts), dwt_part = torch::zeros({nt, R, T}, opts);
 
   // output planes by the step at which their input planes are all in the ring
   std::vector<std::vector<int64_t>> ready(a0.in);
@@ -297,137 +294,169 @@ void run_backward(const torch::Tensor& x, const torch::Tensor& uc, const torch::
   }
   const int64_t plane = Po * R;
 
-  for (int64_t b = 0; b < B; ++b) {
-    auto xb = x[b];
-    auto gyb = gy[b];   // (Do, Ho, Wo, T)
-    auto gxb = need_gx ? gx[b] : gx;   // (D, H, W, C)
-    int64_t g_next = 0;  // g_o is computed for output planes < g_next
-    for (int64_t d = 0; d < a0.in; ++d) {
-      // g_o for the output planes that plane d feeds (d + p0 - i dl0)
-      const int64_t e_hi = std::min(a0.out - 1, d + a0.pad_lo);
-      for (int64_t e = std::max(g_next, d + a0.pad_lo - (K0 - 1) * a0.dil); e <= e_hi; ++e) {
-        if (e < 0) continue;
-        auto slot = gring[e % span];
-        at::mm_out(slot, gyb[e].view({Po, T}), wt_t);
-      }
-      g_next = std::max(g_next, e_hi + 1);
-      // forward recompute: a, b (mode 2), c (mode 1) into the ring
-      auto xp = xb.select(1, d).reshape({C, P});
-      at::mm_out(a, xp.t(), uc);
-      at::parallel_for(0, H, grain(Wo * R * K2), [&](int64_t h0, int64_t h1) {
-        const scalar_t* src[64];
-        const scalar_t* w[64];
-        for (int64_t h = h0; h < h1; ++h)
-          for (int64_t wo = 0; wo < Wo; ++wo) {
-            int n = 0;
-            for (int64_t k = 0; k < K2; ++k) {
-              const int64_t s = a2.src(wo, k);
-              if (s < 0 || s >= W) continue;
-              src[n] = pa + (h * W + s) * R;
-              w[n++] = w2 + k * R;
-            }
-            tap_sum(pb + (h * Wo + wo) * R, src, w, n, R);
-          }
-      });
-      scalar_t* cd = pc + (d % span) * plane;
-      at::parallel_for(0, Ho, grain(Wo * R * K1), [&](int64_t h0, int64_t h1) {
-        const scalar_t* src[64];
-        const scalar_t* w[64];
-        for (int64_t ho = h0; ho < h1; ++ho)
-          for (int64_t wo = 0; wo < Wo; ++wo) {
-            int n = 0;
-            for (int64_t j = 0; j < K1; ++j) {
-              const int64_t s = a1.src(ho, j);
-              if (s < 0 || s >= H) continue;
-              src[n] = pb + (s * Wo + wo) * R;
-              w[n++] = w1 + j * R;
-            }
-            tap_sum(cd + (ho * Wo + wo) * R, src, w, n, R);
-          }
-      });
-      // g_c = mode-0 pass transposed
-      at::parallel_for(0, Po, grain(R * K0), [&](int64_t q0, int64_t q1) {
-        const scalar_t* src[64];
-        const scalar_t* w[64];
-        for (int64_t q = q0; q < q1; ++q) {
-          int n = 0;
-          for (int64_t i = 0; i < K0; ++i) {
-            const int64_t e = d + a0.pad_lo - i * a0.dil;
-            if (e < 0 || e >= a0.out) continue;
-            src[n] = pg + (e % span) * plane + q * R;
-            w[n++] = w0 + i * R;
-          }
-          tap_sum(pgc + q * R, src, w, n, R);
+  over_images(B, [&](int64_t b0, int64_t b1) {
+    auto a = torch::empty({P, R}, opts);
+    auto bm = torch::empty({Pm, R}, opts);             // after the mode-2 pass
+    auto cring = torch::empty({span, Po, R}, opts);    // after the mode-1 pass, last `span` planes
+    auto gring = torch::empty({span, Po, R}, opts);    // g_o of the output planes in the window
+    auto o = torch::empty({Po, R}, opts);
+    auto gc = torch::empty({Po, R}, opts);
+    auto gb = torch::empty({Pm, R}, opts);
+    auto ga = torch::empty({P, R}, opts);
+    scalar_t* pa = a.data_ptr<scalar_t>();
+    scalar_t* pb = bm.data_ptr<scalar_t>();
+    scalar_t* pc = cring.data_ptr<scalar_t>();
+    scalar_t* pg = gring.data_ptr<scalar_t>();
+    scalar_t* po = o.data_ptr<scalar_t>();
+    scalar_t* pgc = gc.data_ptr<scalar_t>();
+    scalar_t* pgb = gb.data_ptr<scalar_t>();
+    scalar_t* pga = ga.data_ptr<scalar_t>();
+    const scalar_t* w0 = u0.data_ptr<scalar_t>();
+    const scalar_t* w1 = u1.data_ptr<scalar_t>();
+    const scalar_t* w2 = u2.data_ptr<scalar_t>();
+    const auto wt_t = wt.t();
+    const auto uc_t = uc.t();
+    // this thread's partial sums: taken here, because a parallel loop nested in a parallel
+    // region runs inline with its thread number reset to 0
+    const int64_t tid = at::get_thread_num();
+    auto duc_t = duc_part[tid];
+    auto dwt_t = dwt_part[tid];
+    const int64_t outer_tid = (nt > 1 && B >= nt) ? tid : -1;
+    auto slot_of = [&]() { return outer_tid >= 0 ? outer_tid : static_cast<int64_t>(at::get_thread_num()); };
+    for (int64_t b = b0; b < b1; ++b) {
+      auto xb = x[b];
+      auto gyb = gy[b];   // (Do, Ho, Wo, T)
+      auto gxb = need_gx ? gx[b] : gx;   // (D, H, W, C)
+      int64_t g_next = 0;  // g_o is computed for output planes < g_next
+      for (int64_t d = 0; d < a0.in; ++d) {
+        // g_o for the output planes that plane d feeds (d + p0 - i dl0)
+        const int64_t e_hi = std::min(a0.out - 1, d + a0.pad_lo);
+        for (int64_t e = std::max(g_next, d + a0.pad_lo - (K0 - 1) * a0.dil); e <= e_hi; ++e) {
+          if (e < 0) continue;
+          auto slot = gring[e % span];
+          at::mm_out(slot, gyb[e].view({Po, T}), wt_t);
         }
-      });
-      // g_b = mode-1 pass transposed; du1[j] += b(row ho - p1 + j dl1) * g_c(row ho)
-      at::parallel_for(0, H, grain(Wo * R * K1), [&](int64_t h0, int64_t h1) {
-        const scalar_t* src[64];
-        const scalar_t* w[64];
-        scalar_t* acc = pp1 + at::get_thread_num() * K1 * R;
-        for (int64_t h = h0; h < h1; ++h) {
-          int n = 0;
-          for (int64_t j = 0; j < K1; ++j) {
-            const int64_t ho = h + a1.pad_lo - j * a1.dil;
-            if (ho < 0 || ho >= Ho) continue;
-            src[n] = pgc + ho * Wo * R;
-            w[n++] = w1 + j * R;
-            for (int64_t wo = 0; wo < Wo; ++wo)
-              tap_dot(acc + j * R, pb + (h * Wo + wo) * R, pgc + (ho * Wo + wo) * R, R);
-          }
-          const scalar_t* row_src[64];
-          for (int64_t wo = 0; wo < Wo; ++wo) {
-            for (int t = 0; t < n; ++t) row_src[t] = src[t] + wo * R;
-            tap_sum(pgb + (h * Wo + wo) * R, row_src, w, n, R);
-          }
-        }
-      });
-      // g_a = mode-2 pass transposed; du2[k] += a(col wo - p2 + k dl2) * g_b(col wo)
-      at::parallel_for(0, H, grain(W * R * K2), [&](int64_t h0, int64_t h1) {
-        const scalar_t* src[64];
-        const scalar_t* w[64];
-        scalar_t* acc = pp2 + at::get_thread_num() * K2 * R;
-        for (int64_t h = h0; h < h1; ++h)
-          for (int64_t wi = 0; wi < W; ++wi) {
-            int n = 0;
-            for (int64_t k = 0; k < K2; ++k) {
-              const int64_t wo = wi + a2.pad_lo - k * a2.dil;
-              if (wo < 0 || wo >= Wo) continue;
-              src[n] = pgb + (h * Wo + wo) * R;
-              w[n++] = w2 + k * R;
-              tap_dot(acc + k * R, pa + (h * W + wi) * R, pgb + (h * Wo + wo) * R, R);
+        g_next = std::max(g_next, e_hi + 1);
+        // forward recompute: a, b (mode 2), c (mode 1) into the ring
+        auto xp = xb.select(1, d).reshape({C, P});
+        at::mm_out(a, xp.t(), uc);
+        at::parallel_for(0, H, grain(Wo * R * K2), [&](int64_t h0, int64_t h1) {
+          const scalar_t* src[64];
+          const scalar_t* w[64];
+          for (int64_t h = h0; h < h1; ++h)
+            for (int64_t wo = 0; wo < Wo; ++wo) {
+              int n = 0;
+              for (int64_t k = 0; k < K2; ++k) {
+                const int64_t s = a2.src(wo, k);
+                if (s < 0 || s >= W) continue;
+                src[n] = pa + (h * W + s) * R;
+                w[n++] = w2 + k * R;
+              }
+              tap_sum(pb + (h * Wo + wo) * R, src, w, n, R);
             }
-            tap_sum(pga + (h * W + wi) * R, src, w, n, R);
-          }
-      });
-      if (need_gx) {
-        auto gx_plane = gxb[d].view({P, C});
-        at::mm_out(gx_plane, ga, uc_t);
-      }
-      duc.addmm_(xp, ga);
-      // output planes complete at this step: o, dwt, du0
-      for (int64_t e : ready[d]) {
+        });
+        scalar_t* cd = pc + (d % span) * plane;
+        at::parallel_for(0, Ho, grain(Wo * R * K1), [&](int64_t h0, int64_t h1) {
+          const scalar_t* src[64];
+          const scalar_t* w[64];
+          for (int64_t ho = h0; ho < h1; ++ho)
+            for (int64_t wo = 0; wo < Wo; ++wo) {
+              int n = 0;
+              for (int64_t j = 0; j < K1; ++j) {
+                const int64_t s = a1.src(ho, j);
+                if (s < 0 || s >= H) continue;
+                src[n] = pb + (s * Wo + wo) * R;
+                w[n++] = w1 + j * R;
+              }
+              tap_sum(cd + (ho * Wo + wo) * R, src, w, n, R);
+            }
+        });
+        // g_c = mode-0 pass transposed
         at::parallel_for(0, Po, grain(R * K0), [&](int64_t q0, int64_t q1) {
           const scalar_t* src[64];
           const scalar_t* w[64];
-          scalar_t* acc = pp0 + at::get_thread_num() * K0 * R;
-          const scalar_t* ge = pg + (e % span) * plane;
           for (int64_t q = q0; q < q1; ++q) {
             int n = 0;
             for (int64_t i = 0; i < K0; ++i) {
-              const int64_t s = a0.src(e, i);
-              if (s < 0 || s >= a0.in) continue;
-              src[n] = pc + (s % span) * plane + q * R;
+              const int64_t e = d + a0.pad_lo - i * a0.dil;
+              if (e < 0 || e >= a0.out) continue;
+              src[n] = pg + (e % span) * plane + q * R;
               w[n++] = w0 + i * R;
-              tap_dot(acc + i * R, src[n - 1], ge + q * R, R);
             }
-            tap_sum(po + q * R, src, w, n, R);
+            tap_sum(pgc + q * R, src, w, n, R);
           }
         });
-        dwt.addmm_(o.t(), gyb[e].view({Po, T}));
+        // g_b = mode-1 pass transposed; du1[j] += b(row ho - p1 + j dl1) * g_c(row ho)
+        at::parallel_for(0, H, grain(Wo * R * K1), [&](int64_t h0, int64_t h1) {
+          const scalar_t* src[64];
+          const scalar_t* w[64];
+          scalar_t* acc = pp1 + slot_of() * K1 * R;
+          for (int64_t h = h0; h < h1; ++h) {
+            int n = 0;
+            for (int64_t j = 0; j < K1; ++j) {
+              const int64_t ho = h + a1.pad_lo - j * a1.dil;
+              if (ho < 0 || ho >= Ho) continue;
+              src[n] = pgc + ho * Wo * R;
+              w[n++] = w1 + j * R;
+              for (int64_t wo = 0; wo < Wo; ++wo)
+                tap_dot(acc + j * R, pb + (h * Wo + wo) * R, pgc + (ho * Wo + wo) * R, R);
+            }
+            const scalar_t* row_src[64];
+            for (int64_t wo = 0; wo < Wo; ++wo) {
+              for (int t = 0; t < n; ++t) row_src[t] = src[t] + wo * R;
+              tap_sum(pgb + (h * Wo + wo) * R, row_src, w, n, R);
+            }
+          }
+        });
+        // g_a = mode-2 pass transposed; du2[k] += a(col wo - p2 + k dl2) * g_b(col wo)
+        at::parallel_for(0, H, grain(W * R * K2), [&](int64_t h0, int64_t h1) {
+          const scalar_t* src[64];
+          const scalar_t* w[64];
+          scalar_t* acc = pp2 + slot_of() * K2 * R;
+          for (int64_t h = h0; h < h1; ++h)
+            for (int64_t wi = 0; wi < W; ++wi) {
+              int n = 0;
+              for (int64_t k = 0; k < K2; ++k) {
+                const int64_t wo = wi + a2.pad_lo - k * a2.dil;
+                if (wo < 0 || wo >= Wo) continue;
+                src[n] = pgb + (h * Wo + wo) * R;
+                w[n++] = w2 + k * R;
+                tap_dot(acc + k * R, pa + (h * W + wi) * R, pgb + (h * Wo + wo) * R, R);
+              }
+              tap_sum(pga + (h * W + wi) * R, src, w, n, R);
+            }
+        });
+        if (need_gx) {
+          auto gx_plane = gxb[d].view({P, C});
+          at::mm_out(gx_plane, ga, uc_t);
+        }
+        duc_t.addmm_(xp, ga);
+        // output planes complete at this step: o, dwt, du0
+        for (int64_t e : ready[d]) {
+          at::parallel_for(0, Po, grain(R * K0), [&](int64_t q0, int64_t q1) {
+            const scalar_t* src[64];
+            const scalar_t* w[64];
+            scalar_t* acc = pp0 + slot_of() * K0 * R;
+            const scalar_t* ge = pg + (e % span) * plane;
+            for (int64_t q = q0; q < q1; ++q) {
+              int n = 0;
+              for (int64_t i = 0; i < K0; ++i) {
+                const int64_t s = a0.src(e, i);
+                if (s < 0 || s >= a0.in) continue;
+                src[n] = pc + (s % span) * plane + q * R;
+                w[n++] = w0 + i * R;
+                tap_dot(acc + i * R, src[n - 1], ge + q * R, R);
+              }
+              tap_sum(po + q * R, src, w, n, R);
+            }
+          });
+          dwt_t.addmm_(o.t(), gyb[e].view({Po, T}));
+        }
       }
     }
-  }
+  });
+  duc.copy_(duc_part.sum(0));
+  dwt.copy_(dwt_part.sum(0));
   du0.copy_(part0.sum(0).view({K0, R}));
   du1.copy_(part1.sum(0).view({K1, R}));
   du2.copy_(part2.sum(0).view({K2, R}));
