@@ -2,6 +2,7 @@
 
     python benchmarks/plane_chain.py            # prints a markdown table
     python benchmarks/plane_chain.py 2d         # 2-D CP convs: unfused auto vs the chain
+    python benchmarks/plane_chain.py backward   # forward+backward: the chain vs torch.compile
 
 Input (B, C, 16, 32, 32), CP kernel C -> C, 3x3x3, rank R, padding 1, float32. For each point:
 dense Conv3d, the fewest-MAC factorized chain unfused, the plan ``auto`` picks when the kernel
@@ -60,6 +61,42 @@ def main_2d():
               f"{t['unfused'] / t['chain']:.2f} |")
 
 
+POINTS_BWD = [(1, 32, 32), (1, 64, 64), (1, 128, 128), (8, 32, 32), (8, 64, 64), (8, 32, 96)]
+
+
+def main_backward():
+    """One forward+backward (gradients for the input and every factor), 3-D, stride 1."""
+    from tensorconv.backends._torch import TorchBackend
+
+    chain_3d = TorchBackend.cp_chain_3d
+    print("| B | C | R | dense Conv3d ms | factorized (unfused autograd) ms | fused: torch.compile ms | "
+          "fused: plane chain ms | compile / chain | dense / chain / MAC ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for b, c, r in POINTS_BWD:
+        x = torch.randn(b, c, 16, 32, 32, requires_grad=True)
+        w = torch.randn(c, c, 3, 3, 3, requires_grad=True)
+        k = KruskalKernel.random((c, c, 3, 3, 3), r, backend="torch", dtype="float32", seed=6)
+        for t in [k.weights] + list(k.factors):
+            t.requires_grad_(True)
+
+        def compiled():
+            TorchBackend.cp_chain_3d = lambda self, *a, **kw: None  # the torch.compile chain
+            try:
+                conv(x, k, padding=1, strategy="fused").sum().backward()
+            finally:
+                TorchBackend.cp_chain_3d = chain_3d
+
+        compiled()  # compiles outside the timing
+        t = {n: v["median_ms"] for n, v in measure_many({
+            "dense": lambda: torch.nn.functional.conv3d(x, w, padding=1).sum().backward(),
+            "factorized": lambda: conv(x, k, padding=1, strategy="factorized").sum().backward(),
+            "compiled": compiled,
+            "chain": lambda: conv(x, k, padding=1, strategy="fused").sum().backward()}, repeat=7).items()}
+        mac_ratio = 27 * c * c / (r * (2 * c + 9))
+        print(f"| {b} | {c} | {r} | {t['dense']:.1f} | {t['factorized']:.1f} | {t['compiled']:.1f} | "
+              f"{t['chain']:.1f} | {t['compiled'] / t['chain']:.2f} | {t['dense'] / t['chain'] / mac_ratio:.2f} |")
+
+
 def main():
     _set_malloc_no_trim()
     if _torch_cpu_chain.load() is None:
@@ -96,10 +133,10 @@ def main():
 if __name__ == "__main__":
     import sys
 
-    if sys.argv[1:] == ["2d"]:
+    if sys.argv[1:] in (["2d"], ["backward"]):
         _set_malloc_no_trim()
         if _torch_cpu_chain.load() is None:
             raise SystemExit("the CPU kernel cannot be built here")
-        main_2d()
+        (main_2d if sys.argv[1] == "2d" else main_backward)()
     else:
         main()
