@@ -1,4 +1,4 @@
-"""The compiled plane-by-plane CP kernel (``strategy="fused"`` on torch CPU, no gradients) by chunk size.
+"""The compiled plane-by-plane CP kernel (``strategy="fused"`` on torch CPU) by chunk size, in 2-D, and backward.
 
     python benchmarks/plane_chain.py            # prints a markdown table
     python benchmarks/plane_chain.py 2d         # 2-D CP convs: unfused auto vs the chain

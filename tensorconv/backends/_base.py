@@ -251,7 +251,8 @@ class ArrayBackend:
         """A whole 3-D CP convolution in one compiled kernel, plane by plane (``strategy="fused"``):
         x (B, C, D, H, W) -> (B, D', H', W', T) channels-last; zero padding ``pad_lo`` on the low
         side (the high side follows from ``out_spatial``). None where the backend has no such
-        kernel, or where it does not apply (gradients needed): the caller runs its own path."""
+        kernel, or where it does not apply (gradients needed with stride > 1): the caller runs
+        its own path."""
         return None
 
     def plane_chain_chunk(self, input_shape, rank, itemsize, device=None):

@@ -1,8 +1,9 @@
-"""The compiled CPU kernel behind ``strategy="fused"`` for 3-D CP kernels on torch CPU.
+"""The compiled CPU kernel behind ``strategy="fused"`` for CP kernels on torch CPU.
 
-``csrc/cp_chain_cpu.cpp`` runs a CP convolution plane by plane along spatial mode 0 (GEMM
-C -> R, the three depthwise passes, GEMM R -> T) so the R-channel intermediates stay in cache;
-see docs/benchmarks.md for what it gains. It is built with ``torch.utils.cpp_extension`` on
+``csrc/cp_chain_cpu.cpp`` runs a 3-D CP convolution plane by plane along spatial mode 0 (GEMM
+C -> R, the three depthwise passes, GEMM R -> T) so the R-channel intermediates stay in cache,
+and its backward (stride 1) the same way; 1-D and 2-D convs come with unit modes inserted
+(plans/fused.py). See docs/benchmarks.md for what it gains. It is built with ``torch.utils.cpp_extension`` on
 first use (a C++ compiler and ninja; about 30 s on 2 cores, once per machine: the build is
 kept under ``~/.cache/tensorconv``, or ``TENSORCONV_BUILD_DIR``). Without a compiler, or with
 ``TENSORCONV_NO_CPU_KERNEL=1`` in the environment, :func:`load` returns None and callers run

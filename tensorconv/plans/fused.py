@@ -2,7 +2,7 @@
 
 Three mechanisms, measured in docs/benchmarks.md:
 
-- torch CPU, CP kernels of 1-3 spatial modes, no gradient needed: :class:`PlaneChain` calls the backend's
+- torch CPU, CP kernels of 1-3 spatial modes: :class:`PlaneChain` calls the backend's
   compiled kernel (``cp_chain_3d``; C++ built on first use), which runs the whole chain plane
   by plane along spatial mode 0 with a ring of planes for the mode-0 taps: only the input and
   the output touch main memory.
@@ -211,7 +211,7 @@ class PlaneChain:
     Applies to plain CP kernels (one factor per mode, none identity) with 1 to 3 spatial modes
     (fewer than 3 run with unit modes inserted, see :func:`as_3d`); padding other than zeros
     is applied to the input first. Returns None (the caller's other fused mechanisms run)
-    where the backend has no kernel or gradients are needed.
+    where the backend has no kernel, or for a strided call that needs gradients.
     """
 
     def __init__(self, plan):
@@ -223,6 +223,8 @@ class PlaneChain:
         if structure.kind != "kruskal" or not 1 <= n <= 3:
             return False
         _, _, rank, modes, none_mask = structure.key
+        if any(k > 64 for k in structure.shape[2:]):  # the kernel's tap tables hold 64
+            return False
         return modes == tuple((m,) for m in range(2 + n)) and not any(none_mask)
 
     def __call__(self, backend, x, arrays):

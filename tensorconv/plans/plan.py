@@ -69,8 +69,9 @@ class ConvPlan:
         and ``"fused"`` run) or ``"fastest"`` (``"auto"`` only: the cost model's fastest
         factorized order, which may merge spatial factors into one multi-mode depthwise step).
     plane_chain : bool
-        Fused plans of 3-D CP kernels: calls on torch CPU that need no gradient run the
-        compiled plane-by-plane kernel (``tensorconv.build_cpu_kernel``) instead of ``steps``.
+        Fused plans of CP kernels (1-3 spatial modes): calls on torch CPU run the compiled
+        plane-by-plane kernel (``tensorconv.build_cpu_kernel``) instead of ``steps``, with its
+        own backward at stride 1 (strided calls that need gradients run ``steps``).
     steps : list of :class:`~tensorconv.plans.planner.Step`
     path : list of tuples
         The contraction order in opt_einsum's linear format (factorized plans).
@@ -134,7 +135,8 @@ class ConvPlan:
                                                                                model, plane_chunk)
                 chosen = min(self.estimates, key=self.estimates.__getitem__)
                 if chosen == "fused (plane chain)":
-                    # where gradients are needed the kernel does not apply: the faster unfused order runs
+                    # where the kernel does not apply (a strided call that needs gradients) the
+                    # faster unfused order runs
                     chosen = "fused"
                     unfused = [k for k in self.estimates if k.startswith("factorized")]
                     if min(unfused, key=self.estimates.__getitem__) == "factorized, fastest order":
@@ -338,7 +340,7 @@ class ConvPlan:
         ]
         if self.plane_chain:
             rest = "torch.compile of the steps below" if self._compiled is not None else "the steps below, unfused"
-            lines.append("  fused: on torch CPU without gradients, one compiled plane-by-plane kernel; "
+            lines.append("  fused: on torch CPU one compiled plane-by-plane kernel (with gradients: stride 1); "
                          f"otherwise {rest}")
         lines += [
             "",
