@@ -69,6 +69,56 @@ inline void tap_sum(scalar_t* __restrict__ dst, const scalar_t* const* src, cons
 // rows of positions per parallel task: enough work per task to amortise the dispatch
 inline int64_t grain(int64_t per_row) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, per_row)); }
 
+// mode 2 (W) depthwise pass over `rows` rows: (rows, W, R) -> (rows, Wo, R)
+template <typename scalar_t>
+void mode2_pass(const scalar_t* in, scalar_t* out, int64_t rows, const Axis& a2, const scalar_t* w2, int64_t R) {
+  const int64_t W = a2.in, Wo = a2.out;
+  at::parallel_for(0, rows, grain(Wo * R * a2.k), [&](int64_t r0, int64_t r1) {
+    const scalar_t* src[64];
+    const scalar_t* w[64];
+    for (int64_t row = r0; row < r1; ++row)
+      for (int64_t wo = 0; wo < Wo; ++wo) {
+        int n = 0;
+        for (int64_t k = 0; k < a2.k; ++k) {
+          const int64_t s = a2.src(wo, k);
+          if (s < 0 || s >= W) continue;
+          src[n] = in + (row * W + s) * R;
+          w[n++] = w2 + k * R;
+        }
+        tap_sum(out + (row * Wo + wo) * R, src, w, n, R);
+      }
+  });
+}
+
+// mode 1 (H) depthwise pass over `planes` planes: (planes, H, Wo, R) -> (Ho, Wo, R) each, plane q
+// written to out_of(q)
+template <typename scalar_t, typename OutOf>
+void mode1_pass(const scalar_t* in, int64_t planes, const OutOf& out_of, int64_t Wo, const Axis& a1,
+                const scalar_t* w1, int64_t R) {
+  const int64_t H = a1.in, Ho = a1.out;
+  at::parallel_for(0, planes * Ho, grain(Wo * R * a1.k), [&](int64_t r0, int64_t r1) {
+    const scalar_t* src[64];
+    const scalar_t* w[64];
+    const scalar_t* row_src[64];
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t q = row / Ho, ho = row % Ho;
+      const scalar_t* plane_in = in + q * H * Wo * R;
+      scalar_t* dst = out_of(q) + ho * Wo * R;
+      int n = 0;
+      for (int64_t j = 0; j < a1.k; ++j) {
+        const int64_t s = a1.src(ho, j);
+        if (s < 0 || s >= H) continue;
+        src[n] = plane_in + s * Wo * R;
+        w[n++] = w1 + j * R;
+      }
+      for (int64_t wo = 0; wo < Wo; ++wo) {
+        for (int t = 0; t < n; ++t) row_src[t] = src[t] + wo * R;
+        tap_sum(dst + wo * R, row_src, w, n, R);
+      }
+    }
+  });
+}
+
 // With at least one image per thread, each thread runs whole images with its own buffers: no
 // barrier per pass, and each core keeps its own chunk in its own cache (the inner parallel
 // loops and BLAS calls then run on the calling thread). Otherwise the passes split rows.
@@ -93,7 +143,7 @@ void run(const torch::Tensor& x, const torch::Tensor& uc, const torch::Tensor& u
   const int64_t B = x.size(0), C = x.size(1);
   const int64_t R = uc.size(1), T = wt.size(1);
   const int64_t H = a1.in, W = a2.in, Ho = a1.out, Wo = a2.out;
-  const int64_t K0 = a0.k, K1 = a1.k, K2 = a2.k;
+  const int64_t K0 = a0.k;
   const int64_t span = (K0 - 1) * a0.dil + 1;
   const int64_t G = chunk;                 // input planes per GEMM C -> R (and output planes per GEMM R -> T)
   const int64_t slots = span + G - 1;      // ring slots: a chunk never overwrites a plane still needed
@@ -156,44 +206,8 @@ void run(const torch::Tensor& x, const torch::Tensor& uc, const torch::Tensor& u
         auto xp = xb.narrow(1, d0, g).reshape({C, g * H * W});
         auto a_rows = a.narrow(0, 0, g * H * W);
         at::mm_out(a_rows, xp.t(), uc);
-        // mode 2 (W): (g, H, W, R) -> (g, H, Wo, R)
-        at::parallel_for(0, g * H, grain(Wo * R * K2), [&](int64_t r0, int64_t r1) {
-          const scalar_t* src[64];
-          const scalar_t* w[64];
-          for (int64_t row = r0; row < r1; ++row)
-            for (int64_t wo = 0; wo < Wo; ++wo) {
-              int n = 0;
-              for (int64_t k = 0; k < K2; ++k) {
-                const int64_t s = a2.src(wo, k);
-                if (s < 0 || s >= W) continue;
-                src[n] = pa + (row * W + s) * R;
-                w[n++] = w2 + k * R;
-              }
-              tap_sum(pt1 + (row * Wo + wo) * R, src, w, n, R);
-            }
-        });
-        // mode 1 (H): (g, H, Wo, R) -> (g, Ho, Wo, R), each plane into its ring slot
-        at::parallel_for(0, g * Ho, grain(Wo * R * K1), [&](int64_t r0, int64_t r1) {
-          const scalar_t* src[64];
-          const scalar_t* w[64];
-          const scalar_t* row_src[64];
-          for (int64_t row = r0; row < r1; ++row) {
-            const int64_t q = row / Ho, ho = row % Ho;
-            const scalar_t* t1_plane = pt1 + q * H * Wo * R;
-            scalar_t* dst = pring + ((d0 + q) % slots) * plane + ho * Wo * R;
-            int n = 0;
-            for (int64_t j = 0; j < K1; ++j) {
-              const int64_t s = a1.src(ho, j);
-              if (s < 0 || s >= H) continue;
-              src[n] = t1_plane + s * Wo * R;
-              w[n++] = w1 + j * R;
-            }
-            for (int64_t wo = 0; wo < Wo; ++wo) {
-              for (int t = 0; t < n; ++t) row_src[t] = src[t] + wo * R;
-              tap_sum(dst + wo * R, row_src, w, n, R);
-            }
-          }
-        });
+        mode2_pass(pa, pt1, g * H, a2, w2, R);  // (g, H, W, R) -> (g, H, Wo, R)
+        mode1_pass(pt1, g, [&](int64_t q) { return pring + ((d0 + q) % slots) * plane; }, Wo, a1, w1, R);
         emit_ready(d0 + g - 1);
       }
       emit_ready(a0.in);
@@ -340,37 +354,9 @@ void run_backward(const torch::Tensor& x, const torch::Tensor& uc, const torch::
         // forward recompute: a, b (mode 2), c (mode 1) into the ring
         auto xp = xb.select(1, d).reshape({C, P});
         at::mm_out(a, xp.t(), uc);
-        at::parallel_for(0, H, grain(Wo * R * K2), [&](int64_t h0, int64_t h1) {
-          const scalar_t* src[64];
-          const scalar_t* w[64];
-          for (int64_t h = h0; h < h1; ++h)
-            for (int64_t wo = 0; wo < Wo; ++wo) {
-              int n = 0;
-              for (int64_t k = 0; k < K2; ++k) {
-                const int64_t s = a2.src(wo, k);
-                if (s < 0 || s >= W) continue;
-                src[n] = pa + (h * W + s) * R;
-                w[n++] = w2 + k * R;
-              }
-              tap_sum(pb + (h * Wo + wo) * R, src, w, n, R);
-            }
-        });
+        mode2_pass(pa, pb, H, a2, w2, R);
         scalar_t* cd = pc + (d % span) * plane;
-        at::parallel_for(0, Ho, grain(Wo * R * K1), [&](int64_t h0, int64_t h1) {
-          const scalar_t* src[64];
-          const scalar_t* w[64];
-          for (int64_t ho = h0; ho < h1; ++ho)
-            for (int64_t wo = 0; wo < Wo; ++wo) {
-              int n = 0;
-              for (int64_t j = 0; j < K1; ++j) {
-                const int64_t s = a1.src(ho, j);
-                if (s < 0 || s >= H) continue;
-                src[n] = pb + (s * Wo + wo) * R;
-                w[n++] = w1 + j * R;
-              }
-              tap_sum(cd + (ho * Wo + wo) * R, src, w, n, R);
-            }
-        });
+        mode1_pass(pb, 1, [&](int64_t) { return cd; }, Wo, a1, w1, R);
         // g_c = mode-0 pass transposed
         at::parallel_for(0, Po, grain(R * K0), [&](int64_t q0, int64_t q1) {
           const scalar_t* src[64];
