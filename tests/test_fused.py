@@ -236,6 +236,8 @@ def test_auto_runs_the_plane_chain_once_built_and_never_compiles(chain_calls, mo
     plan = plan_conv(k, (1, 64, 16, 32, 32), padding=1)
     assert plan.strategy == "fused" and "fused (plane chain)" in plan.estimates, plan.estimates
     assert "plane-by-plane" in plan.describe()
+    # the chain computes the paper's fewest-MAC order, and the plan counts what it computes
+    assert plan.order == "fewest-macs" and plan.macs == 16 * 32 * 32 * 64 * (64 + 64 + 9)
     x = torch.randn(1, 64, 16, 32, 32)
     with torch.no_grad():
         got = conv(x, k, padding=1)

@@ -135,13 +135,9 @@ class ConvPlan:
                                                                                model, plane_chunk)
                 chosen = min(self.estimates, key=self.estimates.__getitem__)
                 if chosen == "fused (plane chain)":
-                    # where the kernel does not apply (a strided call that needs gradients) the
-                    # faster unfused order runs
+                    # the chain computes the fewest-MAC order, so the plan's steps (what describe()
+                    # counts, and what runs where the kernel does not apply) are that order
                     chosen = "fused"
-                    unfused = [k for k in self.estimates if k.startswith("factorized")]
-                    if min(unfused, key=self.estimates.__getitem__) == "factorized, fastest order":
-                        self.order = "fastest"
-                        self._factorized = (fast_steps, fast_path)
                 if chosen == "factorized, fastest order":
                     chosen, self.order = "factorized", "fastest"
                     self._factorized = (fast_steps, fast_path)
