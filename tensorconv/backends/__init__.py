@@ -119,8 +119,8 @@ def available_backends(include_gpu: bool = True) -> list[str]:
 
 
 def build_cpu_kernel() -> bool:
-    """Build (once per machine) or load the compiled CPU kernel of ``strategy="fused"`` for 3-D
-    CP convolutions on torch; True if it is usable here.
+    """Build (once per machine) or load the compiled CPU kernel of ``strategy="fused"`` for CP
+    convolutions (1-3 spatial modes) on torch; True if it is usable here.
 
     ``strategy="fused"`` builds it on first use; ``strategy="auto"`` weighs it in only once it
     is built (a conv call never waits for the compiler), so call this once after installing to

@@ -3,9 +3,9 @@
 ``csrc/cp_chain_cpu.cpp`` runs a 3-D CP convolution plane by plane along spatial mode 0 (GEMM
 C -> R, the three depthwise passes, GEMM R -> T) so the R-channel intermediates stay in cache,
 and its backward (stride 1) the same way; 1-D and 2-D convs come with unit modes inserted
-(plans/fused.py). See docs/benchmarks.md for what it gains. It is built with ``torch.utils.cpp_extension`` on
-first use (a C++ compiler and ninja; about 30 s on 2 cores, once per machine: the build is
-kept under ``~/.cache/tensorconv``, or ``TENSORCONV_BUILD_DIR``). Without a compiler, or with
+(plans/fused.py). See docs/benchmarks.md for what it gains. It is built with
+``torch.utils.cpp_extension`` on first use (a C++ compiler and ninja; about 30 s on 2 cores,
+once per machine: the build is kept under ``~/.cache/tensorconv``, or ``TENSORCONV_BUILD_DIR``). Without a compiler, or with
 ``TENSORCONV_NO_CPU_KERNEL=1`` in the environment, :func:`load` returns None and callers run
 their portable path. ``strategy="auto"`` considers the kernel only once it is built
 (:func:`available`): it never makes a conv call wait for a compiler.
@@ -54,7 +54,6 @@ def load():
     """The compiled module, or None where it cannot be built (decided once per process)."""
     if "module" in _state:
         return _state["module"]
-    module = None
     if os.environ.get("TENSORCONV_NO_CPU_KERNEL", "") not in ("", "0"):
         _state["module"] = None
         return None

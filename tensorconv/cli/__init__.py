@@ -19,7 +19,7 @@ def main(argv=None):
         bench = None
     if bench is not None:
         bench.add_arguments(p_bench)
-    sub.add_parser("build-kernel", help="build the compiled CPU kernel of strategy='fused' (torch, 3-D CP), "
+    sub.add_parser("build-kernel", help="build the compiled CPU kernel of strategy='fused' (torch, CP kernels), "
                                         "so that strategy='auto' uses it")
     args = parser.parse_args(argv)
     if args.command == "build-kernel":

@@ -222,7 +222,7 @@ class PlaneChain:
         n = structure.n_spatial
         if structure.kind != "kruskal" or not 1 <= n <= 3:
             return False
-        _, _, rank, modes, none_mask = structure.key
+        _, _, _, modes, none_mask = structure.key
         if any(k > 64 for k in structure.shape[2:]):  # the kernel's tap tables hold 64
             return False
         return modes == tuple((m,) for m in range(2 + n)) and not any(none_mask)
