@@ -199,6 +199,16 @@ def test_plane_chain_gradcheck():
     assert gradcheck(f, (x, *leaves))
 
 
+@pytest.mark.parametrize("batch", [1, 3])  # rows split across threads / whole images per thread
+def test_plane_chain_under_inference_mode(chain_calls, batch):
+    k = KruskalKernel.random((8, 6, 3, 3, 3), 5, backend="torch", dtype="float32", seed=0)
+    x = torch.randn(batch, 6, 7, 8, 9)
+    with torch.inference_mode():
+        got = conv(x, k, padding=1, strategy="fused")
+    assert len(chain_calls) == 1
+    assert rel_err(got, conv(x.double(), k.astype("float64").to_dense(), padding=1)) < 1e-5  # float32
+
+
 def test_plane_chain_with_gradients_needs_stride_1(chain_calls, monkeypatch):
     import tensorconv.plans.fused as fused_mod
 

@@ -125,8 +125,11 @@ void mode1_pass(const scalar_t* in, int64_t planes, const OutOf& out_of, int64_t
 template <typename F>
 inline void over_images(int64_t B, const F& body) {
   const int64_t nt = at::get_num_threads();
-  // grad mode is thread-local: worker threads would record the BLAS calls for autograd
+  // grad mode and inference mode are thread-local: worker threads would record the BLAS calls
+  // for autograd, or refuse to write into the caller's inference tensors
+  const bool inference = c10::InferenceMode::is_enabled();
   auto guarded = [&](int64_t b0, int64_t b1) {
+    c10::InferenceMode inference_mode(inference);
     at::NoGradGuard no_grad;
     body(b0, b1);
   };
