@@ -199,6 +199,23 @@ def test_plane_chain_gradcheck():
     assert gradcheck(f, (x, *leaves))
 
 
+def test_plane_chain_weight_gradients_without_an_input_gradient(chain_calls):
+    """A first layer: the input needs no gradient (the kernel then skips the input-gradient GEMM)."""
+    k = KruskalKernel.random((4, 3, 3, 2, 3), 3, backend="torch", seed=2)
+    x = torch.randn(3, 3, 6, 5, 7, dtype=torch.float64)
+    leaves = [k.weights] + list(k.factors)
+    grads = {}
+    for strategy in ("fused", "factorized"):
+        for leaf in leaves:
+            leaf.grad = None
+            leaf.requires_grad_(True)
+        conv(x, k, padding=(1, 0, 1), strategy=strategy).square().sum().backward()
+        grads[strategy] = [leaf.grad.clone() for leaf in leaves]
+    assert len(chain_calls) == 1 and x.grad is None
+    for got, want in zip(grads["fused"], grads["factorized"]):
+        assert rel_err(got, want) < TOL
+
+
 @pytest.mark.parametrize("batch", [1, 3])  # rows split across threads / whole images per thread
 def test_plane_chain_under_inference_mode(chain_calls, batch):
     k = KruskalKernel.random((8, 6, 3, 3, 3), 5, backend="torch", dtype="float32", seed=0)
