@@ -25,8 +25,12 @@ def main(argv=None):
     if args.command == "build-kernel":
         from ..backends import build_cpu_kernel
 
+        import os
+
         ok = build_cpu_kernel()
-        print("tensorconv: the CPU kernel is " + ("ready" if ok else "not available here (see the warning above)"))
+        why = ("TENSORCONV_NO_CPU_KERNEL is set" if os.environ.get("TENSORCONV_NO_CPU_KERNEL", "") not in ("", "0")
+               else "see the warning above")
+        print("tensorconv: the CPU kernel is " + ("ready" if ok else f"not available here ({why})"))
         return 0 if ok else 1
     if args.command == "verify":
         return verify.main(args)
