@@ -18,7 +18,7 @@ import os
 import platform
 import warnings
 
-__all__ = ["load", "available", "planes_per_chunk", "cp_chain_forward"]
+__all__ = ["load", "available", "disabled", "planes_per_chunk", "cp_chain_forward"]
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "cp_chain_cpu.cpp")
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -45,6 +45,11 @@ def _module_name():
     return f"tensorconv_cp_chain_{digest[:12]}"
 
 
+def disabled():
+    """``TENSORCONV_NO_CPU_KERNEL`` set (to anything but 0): the kernel is never built or used."""
+    return os.environ.get("TENSORCONV_NO_CPU_KERNEL", "") not in ("", "0")
+
+
 def _build_root():
     """Where builds are kept: ``TENSORCONV_BUILD_DIR``, else ``~/.cache/tensorconv``."""
     return os.environ.get("TENSORCONV_BUILD_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "tensorconv")
@@ -54,7 +59,7 @@ def load():
     """The compiled module, or None where it cannot be built (decided once per process)."""
     if "module" in _state:
         return _state["module"]
-    if os.environ.get("TENSORCONV_NO_CPU_KERNEL", "") not in ("", "0"):
+    if disabled():
         _state["module"] = None
         return None
     try:
@@ -90,8 +95,7 @@ def available():
         return _state["module"] is not None
     if "built" not in _state:  # looked up once per process: plan_conv asks on every call
         name = _module_name()
-        _state["built"] = (os.environ.get("TENSORCONV_NO_CPU_KERNEL", "") in ("", "0")
-                           and os.path.exists(os.path.join(_build_root(), name, name + ".so")))
+        _state["built"] = not disabled() and os.path.exists(os.path.join(_build_root(), name, name + ".so"))
     return _state["built"]
 
 

@@ -23,13 +23,10 @@ def main(argv=None):
                                         "so that strategy='auto' uses it")
     args = parser.parse_args(argv)
     if args.command == "build-kernel":
-        from ..backends import build_cpu_kernel
-
-        import os
+        from ..backends import _torch_cpu_chain, build_cpu_kernel
 
         ok = build_cpu_kernel()
-        why = ("TENSORCONV_NO_CPU_KERNEL is set" if os.environ.get("TENSORCONV_NO_CPU_KERNEL", "") not in ("", "0")
-               else "see the warning above")
+        why = "TENSORCONV_NO_CPU_KERNEL is set" if _torch_cpu_chain.disabled() else "see the warning above"
         print("tensorconv: the CPU kernel is " + ("ready" if ok else f"not available here ({why})"))
         return 0 if ok else 1
     if args.command == "verify":
