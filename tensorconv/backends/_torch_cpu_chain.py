@@ -112,9 +112,14 @@ def cp_chain_forward(x, lam, u_t, u_c, spatial, *, out_spatial, stride, pad_lo, 
     return _function().apply(x, lam, u_t, u_c, *spatial, geo)
 
 
+def _folded_output_factor(u_t, lam):
+    """(R, T): U_T with lambda folded in, as the kernel's last GEMM takes it."""
+    return (u_t * lam).t().contiguous()
+
+
 def _run_forward(module, x, lam, u_t, u_c, spatial, geo):
     out_spatial, stride, pad_lo, dilation, chunk_bytes = geo
-    wt = (u_t * lam).t().contiguous()
+    wt = _folded_output_factor(u_t, lam)
     chunk = planes_per_chunk(x.shape, int(u_c.shape[1]), x.element_size(), chunk_bytes)
     return module.cp_chain_forward(x, u_c.contiguous(), *[u.contiguous() for u in spatial], wt, list(out_spatial),
                                    list(stride), list(pad_lo), list(dilation), chunk)
@@ -141,7 +146,7 @@ def _function():
             _, stride, pad_lo, dilation, _ = ctx.geo
             if any(s != 1 for s in stride):  # pragma: no cover - cp_chain_3d never asks
                 raise RuntimeError("the plane chain's backward needs stride 1")
-            wt = (u_t * lam).t().contiguous()
+            wt = _folded_output_factor(u_t, lam)
             gx, duc, du0, du1, du2, dwt = _state["module"].cp_chain_backward(
                 x, u_c.contiguous(), u0.contiguous(), u1.contiguous(), u2.contiguous(), wt, grad.contiguous(),
                 list(pad_lo), list(dilation), bool(ctx.needs_input_grad[0]))

@@ -66,6 +66,17 @@ inline void tap_sum(scalar_t* __restrict__ dst, const scalar_t* const* src, cons
   }
 }
 
+// the last input plane each output plane needs along mode 0 (-1: none, all of its taps are padding)
+inline std::vector<int64_t> last_needed_planes(const Axis& a0) {
+  std::vector<int64_t> last(a0.out, -1);
+  for (int64_t e = 0; e < a0.out; ++e)
+    for (int64_t i = 0; i < a0.k; ++i) {
+      const int64_t s = a0.src(e, i);
+      if (s >= 0 && s < a0.in) last[e] = s;
+    }
+  return last;
+}
+
 // rows of positions per parallel task: enough work per task to amortise the dispatch
 inline int64_t grain(int64_t per_row) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, per_row)); }
 
@@ -150,13 +161,7 @@ void run(const torch::Tensor& x, const torch::Tensor& uc, const torch::Tensor& u
   const int64_t span = (K0 - 1) * a0.dil + 1;
   const int64_t G = chunk;                 // input planes per GEMM C -> R (and output planes per GEMM R -> T)
   const int64_t slots = span + G - 1;      // ring slots: a chunk never overwrites a plane still needed
-  // the last input plane each output plane needs (-1: none, all of its taps are padding)
-  std::vector<int64_t> last_needed(a0.out, -1);
-  for (int64_t d = 0; d < a0.out; ++d)
-    for (int64_t i = 0; i < K0; ++i) {
-      const int64_t s = a0.src(d, i);
-      if (s >= 0 && s < a0.in) last_needed[d] = s;
-    }
+  const std::vector<int64_t> last_needed = last_needed_planes(a0);
 
   const auto opts = x.options();
   over_images(B, [&](int64_t b0, int64_t b1) {
@@ -270,7 +275,7 @@ torch::Tensor cp_chain_forward(torch::Tensor x, torch::Tensor uc, torch::Tensor 
 
 namespace {
 
-// acc[t * R + r] += sum over n rows of src_t[row * stride_src + r] * g[row * stride_g + r]
+// acc[r] += src[r] * g[r]: one position's share of a tap's gradient
 template <typename scalar_t>
 inline void tap_dot(scalar_t* __restrict__ acc, const scalar_t* __restrict__ src, const scalar_t* __restrict__ g,
                     int64_t R) {
@@ -301,14 +306,9 @@ void run_backward(const torch::Tensor& x, const torch::Tensor& uc, const torch::
 
   // output planes by the step at which their input planes are all in the ring
   std::vector<std::vector<int64_t>> ready(a0.in);
-  for (int64_t e = 0; e < a0.out; ++e) {
-    int64_t last = -1;
-    for (int64_t i = 0; i < K0; ++i) {
-      const int64_t s = a0.src(e, i);
-      if (s >= 0 && s < a0.in) last = s;
-    }
-    if (last >= 0) ready[last].push_back(e);  // outputs with no input plane get no gradient
-  }
+  const std::vector<int64_t> last_needed = last_needed_planes(a0);
+  for (int64_t e = 0; e < a0.out; ++e)
+    if (last_needed[e] >= 0) ready[last_needed[e]].push_back(e);  // no input plane: no gradient
   const int64_t plane = Po * R;
 
   over_images(B, [&](int64_t b0, int64_t b1) {
