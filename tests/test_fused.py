@@ -129,9 +129,13 @@ def chain_calls(plane_kernel, monkeypatch):
     return calls
 
 
+RANKS = st.sampled_from([1, 2, 3, 5, 8, 11, 16, 19])
+
+
 @given(geo=geometries(max_n=3, min_n=1), data=st.data())
 def test_plane_chain_equals_dense_conv_float64(chain_calls, geo, data):
-    c, t, rank = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 4)), data.draw(st.integers(1, 5))
+    # ranks below, at and past one SIMD register of float64 (8): the kernel's register blocks and tails
+    c, t, rank = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 4)), data.draw(RANKS)
     k = KruskalKernel.random((t, c) + geo["ks"], rank, backend="torch", seed=data.draw(st.integers(0, 99)))
     x = torch.randn((data.draw(st.integers(1, 2)), c) + geo["dims"], dtype=torch.float64)
     if data.draw(st.booleans()) and x.ndim in (4, 5):
@@ -159,7 +163,7 @@ def test_plane_chain_float32_and_layers(chain_calls):
 @given(geo=geometries(max_n=3, min_n=1), data=st.data())
 def test_plane_chain_gradients_equal_the_unfused_plan_float64(chain_calls, geo, data):
     """Stride 1 (its backward's domain): every gradient, against autograd through the steps."""
-    c, t, rank = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3)), data.draw(st.integers(1, 4))
+    c, t, rank = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3)), data.draw(RANKS)
     k = KruskalKernel.random((t, c) + geo["ks"], rank, backend="torch", seed=data.draw(st.integers(0, 99)))
     x = torch.randn((data.draw(st.integers(1, 2)), c) + geo["dims"], dtype=torch.float64)
     kw = dict(padding=geo["padding"], dilation=geo["dilation"], padding_mode=geo["mode"])
@@ -180,6 +184,31 @@ def test_plane_chain_gradients_equal_the_unfused_plan_float64(chain_calls, geo, 
     assert rel_err(outs["fused"], outs["factorized"]) < TOL
     for got, want in zip(grads["fused"], grads["factorized"]):
         assert rel_err(got, want) < TOL
+
+
+@pytest.mark.parametrize("stride", [(1, 1, 1), (1, 2, 3)])
+def test_plane_chain_long_kernels(chain_calls, stride):
+    """Kernels of 4-7 taps (past the kernel's unrolled tap counts), wide rank, uneven padding."""
+    k = KruskalKernel.random((6, 5, 7, 4, 6), 19, backend="torch", seed=11)
+    x = torch.randn(2, 5, 9, 8, 13, dtype=torch.float64)
+    kw = dict(stride=stride, padding=(3, (1, 2), (2, 3)), dilation=(1, 2, 1))
+    grad = stride == (1, 1, 1)
+    leaves = [k.weights] + list(k.factors)
+    for leaf in leaves:
+        leaf.requires_grad_(grad)
+    xg = x.clone().requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        got = conv(xg, k, strategy="fused", **kw)
+    assert len(chain_calls) == 1
+    with torch.no_grad():
+        assert rel_err(got.detach(), conv(x, k.to_dense(), **kw)) < TOL  # the dense conv3d oracle
+    if grad:
+        weight = torch.randn(got.shape, dtype=torch.float64)
+        fused = torch.autograd.grad((got * weight).sum(), [xg] + leaves)
+        plain = conv(xg, k, strategy="factorized", **kw)
+        unfused = torch.autograd.grad((plain * weight).sum(), [xg] + leaves)
+        for a, b in zip(fused, unfused):
+            assert rel_err(a, b) < TOL
 
 
 def test_plane_chain_gradcheck():

@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -21,49 +22,76 @@ struct Axis {
   int64_t src(int64_t o, int64_t tap) const { return o * stride - pad_lo + tap * dil; }
 };
 
-// dst[r] = sum_t w_t[r] * src_t[r] over the n taps whose source exists (zero if none)
-// (one loop for up to 3 taps, the common kernel sizes: dst is written once)
-template <typename scalar_t>
-inline void tap_sum(scalar_t* __restrict__ dst, const scalar_t* const* src, const scalar_t* const* w, int n,
-                    int64_t R) {
-  switch (n) {
-    case 0:
-      std::fill(dst, dst + R, scalar_t(0));
-      return;
-    case 1: {
-      const scalar_t* __restrict__ s0 = src[0]; const scalar_t* __restrict__ c0 = w[0];
+// dst_i[r] = sum_t w_t[r] * src_t[i * src_step + r] for `count` positions i (dst_i = dst + i * dst_step),
+// over the n taps whose source exists. Runs of positions share their taps, so the weights of a
+// block of one vector register's width stay in registers over the whole run: per output vector
+// that is n loads and n FMAs, where per-position calls spend more on finding the taps than on
+// the sums (the depthwise passes at 16-64 channels, docs/benchmarks.md).
+template <typename scalar_t, int N>
+inline void taps_run_n(scalar_t* __restrict__ dst, int64_t dst_step, const scalar_t* const* src, int64_t src_step,
+                       const scalar_t* const* w, int64_t R, int64_t count) {
+  constexpr int64_t V = 64 / sizeof(scalar_t);  // one 512-bit register (two 256-bit ones)
+  int64_t r0 = 0;
+  for (; r0 + V <= R; r0 += V) {
+    scalar_t wv[N][V];
+    for (int t = 0; t < N; ++t)
+      for (int64_t v = 0; v < V; ++v) wv[t][v] = w[t][r0 + v];
+    for (int64_t i = 0; i < count; ++i) {
+      scalar_t* __restrict__ d = dst + i * dst_step + r0;
+      const int64_t off = i * src_step + r0;
+      scalar_t acc[V];
 #pragma omp simd
-      for (int64_t r = 0; r < R; ++r) dst[r] = s0[r] * c0[r];
-      return;
-    }
-    case 2: {
-      const scalar_t* __restrict__ s0 = src[0]; const scalar_t* __restrict__ c0 = w[0];
-      const scalar_t* __restrict__ s1 = src[1]; const scalar_t* __restrict__ c1 = w[1];
+      for (int64_t v = 0; v < V; ++v) acc[v] = wv[0][v] * src[0][off + v];
+      for (int t = 1; t < N; ++t) {
 #pragma omp simd
-      for (int64_t r = 0; r < R; ++r) dst[r] = s0[r] * c0[r] + s1[r] * c1[r];
-      return;
-    }
-    case 3: {
-      const scalar_t* __restrict__ s0 = src[0]; const scalar_t* __restrict__ c0 = w[0];
-      const scalar_t* __restrict__ s1 = src[1]; const scalar_t* __restrict__ c1 = w[1];
-      const scalar_t* __restrict__ s2 = src[2]; const scalar_t* __restrict__ c2 = w[2];
-#pragma omp simd
-      for (int64_t r = 0; r < R; ++r) dst[r] = s0[r] * c0[r] + s1[r] * c1[r] + s2[r] * c2[r];
-      return;
-    }
-    default: {
-      {
-        const scalar_t* __restrict__ s0 = src[0]; const scalar_t* __restrict__ c0 = w[0];
-#pragma omp simd
-        for (int64_t r = 0; r < R; ++r) dst[r] = s0[r] * c0[r];
+        for (int64_t v = 0; v < V; ++v) acc[v] += wv[t][v] * src[t][off + v];
       }
-      for (int t = 1; t < n; ++t) {
-        const scalar_t* __restrict__ s = src[t]; const scalar_t* __restrict__ c = w[t];
 #pragma omp simd
-        for (int64_t r = 0; r < R; ++r) dst[r] += s[r] * c[r];
-      }
+      for (int64_t v = 0; v < V; ++v) d[v] = acc[v];
     }
   }
+  if (r0 < R)  // the channels past the last full register
+    for (int64_t i = 0; i < count; ++i) {
+      scalar_t* __restrict__ d = dst + i * dst_step;
+      const int64_t off = i * src_step;
+      for (int64_t r = r0; r < R; ++r) {
+        scalar_t acc = w[0][r] * src[0][off + r];
+        for (int t = 1; t < N; ++t) acc += w[t][r] * src[t][off + r];
+        d[r] = acc;
+      }
+    }
+}
+
+template <typename scalar_t>
+inline void taps_run(scalar_t* dst, int64_t dst_step, const scalar_t* const* src, int64_t src_step,
+                     const scalar_t* const* w, int n, int64_t R, int64_t count) {
+  switch (n) {
+    case 0:
+      for (int64_t i = 0; i < count; ++i) std::fill(dst + i * dst_step, dst + i * dst_step + R, scalar_t(0));
+      return;
+    case 1: return taps_run_n<scalar_t, 1>(dst, dst_step, src, src_step, w, R, count);
+    case 2: return taps_run_n<scalar_t, 2>(dst, dst_step, src, src_step, w, R, count);
+    case 3: return taps_run_n<scalar_t, 3>(dst, dst_step, src, src_step, w, R, count);
+    case 4: return taps_run_n<scalar_t, 4>(dst, dst_step, src, src_step, w, R, count);
+    case 5: return taps_run_n<scalar_t, 5>(dst, dst_step, src, src_step, w, R, count);
+    default: {  // long kernels: the first taps in registers, the rest accumulated
+      taps_run_n<scalar_t, 5>(dst, dst_step, src, src_step, w, R, count);
+      for (int t0 = 5; t0 < n; ++t0)
+        for (int64_t i = 0; i < count; ++i) {
+          scalar_t* __restrict__ d = dst + i * dst_step;
+          const scalar_t* __restrict__ s = src[t0] + i * src_step;
+          const scalar_t* __restrict__ c = w[t0];
+#pragma omp simd
+          for (int64_t r = 0; r < R; ++r) d[r] += s[r] * c[r];
+        }
+    }
+  }
+}
+
+// dst[r] = sum_t w_t[r] * src_t[r]: one position
+template <typename scalar_t>
+inline void tap_sum(scalar_t* dst, const scalar_t* const* src, const scalar_t* const* w, int n, int64_t R) {
+  taps_run(dst, 0, src, 0, w, n, R, 1);
 }
 
 // the last input plane each output plane needs along mode 0 (-1: none, all of its taps are padding)
@@ -80,24 +108,47 @@ inline std::vector<int64_t> last_needed_planes(const Axis& a0) {
 // rows of positions per parallel task: enough work per task to amortise the dispatch
 inline int64_t grain(int64_t per_row) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, per_row)); }
 
+// the output positions [lo, hi) along an axis whose taps all lie inside the input (an interval:
+// the first and last tap's sources both grow with the position)
+inline std::pair<int64_t, int64_t> interior(const Axis& a) {
+  auto inside = [&](int64_t o) { return a.src(o, 0) >= 0 && a.src(o, a.k - 1) < a.in; };
+  int64_t lo = 0, hi = a.out;
+  while (lo < hi && !inside(lo)) ++lo;
+  while (hi > lo && !inside(hi - 1)) --hi;
+  return {lo, hi};
+}
+
 // mode 2 (W) depthwise pass over `rows` rows: (rows, W, R) -> (rows, Wo, R)
 template <typename scalar_t>
 void mode2_pass(const scalar_t* in, scalar_t* out, int64_t rows, const Axis& a2, const scalar_t* w2, int64_t R) {
   const int64_t W = a2.in, Wo = a2.out;
+  const auto [lo, hi] = interior(a2);
   at::parallel_for(0, rows, grain(Wo * R * a2.k), [&](int64_t r0, int64_t r1) {
     const scalar_t* src[64];
     const scalar_t* w[64];
-    for (int64_t row = r0; row < r1; ++row)
-      for (int64_t wo = 0; wo < Wo; ++wo) {
+    for (int64_t row = r0; row < r1; ++row) {
+      const scalar_t* in_row = in + row * W * R;
+      scalar_t* out_row = out + row * Wo * R;
+      auto edge = [&](int64_t wo) {
         int n = 0;
         for (int64_t k = 0; k < a2.k; ++k) {
           const int64_t s = a2.src(wo, k);
           if (s < 0 || s >= W) continue;
-          src[n] = in + (row * W + s) * R;
+          src[n] = in_row + s * R;
           w[n++] = w2 + k * R;
         }
-        tap_sum(out + (row * Wo + wo) * R, src, w, n, R);
+        tap_sum(out_row + wo * R, src, w, n, R);
+      };
+      for (int64_t wo = 0; wo < lo; ++wo) edge(wo);
+      if (hi > lo) {
+        for (int64_t k = 0; k < a2.k; ++k) {
+          src[k] = in_row + a2.src(lo, k) * R;
+          w[k] = w2 + k * R;
+        }
+        taps_run(out_row + lo * R, R, src, a2.stride * R, w, static_cast<int>(a2.k), R, hi - lo);
       }
+      for (int64_t wo = std::max(hi, lo); wo < Wo; ++wo) edge(wo);
+    }
   });
 }
 
@@ -110,7 +161,6 @@ void mode1_pass(const scalar_t* in, int64_t planes, const OutOf& out_of, int64_t
   at::parallel_for(0, planes * Ho, grain(Wo * R * a1.k), [&](int64_t r0, int64_t r1) {
     const scalar_t* src[64];
     const scalar_t* w[64];
-    const scalar_t* row_src[64];
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t q = row / Ho, ho = row % Ho;
       const scalar_t* plane_in = in + q * H * Wo * R;
@@ -122,10 +172,7 @@ void mode1_pass(const scalar_t* in, int64_t planes, const OutOf& out_of, int64_t
         src[n] = plane_in + s * Wo * R;
         w[n++] = w1 + j * R;
       }
-      for (int64_t wo = 0; wo < Wo; ++wo) {
-        for (int t = 0; t < n; ++t) row_src[t] = src[t] + wo * R;
-        tap_sum(dst + wo * R, row_src, w, n, R);
-      }
+      taps_run(dst, R, src, R, w, n, R, Wo);
     }
   });
 }
@@ -190,8 +237,9 @@ void run(const torch::Tensor& x, const torch::Tensor& uc, const torch::Tensor& u
           at::parallel_for(0, n_out * positions, grain(R * K0), [&](int64_t q0, int64_t q1) {
             const scalar_t* src[64];
             const scalar_t* w[64];
-            for (int64_t q = q0; q < q1; ++q) {
+            for (int64_t q = q0; q < q1;) {  // a run of positions in one output plane at a time
               const int64_t d = d_first + q / positions, p = q % positions;
+              const int64_t count = std::min(q1 - q, positions - p);
               int n = 0;
               for (int64_t i = 0; i < K0; ++i) {
                 const int64_t s = a0.src(d, i);
@@ -199,7 +247,8 @@ void run(const torch::Tensor& x, const torch::Tensor& uc, const torch::Tensor& u
                 src[n] = pring + (s % slots) * plane + p * R;
                 w[n++] = w0 + i * R;
               }
-              tap_sum(po + q * R, src, w, n, R);
+              taps_run(po + q * R, R, src, R, w, n, R, count);
+              q += count;
             }
           });
           auto out_rows = ob.narrow(0, d_first, n_out).view({n_out * positions, T});
@@ -364,16 +413,14 @@ void run_backward(const torch::Tensor& x, const torch::Tensor& uc, const torch::
         at::parallel_for(0, Po, grain(R * K0), [&](int64_t q0, int64_t q1) {
           const scalar_t* src[64];
           const scalar_t* w[64];
-          for (int64_t q = q0; q < q1; ++q) {
-            int n = 0;
-            for (int64_t i = 0; i < K0; ++i) {
-              const int64_t e = d + a0.pad_lo - i * a0.dil;
-              if (e < 0 || e >= a0.out) continue;
-              src[n] = pg + (e % span) * plane + q * R;
-              w[n++] = w0 + i * R;
-            }
-            tap_sum(pgc + q * R, src, w, n, R);
+          int n = 0;
+          for (int64_t i = 0; i < K0; ++i) {
+            const int64_t e = d + a0.pad_lo - i * a0.dil;
+            if (e < 0 || e >= a0.out) continue;
+            src[n] = pg + (e % span) * plane + q0 * R;
+            w[n++] = w0 + i * R;
           }
+          taps_run(pgc + q0 * R, R, src, R, w, n, R, q1 - q0);
         });
         // g_b = mode-1 pass transposed; du1[j] += b(row ho - p1 + j dl1) * g_c(row ho)
         at::parallel_for(0, H, grain(Wo * R * K1), [&](int64_t h0, int64_t h1) {
@@ -390,11 +437,7 @@ void run_backward(const torch::Tensor& x, const torch::Tensor& uc, const torch::
               for (int64_t wo = 0; wo < Wo; ++wo)
                 tap_dot(acc + j * R, pb + (h * Wo + wo) * R, pgc + (ho * Wo + wo) * R, R);
             }
-            const scalar_t* row_src[64];
-            for (int64_t wo = 0; wo < Wo; ++wo) {
-              for (int t = 0; t < n; ++t) row_src[t] = src[t] + wo * R;
-              tap_sum(pgb + (h * Wo + wo) * R, row_src, w, n, R);
-            }
+            taps_run(pgb + h * Wo * R, R, src, R, w, n, R, Wo);
           }
         });
         // g_a = mode-2 pass transposed; du2[k] += a(col wo - p2 + k dl2) * g_b(col wo)
