@@ -188,9 +188,10 @@ def test_plane_chain_gradients_equal_the_unfused_plan_float64(chain_calls, geo, 
 
 @pytest.mark.parametrize("stride", [(1, 1, 1), (1, 2, 3)])
 def test_plane_chain_long_kernels(chain_calls, stride):
-    """Kernels of 4-7 taps (past the kernel's unrolled tap counts), wide rank, uneven padding."""
-    k = KruskalKernel.random((6, 5, 7, 4, 6), 19, backend="torch", seed=11)
-    x = torch.randn(2, 5, 9, 8, 13, dtype=torch.float64)
+    """Kernels of 4-7 taps (past the kernel's unrolled tap counts), wide rank, uneven padding;
+    9 channels-first input channels: one full 8x8 tile of the float64 transpose and an edge."""
+    k = KruskalKernel.random((6, 9, 7, 4, 6), 19, backend="torch", seed=11)
+    x = torch.randn(2, 9, 9, 8, 13, dtype=torch.float64)
     kw = dict(stride=stride, padding=(3, (1, 2), (2, 3)), dilation=(1, 2, 1))
     grad = stride == (1, 1, 1)
     leaves = [k.weights] + list(k.factors)

@@ -10,6 +10,9 @@
 // The backward (stride 1) recomputes the intermediates plane by plane the same way.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <utility>
@@ -92,6 +95,87 @@ inline void taps_run(scalar_t* dst, int64_t dst_step, const scalar_t* const* src
 template <typename scalar_t>
 inline void tap_sum(scalar_t* dst, const scalar_t* const* src, const scalar_t* const* w, int n, int64_t R) {
   taps_run(dst, 0, src, 0, w, n, R, 1);
+}
+
+// ---- channels-first input to channels-last rows -------------------------------------------------
+// BLAS runs the first GEMM about 1.4x slower when it reads a channels-first chunk transposed
+// than on channels-last rows (benchmarks/plane_chain.py); with AVX-512 a register transpose of
+// the chunk costs less than that difference (~0.03 ms per MiB on one core).
+#if defined(__AVX512F__)
+constexpr bool kFastTranspose = true;
+
+// one butterfly stage of an in-register transpose: swap the off-diagonal b x b blocks of every
+// 2b x 2b block (two two-source permutes per pair of rows); log2(n) stages transpose the tile
+template <int b>
+inline void transpose_stage(__m512* r) {
+#define LO(j) (((j) & b) ? 16 + (j) - b : (j))
+#define HI(j) (((j) & b) ? 16 + (j) : (j) + b)
+  const __m512i lo = _mm512_setr_epi32(LO(0), LO(1), LO(2), LO(3), LO(4), LO(5), LO(6), LO(7), LO(8), LO(9), LO(10),
+                                       LO(11), LO(12), LO(13), LO(14), LO(15));
+  const __m512i hi = _mm512_setr_epi32(HI(0), HI(1), HI(2), HI(3), HI(4), HI(5), HI(6), HI(7), HI(8), HI(9), HI(10),
+                                       HI(11), HI(12), HI(13), HI(14), HI(15));
+  for (int i = 0; i < 16; ++i)
+    if (!(i & b)) {
+      const __m512 a = r[i], c = r[i + b];
+      r[i] = _mm512_permutex2var_ps(a, lo, c);
+      r[i + b] = _mm512_permutex2var_ps(a, hi, c);
+    }
+}
+
+#undef LO
+#undef HI
+
+template <int b>
+inline void transpose_stage(__m512d* r) {
+#define LO(j) (((j) & b) ? 8 + (j) - b : (j))
+#define HI(j) (((j) & b) ? 8 + (j) : (j) + b)
+  const __m512i lo = _mm512_setr_epi64(LO(0), LO(1), LO(2), LO(3), LO(4), LO(5), LO(6), LO(7));
+  const __m512i hi = _mm512_setr_epi64(HI(0), HI(1), HI(2), HI(3), HI(4), HI(5), HI(6), HI(7));
+#undef LO
+#undef HI
+  for (int i = 0; i < 8; ++i)
+    if (!(i & b)) {
+      const __m512d a = r[i], c = r[i + b];
+      r[i] = _mm512_permutex2var_pd(a, lo, c);
+      r[i + b] = _mm512_permutex2var_pd(a, hi, c);
+    }
+}
+
+// dst[p * ldd + c] = src[c * lds + p] for a full tile (16 floats / 8 doubles square)
+inline void transpose_tile(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m512 r[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
+  transpose_stage<1>(r); transpose_stage<2>(r); transpose_stage<4>(r); transpose_stage<8>(r);
+  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ldd, r[i]);
+}
+inline void transpose_tile(const double* src, int64_t lds, double* dst, int64_t ldd) {
+  __m512d r[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm512_loadu_pd(src + i * lds);
+  transpose_stage<1>(r); transpose_stage<2>(r); transpose_stage<4>(r);
+  for (int i = 0; i < 8; ++i) _mm512_storeu_pd(dst + i * ldd, r[i]);
+}
+#else
+constexpr bool kFastTranspose = false;
+template <typename scalar_t>
+inline void transpose_tile(const scalar_t*, int64_t, scalar_t*, int64_t) {}
+#endif
+
+// (C, P) rows `lds` apart -> (P, C) contiguous, in tiles; the edges element by element
+template <typename scalar_t>
+void to_channels_last(const scalar_t* src, int64_t lds, scalar_t* dst, int64_t C, int64_t P) {
+  constexpr int64_t TB = 64 / sizeof(scalar_t);
+  at::parallel_for(0, (P + TB - 1) / TB, std::max<int64_t>(1, 4096 / (TB * C)), [&](int64_t b0, int64_t b1) {
+    for (int64_t c0 = 0; c0 < C; c0 += TB)
+      for (int64_t p0 = b0 * TB; p0 < std::min(P, b1 * TB); p0 += TB) {
+        const int64_t pe = std::min(P, p0 + TB), ce = std::min(C, c0 + TB);
+        if (pe - p0 == TB && ce - c0 == TB) {
+          transpose_tile(src + c0 * lds + p0, lds, dst + p0 * C + c0, C);
+          continue;
+        }
+        for (int64_t p = p0; p < pe; ++p)
+          for (int64_t c = c0; c < ce; ++c) dst[p * C + c] = src[c * lds + p];
+      }
+  });
 }
 
 // the last input plane each output plane needs along mode 0 (-1: none, all of its taps are padding)
@@ -213,6 +297,9 @@ void run(const torch::Tensor& x, const torch::Tensor& uc, const torch::Tensor& u
   const auto opts = x.options();
   over_images(B, [&](int64_t b0, int64_t b1) {
     auto a = torch::empty({G * H * W, R}, opts);        // GEMM C -> R of a chunk of input planes
+    // a channels-first chunk, channels-last (when a fast transpose exists)
+    const bool transpose = kFastTranspose && x.stride(4) == 1 && x.stride(3) == W && x.stride(2) == H * W;
+    auto xt = torch::empty({transpose ? G * H * W : 0, C}, opts);
     auto t1 = torch::empty({G * H * Wo, R}, opts);      // after the mode-2 pass
     auto ring = torch::empty({slots, Ho * Wo, R}, opts);  // after the mode-1 pass
     auto o = torch::empty({G * Ho * Wo, R}, opts);      // after the mode-0 pass, a batch of output planes
@@ -262,7 +349,13 @@ void run(const torch::Tensor& x, const torch::Tensor& uc, const torch::Tensor& u
         // (C, g, H, W) -> (C, g*H*W): a view for channels-first and channels-last input
         auto xp = xb.narrow(1, d0, g).reshape({C, g * H * W});
         auto a_rows = a.narrow(0, 0, g * H * W);
-        at::mm_out(a_rows, xp.t(), uc);
+        if (transpose) {
+          auto rows = xt.narrow(0, 0, g * H * W);
+          to_channels_last(xp.data_ptr<scalar_t>(), xp.stride(0), rows.data_ptr<scalar_t>(), C, g * H * W);
+          at::mm_out(a_rows, rows, uc);
+        } else {
+          at::mm_out(a_rows, xp.t(), uc);
+        }
         mode2_pass(pa, pt1, g * H, a2, w2, R);  // (g, H, W, R) -> (g, H, Wo, R)
         mode1_pass(pt1, g, [&](int64_t q) { return pring + ((d0 + q) % slots) * plane; }, Wo, a1, w1, R);
         emit_ready(d0 + g - 1);
