@@ -109,7 +109,11 @@ def cp_chain_forward(x, lam, u_t, u_c, spatial, *, out_spatial, stride, pad_lo, 
     if module is None:
         return None
     geo = (tuple(out_spatial), tuple(stride), tuple(pad_lo), tuple(dilation), chunk_bytes)
-    return _function().apply(x, lam, u_t, u_c, *spatial, geo)
+    import torch
+
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, lam, u_t, u_c, *spatial)):
+        return _function().apply(x, lam, u_t, u_c, *spatial, geo)
+    return _run_forward(module, x, lam, u_t, u_c, spatial, geo)  # nothing to record: no Function's overhead
 
 
 def _folded_output_factor(u_t, lam):
