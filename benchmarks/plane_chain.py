@@ -3,13 +3,15 @@
     python benchmarks/plane_chain.py            # prints a markdown table
     python benchmarks/plane_chain.py 2d         # 2-D CP convs: unfused auto vs the chain
     python benchmarks/plane_chain.py backward   # forward+backward: the chain vs torch.compile
+    python benchmarks/plane_chain.py overhead   # the kernel's fixed cost per chunk of planes
 
 Input (B, C, 16, 32, 32), CP kernel C -> C, 3x3x3, rank R, padding 1, float32. For each point:
 dense Conv3d, the fewest-MAC factorized chain unfused, the plan ``auto`` picks when the kernel
 is not built (unfused; before the plane chain existed this was the default), and the plane
 kernel with chunks of 256 KiB .. 4 MiB (input planes per GEMM so that a chunk's widest
-intermediate fits; ``CHUNK_BYTES`` in tensorconv/backends/_torch_cpu_chain.py is the default;
-the ratios use it), all timed interleaved in shuffled order (medians of 15 runs after 2
+intermediate fits) and with its default chunks (``planes_per_chunk`` in
+tensorconv/backends/_torch_cpu_chain.py: 256 KiB, more planes where their GEMMs are small; the
+ratios use it), all timed interleaved in shuffled order (medians of 15 runs after 2
 warm-ups), glibc told not to trim (see docs/benchmarks.md); "auto picks" is what ``auto`` runs
 once the kernel is built. The kernel is built on first use (about 30 s).
 """
@@ -97,16 +99,32 @@ def main_backward():
               f"{t['chain']:.1f} | {t['compiled'] / t['chain']:.2f} | {t['dense'] / t['chain'] / mac_ratio:.2f} |")
 
 
+def main_overhead():
+    """The kernel's fixed cost per chunk (cost.py's ``plane_chunk_s``): a conv with almost no
+    arithmetic (8 channels, 2x2 planes, 64 of them) run with 1 plane per chunk and all 64 in one."""
+    module = _torch_cpu_chain.load()
+    c, d = 8, 64
+    x = torch.randn(1, c, d, 2, 2)
+    uc, wt = torch.randn(c, c), torch.randn(c, c)
+    us = [torch.randn(3, c) for _ in range(3)]
+    with torch.no_grad():
+        t = {g: v["median_ms"] * 1e3 for g, v in measure_many({g: (lambda g=g: module.cp_chain_forward(
+            x, uc, *us, wt, [d, 2, 2], [1, 1, 1], [1, 1, 1], [1, 1, 1], g)) for g in (1, d)}, repeat=101).items()}
+    print(f"one call, {d} chunks of 1 plane: {t[1]:.1f} us; one chunk of {d}: {t[d]:.1f} us; "
+          f"per extra chunk: {(t[1] - t[d]) / (d - 1):.2f} us")
+
+
 def main():
     _set_malloc_no_trim()
     if _torch_cpu_chain.load() is None:
         raise SystemExit("the CPU kernel cannot be built here")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
-          f", default chunk {_torch_cpu_chain.CHUNK_BYTES >> 10} KiB\n")
+          "\n")
     cols = " | ".join(f"plane chain {c} KiB ms" for c in CHUNKS_KIB)
     print(f"| B | C | R | dense Conv3d ms | factorized (unfused) ms | auto without the kernel ms | {cols} | "
-          f"auto picks | unfused auto / chain | dense / chain |")
-    print("|---|---|---|---|---|---|" + "---|" * len(CHUNKS_KIB) + "---|---|---|")
+          f"plane chain, default chunks ms | default planes per chunk | auto picks | unfused auto / chain | "
+          f"dense / chain |")
+    print("|---|---|---|---|---|---|" + "---|" * len(CHUNKS_KIB) + "---|---|---|---|---|")
     for b, c, r in POINTS:
         shape = (b, c, 16, 32, 32)
         x = torch.randn(shape)
@@ -121,22 +139,27 @@ def main():
             entries[kib] = (lambda cb: lambda: _torch_cpu_chain.cp_chain_forward(
                 x, lam, u_t, u_c, spatial, out_spatial=(16, 32, 32), stride=(1, 1, 1), pad_lo=(1, 1, 1),
                 dilation=(1, 1, 1), chunk_bytes=cb))(kib << 10)
+        entries["default"] = lambda: _torch_cpu_chain.cp_chain_forward(
+            x, lam, u_t, u_c, spatial, out_spatial=(16, 32, 32), stride=(1, 1, 1), pad_lo=(1, 1, 1),
+            dilation=(1, 1, 1))
         with torch.no_grad():
             t = {n: v["median_ms"] for n, v in measure_many(entries, repeat=15).items()}
-        chain = t[_torch_cpu_chain.CHUNK_BYTES >> 10]
+        chain = t["default"]
+        planes = _torch_cpu_chain.planes_per_chunk(shape, r, 4, out_channels=c)
         chunks = " | ".join(f"{t[kib]:.2f}" for kib in CHUNKS_KIB)
         pick = "plane chain" if auto.plane_chain else auto.strategy
         print(f"| {b} | {c} | {r} | {t['dense']:.2f} | {t['factorized']:.2f} | {t['unfused auto']:.2f} | {chunks} | "
-              f"{pick} | {t['unfused auto'] / chain:.2f} | {t['dense'] / chain:.2f} |")
+              f"{chain:.2f} | {planes} | {pick} | {t['unfused auto'] / chain:.2f} | {t['dense'] / chain:.2f} |")
 
 
 if __name__ == "__main__":
     import sys
 
-    if sys.argv[1:] in (["2d"], ["backward"]):
+    modes = {"2d": main_2d, "backward": main_backward, "overhead": main_overhead}
+    if len(sys.argv) == 2 and sys.argv[1] in modes:
         _set_malloc_no_trim()
         if _torch_cpu_chain.load() is None:
             raise SystemExit("the CPU kernel cannot be built here")
-        (main_2d if sys.argv[1] == "2d" else main_backward)()
+        modes[sys.argv[1]]()
     else:
         main()

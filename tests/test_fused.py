@@ -212,6 +212,23 @@ def test_plane_chain_long_kernels(chain_calls, stride):
             assert rel_err(a, b) < TOL
 
 
+@pytest.mark.parametrize("planes", [1, 2, 3, 5])
+@pytest.mark.parametrize("stride0", [1, 2])
+def test_plane_chain_chunks_of_planes(plane_kernel, planes, stride0):
+    """Any number of input planes per chunk (the ring of planes wraps around mid-image)."""
+    k = KruskalKernel.random((5, 9, 3, 2, 3), 11, backend="torch", seed=2)
+    x = torch.randn(2, 9, 11, 6, 7, dtype=torch.float64)
+    lam, u_t, u_c, *spatial = [k.weights] + list(k.factors)
+    per_plane = 6 * 7 * 11 * 8
+    out_d = (11 + 2 * 2 - 2 * 2 - 1) // stride0 + 1
+    with torch.no_grad():
+        got = plane_kernel.cp_chain_forward(x, lam, u_t, u_c, spatial, out_spatial=(out_d, 5, 7),
+                                            stride=(stride0, 1, 1), pad_lo=(2, 0, 1), dilation=(2, 1, 1),
+                                            chunk_bytes=planes * per_plane)
+        want = conv(x, k.to_dense(), stride=(stride0, 1, 1), padding=(2, 0, 1), dilation=(2, 1, 1))
+    assert rel_err(got.permute(0, 4, 1, 2, 3), want) < TOL
+
+
 def test_plane_chain_gradcheck():
     from torch.autograd import gradcheck
 

@@ -255,7 +255,7 @@ class ArrayBackend:
         its own path."""
         return None
 
-    def plane_chain_chunk(self, input_shape, rank, itemsize, device=None):
+    def plane_chain_chunk(self, input_shape, rank, itemsize, device=None, out_channels=None):
         """Input planes per chunk of :meth:`cp_chain_3d` for this input (B, C, D, H, W), or None
         where the kernel is not ready to run without building it (``auto`` plans then leave it out)."""
         return None

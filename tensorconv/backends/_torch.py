@@ -162,14 +162,14 @@ class TorchBackend(ArrayBackend):
         return cp_chain_forward(x, lam, u_t, u_c, spatial, out_spatial=out_spatial, stride=stride, pad_lo=pad_lo,
                                 dilation=dilation)
 
-    def plane_chain_chunk(self, input_shape, rank, itemsize, device=None):
+    def plane_chain_chunk(self, input_shape, rank, itemsize, device=None, out_channels=None):
         if device is not None and str(getattr(device, "type", device)) != "cpu":
             return None
         from . import _torch_cpu_chain
 
         if not _torch_cpu_chain.available():
             return None
-        return _torch_cpu_chain.planes_per_chunk(input_shape, rank, itemsize)
+        return _torch_cpu_chain.planes_per_chunk(input_shape, rank, itemsize, out_channels=out_channels)
 
     def channels_last_conv(self, act_shape, weight_shape, *, stride, dilation, padding, padding_mode, groups):
         """``run(act, weight)`` for these static shapes, or None where the caller's tap loop runs.

@@ -23,9 +23,15 @@ __all__ = ["load", "available", "disabled", "planes_per_chunk", "cp_chain_forwar
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "cp_chain_cpu.cpp")
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]
 _state = {}
-#: target size of one chunk's widest intermediate (a chunk of input planes goes through one GEMM);
-#: measured with benchmarks/plane_chain.py, docs/benchmarks.md
-CHUNK_BYTES = 1 << 20
+#: target size of one chunk's widest intermediate (a chunk of input planes goes through one GEMM):
+#: small enough that a chunk's buffers stay in a core's cache. Planes whose GEMMs are smaller
+#: than CHUNK_MACS go several to a chunk (up to CHUNK_BYTES_MAX), so each chunk's fixed costs
+#: (a dozen parallel regions and BLAS calls) stay small next to its arithmetic. Measured with
+#: benchmarks/plane_chain.py (docs/benchmarks.md): at batch 1, 64-128 channels, one plane per
+#: chunk ran 10-20 % faster than chunks of 1 MiB; at 16 channels whole images ran fastest.
+CHUNK_BYTES = 256 << 10
+CHUNK_BYTES_MAX = 1 << 20
+CHUNK_MACS = 8 << 20
 log = logging.getLogger("tensorconv")
 
 
@@ -80,12 +86,20 @@ def load():
     return module
 
 
-def planes_per_chunk(shape, rank, itemsize, chunk_bytes=None):
-    """Input planes per chunk for an input of ``shape`` (B, C, D, H, W): as many as keep one
-    chunk's widest intermediate within ``chunk_bytes`` (at least one)."""
+def planes_per_chunk(shape, rank, itemsize, chunk_bytes=None, out_channels=None):
+    """Input planes per chunk for an input of ``shape`` (B, C, D, H, W) (at least one).
+
+    With ``chunk_bytes`` given: as many as keep one chunk's widest intermediate within it.
+    By default: within :data:`CHUNK_BYTES`, or more planes where that leaves the chunk's two
+    GEMMs (C -> R, R -> ``out_channels``, which defaults to C) fewer than :data:`CHUNK_MACS`
+    multiply-adds, up to :data:`CHUNK_BYTES_MAX`."""
     _, c, d, h, w = (int(s) for s in shape)
     per_plane = h * w * max(rank, c) * itemsize
-    return max(1, min(d, (chunk_bytes or CHUNK_BYTES) // per_plane))
+    if chunk_bytes is not None:
+        return max(1, min(d, chunk_bytes // per_plane))
+    t = c if out_channels is None else int(out_channels)
+    planes = max(CHUNK_BYTES // per_plane, -(-CHUNK_MACS // (h * w * rank * (c + t))))
+    return max(1, min(d, planes, CHUNK_BYTES_MAX // per_plane))
 
 
 def available():
@@ -124,7 +138,7 @@ def _folded_output_factor(u_t, lam):
 def _run_forward(module, x, lam, u_t, u_c, spatial, geo):
     out_spatial, stride, pad_lo, dilation, chunk_bytes = geo
     wt = _folded_output_factor(u_t, lam)
-    chunk = planes_per_chunk(x.shape, int(u_c.shape[1]), x.element_size(), chunk_bytes)
+    chunk = planes_per_chunk(x.shape, int(u_c.shape[1]), x.element_size(), chunk_bytes, int(u_t.shape[0]))
     return module.cp_chain_forward(x, u_c.contiguous(), *[u.contiguous() for u in spatial], wt, list(out_spatial),
                                    list(stride), list(pad_lo), list(dilation), chunk)
 

@@ -24,6 +24,7 @@ class CostModel:
     dense_slow_macs_per_s: float = 0.0  # torch CPU: dense convs that miss oneDNN (see dense_rate)
     plane_macs_per_s: float = 0.0  # depthwise MACs inside the compiled plane-by-plane kernel (0: none)
     plane_cache_bytes: int = 12 << 20  # its working set beyond which its passes run at bytes_per_s
+    plane_chunk_s: float = 8.0e-6  # its fixed cost per chunk of planes (native calls, no Python)
     float64: "CostModel | None" = None  # the model for float64 where it is not this one at half rate
 
     def dense_rate(self, batch, channels, in_spatial, groups):
@@ -83,7 +84,8 @@ _DEFAULTS = {
     # GEMMs run through BLAS at about the matmul rate; its depthwise passes, in cache, measured
     # 14-26 GMAC/s including their share of the per-chunk overhead: benchmarks/plane_chain.py;
     # with a working set of 20 MiB per chunk (R = 801, C = 64) they fell to memory speed, 2x
-    # slower than the dense conv, where 5-7 MiB ran in cache)
+    # slower than the dense conv, where 5-7 MiB ran in cache; each chunk of planes costs 6-9 us
+    # besides its arithmetic: `python benchmarks/plane_chain.py overhead`)
     # (torch CPU float64: oneDNN has no float64, ATen's fallback convs ran at 0.6-1.1 GMAC/s
     # (depthwise) and 3-20 GMAC/s (dense, 1x1; 17-20 from 32 channels up); so plans run
     # float64 steps as tap loops of elementwise ops and GEMMs (TorchBackend.native_conv_ok),

@@ -458,8 +458,8 @@ def plan_conv(kernel_or_shape, input_shape, *, stride=1, padding=0, dilation=1, 
     if strategy == "auto" and PlaneChain.applies(structure) and len(input_shape) == 2 + structure.n_spatial:
         # a compiled kernel the backend has ready (built before): auto weighs it in
         shape_3d = input_shape[:2] + as_3d(input_shape[2:], 1)
-        plane_chunk = backend_for_name(backend_name).plane_chain_chunk(shape_3d, structure.size_of["r"],
-                                                                       _itemsize(dtype), device)
+        plane_chunk = backend_for_name(backend_name).plane_chain_chunk(
+            shape_3d, structure.size_of["r"], _itemsize(dtype), device, out_channels=structure.out_channels)
     return _cached_plan(structure, input_shape, _hashable(stride), _hashable(padding), _hashable(dilation),
                         padding_mode, strategy, _itemsize(dtype), backend_name, model, plane_chunk)
 

@@ -307,8 +307,8 @@ def dense_step(structure, geometry, batch, itemsize, model):
 def plane_chain_seconds(structure, geometry, batch, itemsize, model, chunk_planes):
     """Cost-model seconds of a CP conv (1-3 spatial modes) run plane by plane in one compiled kernel
     (``PlaneChain``): its two GEMMs at the matmul rate over the input and output alone (the
-    intermediates stay in cache), its depthwise passes at ``plane_macs_per_s``, and two calls
-    per chunk of ``chunk_planes`` input planes."""
+    intermediates stay in cache), its depthwise passes at ``plane_macs_per_s``, one call, and
+    ``plane_chunk_s`` per chunk of ``chunk_planes`` input planes (native calls inside the kernel)."""
     sizes = structure.size_of
     c, r, t = sizes["s"], sizes["r"], sizes["t"]
     (d, h, w), (do, ho, wo) = as_3d(geometry.in_spatial, 1), as_3d(geometry.out_spatial, 1)
@@ -324,4 +324,4 @@ def plane_chain_seconds(structure, geometry, batch, itemsize, model, chunk_plane
         # cache: each pass streams them (about 5 reads / writes per input voxel, K0 + 2 per output)
         pass_bytes = itemsize * batch * r * (5 * d * h * w + (k0 + 2) * do * ho * wo)
         passes = max(passes, pass_bytes / model.bytes_per_s)
-    return model.seconds(gemm_macs, nbytes, calls=2 * chunks) + passes
+    return model.seconds(gemm_macs, nbytes, calls=1) + chunks * model.plane_chunk_s + passes
