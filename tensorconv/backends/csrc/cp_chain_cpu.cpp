@@ -178,6 +178,26 @@ void to_channels_last(const scalar_t* src, int64_t lds, scalar_t* dst, int64_t C
   });
 }
 
+// whether x (B, C, D, H, W) holds each channel's planes contiguously (channels first): the first
+// GEMM then reads its chunks through a transposed copy (when the copy is fast, kFastTranspose)
+inline bool transposes_input(const torch::Tensor& x) {
+  return kFastTranspose && x.stride(4) == 1 && x.stride(3) == x.size(4) && x.stride(2) == x.size(3) * x.size(4);
+}
+
+// the GEMM C -> R of a chunk xp (C, P) into out (P, R); xt: (>= P, C) scratch where the input is
+// transposed first (transposes_input), else empty
+template <typename scalar_t>
+void gemm_c_to_r(const torch::Tensor& xp, torch::Tensor& xt, const torch::Tensor& uc, torch::Tensor out) {
+  const int64_t C = xp.size(0), P = xp.size(1);
+  if (xt.numel() == 0 || xp.stride(1) != 1) {
+    at::mm_out(out, xp.t(), uc);
+    return;
+  }
+  auto rows = xt.narrow(0, 0, P);
+  to_channels_last(xp.data_ptr<scalar_t>(), xp.stride(0), rows.data_ptr<scalar_t>(), C, P);
+  at::mm_out(out, rows, uc);
+}
+
 // the last input plane each output plane needs along mode 0 (-1: none, all of its taps are padding)
 inline std::vector<int64_t> last_needed_planes(const Axis& a0) {
   std::vector<int64_t> last(a0.out, -1);
@@ -297,9 +317,7 @@ void run(const torch::Tensor& x, const torch::Tensor& uc, const torch::Tensor& u
   const auto opts = x.options();
   over_images(B, [&](int64_t b0, int64_t b1) {
     auto a = torch::empty({G * H * W, R}, opts);        // GEMM C -> R of a chunk of input planes
-    // a channels-first chunk, channels-last (when a fast transpose exists)
-    const bool transpose = kFastTranspose && x.stride(4) == 1 && x.stride(3) == W && x.stride(2) == H * W;
-    auto xt = torch::empty({transpose ? G * H * W : 0, C}, opts);
+    auto xt = torch::empty({transposes_input(x) ? G * H * W : 0, C}, opts);  // a chunk channels-last
     auto t1 = torch::empty({G * H * Wo, R}, opts);      // after the mode-2 pass
     auto ring = torch::empty({slots, Ho * Wo, R}, opts);  // after the mode-1 pass
     auto o = torch::empty({G * Ho * Wo, R}, opts);      // after the mode-0 pass, a batch of output planes
@@ -348,14 +366,7 @@ void run(const torch::Tensor& x, const torch::Tensor& uc, const torch::Tensor& u
         const int64_t g = std::min(G, a0.in - d0);
         // (C, g, H, W) -> (C, g*H*W): a view for channels-first and channels-last input
         auto xp = xb.narrow(1, d0, g).reshape({C, g * H * W});
-        auto a_rows = a.narrow(0, 0, g * H * W);
-        if (transpose) {
-          auto rows = xt.narrow(0, 0, g * H * W);
-          to_channels_last(xp.data_ptr<scalar_t>(), xp.stride(0), rows.data_ptr<scalar_t>(), C, g * H * W);
-          at::mm_out(a_rows, rows, uc);
-        } else {
-          at::mm_out(a_rows, xp.t(), uc);
-        }
+        gemm_c_to_r<scalar_t>(xp, xt, uc, a.narrow(0, 0, g * H * W));
         mode2_pass(pa, pt1, g * H, a2, w2, R);  // (g, H, W, R) -> (g, H, Wo, R)
         mode1_pass(pt1, g, [&](int64_t q) { return pring + ((d0 + q) % slots) * plane; }, Wo, a1, w1, R);
         emit_ready(d0 + g - 1);
@@ -455,6 +466,7 @@ void run_backward(const torch::Tensor& x, const torch::Tensor& uc, const torch::
 
   over_images(B, [&](int64_t b0, int64_t b1) {
     auto a = torch::empty({P, R}, opts);
+    auto xt = torch::empty({transposes_input(x) ? P : 0, C}, opts);  // a plane channels-last
     auto bm = torch::empty({Pm, R}, opts);             // after the mode-2 pass
     auto cring = torch::empty({span, Po, R}, opts);    // after the mode-1 pass, last `span` planes
     auto gring = torch::empty({span, Po, R}, opts);    // g_o of the output planes in the window
@@ -498,7 +510,7 @@ void run_backward(const torch::Tensor& x, const torch::Tensor& uc, const torch::
         g_next = std::max(g_next, e_hi + 1);
         // forward recompute: a, b (mode 2), c (mode 1) into the ring
         auto xp = xb.select(1, d).reshape({C, P});
-        at::mm_out(a, xp.t(), uc);
+        gemm_c_to_r<scalar_t>(xp, xt, uc, a);
         mode2_pass(pa, pb, H, a2, w2, R);
         scalar_t* cd = pc + (d % span) * plane;
         mode1_pass(pb, 1, [&](int64_t) { return cd; }, Wo, a1, w1, R);
