@@ -340,3 +340,22 @@ def test_auto_reconstructs_where_the_plane_chain_leaves_the_cache(plane_kernel):
         k = KruskalKernel.random((64, 64, 3, 3, 3), 801, backend="torch", dtype=dtype, seed=0)
         plan = plan_conv(k, (1, 64, 16, 32, 32), padding=1)
         assert plan.strategy == "reconstructed", plan.estimates
+
+
+def test_chain_phase_timers_still_fit_the_kernel_source():
+    """benchmarks/chain_ab.py instruments the kernel by text anchors: they must still match it
+    (a kernel edit that moves them makes `chain_ab.py phases` stop with a message, not lie)."""
+    import importlib.util
+    import pathlib
+
+    pytest.importorskip("torch")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("chain_ab", root / "benchmarks" / "chain_ab.py")
+    chain_ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(chain_ab)
+    source = (root / chain_ab.SOURCE).read_text()
+    timed = chain_ab._instrumented(source)
+    assert timed.count("now_()") == source.count("now_()") + 8  # seven clock reads + the definition
+    assert "T_[4] +=" in timed and 'm.def("timers"' in timed
+    with pytest.raises(SystemExit, match="anchor"):
+        chain_ab._instrumented(source.replace("emit_ready(d0 + g - 1);", "emit_ready(d0 + g);"))

@@ -1,0 +1,142 @@
+"""The plane-chain kernel against an earlier version of itself, and where its forward time goes.
+
+    python benchmarks/chain_ab.py ab REV        # this checkout's kernel vs the one at git revision REV
+    python benchmarks/chain_ab.py phases        # per-phase time of this checkout's forward (B = 1)
+
+``ab`` builds both sources (``tensorconv/backends/csrc/cp_chain_cpu.cpp`` here and at REV) as
+separate extensions (about 35 s each, cached under ``bench-out/chain-ab``), checks that their
+forwards agree (float64, several geometries), and times their raw forwards interleaved
+(medians of 31 runs; B = 1 and 8, R = C, input (B, C, 16, 32, 32), k = 3, padding 1, float32,
+each with this checkout's default chunk). ``phases`` builds a copy of this checkout's kernel
+with timers around its phases (transpose + GEMM C -> R, mode-2 pass, mode-1 pass, mode-0 pass,
+GEMM R -> T) and prints their mean per call at batch 1, where the phases run one after
+another on the calling thread. Both set glibc's allocator not to trim, as the bench does.
+"""
+import os
+import subprocess
+import sys
+
+import torch
+
+from tensorconv.backends import _torch_cpu_chain
+from tensorconv.cli.bench import _set_malloc_no_trim, measure_many
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SOURCE = os.path.join("tensorconv", "backends", "csrc", "cp_chain_cpu.cpp")
+OUT = os.path.join(ROOT, "bench-out", "chain-ab")
+
+
+def _build(text, name):
+    from torch.utils.cpp_extension import load
+
+    directory = os.path.join(OUT, name)
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, name + ".cpp")
+    with open(path, "w") as f:
+        f.write(text)
+    return load(name=name, sources=[path], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"], build_directory=directory)
+
+
+def _forward(module, x, uc, us, wt, chunk):
+    d, h, w = x.shape[2:]
+    return module.cp_chain_forward(x, uc, *us, wt, [d, h, w], [1, 1, 1], [1, 1, 1], [1, 1, 1], chunk)
+
+
+def _factors(c, r, t, dtype=torch.float32):
+    return torch.randn(c, r, dtype=dtype), [torch.randn(3, r, dtype=dtype) for _ in range(3)], torch.randn(r, t, dtype=dtype)
+
+
+def main_ab(rev):
+    old_text = subprocess.run(["git", "show", f"{rev}:{SOURCE}"], cwd=ROOT, check=True, capture_output=True,
+                              text=True).stdout
+    with open(os.path.join(ROOT, SOURCE)) as f:
+        new_text = f.read()
+    tag = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, check=True, capture_output=True,
+                         text=True).stdout.strip()
+    mods = {"here": _build(new_text, "chain_here"), rev: _build(old_text, f"chain_{tag}")}
+    torch.manual_seed(0)
+    for c, r, k, s, p, dl in [(5, 7, 3, 1, 1, 1), (16, 16, 3, 2, 1, 1), (9, 20, 5, 1, 2, 2), (4, 33, 7, 1, 3, 1)]:
+        x = torch.randn(2, c, 6, 9, 11, dtype=torch.float64)
+        uc, us, wt = torch.randn(c, r, dtype=torch.float64), [torch.randn(k, r, dtype=torch.float64)
+                                                             for _ in range(3)], torch.randn(r, 5, dtype=torch.float64)
+        out = [(n + 2 * p - dl * (k - 1) - 1) // s + 1 for n in (6, 9, 11)]
+        got = [m.cp_chain_forward(x, uc, *us, wt, out, [s] * 3, [p] * 3, [dl] * 3, 2) for m in mods.values()]
+        assert torch.allclose(got[0], got[1], rtol=1e-12, atol=1e-12), (c, r, k, s, p, dl)
+    print(f"forwards agree; times in ms (medians of 31, interleaved), {torch.get_num_threads()} threads\n")
+    print(f"| B | C = R | here | {rev} | here / {rev} |")
+    print("|---|---|---|---|---|")
+    for b, c in [(1, 16), (1, 32), (1, 64), (1, 128), (8, 32), (8, 64)]:
+        x = torch.randn(b, c, 16, 32, 32)
+        uc, us, wt = _factors(c, c, c)
+        chunk = _torch_cpu_chain.planes_per_chunk(x.shape, c, 4, out_channels=c)
+        with torch.no_grad():
+            t = {n: v["median_ms"] for n, v in measure_many(
+                {n: (lambda m=m: _forward(m, x, uc, us, wt, chunk)) for n, m in mods.items()},
+                repeat=31 if b == 1 else 9).items()}
+        print(f"| {b} | {c} | {t['here']:.3f} | {t[rev]:.3f} | {t['here'] / t[rev]:.2f} |")
+
+
+_TIMERS = r"""
+#include <chrono>
+static double T_[5];
+static inline double now_() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+"""
+
+
+def _instrumented(text):
+    """This kernel with timers around its forward phases (text edits at fixed anchors)."""
+    edits = [
+        ("        gemm_c_to_r<scalar_t>(xp, xt, uc, a.narrow(0, 0, g * H * W));",
+         "        double t0 = now_();\n{}\n        double t1 = now_();"),
+        ("        mode2_pass(pa, pt1, g * H, a2, w2, R);  // (g, H, W, R) -> (g, H, Wo, R)",
+         "{}\n        double t2 = now_();"),
+        ("        emit_ready(d0 + g - 1);",
+         "        double t3 = now_(); T_[0] += t1 - t0; T_[1] += t2 - t1; T_[2] += t3 - t2;\n{}"),
+        ("          at::parallel_for(0, n_out * positions, grain(R * K0), [&](int64_t q0, int64_t q1) {",
+         "          double t4 = now_();\n{}"),
+        ("          at::mm_out(out_rows, o.narrow(0, 0, n_out * positions), wt);",
+         "          double t5 = now_();\n{}\n          T_[3] += t5 - t4; T_[4] += now_() - t5;"),
+    ]
+    for anchor, wrap in edits:
+        if text.count(anchor) != 1:
+            raise SystemExit(f"the kernel changed: anchor not found once: {anchor.strip()}")
+        text = text.replace(anchor, wrap.format(anchor))
+    text = text.replace("#include <vector>\n", "#include <vector>\n" + _TIMERS, 1)
+    text = text.replace("PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {", """
+std::vector<double> timers() { std::vector<double> v(T_, T_ + 5); for (auto& t : T_) t = 0; return v; }
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("timers", &timers);""")
+    return text
+
+
+def main_phases():
+    with open(os.path.join(ROOT, SOURCE)) as f:
+        module = _build(_instrumented(f.read()), "chain_phases")
+    names = ["transpose + GEMM C->R", "mode-2 pass", "mode-1 pass", "mode-0 pass", "GEMM R->T"]
+    print(f"B = 1, R = C, (1, C, 16, 32, 32), float32, {torch.get_num_threads()} threads; ms per call (mean of 30)\n")
+    print("| C | chunk planes | call median | " + " | ".join(names) + " |")
+    print("|---|---|---|" + "---|" * len(names))
+    for c in (16, 32, 64, 128):
+        x = torch.randn(1, c, 16, 32, 32)
+        uc, us, wt = _factors(c, c, c)
+        chunk = _torch_cpu_chain.planes_per_chunk(x.shape, c, 4, out_channels=c)
+        with torch.no_grad():
+            for _ in range(5):
+                _forward(module, x, uc, us, wt, chunk)
+            module.timers()
+            median = measure_many({"chain": lambda: _forward(module, x, uc, us, wt, chunk)}, repeat=30, warmup=0)
+            phases = [v / 30 * 1e3 for v in module.timers()]
+        print(f"| {c} | {chunk} | {median['chain']['median_ms']:.3f} | " + " | ".join(f"{v:.3f}" for v in phases) + " |")
+
+
+if __name__ == "__main__":
+    _set_malloc_no_trim()
+    if sys.argv[1:2] == ["ab"] and len(sys.argv) == 3:
+        main_ab(sys.argv[2])
+    elif sys.argv[1:] == ["phases"]:
+        main_phases()
+    else:
+        raise SystemExit(__doc__)
