@@ -26,9 +26,10 @@ _state = {}
 #: target size of one chunk's widest intermediate (a chunk of input planes goes through one GEMM):
 #: small enough that a chunk's buffers stay in a core's cache. Planes whose GEMMs are smaller
 #: than CHUNK_MACS go several to a chunk (up to CHUNK_BYTES_MAX), so each chunk's fixed costs
-#: (a dozen parallel regions and BLAS calls) stay small next to its arithmetic. Measured with
-#: benchmarks/plane_chain.py (docs/benchmarks.md): at batch 1, 64-128 channels, one plane per
-#: chunk ran 10-20 % faster than chunks of 1 MiB; at 16 channels whole images ran fastest.
+#: (a dozen parallel regions and BLAS calls) stay small next to its arithmetic. Measured against
+#: the former 1 MiB chunks (four interleaved A/B runs, docs/benchmarks.md): 0-6 % faster at
+#: batch 1 and 64-128 channels (one plane per chunk), 0-22 % at batch 8; at 16 channels whole
+#: images ran fastest (benchmarks/plane_chain.py).
 CHUNK_BYTES = 256 << 10
 CHUNK_BYTES_MAX = 1 << 20
 CHUNK_MACS = 8 << 20

@@ -84,7 +84,7 @@ _DEFAULTS = {
     # GEMMs run through BLAS at about the matmul rate; its depthwise passes, in cache, measured
     # 14-26 GMAC/s including their share of the per-chunk overhead: benchmarks/plane_chain.py;
     # with a working set of 20 MiB per chunk (R = 801, C = 64) they fell to memory speed, 2x
-    # slower than the dense conv, where 5-7 MiB ran in cache; each chunk of planes costs 6-9 us
+    # slower than the dense conv, where 5-7 MiB ran in cache; each chunk of planes costs 6-10 us
     # besides its arithmetic: `python benchmarks/plane_chain.py overhead`)
     # (torch CPU float64: oneDNN has no float64, ATen's fallback convs ran at 0.6-1.1 GMAC/s
     # (depthwise) and 3-20 GMAC/s (dense, 1x1; 17-20 from 32 channels up); so plans run
