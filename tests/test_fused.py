@@ -176,6 +176,24 @@ def test_plane_chain_float32_and_layers(chain_calls):
     assert rel_err(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("c, r, t", [(20, 32, 16), (7, 80, 48), (33, 128, 144)])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("layout", ["channels-first", "channels-last"])
+def test_plane_chain_float32_own_gemm(chain_calls, c, r, t, batch, layout):
+    """float32 with R and T multiples of 16 (the kernel's own GEMMs, not BLAS): one and several
+    column blocks of 64, row counts that are no multiple of its register tiles, both layouts.
+    Stated tolerance 1e-5 against the float64 dense conv."""
+    k = KruskalKernel.random((t, c, 3, 2, 3), r, backend="torch", dtype="float32", seed=c)
+    x = torch.randn(batch, c, 5, 7, 9)
+    if layout == "channels-last":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        got = conv(x, k, padding=(1, 0, 2), dilation=(1, 1, 2), strategy="fused")
+        want = conv(x.double(), k.astype("float64").to_dense(), padding=(1, 0, 2), dilation=(1, 1, 2))
+    assert len(chain_calls) == 1 and got.dtype == torch.float32
+    assert rel_err(got, want) < 1e-5
+
+
 @given(geo=geometries(max_n=3, min_n=1), data=st.data())
 def test_plane_chain_gradients_equal_the_unfused_plan_float64(chain_calls, geo, data):
     """Stride 1 (its backward's domain): every gradient, against autograd through the steps."""

@@ -15,6 +15,7 @@
 #endif
 
 #include <algorithm>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -154,10 +155,64 @@ inline void transpose_tile(const double* src, int64_t lds, double* dst, int64_t 
   transpose_stage<1>(r); transpose_stage<2>(r); transpose_stage<4>(r);
   for (int i = 0; i < 8; ++i) _mm512_storeu_pd(dst + i * ldd, r[i]);
 }
+
+// ---- the chain's GEMMs in float32 ----------------------------------------------------------------
+// c[p, n] = sum_k a[k * sk + p * sp] * b[k * ldb + n]: MR rows of c at a time in registers, a
+// broadcast from a, b one row of 16-64 columns per k. Its shapes (K, N of 16-128, thousands of
+// rows) are narrow for BLAS: this ran at 85-98 GMAC/s where MKL ran at 60-75 on this 2-core
+// Zen 4 (chain_ab.py), and it reads a channels-first chunk in place (sp = 1) as fast as rows.
+template <int MR, int NV>
+inline void gemm_tile(const float* a, int64_t sk, int64_t sp, const float* b, int64_t ldb, float* c, int64_t ldc,
+                      int64_t K) {
+  __m512 acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 bk[NV];
+    for (int v = 0; v < NV; ++v) bk[v] = _mm512_loadu_ps(b + k * ldb + 16 * v);
+    const float* ak = a + k * sk;
+    for (int i = 0; i < MR; ++i) {
+      const __m512 ai = _mm512_set1_ps(ak[i * sp]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(ai, bk[v], acc[i][v]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + i * ldc + 16 * v, acc[i][v]);
+}
+
+// rows [0, P) of c, columns [0, 16 NV): as many accumulators as registers allow
+template <int NV>
+void gemm_rows(const float* a, int64_t sk, int64_t sp, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t P,
+               int64_t K) {
+  constexpr int MR = NV == 1 ? 14 : NV == 2 ? 12 : NV == 3 ? 8 : 6;
+  int64_t p = 0;
+  for (; p + MR <= P; p += MR) gemm_tile<MR, NV>(a + p * sp, sk, sp, b, ldb, c + p * ldc, ldc, K);
+  for (; p < P; ++p) gemm_tile<1, NV>(a + p * sp, sk, sp, b, ldb, c + p * ldc, ldc, K);
+}
+
+// c (P, N) row-major = the rows above, for N a multiple of 16 (columns in blocks of up to 64)
+void gemm_f32(const float* a, int64_t sk, int64_t sp, const float* b, float* c, int64_t P, int64_t K, int64_t N) {
+  at::parallel_for(0, P, 256, [&](int64_t p0, int64_t p1) {
+    for (int64_t n0 = 0; n0 < N; n0 += 64) {
+      const float* bn = b + n0;
+      float* cn = c + p0 * N + n0;
+      const float* ap = a + p0 * sp;
+      switch (std::min<int64_t>(64, N - n0) / 16) {
+        case 1: gemm_rows<1>(ap, sk, sp, bn, N, cn, N, p1 - p0, K); break;
+        case 2: gemm_rows<2>(ap, sk, sp, bn, N, cn, N, p1 - p0, K); break;
+        case 3: gemm_rows<3>(ap, sk, sp, bn, N, cn, N, p1 - p0, K); break;
+        default: gemm_rows<4>(ap, sk, sp, bn, N, cn, N, p1 - p0, K); break;
+      }
+    }
+  });
+}
+constexpr bool kOwnGemm = true;
 #else
 constexpr bool kFastTranspose = false;
 template <typename scalar_t>
 inline void transpose_tile(const scalar_t*, int64_t, scalar_t*, int64_t) {}
+constexpr bool kOwnGemm = false;
+inline void gemm_f32(const float*, int64_t, int64_t, const float*, float*, int64_t, int64_t, int64_t) {}
 #endif
 
 // (C, P) rows `lds` apart -> (P, C) contiguous, in tiles; the edges element by element
@@ -184,11 +239,39 @@ inline bool transposes_input(const torch::Tensor& x) {
   return kFastTranspose && x.stride(4) == 1 && x.stride(3) == x.size(4) && x.stride(2) == x.size(3) * x.size(4);
 }
 
-// the GEMM C -> R of a chunk xp (C, P) into out (P, R); xt: (>= P, C) scratch where the input is
-// transposed first (transposes_input), else empty
+// whether out (P, N) = rows @ w (K, N) runs through gemm_f32: float32, N a multiple of 16,
+// contiguous w and out (and AVX-512)
+inline bool own_gemm(const torch::Tensor& w, const torch::Tensor& out) {
+  return kOwnGemm && w.scalar_type() == at::kFloat && w.size(1) % 16 == 0 && w.is_contiguous() &&
+         out.is_contiguous();
+}
+
+// the GEMM R -> T of a batch of positions: out (P, T) = o (P, R) @ wt (R, T)
+template <typename scalar_t>
+void gemm_r_to_t(const torch::Tensor& o, const torch::Tensor& wt, torch::Tensor out) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (own_gemm(wt, out) && o.stride(1) == 1) {
+      gemm_f32(o.data_ptr<float>(), 1, o.stride(0), wt.data_ptr<float>(), out.data_ptr<float>(), o.size(0),
+               o.size(1), wt.size(1));
+      return;
+    }
+  }
+  at::mm_out(out, o, wt);
+}
+
+// the GEMM C -> R of a chunk xp (C, P) into out (P, R): gemm_f32 reads xp in place in either
+// layout; else BLAS, through xt, (>= P, C) scratch where the input is transposed first
+// (transposes_input), else empty
 template <typename scalar_t>
 void gemm_c_to_r(const torch::Tensor& xp, torch::Tensor& xt, const torch::Tensor& uc, torch::Tensor out) {
   const int64_t C = xp.size(0), P = xp.size(1);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (own_gemm(uc, out)) {
+      gemm_f32(xp.data_ptr<float>(), xp.stride(0), xp.stride(1), uc.data_ptr<float>(), out.data_ptr<float>(), P, C,
+               uc.size(1));
+      return;
+    }
+  }
   if (xt.numel() == 0 || xp.stride(1) != 1) {
     at::mm_out(out, xp.t(), uc);
     return;
@@ -317,7 +400,7 @@ void run(const torch::Tensor& x, const torch::Tensor& uc, const torch::Tensor& u
   const auto opts = x.options();
   over_images(B, [&](int64_t b0, int64_t b1) {
     auto a = torch::empty({G * H * W, R}, opts);        // GEMM C -> R of a chunk of input planes
-    auto xt = torch::empty({transposes_input(x) ? G * H * W : 0, C}, opts);  // a chunk channels-last
+    auto xt = torch::empty({transposes_input(x) && !own_gemm(uc, a) ? G * H * W : 0, C}, opts);  // a chunk channels-last
     auto t1 = torch::empty({G * H * Wo, R}, opts);      // after the mode-2 pass
     auto ring = torch::empty({slots, Ho * Wo, R}, opts);  // after the mode-1 pass
     auto o = torch::empty({G * Ho * Wo, R}, opts);      // after the mode-0 pass, a batch of output planes
@@ -356,8 +439,8 @@ void run(const torch::Tensor& x, const torch::Tensor& uc, const torch::Tensor& u
               q += count;
             }
           });
-          auto out_rows = ob.narrow(0, d_first, n_out).view({n_out * positions, T});
-          at::mm_out(out_rows, o.narrow(0, 0, n_out * positions), wt);
+          gemm_r_to_t<scalar_t>(o.narrow(0, 0, n_out * positions), wt,
+                                ob.narrow(0, d_first, n_out).view({n_out * positions, T}));
           next_out += n_out;
         }
       };
@@ -466,7 +549,7 @@ void run_backward(const torch::Tensor& x, const torch::Tensor& uc, const torch::
 
   over_images(B, [&](int64_t b0, int64_t b1) {
     auto a = torch::empty({P, R}, opts);
-    auto xt = torch::empty({transposes_input(x) ? P : 0, C}, opts);  // a plane channels-last
+    auto xt = torch::empty({transposes_input(x) && !own_gemm(uc, a) ? P : 0, C}, opts);  // a plane channels-last
     auto bm = torch::empty({Pm, R}, opts);             // after the mode-2 pass
     auto cring = torch::empty({span, Po, R}, opts);    // after the mode-1 pass, last `span` planes
     auto gring = torch::empty({span, Po, R}, opts);    // g_o of the output planes in the window
