@@ -97,8 +97,8 @@ def _instrumented(text):
          "        double t3 = now_(); T_[0] += t1 - t0; T_[1] += t2 - t1; T_[2] += t3 - t2;\n{}"),
         ("          at::parallel_for(0, n_out * positions, grain(R * K0), [&](int64_t q0, int64_t q1) {",
          "          double t4 = now_();\n{}"),
-        ("          gemm_r_to_t<scalar_t>(o.narrow(0, 0, n_out * positions), wt,\n"
-         "                                ob.narrow(0, d_first, n_out).view({n_out * positions, T}));",
+        ("          gemm_into<scalar_t>(ob.narrow(0, d_first, n_out).view({n_out * positions, T}),\n"
+         "                              o.narrow(0, 0, n_out * positions), wt);",
          "          double t5 = now_();\n{}\n          T_[3] += t5 - t4; T_[4] += now_() - t5;"),
     ]
     for anchor, wrap in edits:

@@ -194,6 +194,25 @@ def test_plane_chain_float32_own_gemm(chain_calls, c, r, t, batch, layout):
     assert rel_err(got, want) < 1e-5
 
 
+def test_plane_chain_float32_gradients_own_gemm(chain_calls):
+    """float32 backward with C, R, T multiples of 16 (the kernel's own GEMMs for g_o, the input
+    gradient and the recomputed first GEMM): every gradient against float64 autograd through the
+    unfused steps, stated tolerance 1e-4 (float32 sums over ~10^3 terms)."""
+    k64 = KruskalKernel.random((16, 32, 3, 3, 2), 48, backend="torch", seed=8)
+    x64 = torch.randn(2, 32, 5, 6, 7, dtype=torch.float64)
+    kw = dict(padding=(1, 2, (1, 0)), dilation=(1, 2, 1))
+    grads = {}
+    for dtype, strategy in ((torch.float32, "fused"), (torch.float64, "factorized")):
+        leaves = [t.detach().to(dtype).requires_grad_(True) for t in [k64.weights] + list(k64.factors)]
+        xg = x64.to(dtype).requires_grad_(True)
+        out = conv(xg, KruskalKernel(leaves[0], leaves[1:]), strategy=strategy, **kw)
+        weight = torch.from_numpy(np.random.default_rng(2).standard_normal(tuple(out.shape))).to(dtype)
+        grads[strategy] = torch.autograd.grad((out * weight).sum(), [xg] + leaves)
+    assert len(chain_calls) == 1
+    for got, want in zip(grads["fused"], grads["factorized"]):
+        assert got.dtype == torch.float32 and rel_err(got.double(), want) < 1e-4
+
+
 @given(geo=geometries(max_n=3, min_n=1), data=st.data())
 def test_plane_chain_gradients_equal_the_unfused_plan_float64(chain_calls, geo, data):
     """Stride 1 (its backward's domain): every gradient, against autograd through the steps."""

@@ -246,17 +246,18 @@ inline bool own_gemm(const torch::Tensor& w, const torch::Tensor& out) {
          out.is_contiguous();
 }
 
-// the GEMM R -> T of a batch of positions: out (P, T) = o (P, R) @ wt (R, T)
+// out (P, N) = rows (P, K) @ w (K, N): the GEMM R -> T of a batch of positions, and the
+// backward's products with the transposed factors
 template <typename scalar_t>
-void gemm_r_to_t(const torch::Tensor& o, const torch::Tensor& wt, torch::Tensor out) {
+void gemm_into(torch::Tensor out, const torch::Tensor& rows, const torch::Tensor& w) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (own_gemm(wt, out) && o.stride(1) == 1) {
-      gemm_f32(o.data_ptr<float>(), 1, o.stride(0), wt.data_ptr<float>(), out.data_ptr<float>(), o.size(0),
-               o.size(1), wt.size(1));
+    if (own_gemm(w, out) && rows.stride(1) == 1) {
+      gemm_f32(rows.data_ptr<float>(), 1, rows.stride(0), w.data_ptr<float>(), out.data_ptr<float>(), rows.size(0),
+               rows.size(1), w.size(1));
       return;
     }
   }
-  at::mm_out(out, o, wt);
+  at::mm_out(out, rows, w);
 }
 
 // the GEMM C -> R of a chunk xp (C, P) into out (P, R): gemm_f32 reads xp in place in either
@@ -439,8 +440,8 @@ void run(const torch::Tensor& x, const torch::Tensor& uc, const torch::Tensor& u
               q += count;
             }
           });
-          gemm_r_to_t<scalar_t>(o.narrow(0, 0, n_out * positions), wt,
-                                ob.narrow(0, d_first, n_out).view({n_out * positions, T}));
+          gemm_into<scalar_t>(ob.narrow(0, d_first, n_out).view({n_out * positions, T}),
+                              o.narrow(0, 0, n_out * positions), wt);
           next_out += n_out;
         }
       };
@@ -568,8 +569,8 @@ void run_backward(const torch::Tensor& x, const torch::Tensor& uc, const torch::
     const scalar_t* w0 = u0.data_ptr<scalar_t>();
     const scalar_t* w1 = u1.data_ptr<scalar_t>();
     const scalar_t* w2 = u2.data_ptr<scalar_t>();
-    const auto wt_t = wt.t();
-    const auto uc_t = uc.t();
+    const auto wt_t = wt.t().contiguous();  // (T, R), (R, C): rows of the products below
+    const auto uc_t = uc.t().contiguous();
     // this thread's partial sums: taken here, because a parallel loop nested in a parallel
     // region runs inline with its thread number reset to 0
     const int64_t tid = at::get_thread_num();
@@ -588,7 +589,7 @@ void run_backward(const torch::Tensor& x, const torch::Tensor& uc, const torch::
         for (int64_t e = std::max(g_next, d + a0.pad_lo - (K0 - 1) * a0.dil); e <= e_hi; ++e) {
           if (e < 0) continue;
           auto slot = gring[e % span];
-          at::mm_out(slot, gyb[e].view({Po, T}), wt_t);
+          gemm_into<scalar_t>(slot, gyb[e].view({Po, T}), wt_t);
         }
         g_next = std::max(g_next, e_hi + 1);
         // forward recompute: a, b (mode 2), c (mode 1) into the ring
@@ -648,7 +649,7 @@ void run_backward(const torch::Tensor& x, const torch::Tensor& uc, const torch::
         });
         if (need_gx) {
           auto gx_plane = gxb[d].view({P, C});
-          at::mm_out(gx_plane, ga, uc_t);
+          gemm_into<scalar_t>(gx_plane, ga, uc_t);
         }
         duc_t.addmm_(xp, ga);
         // output planes complete at this step: o, dwt, du0
