@@ -116,7 +116,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 def main_phases():
     with open(os.path.join(ROOT, SOURCE)) as f:
         module = _build(_instrumented(f.read()), "chain_phases")
-    names = ["transpose + GEMM C->R", "mode-2 pass", "mode-1 pass", "mode-0 pass", "GEMM R->T"]
+    names = ["GEMM C->R (with any transpose)", "mode-2 pass", "mode-1 pass", "mode-0 pass", "GEMM R->T"]
     print(f"B = 1, R = C, (1, C, 16, 32, 32), float32, {torch.get_num_threads()} threads; ms per call (mean of 30)\n")
     print("| C | chunk planes | call median | " + " | ".join(names) + " |")
     print("|---|---|---|" + "---|" * len(names))

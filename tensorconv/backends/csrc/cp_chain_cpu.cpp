@@ -158,9 +158,10 @@ inline void transpose_tile(const double* src, int64_t lds, double* dst, int64_t 
 
 // ---- the chain's GEMMs in float32 ----------------------------------------------------------------
 // c[p, n] = sum_k a[k * sk + p * sp] * b[k * ldb + n]: MR rows of c at a time in registers, a
-// broadcast from a, b one row of 16-64 columns per k. Its shapes (K, N of 16-128, thousands of
-// rows) are narrow for BLAS: this ran at 85-98 GMAC/s where MKL ran at 60-75 on this 2-core
-// Zen 4 (chain_ab.py), and it reads a channels-first chunk in place (sp = 1) as fast as rows.
+// broadcast from a, b one row of 16-64 columns per k. Its shapes (K, N of 16-128, a plane of
+// rows per call) are narrow for BLAS: with it the chain took 0.75-0.89x the time at batch 1
+// (benchmarks/chain_ab.py, docs/benchmarks.md), and it reads a channels-first chunk in place
+// (sp = 1), with no transpose.
 template <int MR, int NV>
 inline void gemm_tile(const float* a, int64_t sk, int64_t sp, const float* b, int64_t ldb, float* c, int64_t ldc,
                       int64_t K) {
