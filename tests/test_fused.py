@@ -194,6 +194,18 @@ def test_plane_chain_float32_own_gemm(chain_calls, c, r, t, batch, layout):
     assert rel_err(got, want) < 1e-5
 
 
+def test_plane_chain_float32_own_gemm_strided_input(chain_calls):
+    """A sliced input (channel offset, every other plane and column): the kernel's GEMM reads
+    whatever strides the chunk has. Stated tolerance 1e-5 against the float64 dense conv."""
+    k = KruskalKernel.random((32, 16, 3, 3, 3), 16, backend="torch", dtype="float32", seed=12)
+    x = torch.randn(2, 20, 10, 7, 18)[:, 2:18, ::2, :, ::2]
+    assert not x.is_contiguous()
+    with torch.no_grad():
+        got = conv(x, k, padding=1, strategy="fused")
+        want = conv(x.double(), k.astype("float64").to_dense(), padding=1)
+    assert len(chain_calls) == 1 and rel_err(got, want) < 1e-5
+
+
 def test_plane_chain_float32_gradients_own_gemm(chain_calls):
     """float32 backward with C, R, T multiples of 16 (the kernel's own GEMMs for g_o, the input
     gradient and the recomputed first GEMM): every gradient against float64 autograd through the
