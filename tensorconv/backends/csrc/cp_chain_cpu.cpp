@@ -261,9 +261,15 @@ void gemm_into(torch::Tensor out, const torch::Tensor& rows, const torch::Tensor
   at::mm_out(out, rows, w);
 }
 
+// gemm_c_to_r's scratch for chunks of up to `rows` positions into a (rows, R): a channels-last
+// copy of the chunk where BLAS runs the GEMM on channels-first input, else empty
+inline torch::Tensor c_to_r_scratch(const torch::Tensor& x, const torch::Tensor& uc, const torch::Tensor& a,
+                                    int64_t rows) {
+  return torch::empty({transposes_input(x) && !own_gemm(uc, a) ? rows : 0, x.size(1)}, x.options());
+}
+
 // the GEMM C -> R of a chunk xp (C, P) into out (P, R): gemm_f32 reads xp in place in either
-// layout; else BLAS, through xt, (>= P, C) scratch where the input is transposed first
-// (transposes_input), else empty
+// layout; else BLAS, through xt (c_to_r_scratch) where the input is transposed first
 template <typename scalar_t>
 void gemm_c_to_r(const torch::Tensor& xp, torch::Tensor& xt, const torch::Tensor& uc, torch::Tensor out) {
   const int64_t C = xp.size(0), P = xp.size(1);
@@ -402,7 +408,7 @@ void run(const torch::Tensor& x, const torch::Tensor& uc, const torch::Tensor& u
   const auto opts = x.options();
   over_images(B, [&](int64_t b0, int64_t b1) {
     auto a = torch::empty({G * H * W, R}, opts);        // GEMM C -> R of a chunk of input planes
-    auto xt = torch::empty({transposes_input(x) && !own_gemm(uc, a) ? G * H * W : 0, C}, opts);  // a chunk channels-last
+    auto xt = c_to_r_scratch(x, uc, a, G * H * W);
     auto t1 = torch::empty({G * H * Wo, R}, opts);      // after the mode-2 pass
     auto ring = torch::empty({slots, Ho * Wo, R}, opts);  // after the mode-1 pass
     auto o = torch::empty({G * Ho * Wo, R}, opts);      // after the mode-0 pass, a batch of output planes
@@ -548,10 +554,12 @@ void run_backward(const torch::Tensor& x, const torch::Tensor& uc, const torch::
   for (int64_t e = 0; e < a0.out; ++e)
     if (last_needed[e] >= 0) ready[last_needed[e]].push_back(e);  // no input plane: no gradient
   const int64_t plane = Po * R;
+  const auto wt_t = wt.t().contiguous();  // (T, R), (R, C): rows of the products below
+  const auto uc_t = uc.t().contiguous();
 
   over_images(B, [&](int64_t b0, int64_t b1) {
     auto a = torch::empty({P, R}, opts);
-    auto xt = torch::empty({transposes_input(x) && !own_gemm(uc, a) ? P : 0, C}, opts);  // a plane channels-last
+    auto xt = c_to_r_scratch(x, uc, a, P);
     auto bm = torch::empty({Pm, R}, opts);             // after the mode-2 pass
     auto cring = torch::empty({span, Po, R}, opts);    // after the mode-1 pass, last `span` planes
     auto gring = torch::empty({span, Po, R}, opts);    // g_o of the output planes in the window
@@ -570,8 +578,6 @@ void run_backward(const torch::Tensor& x, const torch::Tensor& uc, const torch::
     const scalar_t* w0 = u0.data_ptr<scalar_t>();
     const scalar_t* w1 = u1.data_ptr<scalar_t>();
     const scalar_t* w2 = u2.data_ptr<scalar_t>();
-    const auto wt_t = wt.t().contiguous();  // (T, R), (R, C): rows of the products below
-    const auto uc_t = uc.t().contiguous();
     // this thread's partial sums: taken here, because a parallel loop nested in a parallel
     // region runs inline with its thread number reset to 0
     const int64_t tid = at::get_thread_num();
