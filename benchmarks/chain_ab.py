@@ -9,8 +9,9 @@ forwards agree (float64, several geometries), and times their raw forwards inter
 (medians of 31 runs; B = 1 and 8, R = C, input (B, C, 16, 32, 32), k = 3, padding 1, float32,
 each with this checkout's default chunk). ``phases`` builds a copy of this checkout's kernel
 with timers around its phases (transpose + GEMM C -> R, mode-2 pass, mode-1 pass, mode-0 pass,
-GEMM R -> T) and prints their mean per call at batch 1, where the phases run one after
-another on the calling thread. Both set glibc's allocator not to trim, as the bench does.
+GEMM R -> T, and the waits at the two barriers per chunk) and prints their mean per call at
+batch 1 as the first of the threads sees them (each thread runs its share of every phase).
+Both set glibc's allocator not to trim, as the bench does.
 """
 import os
 import subprocess
@@ -79,35 +80,50 @@ def main_ab(rev):
 
 _TIMERS = r"""
 #include <chrono>
-static double T_[5];
+static double T_[6];
 static inline double now_() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 """
+# the calls timed, each on the team's first thread: the phases, then the two barriers together
+_PHASES = [
+    (0, "      if (own_in) {  // positions (d, h, w) one stride apart: read in place"),
+    (1, "      mode2_pass(pa + r0 * W * R, pt1 + r0 * Wo * R, r1 - r0, a2, w2, R);  // (rows, W, R) -> (rows, Wo, R)"),
+    (5, "    team.sync();  // mode 1 reads the neighbouring rows"),
+    (2, "    mode1_pass(pt1, m0, m1, [&](int64_t q) { return pring + ((d0 + q) % slots) * plane; }, Wo, a1, w1, R);"),
+    (5, "    team.sync();  // mode 0 reads every thread's rows of the ring"),
+    (3, "        taps_run(oq + (q - q0) * R, R, src, R, w, n, R, count);"),
+    (4, "        if (own_out) {  // pointers only: tensor views per batch and thread cost ~1 us each"),
+]
+
+
+def _statement(text, first_line):
+    """The statement of ``text`` that starts with the line ``first_line`` (an if / else with its
+    braces, or one line), or None where that line is not found exactly once."""
+    if text.count(first_line + "\n") != 1:
+        return None
+    start = text.index(first_line + "\n")
+    depth, end = 0, start
+    for line in text[start:].splitlines(keepends=True):
+        depth += line.count("{") - line.count("}")
+        end += len(line)
+        if depth == 0:
+            return text[start:end - 1]
+    return None
 
 
 def _instrumented(text):
     """This kernel with timers around its forward phases (text edits at fixed anchors)."""
-    edits = [
-        ("        gemm_c_to_r<scalar_t>(xp, xt, uc, a.narrow(0, 0, g * H * W));",
-         "        double t0 = now_();\n{}\n        double t1 = now_();"),
-        ("        mode2_pass(pa, pt1, g * H, a2, w2, R);  // (g, H, W, R) -> (g, H, Wo, R)",
-         "{}\n        double t2 = now_();"),
-        ("        emit_ready(d0 + g - 1);",
-         "        double t3 = now_(); T_[0] += t1 - t0; T_[1] += t2 - t1; T_[2] += t3 - t2;\n{}"),
-        ("          at::parallel_for(0, n_out * positions, grain(R * K0), [&](int64_t q0, int64_t q1) {",
-         "          double t4 = now_();\n{}"),
-        ("          gemm_into<scalar_t>(ob.narrow(0, d_first, n_out).view({n_out * positions, T}),\n"
-         "                              o.narrow(0, 0, n_out * positions), wt);",
-         "          double t5 = now_();\n{}\n          T_[3] += t5 - t4; T_[4] += now_() - t5;"),
-    ]
-    for anchor, wrap in edits:
-        if text.count(anchor) != 1:
-            raise SystemExit(f"the kernel changed: anchor not found once: {anchor.strip()}")
-        text = text.replace(anchor, wrap.format(anchor))
+    for slot, first_line in _PHASES:
+        anchor = _statement(text, first_line)
+        if anchor is None:
+            raise SystemExit(f"the kernel changed: anchor not found once: {first_line.strip()}")
+        indent = anchor[:len(anchor) - len(anchor.lstrip())]
+        text = text.replace(anchor, f"{indent}{{ const double t_ = now_();\n{anchor}\n"
+                                    f"{indent}if (team.id == 0) T_[{slot}] += now_() - t_; }}")
     text = text.replace("#include <vector>\n", "#include <vector>\n" + _TIMERS, 1)
     text = text.replace("PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {", """
-std::vector<double> timers() { std::vector<double> v(T_, T_ + 5); for (auto& t : T_) t = 0; return v; }
+std::vector<double> timers() { std::vector<double> v(T_, T_ + 6); for (auto& t : T_) t = 0; return v; }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("timers", &timers);""")
     return text
@@ -116,7 +132,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 def main_phases():
     with open(os.path.join(ROOT, SOURCE)) as f:
         module = _build(_instrumented(f.read()), "chain_phases")
-    names = ["GEMM C->R (with any transpose)", "mode-2 pass", "mode-1 pass", "mode-0 pass", "GEMM R->T"]
+    names = ["GEMM C->R (with any transpose)", "mode-2 pass", "mode-1 pass", "mode-0 pass", "GEMM R->T",
+             "waiting at barriers"]
     print(f"B = 1, R = C, (1, C, 16, 32, 32), float32, {torch.get_num_threads()} threads; ms per call (mean of 30)\n")
     print("| C | chunk planes | call median | " + " | ".join(names) + " |")
     print("|---|---|---|" + "---|" * len(names))

@@ -176,13 +176,14 @@ def test_plane_chain_float32_and_layers(chain_calls):
     assert rel_err(got, want) < 1e-5
 
 
-@pytest.mark.parametrize("c, r, t", [(20, 32, 16), (7, 80, 48), (33, 128, 144)])
+@pytest.mark.parametrize("c, r, t", [(20, 32, 16), (7, 80, 48), (33, 128, 144), (9, 24, 40), (5, 72, 100), (3, 5, 1)])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("layout", ["channels-first", "channels-last"])
 def test_plane_chain_float32_own_gemm(chain_calls, c, r, t, batch, layout):
-    """float32 with R and T multiples of 16 (the kernel's own GEMMs, not BLAS): one and several
-    column blocks of 64, row counts that are no multiple of its register tiles, both layouts.
-    Stated tolerance 1e-5 against the float64 dense conv."""
+    """float32 through the kernel's own GEMMs (AVX-512): one and several column blocks of 64,
+    R and T that end in part of a register (24, 40, 72, 100, 5, 1), row counts that are no
+    multiple of its register tiles, both layouts. Stated tolerance 1e-5 against the float64
+    dense conv."""
     k = KruskalKernel.random((t, c, 3, 2, 3), r, backend="torch", dtype="float32", seed=c)
     x = torch.randn(batch, c, 5, 7, 9)
     if layout == "channels-last":
@@ -254,7 +255,7 @@ def test_plane_chain_gradients_equal_the_unfused_plan_float64(chain_calls, geo, 
 @pytest.mark.parametrize("stride", [(1, 1, 1), (1, 2, 3)])
 def test_plane_chain_long_kernels(chain_calls, stride):
     """Kernels of 4-7 taps (past the kernel's unrolled tap counts), wide rank, uneven padding;
-    9 channels-first input channels: one full 8x8 tile of the float64 transpose and an edge."""
+    9 channels-first input channels read in place by the own GEMM (K past one register)."""
     k = KruskalKernel.random((6, 9, 7, 4, 6), 19, backend="torch", seed=11)
     x = torch.randn(2, 9, 9, 8, 13, dtype=torch.float64)
     kw = dict(stride=stride, padding=(3, (1, 2), (2, 3)), dilation=(1, 2, 1))
@@ -291,6 +292,28 @@ def test_plane_chain_chunks_of_planes(plane_kernel, planes, stride0):
                                             stride=(stride0, 1, 1), pad_lo=(2, 0, 1), dilation=(2, 1, 1),
                                             chunk_bytes=planes * per_plane)
         want = conv(x, k.to_dense(), stride=(stride0, 1, 1), padding=(2, 0, 1), dilation=(2, 1, 1))
+    assert rel_err(got.permute(0, 4, 1, 2, 3), want) < TOL
+
+
+@pytest.mark.parametrize("threads", [1, 3, 5])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("dims", [(9, 6, 7), (5, 1, 3)])  # (5, 1, 3): fewer rows / positions than threads
+def test_plane_chain_threads_share_an_image(plane_kernel, threads, batch, dims):
+    """Below one image per thread every thread takes its share of each pass's rows, with barriers
+    between the passes: any team size, shares of no rows, several chunks and images in turn."""
+    k = KruskalKernel.random((5, 4, 3, 3, 3), 19, backend="torch", seed=3)
+    x = torch.randn((batch, 4) + dims, dtype=torch.float64)
+    lam, u_t, u_c, *spatial = [k.weights] + list(k.factors)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            got = plane_kernel.cp_chain_forward(x, lam, u_t, u_c, spatial, out_spatial=dims, stride=(1, 1, 1),
+                                                pad_lo=(1, 1, 1), dilation=(1, 1, 1),
+                                                chunk_bytes=2 * dims[1] * dims[2] * 19 * 8)  # 2 planes per chunk
+    finally:
+        torch.set_num_threads(before)
+    want = conv(x, k.to_dense(), padding=1)
     assert rel_err(got.permute(0, 4, 1, 2, 3), want) < TOL
 
 
@@ -417,7 +440,7 @@ def test_chain_phase_timers_still_fit_the_kernel_source():
     spec.loader.exec_module(chain_ab)
     source = (root / chain_ab.SOURCE).read_text()
     timed = chain_ab._instrumented(source)
-    assert timed.count("now_()") == source.count("now_()") + 8  # seven clock reads + the definition
+    assert timed.count("now_()") == source.count("now_()") + 15  # two clock reads per timed call + the definition
     assert "T_[4] +=" in timed and 'm.def("timers"' in timed
     with pytest.raises(SystemExit, match="anchor"):
-        chain_ab._instrumented(source.replace("emit_ready(d0 + g - 1);", "emit_ready(d0 + g);"))
+        chain_ab._instrumented(source.replace("team.sync();  // mode 1", "team.sync();  // mode one"))

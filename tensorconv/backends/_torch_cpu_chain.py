@@ -24,15 +24,12 @@ _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "cp_chain_cpu.cpp")
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]
 _state = {}
 #: target size of one chunk's widest intermediate (a chunk of input planes goes through one GEMM):
-#: small enough that a chunk's buffers stay in a core's cache. Planes whose GEMMs are smaller
-#: than CHUNK_MACS go several to a chunk (up to CHUNK_BYTES_MAX), so each chunk's fixed costs
-#: (a dozen parallel regions and BLAS calls) stay small next to its arithmetic. Measured against
-#: the former 1 MiB chunks (four interleaved A/B runs, docs/benchmarks.md): 0-6 % faster at
-#: batch 1 and 64-128 channels (one plane per chunk), 0-22 % at batch 8; at 16 channels whole
-#: images ran fastest (benchmarks/plane_chain.py).
-CHUNK_BYTES = 256 << 10
-CHUNK_BYTES_MAX = 1 << 20
-CHUNK_MACS = 8 << 20
+#: small enough that a chunk's buffers stay in a core's cache. A chunk's fixed cost is now two
+#: barriers of the team of threads (0.7 us per chunk, ``benchmarks/plane_chain.py overhead``), so
+#: small chunks no longer need batching: against the former rule (256 KiB, and several planes to
+#: a chunk up to 1 MiB where a plane's GEMMs were small) 128 KiB ran 0.75-0.9x the time at 16-32
+#: channels, batch 1 and 8, with a cold cache (docs/benchmarks.md).
+CHUNK_BYTES = 128 << 10
 log = logging.getLogger("tensorconv")
 
 
@@ -88,19 +85,13 @@ def load():
 
 
 def planes_per_chunk(shape, rank, itemsize, chunk_bytes=None, out_channels=None):
-    """Input planes per chunk for an input of ``shape`` (B, C, D, H, W) (at least one).
-
-    With ``chunk_bytes`` given: as many as keep one chunk's widest intermediate within it.
-    By default: within :data:`CHUNK_BYTES`, or more planes where that leaves the chunk's two
-    GEMMs (C -> R, R -> ``out_channels``, which defaults to C) fewer than :data:`CHUNK_MACS`
-    multiply-adds, up to :data:`CHUNK_BYTES_MAX`."""
+    """Input planes per chunk for an input of ``shape`` (B, C, D, H, W) (at least one): as many
+    as keep one chunk's widest intermediate within ``chunk_bytes`` (default :data:`CHUNK_BYTES`).
+    ``out_channels`` (T) widens the intermediate where it exceeds C and R."""
     _, c, d, h, w = (int(s) for s in shape)
-    per_plane = h * w * max(rank, c) * itemsize
-    if chunk_bytes is not None:
-        return max(1, min(d, chunk_bytes // per_plane))
     t = c if out_channels is None else int(out_channels)
-    planes = max(CHUNK_BYTES // per_plane, -(-CHUNK_MACS // (h * w * rank * (c + t))))
-    return max(1, min(d, planes, CHUNK_BYTES_MAX // per_plane))
+    per_plane = h * w * max(rank, c, t) * itemsize
+    return max(1, min(d, (CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // per_plane))
 
 
 def available():

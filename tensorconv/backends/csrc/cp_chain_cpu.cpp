@@ -1,20 +1,25 @@
 // A 3-D CP (Kruskal) convolution on CPU, run plane by plane along spatial mode 0.
 //
-// For each chunk of input planes along mode 0: one GEMM C -> R (BLAS, reading the caller's planes
-// in place), the mode-2 and mode-1 depthwise passes while the chunk is in cache, the result kept
+// For each chunk of input planes along mode 0: one GEMM C -> R (reading the caller's planes in
+// place), the mode-2 and mode-1 depthwise passes while the chunk is in cache, the result kept
 // in a ring of (K0 - 1) * dilation0 + chunk planes; every output plane whose inputs are all in the
 // ring is then the mode-0 depthwise pass over the ring, and a batch of them one GEMM R -> T
-// straight into the output. A chunk is sized to stay in cache (small planes: several per GEMM).
+// straight into the output. A chunk is sized to stay in a core's cache. Below one image per
+// thread, one team of threads shares each chunk (two barriers per chunk, one parallel region
+// per call); with more images, each thread runs whole images. The GEMMs are the kernel's own
+// (AVX-512 register tiles, float32 and float64; BLAS without AVX-512).
 // Nothing activation-sized but the output is written to memory: this is what makes it faster
 // than the unfused chain once the R-channel intermediates leave the cache (docs/benchmarks.md).
 // The backward (stride 1) recomputes the intermediates plane by plane the same way.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <omp.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
 #include <algorithm>
+#include <exception>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -98,152 +103,123 @@ inline void tap_sum(scalar_t* dst, const scalar_t* const* src, const scalar_t* c
   taps_run(dst, 0, src, 0, w, n, R, 1);
 }
 
-// ---- channels-first input to channels-last rows -------------------------------------------------
-// BLAS runs the first GEMM about 1.4x slower when it reads a channels-first chunk transposed
-// than on channels-last rows (benchmarks/plane_chain.py); with AVX-512 a register transpose of
-// the chunk costs less than that difference (~0.03 ms per MiB on one core).
+// ---- the chain's GEMMs ----------------------------------------------------------------------------
 #if defined(__AVX512F__)
-constexpr bool kFastTranspose = true;
+// one 512-bit register of float (16) or double (8), with masked access for a column tail
+template <typename scalar_t>
+struct Lanes;
+template <>
+struct Lanes<float> {
+  using V = __m512;
+  static constexpr int L = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V load(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+  static void store(__mmask16 m, float* p, V v) { _mm512_mask_storeu_ps(p, m, v); }
+  static V set1(float v) { return _mm512_set1_ps(v); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+};
+template <>
+struct Lanes<double> {
+  using V = __m512d;
+  static constexpr int L = 8;
+  static V zero() { return _mm512_setzero_pd(); }
+  static V load(const double* p) { return _mm512_loadu_pd(p); }
+  static void store(double* p, V v) { _mm512_storeu_pd(p, v); }
+  static V load(__mmask16 m, const double* p) { return _mm512_maskz_loadu_pd(static_cast<__mmask8>(m), p); }
+  static void store(__mmask16 m, double* p, V v) { _mm512_mask_storeu_pd(p, static_cast<__mmask8>(m), v); }
+  static V set1(double v) { return _mm512_set1_pd(v); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
+};
 
-// one butterfly stage of an in-register transpose: swap the off-diagonal b x b blocks of every
-// 2b x 2b block (two two-source permutes per pair of rows); log2(n) stages transpose the tile
-template <int b>
-inline void transpose_stage(__m512* r) {
-#define LO(j) (((j) & b) ? 16 + (j) - b : (j))
-#define HI(j) (((j) & b) ? 16 + (j) : (j) + b)
-  const __m512i lo = _mm512_setr_epi32(LO(0), LO(1), LO(2), LO(3), LO(4), LO(5), LO(6), LO(7), LO(8), LO(9), LO(10),
-                                       LO(11), LO(12), LO(13), LO(14), LO(15));
-  const __m512i hi = _mm512_setr_epi32(HI(0), HI(1), HI(2), HI(3), HI(4), HI(5), HI(6), HI(7), HI(8), HI(9), HI(10),
-                                       HI(11), HI(12), HI(13), HI(14), HI(15));
-  for (int i = 0; i < 16; ++i)
-    if (!(i & b)) {
-      const __m512 a = r[i], c = r[i + b];
-      r[i] = _mm512_permutex2var_ps(a, lo, c);
-      r[i + b] = _mm512_permutex2var_ps(a, hi, c);
-    }
-}
-
-#undef LO
-#undef HI
-
-template <int b>
-inline void transpose_stage(__m512d* r) {
-#define LO(j) (((j) & b) ? 8 + (j) - b : (j))
-#define HI(j) (((j) & b) ? 8 + (j) : (j) + b)
-  const __m512i lo = _mm512_setr_epi64(LO(0), LO(1), LO(2), LO(3), LO(4), LO(5), LO(6), LO(7));
-  const __m512i hi = _mm512_setr_epi64(HI(0), HI(1), HI(2), HI(3), HI(4), HI(5), HI(6), HI(7));
-#undef LO
-#undef HI
-  for (int i = 0; i < 8; ++i)
-    if (!(i & b)) {
-      const __m512d a = r[i], c = r[i + b];
-      r[i] = _mm512_permutex2var_pd(a, lo, c);
-      r[i + b] = _mm512_permutex2var_pd(a, hi, c);
-    }
-}
-
-// dst[p * ldd + c] = src[c * lds + p] for a full tile (16 floats / 8 doubles square)
-inline void transpose_tile(const float* src, int64_t lds, float* dst, int64_t ldd) {
-  __m512 r[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
-  transpose_stage<1>(r); transpose_stage<2>(r); transpose_stage<4>(r); transpose_stage<8>(r);
-  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ldd, r[i]);
-}
-inline void transpose_tile(const double* src, int64_t lds, double* dst, int64_t ldd) {
-  __m512d r[8];
-  for (int i = 0; i < 8; ++i) r[i] = _mm512_loadu_pd(src + i * lds);
-  transpose_stage<1>(r); transpose_stage<2>(r); transpose_stage<4>(r);
-  for (int i = 0; i < 8; ++i) _mm512_storeu_pd(dst + i * ldd, r[i]);
-}
-
-// ---- the chain's GEMMs in float32 ----------------------------------------------------------------
 // c[p, n] = sum_k a[k * sk + p * sp] * b[k * ldb + n]: MR rows of c at a time in registers, a
-// broadcast from a, b one row of 16-64 columns per k. Its shapes (K, N of 16-128, a plane of
-// rows per call) are narrow for BLAS: with it the chain took 0.75-0.89x the time at batch 1
-// (benchmarks/chain_ab.py, docs/benchmarks.md), and it reads a channels-first chunk in place
-// (sp = 1), with no transpose.
-template <int MR, int NV>
-inline void gemm_tile(const float* a, int64_t sk, int64_t sp, const float* b, int64_t ldb, float* c, int64_t ldc,
-                      int64_t K) {
-  __m512 acc[MR][NV];
+// broadcast from a, b one row of NV registers per k (the last one masked to `tail` where TAIL:
+// a mask on every load ran the GEMMs at half rate). Its shapes
+// (K, N of 16-128, a plane of rows per call) are narrow for BLAS: with it the chain took
+// 0.75-0.89x the time at batch 1 (benchmarks/chain_ab.py, docs/benchmarks.md), it reads a
+// channels-first chunk in place (sp = 1), with no transpose, and it takes no tensor and no
+// dispatch, so each thread of a team runs its own share of a chunk for ~1 us of fixed cost.
+template <typename scalar_t, int MR, int NV, bool TAIL>
+inline void gemm_tile(const scalar_t* a, int64_t sk, int64_t sp, const scalar_t* b, int64_t ldb, scalar_t* c,
+                      int64_t ldc, int64_t K, __mmask16 tail) {
+  using X = Lanes<scalar_t>;
+  constexpr int L = X::L;
+  typename X::V acc[MR][NV];
   for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v) acc[i][v] = X::zero();
   for (int64_t k = 0; k < K; ++k) {
-    __m512 bk[NV];
-    for (int v = 0; v < NV; ++v) bk[v] = _mm512_loadu_ps(b + k * ldb + 16 * v);
-    const float* ak = a + k * sk;
+    typename X::V bk[NV];
+    for (int v = 0; v < NV; ++v)
+      bk[v] = TAIL && v == NV - 1 ? X::load(tail, b + k * ldb + L * v) : X::load(b + k * ldb + L * v);
+    const scalar_t* ak = a + k * sk;
     for (int i = 0; i < MR; ++i) {
-      const __m512 ai = _mm512_set1_ps(ak[i * sp]);
-      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(ai, bk[v], acc[i][v]);
+      const auto ai = X::set1(ak[i * sp]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = X::fma(ai, bk[v], acc[i][v]);
     }
   }
   for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + i * ldc + 16 * v, acc[i][v]);
+    for (int v = 0; v < NV; ++v)
+      if (TAIL && v == NV - 1)
+        X::store(tail, c + i * ldc + L * v, acc[i][v]);
+      else
+        X::store(c + i * ldc + L * v, acc[i][v]);
 }
 
-// rows [0, P) of c, columns [0, 16 NV): as many accumulators as registers allow
-template <int NV>
-void gemm_rows(const float* a, int64_t sk, int64_t sp, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t P,
-               int64_t K) {
+// rows [0, P) of c, NV registers of columns: as many accumulators as registers allow
+template <typename scalar_t, int NV, bool TAIL>
+void gemm_rows(const scalar_t* a, int64_t sk, int64_t sp, const scalar_t* b, int64_t ldb, scalar_t* c, int64_t ldc,
+               int64_t P, int64_t K, __mmask16 tail) {
   constexpr int MR = NV == 1 ? 14 : NV == 2 ? 12 : NV == 3 ? 8 : 6;
   int64_t p = 0;
-  for (; p + MR <= P; p += MR) gemm_tile<MR, NV>(a + p * sp, sk, sp, b, ldb, c + p * ldc, ldc, K);
-  for (; p < P; ++p) gemm_tile<1, NV>(a + p * sp, sk, sp, b, ldb, c + p * ldc, ldc, K);
+  for (; p + MR <= P; p += MR)
+    gemm_tile<scalar_t, MR, NV, TAIL>(a + p * sp, sk, sp, b, ldb, c + p * ldc, ldc, K, tail);
+  for (; p < P; ++p) gemm_tile<scalar_t, 1, NV, TAIL>(a + p * sp, sk, sp, b, ldb, c + p * ldc, ldc, K, tail);
 }
 
-// c (P, N) row-major = the rows above, for N a multiple of 16 (columns in blocks of up to 64)
-void gemm_f32(const float* a, int64_t sk, int64_t sp, const float* b, float* c, int64_t P, int64_t K, int64_t N) {
+// c (P, N) row-major = the rows above, any N (columns in blocks of up to four registers)
+template <typename scalar_t>
+void gemm_own(const scalar_t* a, int64_t sk, int64_t sp, const scalar_t* b, scalar_t* c, int64_t P, int64_t K,
+              int64_t N) {
+  constexpr int L = Lanes<scalar_t>::L;
   at::parallel_for(0, P, 256, [&](int64_t p0, int64_t p1) {
-    for (int64_t n0 = 0; n0 < N; n0 += 64) {
-      const float* bn = b + n0;
-      float* cn = c + p0 * N + n0;
-      const float* ap = a + p0 * sp;
-      switch (std::min<int64_t>(64, N - n0) / 16) {
-        case 1: gemm_rows<1>(ap, sk, sp, bn, N, cn, N, p1 - p0, K); break;
-        case 2: gemm_rows<2>(ap, sk, sp, bn, N, cn, N, p1 - p0, K); break;
-        case 3: gemm_rows<3>(ap, sk, sp, bn, N, cn, N, p1 - p0, K); break;
-        default: gemm_rows<4>(ap, sk, sp, bn, N, cn, N, p1 - p0, K); break;
+    for (int64_t n0 = 0; n0 < N; n0 += 4 * L) {
+      const int64_t width = std::min<int64_t>(4 * L, N - n0);
+      const int rest = static_cast<int>(width % L);
+      const __mmask16 tail = rest ? __mmask16((1u << rest) - 1) : __mmask16(0xFFFF);
+      const scalar_t* bn = b + n0;
+      scalar_t* cn = c + p0 * N + n0;
+      const scalar_t* ap = a + p0 * sp;
+      const int nv = static_cast<int>((width + L - 1) / L);
+      if (rest) {
+        switch (nv) {
+          case 1: gemm_rows<scalar_t, 1, true>(ap, sk, sp, bn, N, cn, N, p1 - p0, K, tail); break;
+          case 2: gemm_rows<scalar_t, 2, true>(ap, sk, sp, bn, N, cn, N, p1 - p0, K, tail); break;
+          case 3: gemm_rows<scalar_t, 3, true>(ap, sk, sp, bn, N, cn, N, p1 - p0, K, tail); break;
+          default: gemm_rows<scalar_t, 4, true>(ap, sk, sp, bn, N, cn, N, p1 - p0, K, tail); break;
+        }
+        continue;
+      }
+      switch (nv) {
+        case 1: gemm_rows<scalar_t, 1, false>(ap, sk, sp, bn, N, cn, N, p1 - p0, K, tail); break;
+        case 2: gemm_rows<scalar_t, 2, false>(ap, sk, sp, bn, N, cn, N, p1 - p0, K, tail); break;
+        case 3: gemm_rows<scalar_t, 3, false>(ap, sk, sp, bn, N, cn, N, p1 - p0, K, tail); break;
+        default: gemm_rows<scalar_t, 4, false>(ap, sk, sp, bn, N, cn, N, p1 - p0, K, tail); break;
       }
     }
   });
 }
 constexpr bool kOwnGemm = true;
 #else
-constexpr bool kFastTranspose = false;
-template <typename scalar_t>
-inline void transpose_tile(const scalar_t*, int64_t, scalar_t*, int64_t) {}
 constexpr bool kOwnGemm = false;
-inline void gemm_f32(const float*, int64_t, int64_t, const float*, float*, int64_t, int64_t, int64_t) {}
+template <typename scalar_t>
+inline void gemm_own(const scalar_t*, int64_t, int64_t, const scalar_t*, scalar_t*, int64_t, int64_t, int64_t) {}
 #endif
 
-// (C, P) rows `lds` apart -> (P, C) contiguous, in tiles; the edges element by element
-template <typename scalar_t>
-void to_channels_last(const scalar_t* src, int64_t lds, scalar_t* dst, int64_t C, int64_t P) {
-  constexpr int64_t TB = 64 / sizeof(scalar_t);
-  at::parallel_for(0, (P + TB - 1) / TB, std::max<int64_t>(1, 4096 / (TB * C)), [&](int64_t b0, int64_t b1) {
-    for (int64_t c0 = 0; c0 < C; c0 += TB)
-      for (int64_t p0 = b0 * TB; p0 < std::min(P, b1 * TB); p0 += TB) {
-        const int64_t pe = std::min(P, p0 + TB), ce = std::min(C, c0 + TB);
-        if (pe - p0 == TB && ce - c0 == TB) {
-          transpose_tile(src + c0 * lds + p0, lds, dst + p0 * C + c0, C);
-          continue;
-        }
-        for (int64_t p = p0; p < pe; ++p)
-          for (int64_t c = c0; c < ce; ++c) dst[p * C + c] = src[c * lds + p];
-      }
-  });
-}
-
-// whether x (B, C, D, H, W) holds each channel's planes contiguously (channels first): the first
-// GEMM then reads its chunks through a transposed copy (when the copy is fast, kFastTranspose)
-inline bool transposes_input(const torch::Tensor& x) {
-  return kFastTranspose && x.stride(4) == 1 && x.stride(3) == x.size(4) && x.stride(2) == x.size(3) * x.size(4);
-}
-
-// whether out (P, N) = rows @ w (K, N) runs through gemm_f32: float32, N a multiple of 16,
-// contiguous w and out (and AVX-512)
+// whether out (P, N) = rows @ w (K, N) runs through gemm_own: float32 or float64, contiguous w
+// and out (and AVX-512; else BLAS)
 inline bool own_gemm(const torch::Tensor& w, const torch::Tensor& out) {
-  return kOwnGemm && w.scalar_type() == at::kFloat && w.size(1) % 16 == 0 && w.is_contiguous() &&
+  return kOwnGemm && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble) && w.is_contiguous() &&
          out.is_contiguous();
 }
 
@@ -251,42 +227,24 @@ inline bool own_gemm(const torch::Tensor& w, const torch::Tensor& out) {
 // backward's products with the transposed factors
 template <typename scalar_t>
 void gemm_into(torch::Tensor out, const torch::Tensor& rows, const torch::Tensor& w) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (own_gemm(w, out) && rows.stride(1) == 1) {
-      gemm_f32(rows.data_ptr<float>(), 1, rows.stride(0), w.data_ptr<float>(), out.data_ptr<float>(), rows.size(0),
-               rows.size(1), w.size(1));
-      return;
-    }
+  if (own_gemm(w, out) && rows.stride(1) == 1) {
+    gemm_own(rows.data_ptr<scalar_t>(), 1, rows.stride(0), w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+             rows.size(0), rows.size(1), w.size(1));
+    return;
   }
   at::mm_out(out, rows, w);
 }
 
-// gemm_c_to_r's scratch for chunks of up to `rows` positions into a (rows, R): a channels-last
-// copy of the chunk where BLAS runs the GEMM on channels-first input, else empty
-inline torch::Tensor c_to_r_scratch(const torch::Tensor& x, const torch::Tensor& uc, const torch::Tensor& a,
-                                    int64_t rows) {
-  return torch::empty({transposes_input(x) && !own_gemm(uc, a) ? rows : 0, x.size(1)}, x.options());
-}
-
-// the GEMM C -> R of a chunk xp (C, P) into out (P, R): gemm_f32 reads xp in place in either
-// layout; else BLAS, through xt (c_to_r_scratch) where the input is transposed first
+// the GEMM C -> R of a chunk xp (C, P) into out (P, R): gemm_own reads xp in place in either
+// layout; else BLAS
 template <typename scalar_t>
-void gemm_c_to_r(const torch::Tensor& xp, torch::Tensor& xt, const torch::Tensor& uc, torch::Tensor out) {
-  const int64_t C = xp.size(0), P = xp.size(1);
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (own_gemm(uc, out)) {
-      gemm_f32(xp.data_ptr<float>(), xp.stride(0), xp.stride(1), uc.data_ptr<float>(), out.data_ptr<float>(), P, C,
-               uc.size(1));
-      return;
-    }
-  }
-  if (xt.numel() == 0 || xp.stride(1) != 1) {
-    at::mm_out(out, xp.t(), uc);
+void gemm_c_to_r(const torch::Tensor& xp, const torch::Tensor& uc, torch::Tensor out) {
+  if (own_gemm(uc, out)) {
+    gemm_own(xp.data_ptr<scalar_t>(), xp.stride(0), xp.stride(1), uc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+             xp.size(1), xp.size(0), uc.size(1));
     return;
   }
-  auto rows = xt.narrow(0, 0, P);
-  to_channels_last(xp.data_ptr<scalar_t>(), xp.stride(0), rows.data_ptr<scalar_t>(), C, P);
-  at::mm_out(out, rows, uc);
+  at::mm_out(out, xp.t(), uc);
 }
 
 // the last input plane each output plane needs along mode 0 (-1: none, all of its taps are padding)
@@ -347,13 +305,13 @@ void mode2_pass(const scalar_t* in, scalar_t* out, int64_t rows, const Axis& a2,
   });
 }
 
-// mode 1 (H) depthwise pass over `planes` planes: (planes, H, Wo, R) -> (Ho, Wo, R) each, plane q
-// written to out_of(q)
+// mode 1 (H) depthwise pass over rows [row0, row1) of (planes, Ho) output rows: (planes, H, Wo, R)
+// -> (Ho, Wo, R) each, plane q written to out_of(q)
 template <typename scalar_t, typename OutOf>
-void mode1_pass(const scalar_t* in, int64_t planes, const OutOf& out_of, int64_t Wo, const Axis& a1,
+void mode1_pass(const scalar_t* in, int64_t row0, int64_t row1, const OutOf& out_of, int64_t Wo, const Axis& a1,
                 const scalar_t* w1, int64_t R) {
   const int64_t H = a1.in, Ho = a1.out;
-  at::parallel_for(0, planes * Ho, grain(Wo * R * a1.k), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(row0, row1, grain(Wo * R * a1.k), [&](int64_t r0, int64_t r1) {
     const scalar_t* src[64];
     const scalar_t* w[64];
     for (int64_t row = r0; row < r1; ++row) {
@@ -372,18 +330,23 @@ void mode1_pass(const scalar_t* in, int64_t planes, const OutOf& out_of, int64_t
   });
 }
 
+// grad mode and inference mode are thread-local: worker threads would record the BLAS calls for
+// autograd, or refuse to write into the caller's inference tensors
+struct WorkerModes {
+  explicit WorkerModes(bool inference) : inference_mode(inference) {}
+  c10::InferenceMode inference_mode;
+  at::NoGradGuard no_grad;
+};
+
 // With at least one image per thread, each thread runs whole images with its own buffers: no
 // barrier per pass, and each core keeps its own chunk in its own cache (the inner parallel
 // loops and BLAS calls then run on the calling thread). Otherwise the passes split rows.
 template <typename F>
 inline void over_images(int64_t B, const F& body) {
   const int64_t nt = at::get_num_threads();
-  // grad mode and inference mode are thread-local: worker threads would record the BLAS calls
-  // for autograd, or refuse to write into the caller's inference tensors
   const bool inference = c10::InferenceMode::is_enabled();
   auto guarded = [&](int64_t b0, int64_t b1) {
-    c10::InferenceMode inference_mode(inference);
-    at::NoGradGuard no_grad;
+    WorkerModes modes(inference);
     body(b0, b1);
   };
   if (nt > 1 && B >= nt)
@@ -392,79 +355,162 @@ inline void over_images(int64_t B, const F& body) {
     guarded(0, B);
 }
 
+// The threads that share one image's chain: each takes its own share of every pass's rows, with
+// a barrier where a pass reads rows another thread wrote (two per chunk). One parallel region
+// per call instead of five per chunk: each region start cost ~1.5 us and found the other core's
+// caches cold, which made chunks that stay in L2 cost more than they saved (docs/benchmarks.md).
+// Inside the region the passes' own parallel loops and GEMMs run on the calling thread.
+struct Team {
+  int64_t id = 0, size = 1;
+  std::pair<int64_t, int64_t> share(int64_t n) const { return {n * id / size, n * (id + 1) / size}; }
+  void sync() const {
+    if (size > 1) {
+#pragma omp barrier
+    }
+  }
+};
+
+template <typename scalar_t>
+struct ChainScratch {
+  torch::Tensor a, t1, ring, o;  // GEMM C -> R, mode-2 out, mode-1 ring, mode-0 out
+};
+
+template <typename scalar_t>
+ChainScratch<scalar_t> chain_scratch(const torch::Tensor& x, const torch::Tensor& uc, int64_t G, int64_t slots,
+                                     const Axis& a1, const Axis& a2) {
+  const int64_t R = uc.size(1), H = a1.in, W = a2.in, Ho = a1.out, Wo = a2.out;
+  const auto opts = x.options();
+  ChainScratch<scalar_t> s;
+  s.a = torch::empty({G * H * W, R}, opts);
+  s.t1 = torch::empty({G * H * Wo, R}, opts);
+  s.ring = torch::empty({slots, Ho * Wo, R}, opts);
+  s.o = torch::empty({G * Ho * Wo + at::get_num_threads(), R}, opts);  // + a row per thread: see o_base
+  return s;
+}
+
+// image b's chain, this thread's share of it
+template <typename scalar_t>
+void chain_image(const torch::Tensor& x, const torch::Tensor& uc, const torch::Tensor& u0, const torch::Tensor& u1,
+                 const torch::Tensor& u2, const torch::Tensor& wt, torch::Tensor& out, const Axis& a0,
+                 const Axis& a1, const Axis& a2, int64_t G, int64_t slots, const std::vector<int64_t>& last_needed,
+                 ChainScratch<scalar_t>& s, int64_t b, const Team& team) {
+  const int64_t C = x.size(1), R = uc.size(1), T = wt.size(1);
+  const int64_t H = a1.in, W = a2.in, Ho = a1.out, Wo = a2.out, K0 = a0.k;
+  scalar_t* pa = s.a.template data_ptr<scalar_t>();
+  scalar_t* pt1 = s.t1.template data_ptr<scalar_t>();
+  scalar_t* pring = s.ring.template data_ptr<scalar_t>();
+  scalar_t* po = s.o.template data_ptr<scalar_t>();
+  const scalar_t* w0 = u0.data_ptr<scalar_t>();
+  const scalar_t* w1 = u1.data_ptr<scalar_t>();
+  const scalar_t* w2 = u2.data_ptr<scalar_t>();
+  const int64_t positions = Ho * Wo, plane = positions * R;
+  // each thread's own rows of o (the mode-0 pass and the GEMM R -> T of a position run on one
+  // thread): a thread may start the next batch of output planes while another is still reading
+  // its rows of this one
+  const int64_t o_base = team.id * ((G * positions + team.size - 1) / team.size);
+  // the GEMMs on raw pointers where gemm_own runs them
+  const bool own_in = own_gemm(uc, s.a) && x.stride(3) == W * x.stride(4) && x.stride(2) == H * x.stride(3);
+  const bool own_out = own_gemm(wt, out);
+  int64_t next_out = 0;
+  auto emit_ready = [&](int64_t have) {  // output planes whose input planes are all in the ring
+    while (next_out < a0.out && last_needed[next_out] <= have) {
+      int64_t n_out = 0;
+      while (n_out < G && next_out + n_out < a0.out && last_needed[next_out + n_out] <= have) ++n_out;
+      const int64_t d_first = next_out;
+      const auto [q0, q1] = team.share(n_out * positions);  // this thread's positions of the batch
+      scalar_t* oq = po + o_base * R;
+      for (int64_t q = q0; q < q1;) {  // a run of positions in one output plane at a time
+        const int64_t d = d_first + q / positions, p = q % positions;
+        const int64_t count = std::min(q1 - q, positions - p);
+        const scalar_t* src[64];
+        const scalar_t* w[64];
+        int n = 0;
+        for (int64_t i = 0; i < K0; ++i) {
+          const int64_t s_ = a0.src(d, i);
+          if (s_ < 0 || s_ >= a0.in) continue;
+          src[n] = pring + (s_ % slots) * plane + p * R;
+          w[n++] = w0 + i * R;
+        }
+        taps_run(oq + (q - q0) * R, R, src, R, w, n, R, count);
+        q += count;
+      }
+      if (q1 > q0) {
+        if (own_out) {  // pointers only: tensor views per batch and thread cost ~1 us each
+          gemm_own(oq, 1, R, wt.data_ptr<scalar_t>(),
+                   out.data_ptr<scalar_t>() + ((b * a0.out + d_first) * positions + q0) * T, q1 - q0, R, T);
+        } else {
+          gemm_into<scalar_t>(out[b].narrow(0, d_first, n_out).view({n_out * positions, T}).narrow(0, q0, q1 - q0),
+                              s.o.narrow(0, o_base, q1 - q0), wt);
+        }
+      }
+      next_out += n_out;
+    }
+  };
+  emit_ready(-1);
+  for (int64_t d0 = 0; d0 < a0.in; d0 += G) {
+    const int64_t g = std::min(G, a0.in - d0);
+    const auto [r0, r1] = team.share(g * H);  // this thread's rows of W positions
+    if (r1 > r0) {
+      if (own_in) {  // positions (d, h, w) one stride apart: read in place
+        gemm_own(x.data_ptr<scalar_t>() + b * x.stride(0) + d0 * x.stride(2) + r0 * W * x.stride(4), x.stride(1),
+                 x.stride(4), uc.data_ptr<scalar_t>(), pa + r0 * W * R, (r1 - r0) * W, C, R);
+      } else {
+        // (C, g, H, W) -> (C, g*H*W): a view for channels-first and channels-last input
+        auto xp = x[b].narrow(1, d0, g).reshape({C, g * H * W}).narrow(1, r0 * W, (r1 - r0) * W);
+        gemm_c_to_r<scalar_t>(xp, uc, s.a.narrow(0, r0 * W, (r1 - r0) * W));
+      }
+      mode2_pass(pa + r0 * W * R, pt1 + r0 * Wo * R, r1 - r0, a2, w2, R);  // (rows, W, R) -> (rows, Wo, R)
+    }
+    team.sync();  // mode 1 reads the neighbouring rows
+    const auto [m0, m1] = team.share(g * Ho);
+    mode1_pass(pt1, m0, m1, [&](int64_t q) { return pring + ((d0 + q) % slots) * plane; }, Wo, a1, w1, R);
+    team.sync();  // mode 0 reads every thread's rows of the ring
+    emit_ready(d0 + g - 1);
+  }
+  emit_ready(a0.in);
+}
+
 template <typename scalar_t>
 void run(const torch::Tensor& x, const torch::Tensor& uc, const torch::Tensor& u0, const torch::Tensor& u1,
          const torch::Tensor& u2, const torch::Tensor& wt, torch::Tensor& out, const Axis& a0, const Axis& a1,
          const Axis& a2, int64_t chunk) {
-  const int64_t B = x.size(0), C = x.size(1);
-  const int64_t R = uc.size(1), T = wt.size(1);
-  const int64_t H = a1.in, W = a2.in, Ho = a1.out, Wo = a2.out;
-  const int64_t K0 = a0.k;
-  const int64_t span = (K0 - 1) * a0.dil + 1;
-  const int64_t G = chunk;                 // input planes per GEMM C -> R (and output planes per GEMM R -> T)
-  const int64_t slots = span + G - 1;      // ring slots: a chunk never overwrites a plane still needed
+  const int64_t B = x.size(0);
+  const int64_t span = (a0.k - 1) * a0.dil + 1;
+  const int64_t G = chunk;             // input planes per GEMM C -> R (and output planes per GEMM R -> T)
+  const int64_t slots = span + G - 1;  // ring slots: a chunk never overwrites a plane still needed
   const std::vector<int64_t> last_needed = last_needed_planes(a0);
-
-  const auto opts = x.options();
-  over_images(B, [&](int64_t b0, int64_t b1) {
-    auto a = torch::empty({G * H * W, R}, opts);        // GEMM C -> R of a chunk of input planes
-    auto xt = c_to_r_scratch(x, uc, a, G * H * W);
-    auto t1 = torch::empty({G * H * Wo, R}, opts);      // after the mode-2 pass
-    auto ring = torch::empty({slots, Ho * Wo, R}, opts);  // after the mode-1 pass
-    auto o = torch::empty({G * Ho * Wo, R}, opts);      // after the mode-0 pass, a batch of output planes
-    scalar_t* pa = a.data_ptr<scalar_t>();
-    scalar_t* pt1 = t1.data_ptr<scalar_t>();
-    scalar_t* pring = ring.data_ptr<scalar_t>();
-    scalar_t* po = o.data_ptr<scalar_t>();
-    const scalar_t* w0 = u0.data_ptr<scalar_t>();
-    const scalar_t* w1 = u1.data_ptr<scalar_t>();
-    const scalar_t* w2 = u2.data_ptr<scalar_t>();
-    const int64_t plane = Ho * Wo * R;
-    for (int64_t b = b0; b < b1; ++b) {
-      auto xb = x[b];                 // (C, D, H, W)
-      auto ob = out[b];               // (Do, Ho, Wo, T)
-      int64_t next_out = 0;
-      auto emit_ready = [&](int64_t have) {  // output planes whose input planes are all in the ring
-        while (next_out < a0.out && last_needed[next_out] <= have) {
-          int64_t n_out = 0;
-          while (n_out < G && next_out + n_out < a0.out && last_needed[next_out + n_out] <= have) ++n_out;
-          const int64_t d_first = next_out;
-          const int64_t positions = Ho * Wo;
-          at::parallel_for(0, n_out * positions, grain(R * K0), [&](int64_t q0, int64_t q1) {
-            const scalar_t* src[64];
-            const scalar_t* w[64];
-            for (int64_t q = q0; q < q1;) {  // a run of positions in one output plane at a time
-              const int64_t d = d_first + q / positions, p = q % positions;
-              const int64_t count = std::min(q1 - q, positions - p);
-              int n = 0;
-              for (int64_t i = 0; i < K0; ++i) {
-                const int64_t s = a0.src(d, i);
-                if (s < 0 || s >= a0.in) continue;
-                src[n] = pring + (s % slots) * plane + p * R;
-                w[n++] = w0 + i * R;
-              }
-              taps_run(po + q * R, R, src, R, w, n, R, count);
-              q += count;
-            }
-          });
-          gemm_into<scalar_t>(ob.narrow(0, d_first, n_out).view({n_out * positions, T}),
-                              o.narrow(0, 0, n_out * positions), wt);
-          next_out += n_out;
-        }
-      };
-      emit_ready(-1);
-      for (int64_t d0 = 0; d0 < a0.in; d0 += G) {
-        const int64_t g = std::min(G, a0.in - d0);
-        // (C, g, H, W) -> (C, g*H*W): a view for channels-first and channels-last input
-        auto xp = xb.narrow(1, d0, g).reshape({C, g * H * W});
-        gemm_c_to_r<scalar_t>(xp, xt, uc, a.narrow(0, 0, g * H * W));
-        mode2_pass(pa, pt1, g * H, a2, w2, R);  // (g, H, W, R) -> (g, H, Wo, R)
-        mode1_pass(pt1, g, [&](int64_t q) { return pring + ((d0 + q) % slots) * plane; }, Wo, a1, w1, R);
-        emit_ready(d0 + g - 1);
-      }
-      emit_ready(a0.in);
+  const int64_t nt = at::get_num_threads();
+  if (nt > 1 && B >= nt) {
+    // With at least one image per thread, each thread runs whole images with its own buffers:
+    // no barrier at all, and each core keeps its own chunk in its own cache
+    over_images(B, [&](int64_t b0, int64_t b1) {
+      auto s = chain_scratch<scalar_t>(x, uc, G, slots, a1, a2);
+      for (int64_t b = b0; b < b1; ++b) chain_image(x, uc, u0, u1, u2, wt, out, a0, a1, a2, G, slots, last_needed, s, b, Team{});
+    });
+    return;
+  }
+  auto s = chain_scratch<scalar_t>(x, uc, G, slots, a1, a2);
+  if (nt == 1 || at::in_parallel_region()) {
+    for (int64_t b = 0; b < B; ++b) chain_image(x, uc, u0, u1, u2, wt, out, a0, a1, a2, G, slots, last_needed, s, b, Team{});
+    return;
+  }
+  const bool inference = c10::InferenceMode::is_enabled();
+  std::exception_ptr error;
+#pragma omp parallel num_threads(nt)
+  {
+    Team team{omp_get_thread_num(), omp_get_num_threads()};
+    WorkerModes modes(inference);
+    // an exception must not leave the region, and a thread that stops early would leave the
+    // others waiting at a barrier: the first one is kept and rethrown after the region (the
+    // inputs were checked before, so this is a failed allocation or a bug)
+    try {
+      for (int64_t b = 0; b < B; ++b) chain_image(x, uc, u0, u1, u2, wt, out, a0, a1, a2, G, slots, last_needed, s, b, team);
+    } catch (...) {
+#pragma omp critical(cp_chain_error)
+      if (!error) error = std::current_exception();
     }
-  });
+  }
+  if (error) std::rethrow_exception(error);
 }
 
 }  // namespace
@@ -559,7 +605,6 @@ void run_backward(const torch::Tensor& x, const torch::Tensor& uc, const torch::
 
   over_images(B, [&](int64_t b0, int64_t b1) {
     auto a = torch::empty({P, R}, opts);
-    auto xt = c_to_r_scratch(x, uc, a, P);
     auto bm = torch::empty({Pm, R}, opts);             // after the mode-2 pass
     auto cring = torch::empty({span, Po, R}, opts);    // after the mode-1 pass, last `span` planes
     auto gring = torch::empty({span, Po, R}, opts);    // g_o of the output planes in the window
@@ -601,10 +646,10 @@ void run_backward(const torch::Tensor& x, const torch::Tensor& uc, const torch::
         g_next = std::max(g_next, e_hi + 1);
         // forward recompute: a, b (mode 2), c (mode 1) into the ring
         auto xp = xb.select(1, d).reshape({C, P});
-        gemm_c_to_r<scalar_t>(xp, xt, uc, a);
+        gemm_c_to_r<scalar_t>(xp, uc, a);
         mode2_pass(pa, pb, H, a2, w2, R);
         scalar_t* cd = pc + (d % span) * plane;
-        mode1_pass(pb, 1, [&](int64_t) { return cd; }, Wo, a1, w1, R);
+        mode1_pass(pb, 0, Ho, [&](int64_t) { return cd; }, Wo, a1, w1, R);
         // g_c = mode-0 pass transposed
         at::parallel_for(0, Po, grain(R * K0), [&](int64_t q0, int64_t q1) {
           const scalar_t* src[64];
