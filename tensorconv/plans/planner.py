@@ -308,7 +308,7 @@ def plane_chain_seconds(structure, geometry, batch, itemsize, model, chunk_plane
     """Cost-model seconds of a CP conv (1-3 spatial modes) run plane by plane in one compiled kernel
     (``PlaneChain``): its two GEMMs at the matmul rate over the input and output alone (the
     intermediates stay in cache), its depthwise passes at ``plane_macs_per_s``, one call, and
-    ``plane_chunk_s`` per chunk of ``chunk_planes`` input planes (native calls inside the kernel)."""
+    ``plane_chunk_s`` per chunk of ``chunk_planes`` input planes (barriers inside the kernel)."""
     sizes = structure.size_of
     c, r, t = sizes["s"], sizes["r"], sizes["t"]
     (d, h, w), (do, ho, wo) = as_3d(geometry.in_spatial, 1), as_3d(geometry.out_spatial, 1)

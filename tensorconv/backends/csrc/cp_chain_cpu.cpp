@@ -19,6 +19,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <exception>
 #include <type_traits>
 #include <utility>
@@ -360,12 +361,34 @@ inline void over_images(int64_t B, const F& body) {
 // per call instead of five per chunk: each region start cost ~1.5 us and found the other core's
 // caches cold, which made chunks that stay in L2 cost more than they saved (docs/benchmarks.md).
 // Inside the region the passes' own parallel loops and GEMMs run on the calling thread.
+struct TeamError {
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;  // the first exception of any thread, rethrown after the region
+};
+
 struct Team {
   int64_t id = 0, size = 1;
+  TeamError* shared = nullptr;  // none for a thread alone
   std::pair<int64_t, int64_t> share(int64_t n) const { return {n * id / size, n * (id + 1) / size}; }
   void sync() const {
     if (size > 1) {
 #pragma omp barrier
+    }
+  }
+  // body() for this thread's share of a pass. In a team an exception is kept and the thread goes
+  // on meeting the barriers without running any more of its shares: a thread that left early
+  // would leave the others waiting at the next barrier forever.
+  template <typename F>
+  void run(const F& body) const {
+    if (!shared) {
+      body();
+      return;
+    }
+    if (shared->failed.load(std::memory_order_relaxed)) return;
+    try {
+      body();
+    } catch (...) {
+      if (!shared->failed.exchange(true)) shared->error = std::current_exception();
     }
   }
 };
@@ -417,40 +440,44 @@ void chain_image(const torch::Tensor& x, const torch::Tensor& uc, const torch::T
       int64_t n_out = 0;
       while (n_out < G && next_out + n_out < a0.out && last_needed[next_out + n_out] <= have) ++n_out;
       const int64_t d_first = next_out;
-      const auto [q0, q1] = team.share(n_out * positions);  // this thread's positions of the batch
+      const auto qs = team.share(n_out * positions);  // this thread's positions of the batch
+      const int64_t q0 = qs.first, q1 = qs.second;
       scalar_t* oq = po + o_base * R;
-      for (int64_t q = q0; q < q1;) {  // a run of positions in one output plane at a time
-        const int64_t d = d_first + q / positions, p = q % positions;
-        const int64_t count = std::min(q1 - q, positions - p);
-        const scalar_t* src[64];
-        const scalar_t* w[64];
-        int n = 0;
-        for (int64_t i = 0; i < K0; ++i) {
-          const int64_t s_ = a0.src(d, i);
-          if (s_ < 0 || s_ >= a0.in) continue;
-          src[n] = pring + (s_ % slots) * plane + p * R;
-          w[n++] = w0 + i * R;
+      team.run([&] {
+        for (int64_t q = q0; q < q1;) {  // a run of positions in one output plane at a time
+          const int64_t d = d_first + q / positions, p = q % positions;
+          const int64_t count = std::min(q1 - q, positions - p);
+          const scalar_t* src[64];
+          const scalar_t* w[64];
+          int n = 0;
+          for (int64_t i = 0; i < K0; ++i) {
+            const int64_t s_ = a0.src(d, i);
+            if (s_ < 0 || s_ >= a0.in) continue;
+            src[n] = pring + (s_ % slots) * plane + p * R;
+            w[n++] = w0 + i * R;
+          }
+          taps_run(oq + (q - q0) * R, R, src, R, w, n, R, count);
+          q += count;
         }
-        taps_run(oq + (q - q0) * R, R, src, R, w, n, R, count);
-        q += count;
-      }
-      if (q1 > q0) {
-        if (own_out) {  // pointers only: tensor views per batch and thread cost ~1 us each
-          gemm_own(oq, 1, R, wt.data_ptr<scalar_t>(),
-                   out.data_ptr<scalar_t>() + ((b * a0.out + d_first) * positions + q0) * T, q1 - q0, R, T);
-        } else {
-          gemm_into<scalar_t>(out[b].narrow(0, d_first, n_out).view({n_out * positions, T}).narrow(0, q0, q1 - q0),
-                              s.o.narrow(0, o_base, q1 - q0), wt);
+        if (q1 > q0) {
+          if (own_out) {  // pointers only: tensor views per batch and thread cost ~1 us each
+            gemm_own(oq, 1, R, wt.data_ptr<scalar_t>(),
+                     out.data_ptr<scalar_t>() + ((b * a0.out + d_first) * positions + q0) * T, q1 - q0, R, T);
+          } else {
+            gemm_into<scalar_t>(out[b].narrow(0, d_first, n_out).view({n_out * positions, T}).narrow(0, q0, q1 - q0),
+                                s.o.narrow(0, o_base, q1 - q0), wt);
+          }
         }
-      }
+      });
       next_out += n_out;
     }
   };
   emit_ready(-1);
   for (int64_t d0 = 0; d0 < a0.in; d0 += G) {
     const int64_t g = std::min(G, a0.in - d0);
-    const auto [r0, r1] = team.share(g * H);  // this thread's rows of W positions
-    if (r1 > r0) {
+    const auto rs = team.share(g * H);  // this thread's rows of W positions
+    const int64_t r0 = rs.first, r1 = rs.second;
+    if (r1 > r0) team.run([&] {
       if (own_in) {  // positions (d, h, w) one stride apart: read in place
         gemm_own(x.data_ptr<scalar_t>() + b * x.stride(0) + d0 * x.stride(2) + r0 * W * x.stride(4), x.stride(1),
                  x.stride(4), uc.data_ptr<scalar_t>(), pa + r0 * W * R, (r1 - r0) * W, C, R);
@@ -460,10 +487,13 @@ void chain_image(const torch::Tensor& x, const torch::Tensor& uc, const torch::T
         gemm_c_to_r<scalar_t>(xp, uc, s.a.narrow(0, r0 * W, (r1 - r0) * W));
       }
       mode2_pass(pa + r0 * W * R, pt1 + r0 * Wo * R, r1 - r0, a2, w2, R);  // (rows, W, R) -> (rows, Wo, R)
-    }
+    });
     team.sync();  // mode 1 reads the neighbouring rows
-    const auto [m0, m1] = team.share(g * Ho);
-    mode1_pass(pt1, m0, m1, [&](int64_t q) { return pring + ((d0 + q) % slots) * plane; }, Wo, a1, w1, R);
+    const auto ms = team.share(g * Ho);
+    const int64_t m0 = ms.first, m1 = ms.second;
+    team.run([&] {
+      mode1_pass(pt1, m0, m1, [&](int64_t q) { return pring + ((d0 + q) % slots) * plane; }, Wo, a1, w1, R);
+    });
     team.sync();  // mode 0 reads every thread's rows of the ring
     emit_ready(d0 + g - 1);
   }
@@ -495,22 +525,14 @@ void run(const torch::Tensor& x, const torch::Tensor& uc, const torch::Tensor& u
     return;
   }
   const bool inference = c10::InferenceMode::is_enabled();
-  std::exception_ptr error;
+  TeamError shared;
 #pragma omp parallel num_threads(nt)
   {
-    Team team{omp_get_thread_num(), omp_get_num_threads()};
+    Team team{omp_get_thread_num(), omp_get_num_threads(), &shared};
     WorkerModes modes(inference);
-    // an exception must not leave the region, and a thread that stops early would leave the
-    // others waiting at a barrier: the first one is kept and rethrown after the region (the
-    // inputs were checked before, so this is a failed allocation or a bug)
-    try {
-      for (int64_t b = 0; b < B; ++b) chain_image(x, uc, u0, u1, u2, wt, out, a0, a1, a2, G, slots, last_needed, s, b, team);
-    } catch (...) {
-#pragma omp critical(cp_chain_error)
-      if (!error) error = std::current_exception();
-    }
+    for (int64_t b = 0; b < B; ++b) chain_image(x, uc, u0, u1, u2, wt, out, a0, a1, a2, G, slots, last_needed, s, b, team);
   }
-  if (error) std::rethrow_exception(error);
+  if (shared.error) std::rethrow_exception(shared.error);
 }
 
 }  // namespace
