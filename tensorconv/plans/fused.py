@@ -216,6 +216,11 @@ class PlaneChain:
 
     def __init__(self, plan):
         self.plan = plan
+        g = plan.geometry
+        pad_lo = tuple(lo for lo, _ in g.padding) if g.padding_mode == "zeros" else (0,) * len(g.kernel_size)
+        # the kernel's geometry, worked out once: a call at 16 channels takes ~0.3 ms
+        self._geometry = dict(out_spatial=as_3d(g.out_spatial, 1), stride=as_3d(g.stride, 1), pad_lo=as_3d(pad_lo, 0),
+                              dilation=as_3d(g.dilation, 1))
 
     @staticmethod
     def applies(structure):
@@ -231,16 +236,12 @@ class PlaneChain:
         g = self.plan.geometry
         n = len(g.kernel_size)
         lam, u_t, u_c, *spatial = arrays
-        pad_lo = tuple(lo for lo, _ in g.padding)
         if g.padding_mode != "zeros":
             x = backend.pad(x, {2 + m: p for m, p in enumerate(g.padding) if p != (0, 0)}, g.padding_mode)
-            pad_lo = (0,) * n
         if n < 3:
             x = backend.reshape(x, tuple(x.shape[:2]) + as_3d(x.shape[2:], 1))
             spatial = as_3d(spatial, backend.ones((1, int(lam.shape[0])), like=lam))
-        out = backend.cp_chain_3d(x, lam, u_t, u_c, spatial, out_spatial=as_3d(g.out_spatial, 1),
-                                  stride=as_3d(g.stride, 1), pad_lo=as_3d(pad_lo, 0),
-                                  dilation=as_3d(g.dilation, 1))
+        out = backend.cp_chain_3d(x, lam, u_t, u_c, spatial, **self._geometry)
         if out is not None and n < 3:
             out = backend.reshape(out, (out.shape[0],) + tuple(g.out_spatial) + (out.shape[-1],))
         return out

@@ -573,6 +573,38 @@ torch::Tensor cp_chain_forward(torch::Tensor x, torch::Tensor uc, torch::Tensor 
 }
 
 
+// The same from the CP factors as the kernel object holds them: lam (R,), ut (T, R), uc (C, R),
+// u0..u2 (K_n, R), any strides. Lambda is folded into U_0 and U_T transposed here, in two
+// loops over at most K0 x R and R x T values, where in Python the fold and the copies were
+// five dispatched ops, ~8 us of a 0.3 ms call at 16 channels.
+torch::Tensor cp_chain_forward_kruskal(torch::Tensor x, torch::Tensor lam, torch::Tensor ut, torch::Tensor uc,
+                                       torch::Tensor u0, torch::Tensor u1, torch::Tensor u2,
+                                       std::vector<int64_t> out_size, std::vector<int64_t> stride,
+                                       std::vector<int64_t> pad_lo, std::vector<int64_t> dilation, int64_t chunk) {
+  TORCH_CHECK(lam.dim() == 1 && ut.dim() == 2 && u0.dim() == 2 && ut.size(1) == lam.size(0) &&
+                  u0.size(1) == lam.size(0),
+              "lam must be (R,), ut (T, R) and u0 (K0, R)");
+  TORCH_CHECK(lam.scalar_type() == x.scalar_type() && ut.scalar_type() == x.scalar_type() &&
+                  u0.scalar_type() == x.scalar_type(),
+              "factors must have x's dtype");
+  const int64_t R = lam.size(0), T = ut.size(0), K0 = u0.size(0);
+  auto u0l = torch::empty({K0, R}, x.options());
+  auto wt = torch::empty({R, T}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cp_chain_fold", [&] {
+    const auto l = lam.accessor<scalar_t, 1>();
+    const auto a = u0.accessor<scalar_t, 2>();
+    const auto b = ut.accessor<scalar_t, 2>();
+    scalar_t* pu = u0l.data_ptr<scalar_t>();
+    scalar_t* pw = wt.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < K0; ++i)
+      for (int64_t r = 0; r < R; ++r) pu[i * R + r] = a[i][r] * l[r];
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t r = 0; r < R; ++r) pw[r * T + t] = b[t][r];
+  });
+  return cp_chain_forward(x, uc.contiguous(), u0l, u1.contiguous(), u2.contiguous(), wt, std::move(out_size),
+                          std::move(stride), std::move(pad_lo), std::move(dilation), chunk);
+}
+
 // ---- backward (stride 1 in every mode) -----------------------------------------------------------
 //
 // Plane by plane again, recomputing the forward intermediates instead of keeping them. With
@@ -783,6 +815,7 @@ std::vector<torch::Tensor> cp_chain_backward(torch::Tensor x, torch::Tensor uc, 
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("cp_chain_forward", &cp_chain_forward, "3-D CP convolution, plane by plane (forward)");
+  m.def("cp_chain_forward", &cp_chain_forward, "3-D CP convolution, plane by plane (forward; U_T folded)");
+  m.def("cp_chain_forward_kruskal", &cp_chain_forward_kruskal, "the same from lam, U_T, U_C, U_0, U_1, U_2");
   m.def("cp_chain_backward", &cp_chain_backward, "its gradients (stride 1), plane by plane");
 }
