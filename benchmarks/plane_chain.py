@@ -3,15 +3,14 @@
     python benchmarks/plane_chain.py            # prints a markdown table
     python benchmarks/plane_chain.py 2d         # 2-D CP convs: unfused auto vs the chain
     python benchmarks/plane_chain.py backward   # forward+backward: the chain vs torch.compile
-    python benchmarks/plane_chain.py overhead   # the kernel's fixed cost per chunk of planes
+    python benchmarks/plane_chain.py overhead   # the kernel's fixed cost per chunk, and the Python per call
 
 Input (B, C, 16, 32, 32), CP kernel C -> C, 3x3x3, rank R, padding 1, float32. For each point:
 dense Conv3d, the fewest-MAC factorized chain unfused, the plan ``auto`` picks when the kernel
 is not built (unfused; before the plane chain existed this was the default), and the plane
-kernel with chunks of 256 KiB .. 4 MiB (input planes per GEMM so that a chunk's widest
+kernel with chunks of 128 KiB .. 1 MiB (input planes per GEMM so that a chunk's widest
 intermediate fits) and with its default chunks (``planes_per_chunk`` in
-tensorconv/backends/_torch_cpu_chain.py: 256 KiB, more planes where their GEMMs are small; the
-ratios use it), all timed interleaved in shuffled order (medians of 15 runs after 2
+tensorconv/backends/_torch_cpu_chain.py: 128 KiB; the ratios use it), all timed interleaved in shuffled order (medians of 15 runs after 2
 warm-ups), glibc told not to trim (see docs/benchmarks.md); "auto picks" is what ``auto`` runs
 once the kernel is built. The kernel is built on first use (about 30 s).
 """
@@ -25,7 +24,7 @@ from tensorconv.cli.bench import _set_malloc_no_trim, measure_many
 
 POINTS = [(1, 16, 16), (1, 32, 32), (1, 64, 64), (1, 128, 128), (8, 32, 32), (8, 32, 96), (8, 32, 192),
           (8, 128, 128)]
-CHUNKS_KIB = [256, 1024, 4096]
+CHUNKS_KIB = [128, 256, 1024]
 
 
 def _unfused_auto(k, shape):
@@ -112,6 +111,25 @@ def main_overhead():
             x, uc, *us, wt, [d, 2, 2], [1, 1, 1], [1, 1, 1], [1, 1, 1], g)) for g in (1, d)}, repeat=101).items()}
     print(f"one call, {d} chunks of 1 plane: {t[1]:.1f} us; one chunk of {d}: {t[d]:.1f} us; "
           f"per extra chunk: {(t[1] - t[d]) / (d - 1):.2f} us")
+    # the Python around one call: conv(x, k, strategy="fused") with the kernel replaced by a stub
+    # that returns a ready output
+    x = torch.randn(1, 16, 16, 32, 32)
+    k = KruskalKernel.random((16, 16, 3, 3, 3), 16, backend="torch", dtype="float32", seed=4)
+    ready = torch.empty(1, 16, 32, 32, 16)
+
+    class Stub:
+        def cp_chain_forward_kruskal(self, *args):
+            return ready
+
+    real = _torch_cpu_chain._state["module"]
+    _torch_cpu_chain._state["module"] = Stub()
+    try:
+        with torch.no_grad():
+            py = measure_many({"conv": lambda: conv(x, k, padding=1, strategy="fused")}, repeat=201)["conv"]
+    finally:
+        _torch_cpu_chain._state["module"] = real
+    print(f"Python per conv(x, k, strategy='fused') call (1, 16, 16, 32, 32), kernel stubbed: "
+          f"{py['median_ms'] * 1e3:.1f} us")
 
 
 def main():
