@@ -2,6 +2,7 @@
 
     python benchmarks/chain_ab.py ab REV        # this checkout's kernel vs the one at git revision REV
     python benchmarks/chain_ab.py phases        # per-phase time of this checkout's forward (B = 1)
+    python benchmarks/chain_ab.py cold          # the same call after different things ran before it
 
 ``ab`` builds both sources (``tensorconv/backends/csrc/cp_chain_cpu.cpp`` here and at REV) as
 separate extensions (about 35 s each, cached under ``bench-out/chain-ab``), checks that their
@@ -11,7 +12,10 @@ each with this checkout's default chunk). ``phases`` builds a copy of this check
 with timers around its phases (transpose + GEMM C -> R, mode-2 pass, mode-1 pass, mode-0 pass,
 GEMM R -> T, and the waits at the two barriers per chunk) and prints their mean per call at
 batch 1 as the first of the threads sees them (each thread runs its share of every phase).
-Both set glibc's allocator not to trim, as the bench does.
+``cold`` times ``conv(x, k, strategy="fused")`` (B = 1, R = C = 16 and 64) right after each of:
+nothing (the call before was the same call), a 9 ms sleep, writing 64 MiB, dense Conv3d on the
+same input, tensorly-torch's factorized layer (if installed); medians of 31 rounds. All set
+glibc's allocator not to trim, as the bench does.
 """
 import os
 import subprocess
@@ -150,11 +154,53 @@ def main_phases():
         print(f"| {c} | {chunk} | {median['chain']['median_ms']:.3f} | " + " | ".join(f"{v:.3f}" for v in phases) + " |")
 
 
+def main_cold():
+    import time
+
+    from tensorconv import KruskalKernel, conv
+    from tensorconv.cli.bench import _import_tltorch
+
+    big = torch.empty(64 << 18)
+    print(f"conv(x, k, padding=1, strategy='fused'), B = 1, R = C, (1, C, 16, 32, 32), float32, "
+          f"{torch.get_num_threads()} threads; ms, median of 31, right after:\n")
+    heads = ["the same call", "sleep 9 ms", "write 64 MiB", "dense Conv3d", "tensorly-torch"]
+    print("| C | " + " | ".join(heads) + " |")
+    print("|---|" + "---|" * len(heads))
+    import tensorly
+
+    with tensorly.backend_context("pytorch"):
+        tltorch = _import_tltorch()
+        for c in (16, 64):
+            x = torch.randn(1, c, 16, 32, 32)
+            k = KruskalKernel.random((c, c, 3, 3, 3), rank=c, backend="torch", dtype="float32", seed=4)
+            dense = torch.nn.Conv3d(c, c, 3, padding=1, bias=False)
+            before = {"the same call": lambda: None, "sleep 9 ms": lambda: time.sleep(0.009),
+                      "write 64 MiB": lambda: big.add_(1.0), "dense Conv3d": lambda: dense(x)}
+            if tltorch is not None:
+                layer = tltorch.FactorizedConv(c, c, 3, order=3, rank=c, factorization="cp",
+                                               implementation="factorized", padding=1, bias=False)
+                before["tensorly-torch"] = lambda: layer(x)
+            times = {n: [] for n in before}
+            with torch.no_grad():
+                for _ in range(3):
+                    conv(x, k, padding=1, strategy="fused")
+                for _ in range(31):
+                    for name, run_before in before.items():
+                        run_before()
+                        t0 = time.perf_counter()
+                        conv(x, k, padding=1, strategy="fused")
+                        times[name].append(time.perf_counter() - t0)
+            cells = [f"{sorted(times[h])[15] * 1e3:.3f}" if h in times else "-" for h in heads]
+            print(f"| {c} | " + " | ".join(cells) + " |")
+
+
 if __name__ == "__main__":
     _set_malloc_no_trim()
     if sys.argv[1:2] == ["ab"] and len(sys.argv) == 3:
         main_ab(sys.argv[2])
     elif sys.argv[1:] == ["phases"]:
         main_phases()
+    elif sys.argv[1:] == ["cold"]:
+        main_cold()
     else:
         raise SystemExit(__doc__)

@@ -82,10 +82,10 @@ _DEFAULTS = {
     "numpy": CostModel(macs_per_s=6.0e10, bytes_per_s=8.0e9, call_overhead_s=2.0e-5, dense_macs_per_s=3.0e10,
                        conv_macs_per_s=1.0e10),
     # (torch CPU, the compiled plane-by-plane CP kernel (plans/fused.py, PlaneChain): its two
-    # GEMMs run through BLAS at about the matmul rate; its depthwise passes, in cache, measured
+    # GEMMs (its own AVX-512 ones; BLAS without) run at about the matmul rate; its depthwise passes, in cache, measured
     # 14-26 GMAC/s including their share of the per-chunk overhead: benchmarks/plane_chain.py;
     # with a working set of 20 MiB per chunk (R = 801, C = 64) they fell to memory speed, 2x
-    # slower than the dense conv, where 5-7 MiB ran in cache; each chunk of planes costs 6-10 us
+    # slower than the dense conv, where 5-7 MiB ran in cache; each chunk of planes costs 0.6-1.5 us
     # besides its arithmetic: `python benchmarks/plane_chain.py overhead`)
     # (torch CPU float64: oneDNN has no float64, ATen's fallback convs ran at 0.6-1.1 GMAC/s
     # (depthwise) and 3-20 GMAC/s (dense, 1x1; 17-20 from 32 channels up); so plans run
