@@ -178,6 +178,18 @@ void gemm_rows(const scalar_t* a, int64_t sk, int64_t sp, const scalar_t* b, int
   for (; p < P; ++p) gemm_tile<scalar_t, 1, NV, TAIL>(a + p * sp, sk, sp, b, ldb, c + p * ldc, ldc, K, tail);
 }
 
+// one block of NV registers of columns (nv of them at run time, the last masked where TAIL)
+template <typename scalar_t, bool TAIL>
+void gemm_block(int nv, const scalar_t* a, int64_t sk, int64_t sp, const scalar_t* b, int64_t ldb, scalar_t* c,
+                int64_t ldc, int64_t P, int64_t K, __mmask16 tail) {
+  switch (nv) {
+    case 1: gemm_rows<scalar_t, 1, TAIL>(a, sk, sp, b, ldb, c, ldc, P, K, tail); break;
+    case 2: gemm_rows<scalar_t, 2, TAIL>(a, sk, sp, b, ldb, c, ldc, P, K, tail); break;
+    case 3: gemm_rows<scalar_t, 3, TAIL>(a, sk, sp, b, ldb, c, ldc, P, K, tail); break;
+    default: gemm_rows<scalar_t, 4, TAIL>(a, sk, sp, b, ldb, c, ldc, P, K, tail); break;
+  }
+}
+
 // c (P, N) row-major = the rows above, any N (columns in blocks of up to four registers)
 template <typename scalar_t>
 void gemm_own(const scalar_t* a, int64_t sk, int64_t sp, const scalar_t* b, scalar_t* c, int64_t P, int64_t K,
@@ -186,27 +198,12 @@ void gemm_own(const scalar_t* a, int64_t sk, int64_t sp, const scalar_t* b, scal
   at::parallel_for(0, P, 256, [&](int64_t p0, int64_t p1) {
     for (int64_t n0 = 0; n0 < N; n0 += 4 * L) {
       const int64_t width = std::min<int64_t>(4 * L, N - n0);
-      const int rest = static_cast<int>(width % L);
+      const int rest = static_cast<int>(width % L), nv = static_cast<int>((width + L - 1) / L);
       const __mmask16 tail = rest ? __mmask16((1u << rest) - 1) : __mmask16(0xFFFF);
-      const scalar_t* bn = b + n0;
-      scalar_t* cn = c + p0 * N + n0;
-      const scalar_t* ap = a + p0 * sp;
-      const int nv = static_cast<int>((width + L - 1) / L);
-      if (rest) {
-        switch (nv) {
-          case 1: gemm_rows<scalar_t, 1, true>(ap, sk, sp, bn, N, cn, N, p1 - p0, K, tail); break;
-          case 2: gemm_rows<scalar_t, 2, true>(ap, sk, sp, bn, N, cn, N, p1 - p0, K, tail); break;
-          case 3: gemm_rows<scalar_t, 3, true>(ap, sk, sp, bn, N, cn, N, p1 - p0, K, tail); break;
-          default: gemm_rows<scalar_t, 4, true>(ap, sk, sp, bn, N, cn, N, p1 - p0, K, tail); break;
-        }
-        continue;
-      }
-      switch (nv) {
-        case 1: gemm_rows<scalar_t, 1, false>(ap, sk, sp, bn, N, cn, N, p1 - p0, K, tail); break;
-        case 2: gemm_rows<scalar_t, 2, false>(ap, sk, sp, bn, N, cn, N, p1 - p0, K, tail); break;
-        case 3: gemm_rows<scalar_t, 3, false>(ap, sk, sp, bn, N, cn, N, p1 - p0, K, tail); break;
-        default: gemm_rows<scalar_t, 4, false>(ap, sk, sp, bn, N, cn, N, p1 - p0, K, tail); break;
-      }
+      if (rest)
+        gemm_block<scalar_t, true>(nv, a + p0 * sp, sk, sp, b + n0, N, c + p0 * N + n0, N, p1 - p0, K, tail);
+      else
+        gemm_block<scalar_t, false>(nv, a + p0 * sp, sk, sp, b + n0, N, c + p0 * N + n0, N, p1 - p0, K, tail);
     }
   });
 }
