@@ -8,7 +8,8 @@
 separate extensions (about 35 s each, cached under ``bench-out/chain-ab``), checks that their
 forwards agree (float64, several geometries), and times their raw forwards interleaved
 (medians of 31 runs; B = 1 and 8, R = C, input (B, C, 16, 32, 32), k = 3, padding 1, float32,
-each with this checkout's default chunk). ``phases`` builds a copy of this checkout's kernel
+each with this checkout's default chunk; then B = 1 at other ranks and column counts, and
+float64). ``phases`` builds a copy of this checkout's kernel
 with timers around its phases (transpose + GEMM C -> R, mode-2 pass, mode-1 pass, mode-0 pass,
 GEMM R -> T, and the waits at the two barriers per chunk) and prints their mean per call at
 batch 1 as the first of the threads sees them (each thread runs its share of every phase).
@@ -80,6 +81,20 @@ def main_ab(rev):
                 {n: (lambda m=m: _forward(m, x, uc, us, wt, chunk)) for n, m in mods.items()},
                 repeat=31 if b == 1 else 9).items()}
         print(f"| {b} | {c} | {t['here']:.3f} | {t[rev]:.3f} | {t['here'] / t[rev]:.2f} |")
+    # shapes off the R = C multiples of 16: other ranks, column counts that end in part of a
+    # register, float64 (B = 1, input (1, C, 16, 32, 32), medians of 21)
+    print(f"\n| dtype | C | R | T | here | {rev} | here / {rev} |")
+    print("|---|---|---|---|---|---|---|")
+    for dtype, c, r, t_ in [(torch.float64, 32, 32, 32), (torch.float32, 32, 192, 32), (torch.float32, 64, 72, 72),
+                            (torch.float32, 16, 24, 24), (torch.float32, 64, 768, 64), (torch.float32, 64, 807, 64)]:
+        x = torch.randn(1, c, 16, 32, 32, dtype=dtype)
+        uc, us, wt = _factors(c, r, t_, dtype)
+        chunk = _torch_cpu_chain.planes_per_chunk(x.shape, r, x.element_size(), out_channels=t_)
+        with torch.no_grad():
+            t = {n: v["median_ms"] for n, v in measure_many(
+                {n: (lambda m=m: _forward(m, x, uc, us, wt, chunk)) for n, m in mods.items()}, repeat=21).items()}
+        name = str(dtype).replace("torch.", "")
+        print(f"| {name} | {c} | {r} | {t_} | {t['here']:.3f} | {t[rev]:.3f} | {t['here'] / t[rev]:.2f} |")
 
 
 _TIMERS = r"""
