@@ -353,16 +353,18 @@ inline void over_images(int64_t B, const F& body) {
     guarded(0, B);
 }
 
-// The threads that share one image's chain: each takes its own share of every pass's rows, with
-// a barrier where a pass reads rows another thread wrote (two per chunk). One parallel region
-// per call instead of five per chunk: each region start cost ~1.5 us and found the other core's
-// caches cold, which made chunks that stay in L2 cost more than they saved (docs/benchmarks.md).
-// Inside the region the passes' own parallel loops and GEMMs run on the calling thread.
+// an exception of one thread of a team, kept until the region ends
 struct TeamError {
   std::atomic<bool> failed{false};
   std::exception_ptr error;  // the first exception of any thread, rethrown after the region
 };
 
+// The threads that share one image's chain: each takes its own share of every pass's rows, with
+// a barrier where a pass reads rows another thread wrote (two per chunk). One parallel region
+// per call instead of five per chunk cut a chunk's fixed cost from 6-10 us to 0.6-1.5 us
+// (benchmarks/plane_chain.py overhead), so chunks small enough to stay in L2 no longer cost
+// more than they save (docs/benchmarks.md). Inside the region the passes' own parallel loops
+// and GEMMs run on the calling thread.
 struct Team {
   int64_t id = 0, size = 1;
   TeamError* shared = nullptr;  // none for a thread alone
@@ -428,6 +430,7 @@ void chain_image(const torch::Tensor& x, const torch::Tensor& uc, const torch::T
   // thread): a thread may start the next batch of output planes while another is still reading
   // its rows of this one
   const int64_t o_base = team.id * ((G * positions + team.size - 1) / team.size);
+  scalar_t* oq = po + o_base * R;
   // the GEMMs on raw pointers where gemm_own runs them
   const bool own_in = own_gemm(uc, s.a) && x.stride(3) == W * x.stride(4) && x.stride(2) == H * x.stride(3);
   const bool own_out = own_gemm(wt, out);
@@ -439,7 +442,6 @@ void chain_image(const torch::Tensor& x, const torch::Tensor& uc, const torch::T
       const int64_t d_first = next_out;
       const auto qs = team.share(n_out * positions);  // this thread's positions of the batch
       const int64_t q0 = qs.first, q1 = qs.second;
-      scalar_t* oq = po + o_base * R;
       team.run([&] {
         for (int64_t q = q0; q < q1;) {  // a run of positions in one output plane at a time
           const int64_t d = d_first + q / positions, p = q % positions;
