@@ -106,12 +106,12 @@ static inline double now_() {
 """
 # the calls timed, each on the team's first thread: the phases, then the two barriers together
 _PHASES = [
-    (0, "      if (own_in) {  // positions (d, h, w) one stride apart: read in place"),
-    (1, "      mode2_pass(pa + r0 * W * R, pt1 + r0 * Wo * R, r1 - r0, a2, w2, R);  // (rows, W, R) -> (rows, Wo, R)"),
+    (0, "        if (own_in) {  // positions (d, h, w) one stride apart: read in place"),
+    (1, "        mode2_pass(pa + r0 * W * R, pt1 + rb * Wo * R, re - rb, a2, w2, R);  // (rows, W, R) -> (rows, Wo, R)"),
     (5, "    team.sync();  // mode 1 reads the neighbouring rows"),
     (2, "      mode1_pass(pt1, m0, m1, [&](int64_t q) { return pring + ((d0 + q) % slots) * plane; }, Wo, a1, w1, R);"),
     (5, "    team.sync();  // mode 0 reads every thread's rows of the ring"),
-    (3, "          taps_run(oq + (q - q0) * R, R, src, R, w, n, R, count);"),
+    (3, "            taps_run(oq + (q - qb) * R, R, src, R, w, n, R, count);"),
     (4, "          if (own_out) {  // pointers only: tensor views per batch and thread cost ~1 us each"),
 ]
 

@@ -167,6 +167,11 @@ def main(path, before=None):
     if before:
         prev = json.load(open(before))
         print(f"### before / after (before: {prev['environment']['date']}, `{before}`)\n")
+        if prev["environment"]["processor"] != env["processor"]:
+            # a ratio to dense Conv3d on the same machine travels better than a time, but the
+            # two machines' dense convs differ too: the table is not the kernel's change alone
+            print(f"The before run is from another machine ({prev['environment']['processor']}, "
+                  f"{prev['environment']['cpus']} CPUs): compare the ratios with care.\n")
         print(before_after(data["rows"], prev["rows"]))
         print()
     for suite, cols in COLUMNS.items():

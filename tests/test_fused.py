@@ -317,6 +317,27 @@ def test_plane_chain_threads_share_an_image(plane_kernel, threads, batch, dims):
     assert rel_err(got.permute(0, 4, 1, 2, 3), want) < TOL
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("c, r, t", [(96, 96, 96), (40, 128, 72)])
+def test_plane_chain_blocks_of_the_fused_passes(plane_kernel, threads, c, r, t):
+    """Wide ranks: the GEMM C -> R and mode-2 pass, and the mode-0 pass and GEMM R -> T, run
+    block by block (~24 KiB of rank-R rows each), so a thread's share is several blocks, the
+    last one short and ending in rows that no register tile covers whole."""
+    k = KruskalKernel.random((t, c, 3, 3, 3), r, backend="torch", seed=r)
+    x = torch.randn(1, c, 4, 9, 10, dtype=torch.float64)
+    lam, u_t, u_c, *spatial = [k.weights] + list(k.factors)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            got = plane_kernel.cp_chain_forward(x, lam, u_t, u_c, spatial, out_spatial=(4, 9, 10), stride=(1, 1, 1),
+                                                pad_lo=(1, 1, 1), dilation=(1, 1, 1), chunk_bytes=9 * 10 * r * 8)
+    finally:
+        torch.set_num_threads(before)
+    want = conv(x, k.to_dense(), padding=1)
+    assert rel_err(got.permute(0, 4, 1, 2, 3), want) < TOL
+
+
 def test_plane_chain_gradcheck():
     from torch.autograd import gradcheck
 

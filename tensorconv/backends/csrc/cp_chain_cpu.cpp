@@ -175,6 +175,10 @@ void gemm_rows(const scalar_t* a, int64_t sk, int64_t sp, const scalar_t* b, int
   int64_t p = 0;
   for (; p + MR <= P; p += MR)
     gemm_tile<scalar_t, MR, NV, TAIL>(a + p * sp, sk, sp, b, ldb, c + p * ldc, ldc, K, tail);
+  // the rows left in tiles of 4 and 2 before single rows: a one-row tile has NV chains of FMAs,
+  // too few to hide their latency, and every block of the fused passes ends in such rows
+  for (; p + 4 <= P; p += 4) gemm_tile<scalar_t, 4, NV, TAIL>(a + p * sp, sk, sp, b, ldb, c + p * ldc, ldc, K, tail);
+  for (; p + 2 <= P; p += 2) gemm_tile<scalar_t, 2, NV, TAIL>(a + p * sp, sk, sp, b, ldb, c + p * ldc, ldc, K, tail);
   for (; p < P; ++p) gemm_tile<scalar_t, 1, NV, TAIL>(a + p * sp, sk, sp, b, ldb, c + p * ldc, ldc, K, tail);
 }
 
@@ -254,6 +258,19 @@ inline std::vector<int64_t> last_needed_planes(const Axis& a0) {
       if (s >= 0 && s < a0.in) last[e] = s;
     }
   return last;
+}
+
+// rows of `row_positions` positions per block of a fused pair of passes (the GEMM C -> R and the
+// mode-2 pass; the mode-0 pass and the GEMM R -> T): about 24 KiB of the R-channel rows, so that
+// they stay in L1 (32-48 KiB) between the pass that writes them and the one that reads them,
+// and at least 2^18 multiply-adds of the GEMM, so that its calls and edge tiles stay a small part
+// of a block. Measured (benchmarks/chain_ab.py, docs/benchmarks.md): blocks of 24 KiB alone ran
+// 1.09-1.15x slower at 16 channels, with the floor of 2^18 as fast as whole shares there, and
+// 0.96-0.97x at 32 and 128 channels, 0.72x at R = 768.
+inline int64_t fused_block(int64_t row_positions, int64_t R, int64_t macs_per_position, size_t itemsize) {
+  const int64_t by_bytes = (24 << 10) / std::max<int64_t>(1, row_positions * R * static_cast<int64_t>(itemsize));
+  const int64_t by_macs = (1 << 18) / std::max<int64_t>(1, row_positions * macs_per_position);
+  return std::max<int64_t>({1, by_bytes, by_macs});
 }
 
 // rows of positions per parallel task: enough work per task to amortise the dispatch
@@ -434,6 +451,10 @@ void chain_image(const torch::Tensor& x, const torch::Tensor& uc, const torch::T
   // the GEMMs on raw pointers where gemm_own runs them
   const bool own_in = own_gemm(uc, s.a) && x.stride(3) == W * x.stride(4) && x.stride(2) == H * x.stride(3);
   const bool own_out = own_gemm(wt, out);
+  // positions per block of the fused mode-0 pass + GEMM R -> T, rows of W positions per block of
+  // the fused GEMM C -> R + mode-2 pass (BLAS, with its tensor views, takes a thread's whole share)
+  const int64_t o_block = own_out ? fused_block(1, R, R * T, sizeof(scalar_t)) : G * positions;
+  const int64_t a_block = own_in ? fused_block(W, R, C * R, sizeof(scalar_t)) : G * H;
   int64_t next_out = 0;
   auto emit_ready = [&](int64_t have) {  // output planes whose input planes are all in the ring
     while (next_out < a0.out && last_needed[next_out] <= have) {
@@ -443,28 +464,30 @@ void chain_image(const torch::Tensor& x, const torch::Tensor& uc, const torch::T
       const auto qs = team.share(n_out * positions);  // this thread's positions of the batch
       const int64_t q0 = qs.first, q1 = qs.second;
       team.run([&] {
-        for (int64_t q = q0; q < q1;) {  // a run of positions in one output plane at a time
-          const int64_t d = d_first + q / positions, p = q % positions;
-          const int64_t count = std::min(q1 - q, positions - p);
-          const scalar_t* src[64];
-          const scalar_t* w[64];
-          int n = 0;
-          for (int64_t i = 0; i < K0; ++i) {
-            const int64_t s_ = a0.src(d, i);
-            if (s_ < 0 || s_ >= a0.in) continue;
-            src[n] = pring + (s_ % slots) * plane + p * R;
-            w[n++] = w0 + i * R;
+        // block by block: the mode-0 pass's rows are still in L1 when the GEMM reads them
+        for (int64_t qb = q0; qb < q1; qb += o_block) {
+          const int64_t qe = std::min(q1, qb + o_block);
+          for (int64_t q = qb; q < qe;) {  // a run of positions in one output plane at a time
+            const int64_t d = d_first + q / positions, p = q % positions;
+            const int64_t count = std::min(qe - q, positions - p);
+            const scalar_t* src[64];
+            const scalar_t* w[64];
+            int n = 0;
+            for (int64_t i = 0; i < K0; ++i) {
+              const int64_t s_ = a0.src(d, i);
+              if (s_ < 0 || s_ >= a0.in) continue;
+              src[n] = pring + (s_ % slots) * plane + p * R;
+              w[n++] = w0 + i * R;
+            }
+            taps_run(oq + (q - qb) * R, R, src, R, w, n, R, count);
+            q += count;
           }
-          taps_run(oq + (q - q0) * R, R, src, R, w, n, R, count);
-          q += count;
-        }
-        if (q1 > q0) {
           if (own_out) {  // pointers only: tensor views per batch and thread cost ~1 us each
             gemm_own(oq, 1, R, wt.data_ptr<scalar_t>(),
-                     out.data_ptr<scalar_t>() + ((b * a0.out + d_first) * positions + q0) * T, q1 - q0, R, T);
+                     out.data_ptr<scalar_t>() + ((b * a0.out + d_first) * positions + qb) * T, qe - qb, R, T);
           } else {
-            gemm_into<scalar_t>(out[b].narrow(0, d_first, n_out).view({n_out * positions, T}).narrow(0, q0, q1 - q0),
-                                s.o.narrow(0, o_base, q1 - q0), wt);
+            gemm_into<scalar_t>(out[b].narrow(0, d_first, n_out).view({n_out * positions, T}).narrow(0, qb, qe - qb),
+                                s.o.narrow(0, o_base, qe - qb), wt);
           }
         }
       });
@@ -477,15 +500,19 @@ void chain_image(const torch::Tensor& x, const torch::Tensor& uc, const torch::T
     const auto rs = team.share(g * H);  // this thread's rows of W positions
     const int64_t r0 = rs.first, r1 = rs.second;
     if (r1 > r0) team.run([&] {
-      if (own_in) {  // positions (d, h, w) one stride apart: read in place
-        gemm_own(x.data_ptr<scalar_t>() + b * x.stride(0) + d0 * x.stride(2) + r0 * W * x.stride(4), x.stride(1),
-                 x.stride(4), uc.data_ptr<scalar_t>(), pa + r0 * W * R, (r1 - r0) * W, C, R);
-      } else {
-        // (C, g, H, W) -> (C, g*H*W): a view for channels-first and channels-last input
-        auto xp = x[b].narrow(1, d0, g).reshape({C, g * H * W}).narrow(1, r0 * W, (r1 - r0) * W);
-        gemm_c_to_r<scalar_t>(xp, uc, s.a.narrow(0, r0 * W, (r1 - r0) * W));
+      // block by block, into this thread's first rows of a: the mode-2 pass reads them from L1
+      for (int64_t rb = r0; rb < r1; rb += a_block) {
+        const int64_t re = std::min(r1, rb + a_block);
+        if (own_in) {  // positions (d, h, w) one stride apart: read in place
+          gemm_own(x.data_ptr<scalar_t>() + b * x.stride(0) + d0 * x.stride(2) + rb * W * x.stride(4), x.stride(1),
+                   x.stride(4), uc.data_ptr<scalar_t>(), pa + r0 * W * R, (re - rb) * W, C, R);
+        } else {
+          // (C, g, H, W) -> (C, g*H*W): a view for channels-first and channels-last input
+          auto xp = x[b].narrow(1, d0, g).reshape({C, g * H * W}).narrow(1, rb * W, (re - rb) * W);
+          gemm_c_to_r<scalar_t>(xp, uc, s.a.narrow(0, r0 * W, (re - rb) * W));
+        }
+        mode2_pass(pa + r0 * W * R, pt1 + rb * Wo * R, re - rb, a2, w2, R);  // (rows, W, R) -> (rows, Wo, R)
       }
-      mode2_pass(pa + r0 * W * R, pt1 + r0 * Wo * R, r1 - r0, a2, w2, R);  // (rows, W, R) -> (rows, Wo, R)
     });
     team.sync();  // mode 1 reads the neighbouring rows
     const auto ms = team.share(g * Ho);
