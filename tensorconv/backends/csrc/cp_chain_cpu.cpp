@@ -265,7 +265,7 @@ inline std::vector<int64_t> last_needed_planes(const Axis& a0) {
 // they stay in L1 (32-48 KiB) between the pass that writes them and the one that reads them,
 // and at least 2^18 multiply-adds of the GEMM, so that its calls and edge tiles stay a small part
 // of a block. Measured (benchmarks/chain_ab.py, docs/benchmarks.md): blocks of 24 KiB alone ran
-// 1.09-1.15x slower at 16 channels, with the floor of 2^18 as fast as whole shares there, and
+// 1.09-1.17x slower at 16 channels, with the floor of 2^18 as fast as whole shares there, and
 // 0.96-0.97x at 32 and 128 channels, 0.72x at R = 768.
 inline int64_t fused_block(int64_t row_positions, int64_t R, int64_t macs_per_position, size_t itemsize) {
   const int64_t by_bytes = (24 << 10) / std::max<int64_t>(1, row_positions * R * static_cast<int64_t>(itemsize));
