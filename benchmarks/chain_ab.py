@@ -11,7 +11,7 @@ forwards agree (float64, several geometries), and times their raw forwards inter
 each with this checkout's default chunk; then B = 1 at other ranks and column counts, and
 float64). ``phases`` builds a copy of this checkout's kernel
 with timers around its phases (transpose + GEMM C -> R, mode-2 pass, mode-1 pass, mode-0 pass,
-GEMM R -> T, and the waits at the two barriers per chunk) and prints their mean per call at
+GEMM R -> T, and the wait at the barrier of each chunk) and prints their mean per call at
 batch 1 as the first of the threads sees them (each thread runs its share of every phase).
 ``cold`` times ``conv(x, k, strategy="fused")`` (B = 1, R = C = 16 and 64) right after each of:
 nothing (the call before was the same call), a 9 ms sleep, writing 64 MiB, dense Conv3d on the
@@ -104,14 +104,13 @@ static inline double now_() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 """
-# the calls timed, each on the team's first thread: the phases, then the two barriers together
+# the calls timed, each on the team's first thread: the phases and the barrier between them
 _PHASES = [
     (0, "        if (own_in) {  // positions (d, h, w) one stride apart: read in place"),
-    (1, "        mode2_pass(pa + r0 * W * R, pt1 + rb * Wo * R, re - rb, a2, w2, R);  // (rows, W, R) -> (rows, Wo, R)"),
+    (1, "        mode2_pass(pa + r0 * W * R, t1 + rb * Wo * R, re - rb, a2, w2, R);  // (rows, W, R) -> (rows, Wo, R)"),
     (5, "    team.sync();  // mode 1 reads the neighbouring rows"),
-    (2, "      mode1_pass(pt1, m0, m1, [&](int64_t q) { return pring + ((d0 + q) % slots) * plane; }, Wo, a1, w1, R);"),
-    (5, "    team.sync();  // mode 0 reads every thread's rows of the ring"),
-    (3, "            taps_run(oq + (q - qb) * R, R, src, R, w, n, R, count);"),
+    (2, "      mode1_pass(t1, g, p0, p1, [&](int64_t q) { return pring + ((d0 + q) % slots) * plane; }, Wo, a1, w1, R);"),
+    (3, "          taps_run(oq, R, at, R, w, n, R, qe - qb);"),
     (4, "          if (own_out) {  // pointers only: tensor views per batch and thread cost ~1 us each"),
 ]
 
@@ -152,7 +151,7 @@ def main_phases():
     with open(os.path.join(ROOT, SOURCE)) as f:
         module = _build(_instrumented(f.read()), "chain_phases")
     names = ["GEMM C->R (with any transpose)", "mode-2 pass", "mode-1 pass", "mode-0 pass", "GEMM R->T",
-             "waiting at barriers"]
+             "waiting at the barrier"]
     print(f"B = 1, R = C, (1, C, 16, 32, 32), float32, {torch.get_num_threads()} threads; ms per call (mean of 30)\n")
     print("| C | chunk planes | call median | " + " | ".join(names) + " |")
     print("|---|---|---|" + "---|" * len(names))

@@ -24,8 +24,8 @@ class CostModel:
     dense_slow_macs_per_s: float = 0.0  # torch CPU: dense convs that miss oneDNN (see dense_rate)
     plane_macs_per_s: float = 0.0  # depthwise MACs inside the compiled plane-by-plane kernel (0: none)
     plane_cache_bytes: int = 12 << 20  # its working set beyond which its passes run at bytes_per_s
-    plane_chunk_s: float = 1.0e-6  # its fixed cost per chunk of planes (two barriers; 0.6-0.95 us
-    # measured by benchmarks/plane_chain.py overhead)
+    plane_chunk_s: float = 1.0e-6  # its fixed cost per chunk of planes (benchmarks/plane_chain.py
+    # overhead: 0.6-0.95 us with two barriers per chunk on the AMD VM, 0.49 us with one on the Intel)
     float64: "CostModel | None" = None  # the model for float64 where it is not this one at half rate
 
     def dense_rate(self, batch, channels, in_spatial, groups):

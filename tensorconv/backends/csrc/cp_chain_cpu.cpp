@@ -5,7 +5,7 @@
 // in a ring of (K0 - 1) * dilation0 + chunk planes; every output plane whose inputs are all in the
 // ring is then the mode-0 depthwise pass over the ring, and a batch of them one GEMM R -> T
 // straight into the output. A chunk is sized to stay in a core's cache. Below one image per
-// thread, one team of threads shares each chunk (two barriers per chunk, one parallel region
+// thread, one team of threads shares each chunk (one barrier per chunk, one parallel region
 // per call); with more images, each thread runs whole images. The GEMMs are the kernel's own
 // (AVX-512 register tiles, float32 and float64; BLAS without AVX-512).
 // Nothing activation-sized but the output is written to memory: this is what makes it faster
@@ -320,19 +320,22 @@ void mode2_pass(const scalar_t* in, scalar_t* out, int64_t rows, const Axis& a2,
   });
 }
 
-// mode 1 (H) depthwise pass over rows [row0, row1) of (planes, Ho) output rows: (planes, H, Wo, R)
-// -> (Ho, Wo, R) each, plane q written to out_of(q)
+// mode 1 (H) depthwise pass over the output positions [p0, p1) of each of `planes` planes:
+// (planes, H, Wo, R) -> (Ho, Wo, R) each, plane q written to out_of(q)
 template <typename scalar_t, typename OutOf>
-void mode1_pass(const scalar_t* in, int64_t row0, int64_t row1, const OutOf& out_of, int64_t Wo, const Axis& a1,
-                const scalar_t* w1, int64_t R) {
-  const int64_t H = a1.in, Ho = a1.out;
-  at::parallel_for(row0, row1, grain(Wo * R * a1.k), [&](int64_t r0, int64_t r1) {
+void mode1_pass(const scalar_t* in, int64_t planes, int64_t p0, int64_t p1, const OutOf& out_of, int64_t Wo,
+                const Axis& a1, const scalar_t* w1, int64_t R) {
+  const int64_t H = a1.in;
+  if (p1 <= p0) return;
+  const int64_t h_first = p0 / Wo, rows = (p1 - 1) / Wo - h_first + 1;  // output rows the range touches
+  at::parallel_for(0, planes * rows, grain(Wo * R * a1.k), [&](int64_t r0, int64_t r1) {
     const scalar_t* src[64];
     const scalar_t* w[64];
     for (int64_t row = r0; row < r1; ++row) {
-      const int64_t q = row / Ho, ho = row % Ho;
-      const scalar_t* plane_in = in + q * H * Wo * R;
-      scalar_t* dst = out_of(q) + ho * Wo * R;
+      const int64_t q = row / rows, ho = h_first + row % rows;
+      const int64_t lo = std::max(p0, ho * Wo) - ho * Wo, hi = std::min(p1, (ho + 1) * Wo) - ho * Wo;
+      const scalar_t* plane_in = in + q * H * Wo * R + lo * R;
+      scalar_t* dst = out_of(q) + (ho * Wo + lo) * R;
       int n = 0;
       for (int64_t j = 0; j < a1.k; ++j) {
         const int64_t s = a1.src(ho, j);
@@ -340,7 +343,7 @@ void mode1_pass(const scalar_t* in, int64_t row0, int64_t row1, const OutOf& out
         src[n] = plane_in + s * Wo * R;
         w[n++] = w1 + j * R;
       }
-      taps_run(dst, R, src, R, w, n, R, Wo);
+      taps_run(dst, R, src, R, w, n, R, hi - lo);
     }
   });
 }
@@ -377,7 +380,7 @@ struct TeamError {
 };
 
 // The threads that share one image's chain: each takes its own share of every pass's rows, with
-// a barrier where a pass reads rows another thread wrote (two per chunk). One parallel region
+// a barrier where a pass reads rows another thread wrote (one per chunk: see chain_image). One parallel region
 // per call instead of five per chunk cut a chunk's fixed cost from 6-10 us to 0.6-1.5 us
 // (benchmarks/plane_chain.py overhead), so chunks small enough to stay in L2 no longer cost
 // more than they save (docs/benchmarks.md). Inside the region the passes' own parallel loops
@@ -411,7 +414,7 @@ struct Team {
 
 template <typename scalar_t>
 struct ChainScratch {
-  torch::Tensor a, t1, ring, o;  // GEMM C -> R, mode-2 out, mode-1 ring, mode-0 out
+  torch::Tensor a, t1, ring, o;  // GEMM C -> R, mode-2 out (two chunks' worth), mode-1 ring, mode-0 out
 };
 
 template <typename scalar_t>
@@ -421,9 +424,9 @@ ChainScratch<scalar_t> chain_scratch(const torch::Tensor& x, const torch::Tensor
   const auto opts = x.options();
   ChainScratch<scalar_t> s;
   s.a = torch::empty({G * H * W, R}, opts);
-  s.t1 = torch::empty({G * H * Wo, R}, opts);
+  s.t1 = torch::empty({2 * G * H * Wo, R}, opts);  // chunks alternate halves: see chain_image
   s.ring = torch::empty({slots, Ho * Wo, R}, opts);
-  s.o = torch::empty({G * Ho * Wo + at::get_num_threads(), R}, opts);  // + a row per thread: see o_base
+  s.o = torch::empty({Ho * Wo + at::get_num_threads(), R}, opts);  // each thread's rows: see oq
   return s;
 }
 
@@ -443,60 +446,59 @@ void chain_image(const torch::Tensor& x, const torch::Tensor& uc, const torch::T
   const scalar_t* w1 = u1.data_ptr<scalar_t>();
   const scalar_t* w2 = u2.data_ptr<scalar_t>();
   const int64_t positions = Ho * Wo, plane = positions * R;
-  // each thread's own rows of o (the mode-0 pass and the GEMM R -> T of a position run on one
-  // thread): a thread may start the next batch of output planes while another is still reading
-  // its rows of this one
-  const int64_t o_base = team.id * ((G * positions + team.size - 1) / team.size);
-  scalar_t* oq = po + o_base * R;
+  // This thread's output positions [p0, p1) of every plane: its mode-1 pass writes them into the
+  // ring, and its mode-0 pass reads them back from there (and its GEMM R -> T writes them out),
+  // so no barrier is needed between the two passes. Only the mode-1 pass reads rows that another
+  // thread wrote (the neighbouring rows of the mode-2 output): one barrier per chunk. Chunks
+  // alternate between two halves of t1, so a thread already writing the next chunk's rows does
+  // not overwrite the ones another thread's mode-1 pass is still reading (a thread alone keeps to
+  // one half: the other would only add to what its cache holds).
+  const auto ps = team.share(positions);
+  const int64_t p0 = ps.first, p1 = ps.second;
+  scalar_t* oq = po + team.id * ((positions + team.size - 1) / team.size) * R;  // this thread's rows of o
   // the GEMMs on raw pointers where gemm_own runs them
   const bool own_in = own_gemm(uc, s.a) && x.stride(3) == W * x.stride(4) && x.stride(2) == H * x.stride(3);
   const bool own_out = own_gemm(wt, out);
   // positions per block of the fused mode-0 pass + GEMM R -> T, rows of W positions per block of
   // the fused GEMM C -> R + mode-2 pass (BLAS, with its tensor views, takes a thread's whole share)
-  const int64_t o_block = own_out ? fused_block(1, R, R * T, sizeof(scalar_t)) : G * positions;
+  const int64_t o_block = own_out ? fused_block(1, R, R * T, sizeof(scalar_t)) : positions;
   const int64_t a_block = own_in ? fused_block(W, R, C * R, sizeof(scalar_t)) : G * H;
   int64_t next_out = 0;
   auto emit_ready = [&](int64_t have) {  // output planes whose input planes are all in the ring
     while (next_out < a0.out && last_needed[next_out] <= have) {
-      int64_t n_out = 0;
-      while (n_out < G && next_out + n_out < a0.out && last_needed[next_out + n_out] <= have) ++n_out;
-      const int64_t d_first = next_out;
-      const auto qs = team.share(n_out * positions);  // this thread's positions of the batch
-      const int64_t q0 = qs.first, q1 = qs.second;
+      const int64_t d = next_out++;
+      if (p1 <= p0) continue;
       team.run([&] {
+        const scalar_t* src[64];
+        const scalar_t* w[64];
+        int n = 0;
+        for (int64_t i = 0; i < K0; ++i) {
+          const int64_t s_ = a0.src(d, i);
+          if (s_ < 0 || s_ >= a0.in) continue;
+          src[n] = pring + (s_ % slots) * plane;
+          w[n++] = w0 + i * R;
+        }
         // block by block: the mode-0 pass's rows are still in L1 when the GEMM reads them
-        for (int64_t qb = q0; qb < q1; qb += o_block) {
-          const int64_t qe = std::min(q1, qb + o_block);
-          for (int64_t q = qb; q < qe;) {  // a run of positions in one output plane at a time
-            const int64_t d = d_first + q / positions, p = q % positions;
-            const int64_t count = std::min(qe - q, positions - p);
-            const scalar_t* src[64];
-            const scalar_t* w[64];
-            int n = 0;
-            for (int64_t i = 0; i < K0; ++i) {
-              const int64_t s_ = a0.src(d, i);
-              if (s_ < 0 || s_ >= a0.in) continue;
-              src[n] = pring + (s_ % slots) * plane + p * R;
-              w[n++] = w0 + i * R;
-            }
-            taps_run(oq + (q - qb) * R, R, src, R, w, n, R, count);
-            q += count;
-          }
+        for (int64_t qb = p0; qb < p1; qb += o_block) {
+          const int64_t qe = std::min(p1, qb + o_block);
+          const scalar_t* at[64];
+          for (int i = 0; i < n; ++i) at[i] = src[i] + qb * R;
+          taps_run(oq, R, at, R, w, n, R, qe - qb);
           if (own_out) {  // pointers only: tensor views per batch and thread cost ~1 us each
-            gemm_own(oq, 1, R, wt.data_ptr<scalar_t>(),
-                     out.data_ptr<scalar_t>() + ((b * a0.out + d_first) * positions + qb) * T, qe - qb, R, T);
+            gemm_own(oq, 1, R, wt.data_ptr<scalar_t>(), out.data_ptr<scalar_t>() + ((b * a0.out + d) * positions + qb) * T,
+                     qe - qb, R, T);
           } else {
-            gemm_into<scalar_t>(out[b].narrow(0, d_first, n_out).view({n_out * positions, T}).narrow(0, qb, qe - qb),
-                                s.o.narrow(0, o_base, qe - qb), wt);
+            gemm_into<scalar_t>(out[b][d].view({positions, T}).narrow(0, qb, qe - qb),
+                                s.o.narrow(0, (oq - po) / R, qe - qb), wt);
           }
         }
       });
-      next_out += n_out;
     }
   };
   emit_ready(-1);
   for (int64_t d0 = 0; d0 < a0.in; d0 += G) {
     const int64_t g = std::min(G, a0.in - d0);
+    scalar_t* t1 = pt1 + (team.size > 1 ? (d0 / G) % 2 : 0) * G * H * Wo * R;  // this chunk's half of t1
     const auto rs = team.share(g * H);  // this thread's rows of W positions
     const int64_t r0 = rs.first, r1 = rs.second;
     if (r1 > r0) team.run([&] {
@@ -511,19 +513,17 @@ void chain_image(const torch::Tensor& x, const torch::Tensor& uc, const torch::T
           auto xp = x[b].narrow(1, d0, g).reshape({C, g * H * W}).narrow(1, rb * W, (re - rb) * W);
           gemm_c_to_r<scalar_t>(xp, uc, s.a.narrow(0, r0 * W, (re - rb) * W));
         }
-        mode2_pass(pa + r0 * W * R, pt1 + rb * Wo * R, re - rb, a2, w2, R);  // (rows, W, R) -> (rows, Wo, R)
+        mode2_pass(pa + r0 * W * R, t1 + rb * Wo * R, re - rb, a2, w2, R);  // (rows, W, R) -> (rows, Wo, R)
       }
     });
     team.sync();  // mode 1 reads the neighbouring rows
-    const auto ms = team.share(g * Ho);
-    const int64_t m0 = ms.first, m1 = ms.second;
     team.run([&] {
-      mode1_pass(pt1, m0, m1, [&](int64_t q) { return pring + ((d0 + q) % slots) * plane; }, Wo, a1, w1, R);
+      mode1_pass(t1, g, p0, p1, [&](int64_t q) { return pring + ((d0 + q) % slots) * plane; }, Wo, a1, w1, R);
     });
-    team.sync();  // mode 0 reads every thread's rows of the ring
     emit_ready(d0 + g - 1);
   }
   emit_ready(a0.in);
+  team.sync();  // the next image's first chunk writes the half of t1 this image's last may still be read from
 }
 
 template <typename scalar_t>
@@ -729,7 +729,7 @@ void run_backward(const torch::Tensor& x, const torch::Tensor& uc, const torch::
         gemm_c_to_r<scalar_t>(xp, uc, a);
         mode2_pass(pa, pb, H, a2, w2, R);
         scalar_t* cd = pc + (d % span) * plane;
-        mode1_pass(pb, 0, Ho, [&](int64_t) { return cd; }, Wo, a1, w1, R);
+        mode1_pass(pb, 1, 0, Po, [&](int64_t) { return cd; }, Wo, a1, w1, R);
         // g_c = mode-0 pass transposed
         at::parallel_for(0, Po, grain(R * K0), [&](int64_t q0, int64_t q1) {
           const scalar_t* src[64];
