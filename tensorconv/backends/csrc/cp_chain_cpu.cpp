@@ -3,8 +3,8 @@
 // For each chunk of input planes along mode 0: one GEMM C -> R (reading the caller's planes in
 // place), the mode-2 and mode-1 depthwise passes while the chunk is in cache, the result kept
 // in a ring of (K0 - 1) * dilation0 + chunk planes; every output plane whose inputs are all in the
-// ring is then the mode-0 depthwise pass over the ring, and a batch of them one GEMM R -> T
-// straight into the output. A chunk is sized to stay in a core's cache. Below one image per
+// ring is then the mode-0 depthwise pass over the ring and the GEMM R -> T straight into the
+// output, block by block (as are the GEMM C -> R and the mode-2 pass). A chunk is sized to stay in a core's cache. Below one image per
 // thread, one team of threads shares each chunk (one barrier per chunk, one parallel region
 // per call); with more images, each thread runs whole images. The GEMMs are the kernel's own
 // (AVX-512 register tiles, float32 and float64; BLAS without AVX-512).
@@ -380,8 +380,8 @@ struct TeamError {
 };
 
 // The threads that share one image's chain: each takes its own share of every pass's rows, with
-// a barrier where a pass reads rows another thread wrote (one per chunk: see chain_image). One parallel region
-// per call instead of five per chunk cut a chunk's fixed cost from 6-10 us to 0.6-1.5 us
+// a barrier where a pass reads rows another thread wrote (one per chunk: see chain_image). One
+// parallel region per call instead of five per chunk cut a chunk's fixed cost from 6-10 us to 0.6-1.5 us
 // (benchmarks/plane_chain.py overhead), so chunks small enough to stay in L2 no longer cost
 // more than they save (docs/benchmarks.md). Inside the region the passes' own parallel loops
 // and GEMMs run on the calling thread.
@@ -414,17 +414,17 @@ struct Team {
 
 template <typename scalar_t>
 struct ChainScratch {
-  torch::Tensor a, t1, ring, o;  // GEMM C -> R, mode-2 out (two chunks' worth), mode-1 ring, mode-0 out
+  torch::Tensor a, t1, ring, o;  // GEMM C -> R, mode-2 out (a team: two chunks' worth), mode-1 ring, mode-0 out
 };
 
 template <typename scalar_t>
 ChainScratch<scalar_t> chain_scratch(const torch::Tensor& x, const torch::Tensor& uc, int64_t G, int64_t slots,
-                                     const Axis& a1, const Axis& a2) {
+                                     const Axis& a1, const Axis& a2, int64_t team_size) {
   const int64_t R = uc.size(1), H = a1.in, W = a2.in, Ho = a1.out, Wo = a2.out;
   const auto opts = x.options();
   ChainScratch<scalar_t> s;
   s.a = torch::empty({G * H * W, R}, opts);
-  s.t1 = torch::empty({2 * G * H * Wo, R}, opts);  // chunks alternate halves: see chain_image
+  s.t1 = torch::empty({(team_size > 1 ? 2 : 1) * G * H * Wo, R}, opts);  // a team's chunks alternate halves
   s.ring = torch::empty({slots, Ho * Wo, R}, opts);
   s.o = torch::empty({Ho * Wo + at::get_num_threads(), R}, opts);  // each thread's rows: see oq
   return s;
@@ -540,13 +540,14 @@ void run(const torch::Tensor& x, const torch::Tensor& uc, const torch::Tensor& u
     // With at least one image per thread, each thread runs whole images with its own buffers:
     // no barrier at all, and each core keeps its own chunk in its own cache
     over_images(B, [&](int64_t b0, int64_t b1) {
-      auto s = chain_scratch<scalar_t>(x, uc, G, slots, a1, a2);
+      auto s = chain_scratch<scalar_t>(x, uc, G, slots, a1, a2, 1);
       for (int64_t b = b0; b < b1; ++b) chain_image(x, uc, u0, u1, u2, wt, out, a0, a1, a2, G, slots, last_needed, s, b, Team{});
     });
     return;
   }
-  auto s = chain_scratch<scalar_t>(x, uc, G, slots, a1, a2);
-  if (nt == 1 || at::in_parallel_region()) {
+  const bool alone = nt == 1 || at::in_parallel_region();
+  auto s = chain_scratch<scalar_t>(x, uc, G, slots, a1, a2, alone ? 1 : nt);
+  if (alone) {
     for (int64_t b = 0; b < B; ++b) chain_image(x, uc, u0, u1, u2, wt, out, a0, a1, a2, G, slots, last_needed, s, b, Team{});
     return;
   }
