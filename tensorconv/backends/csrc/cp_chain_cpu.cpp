@@ -4,9 +4,10 @@
 // place), the mode-2 and mode-1 depthwise passes while the chunk is in cache, the result kept
 // in a ring of (K0 - 1) * dilation0 + chunk planes; every output plane whose inputs are all in the
 // ring is then the mode-0 depthwise pass over the ring and the GEMM R -> T straight into the
-// output, block by block (as are the GEMM C -> R and the mode-2 pass). A chunk is sized to stay in a core's cache. Below one image per
-// thread, one team of threads shares each chunk (one barrier per chunk, one parallel region
-// per call); with more images, each thread runs whole images. The GEMMs are the kernel's own
+// output, block by block (as are the GEMM C -> R and the mode-2 pass). A chunk is sized to stay
+// in a core's cache. Below one image per thread, one team of threads shares each chunk (one
+// barrier per chunk, one parallel region per call); with more images, each thread runs whole
+// images. The GEMMs are the kernel's own
 // (AVX-512 register tiles, float32 and float64; BLAS without AVX-512).
 // Nothing activation-sized but the output is written to memory: this is what makes it faster
 // than the unfused chain once the R-channel intermediates leave the cache (docs/benchmarks.md).
@@ -265,7 +266,7 @@ inline std::vector<int64_t> last_needed_planes(const Axis& a0) {
 // they stay in L1 (32-48 KiB) between the pass that writes them and the one that reads them,
 // and at least 2^18 multiply-adds of the GEMM, so that its calls and edge tiles stay a small part
 // of a block. Measured (benchmarks/chain_ab.py, docs/benchmarks.md): blocks of 24 KiB alone ran
-// 1.09-1.17x slower at 16 channels, with the floor of 2^18 as fast as whole shares there, and
+// 1.08-1.17x slower at 16 channels, with the floor of 2^18 as fast as whole shares there, and
 // 0.96-0.97x at 32 and 128 channels, 0.72x at R = 768.
 inline int64_t fused_block(int64_t row_positions, int64_t R, int64_t macs_per_position, size_t itemsize) {
   const int64_t by_bytes = (24 << 10) / std::max<int64_t>(1, row_positions * R * static_cast<int64_t>(itemsize));
@@ -381,8 +382,8 @@ struct TeamError {
 
 // The threads that share one image's chain: each takes its own share of every pass's rows, with
 // a barrier where a pass reads rows another thread wrote (one per chunk: see chain_image). One
-// parallel region per call instead of five per chunk cut a chunk's fixed cost from 6-10 us to 0.6-1.5 us
-// (benchmarks/plane_chain.py overhead), so chunks small enough to stay in L2 no longer cost
+// parallel region per call instead of five per chunk cut a chunk's fixed cost from 6-10 us to
+// 0.6-1.5 us (benchmarks/plane_chain.py overhead), so chunks small enough to stay in L2 no longer cost
 // more than they save (docs/benchmarks.md). Inside the region the passes' own parallel loops
 // and GEMMs run on the calling thread.
 struct Team {
@@ -455,7 +456,8 @@ void chain_image(const torch::Tensor& x, const torch::Tensor& uc, const torch::T
   // one half: the other would only add to what its cache holds).
   const auto ps = team.share(positions);
   const int64_t p0 = ps.first, p1 = ps.second;
-  scalar_t* oq = po + team.id * ((positions + team.size - 1) / team.size) * R;  // this thread's rows of o
+  const int64_t o_row = team.id * ((positions + team.size - 1) / team.size);  // this thread's rows of o
+  scalar_t* oq = po + o_row * R;
   // the GEMMs on raw pointers where gemm_own runs them
   const bool own_in = own_gemm(uc, s.a) && x.stride(3) == W * x.stride(4) && x.stride(2) == H * x.stride(3);
   const bool own_out = own_gemm(wt, out);
@@ -489,7 +491,7 @@ void chain_image(const torch::Tensor& x, const torch::Tensor& uc, const torch::T
                      qe - qb, R, T);
           } else {
             gemm_into<scalar_t>(out[b][d].view({positions, T}).narrow(0, qb, qe - qb),
-                                s.o.narrow(0, (oq - po) / R, qe - qb), wt);
+                                s.o.narrow(0, o_row, qe - qb), wt);
           }
         }
       });
@@ -532,7 +534,7 @@ void run(const torch::Tensor& x, const torch::Tensor& uc, const torch::Tensor& u
          const Axis& a2, int64_t chunk) {
   const int64_t B = x.size(0);
   const int64_t span = (a0.k - 1) * a0.dil + 1;
-  const int64_t G = chunk;             // input planes per GEMM C -> R (and output planes per GEMM R -> T)
+  const int64_t G = chunk;             // input planes per chunk (one barrier each in a team)
   const int64_t slots = span + G - 1;  // ring slots: a chunk never overwrites a plane still needed
   const std::vector<int64_t> last_needed = last_needed_planes(a0);
   const int64_t nt = at::get_num_threads();
