@@ -178,12 +178,20 @@ def tucker_to_block(kernel: TuckerKernel, *, stride=1, padding=0, dilation=1, pa
             core = b.moveaxis(b.tensordot(core, f, axes=([2 + j], [1])), -1, 2 + j)
     r_out, r_in = kernel.rank[:2]
     layers = []
+    g = kernel.groups
+    block_t, block_c = kernel.block_diagonal  # block-diagonal channel factors are grouped 1x1 convs
     if kernel.factors[1] is not None:
-        layers.append(ConvLayer(matrix_to_pointwise(b.moveaxis(kernel.factors[1], 0, 1), n)))
-    layers.append(ConvLayer(core, groups=kernel.groups, stride=stride, padding=padding, dilation=dilation,
+        u_c = kernel.factors[1]
+        if block_c:  # (C, R_in / g) by blocks -> grouped weight (R_in, C / g)
+            cg, ig = int(u_c.shape[0]) // g, int(u_c.shape[1])
+            w = b.reshape(b.permute(b.reshape(u_c, (g, cg, ig)), (0, 2, 1)), (g * ig, cg))
+        else:
+            w = b.moveaxis(u_c, 0, 1)
+        layers.append(ConvLayer(matrix_to_pointwise(w, n), groups=g if block_c else 1))
+    layers.append(ConvLayer(core, groups=g, stride=stride, padding=padding, dilation=dilation,
                             padding_mode=padding_mode))
-    if kernel.factors[0] is not None:
-        layers.append(ConvLayer(matrix_to_pointwise(kernel.factors[0], n)))
+    if kernel.factors[0] is not None:  # block-diagonal (T, R_out / g) is already the grouped weight
+        layers.append(ConvLayer(matrix_to_pointwise(kernel.factors[0], n), groups=g if block_t else 1))
     return layers
 
 
@@ -419,6 +427,9 @@ def _torch_layers(module):
         if isinstance(child, tnn.Sequential):
             layers += _torch_layers(child)
         elif isinstance(child, convs):
+            from ._conv_modules import check_plain_conv
+
+            check_plain_conv(child, f"from_torch, {name}")
             padding = normalize_padding(child.padding, tuple(child.kernel_size), tuple(child.stride),
                                         tuple(child.dilation))
             layers.append([child.weight.detach(), child.bias.detach() if child.bias is not None else None,

@@ -293,7 +293,9 @@ class KruskalKernel(_FactorizedKernel):
 
         Merged ``modes`` are decomposed by reshaping the weight so each group is one mode.
         tensorly's global backend is left as the caller had it. Extra keyword arguments go to
-        ``tensorly.decomposition.parafac`` (default ``init="svd"``, ``n_iter_max=200``).
+        ``tensorly.decomposition.parafac`` (default ``n_iter_max=200`` and ``init="svd"``, or a seeded
+        ``init="random"`` where the rank exceeds what the SVD init can give: ``rank > prod(shape) / shape[n]``
+        for some mode n).
         """
         backend = get_backend(weight)
         if weight.ndim < 3:
@@ -311,8 +313,20 @@ class KruskalKernel(_FactorizedKernel):
             backend.permute(weight, order),
             tuple(_prod(weight.shape[m] for m in group) for group in modes),
         )
-        kwargs = {"init": "svd", "n_iter_max": 200, "normalize_factors": True}
+        dims = [int(d) for d in grouped.shape]
+        # tensorly's SVD init takes R leading singular vectors of each mode's unfolding (I_n x prod of the
+        # others); where R exceeds that product it fails (an RGB stem at R > 27): such ranks start from a
+        # seeded random init instead
+        svd_ok = all(rank <= _prod(dims) // d for d in dims)
+        kwargs = {"init": "svd" if svd_ok else "random", "n_iter_max": 200, "normalize_factors": True}
+        if not svd_ok:
+            kwargs["random_state"] = 0
         kwargs.update(parafac_kwargs)
+        if kwargs["init"] == "svd" and not svd_ok:
+            worst = min(_prod(dims) // d for d in dims)
+            raise ValueError(f"init='svd' needs rank <= {worst} for a weight of shape {_shape(weight)} (each mode's "
+                             f"unfolding has that many columns), got rank={rank}: use init='random' (the default "
+                             f"picks it for such ranks) or a smaller rank")
         with _tensorly_on(backend):
             from tensorly.decomposition import parafac
 
@@ -384,6 +398,11 @@ class TuckerKernel(_FactorizedKernel):
     factors : list
         ``[U_T, U_C]`` or ``[U_T, U_C, U_0, ..., U_{N-1}]``: U_T (T, R_out), U_C (C, R_in),
         U_n (K_n, Q_n). ``None`` is the identity (then T = R_out, C = R_in or K_n = Q_n).
+        With ``groups > 1`` a channel factor may also be block-diagonal, stored by its blocks:
+        U_T (T, R_out / groups) and U_C (C, R_in / groups), rows ``j*T/groups ...`` being group
+        j's block. With both block-diagonal the kernel is a grouped convolution (every group of
+        channels factorized on its own: what ``TuckerConv.from_conv`` makes of a grouped conv);
+        with full factors it is ResNeXt's block (dense 1x1s around a grouped core).
     groups : int
     """
 
@@ -407,14 +426,21 @@ class TuckerKernel(_FactorizedKernel):
             raise ValueError(f"core.shape[0]={r_out} (R_out) is not divisible by groups={groups}")
         expected_ranks = [r_out, r_in] + [int(q) for q in core.shape[2:]]
         dims = []
+        block = [False, False]
         for i, (f, r) in enumerate(zip(factors, expected_ranks)):
             if f is None:
                 dims.append(r)
                 continue
-            if f.ndim != 2 or int(f.shape[1]) != r:
+            if i < 2 and groups > 1 and f.ndim == 2 and int(f.shape[1]) == r // groups:
+                if int(f.shape[0]) % groups:
+                    raise ValueError(f"factors[{i}] of shape {_shape(f)} is block-diagonal (R / groups columns) "
+                                     f"but its {int(f.shape[0])} rows do not split into groups={groups}")
+                block[i] = True
+            elif f.ndim != 2 or int(f.shape[1]) != r:
                 what = "R_out" if i == 0 else "R_in" if i == 1 else f"Q_{i - 2}"
+                also = f" or (dim, {r // groups}) block-diagonal" if i < 2 and groups > 1 else ""
                 raise ValueError(
-                    f"factors[{i}] must have shape (dim, {r}) to match the core's {what} "
+                    f"factors[{i}] must have shape (dim, {r}){also} to match the core's {what} "
                     f"(core shape {_shape(core)}, groups={groups}), got {_shape(f)}"
                 )
             dims.append(int(f.shape[0]))
@@ -427,9 +453,34 @@ class TuckerKernel(_FactorizedKernel):
         self.factors = factors
         self.groups = groups
         self.shape = tuple(dims)
+        #: (U_T, U_C) stored by their diagonal blocks (groups > 1 only)
+        self.block_diagonal = tuple(block)
 
     def _reference_array(self):
         return self.core
+
+    @property
+    def is_grouped_conv(self) -> bool:
+        """Both channel factors block-diagonal (or identity): the kernel of a grouped conv,
+        ``to_grouped_dense()`` is its (T, C / groups, *K) weight."""
+        return self.groups > 1 and all(b or f is None for b, f in zip(self.block_diagonal, self.factors[:2]))
+
+    @property
+    def dense_params(self) -> int:
+        """Parameters of the dense kernel this one factorizes (of the grouped conv if it is one)."""
+        return _prod(self.shape) // (self.groups if self.is_grouped_conv else 1)
+
+    def full_factor(self, i):
+        """Channel factor ``i`` (0: U_T, 1: U_C) as a full (dim, R) matrix (blocks on the diagonal)."""
+        f = self.factors[i]
+        if f is None or not self.block_diagonal[i]:
+            return f
+        b = self.backend
+        g = self.groups
+        rows, cols = int(f.shape[0]) // g, int(f.shape[1])
+        blocks = b.reshape(f, (g, rows, cols))
+        full = b.einsum("gab,gh->gahb", blocks, b.eye(g, like=f))  # full[g, a, h, b] = block g at (g, h)
+        return b.reshape(full, (g * rows, g * cols))
 
     @property
     def rank(self):
@@ -447,7 +498,10 @@ class TuckerKernel(_FactorizedKernel):
         return TuckerKernel(fn(self.core), [None if f is None else fn(f) for f in self.factors], self.groups)
 
     def einsum_operands(self):
-        """The kernel as one einsum over a grouped core: (terms, operands, output letters)."""
+        """The kernel as one einsum over a grouped core: (terms, operands, output letters).
+
+        With both channel factors block-diagonal the output is the grouped conv's weight
+        (T, C / groups, *K) (see :meth:`to_grouped_dense`); otherwise the full (T, C, *K)."""
         b = self.backend
         n = self.n_spatial
         g = self.groups
@@ -461,11 +515,27 @@ class TuckerKernel(_FactorizedKernel):
         core = b.reshape(self.core, (g, r_out // g) + _shape(self.core)[1:])
         terms = [lg + lo + li + "".join(lq)]
         operands = [core]
-        u_t = self.factors[0] if self.factors[0] is not None else b.eye(r_out, like=self.core)
-        u_c = self.factors[1] if self.factors[1] is not None else b.eye(r_in, like=self.core)
-        terms += [lt + lg + lo, ls + lg + li]
-        operands += [b.reshape(u_t, (self.shape[0], g, r_out // g)), b.reshape(u_c, (self.shape[1], g, r_in // g))]
-        out = lt + ls
+        grouped = self.is_grouped_conv
+        u_t = self.factors[0] if self.factors[0] is not None else b.eye(r_out // g if grouped else r_out,
+                                                                          like=self.core)
+        u_c = self.factors[1] if self.factors[1] is not None else b.eye(r_in // g if grouped else r_in,
+                                                                          like=self.core)
+        if grouped:  # one Tucker kernel per group: the output's T is (g, T / g)
+            if self.factors[0] is None:
+                u_t = b.reshape(b.concat([u_t] * g, 0), (r_out, r_out // g))
+            if self.factors[1] is None:
+                u_c = b.reshape(b.concat([u_c] * g, 0), (r_in, r_in // g))
+            terms += [lg + lt + lo, lg + ls + li]
+            operands += [b.reshape(u_t, (g, self.shape[0] // g, r_out // g)),
+                         b.reshape(u_c, (g, self.shape[1] // g, r_in // g))]
+            out = lg + lt + ls
+        else:
+            u_t, u_c = self.full_factor(0) if u_t is self.factors[0] else u_t, \
+                self.full_factor(1) if u_c is self.factors[1] else u_c
+            terms += [lt + lg + lo, ls + lg + li]
+            operands += [b.reshape(u_t, (self.shape[0], g, r_out // g)),
+                         b.reshape(u_c, (self.shape[1], g, r_in // g))]
+            out = lt + ls
         for j, f in enumerate(self.factors[2:]):
             if f is None:
                 out += lq[j]
@@ -476,21 +546,43 @@ class TuckerKernel(_FactorizedKernel):
         return terms, operands, out
 
     def to_dense(self):
+        """The full (T, C, *K) kernel (a grouped conv's blocks on the channel diagonal)."""
+        if self.is_grouped_conv:
+            b = self.backend
+            g = self.groups
+            w = b.reshape(self.to_grouped_dense(), (g, self.shape[0] // g) + (self.shape[1] // g,) + self.shape[2:])
+            full = b.einsum("gts...,gh->gths...", w, b.eye(g, like=self.core))
+            return b.reshape(full, self.shape)
         import opt_einsum
 
         terms, operands, out = self.einsum_operands()
         return opt_einsum.contract(",".join(terms) + "->" + out, *operands)
 
+    def to_grouped_dense(self):
+        """The weight (T, C / groups, *K) of the grouped conv this kernel factorizes
+        (:attr:`is_grouped_conv` kernels only)."""
+        if not self.is_grouped_conv:
+            raise ValueError("to_grouped_dense needs block-diagonal channel factors (a grouped conv's kernel); "
+                             "this kernel mixes all channels: use to_dense()")
+        import opt_einsum
+
+        terms, operands, out = self.einsum_operands()
+        w = opt_einsum.contract(",".join(terms) + "->" + out, *operands)
+        return self.backend.reshape(w, (self.shape[0], self.shape[1] // self.groups) + self.shape[2:])
+
     @classmethod
     def random(cls, shape, rank, *, groups=1, spatial_rank=None, backend="numpy", dtype=None, device=None,
-               seed=None):
-        """Random Tucker kernel; ``rank=(R_out, R_in)``; ``spatial_rank`` adds spatial factors."""
+               seed=None, grouped_conv=False):
+        """Random Tucker kernel; ``rank=(R_out, R_in)``; ``spatial_rank`` adds spatial factors;
+        ``grouped_conv=True`` stores the channel factors block-diagonal (a grouped conv's kernel)."""
         shape = tuple(int(s) for s in shape)
         if len(shape) < 3:
             raise ValueError(f"shape must be (T, C, K_0, ...), got {shape}")
         rank = tuple(int(r) for r in rank) if not isinstance(rank, int) else (rank, rank)
         if len(rank) != 2 or min(rank) < 1:
             raise ValueError(f"rank must be (R_out, R_in) with entries >= 1, got {rank}")
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"groups must be an int >= 1, got {groups!r}")
         if rank[0] % groups or rank[1] % groups:
             raise ValueError(f"rank={rank} must be divisible by groups={groups}")
         b = backend_for_name(backend)
@@ -501,8 +593,11 @@ class TuckerKernel(_FactorizedKernel):
 
         seeds = [int(s) for s in np.random.SeedSequence(seed).generate_state(3 + n)]
         core = b.random_normal((rank[0], rank[1] // groups, *q), seed=seeds[0], dtype=dtype, device=device)
-        factors = [b.random_normal((shape[0], rank[0]), seed=seeds[1], dtype=dtype, device=device),
-                   b.random_normal((shape[1], rank[1]), seed=seeds[2], dtype=dtype, device=device)]
+        cols = (rank[0] // groups, rank[1] // groups) if grouped_conv else rank
+        if grouped_conv and (shape[0] % groups or shape[1] % groups):
+            raise ValueError(f"shape={shape}: a grouped conv's channels must be divisible by groups={groups}")
+        factors = [b.random_normal((shape[0], cols[0]), seed=seeds[1], dtype=dtype, device=device),
+                   b.random_normal((shape[1], cols[1]), seed=seeds[2], dtype=dtype, device=device)]
         for j in range(n):
             factors.append(None if spatial_rank is None else
                            b.random_normal((shape[2 + j], q[j]), seed=seeds[3 + j], dtype=dtype, device=device))
@@ -535,8 +630,8 @@ class TuckerKernel(_FactorizedKernel):
 
         b = self.backend
         full = self.full_core()
-        factors = [b.eye(d, like=self.core) if f is None else f
-                   for f, d in zip(self.factors, self.rank)]
+        factors = [self.full_factor(0), self.full_factor(1)] + list(self.factors[2:])
+        factors = [b.eye(d, like=self.core) if f is None else f for f, d in zip(factors, self.rank)]
         return TuckerTensor((full, factors))
 
     def full_core(self):

@@ -94,8 +94,9 @@ def test_rank_options_and_errors():
     assert KruskalConv(4, 4, 3, 2, n_spatial=3).kernel_size == (3, 3, 3)
     same = TuckerConv(16, 32, (3, 3, 3), rank="same")
     assert 0.8 * same.dense_params <= same.n_params <= same.dense_params
-    # with 2 groups even full ranks stay under the dense budget: the ranks stop at the channels
-    assert TuckerConv(16, 32, (3, 3, 3), rank="same", groups=2).rank == (32, 16)
+    # ResNeXt's block with a core in 2 groups: even full ranks stay under the dense budget, so the
+    # ranks stop at the channels
+    assert TuckerConv(16, 32, (3, 3, 3), rank="same", core_groups=2).rank == (32, 16)
     quarter = TuckerConv(16, 16, (3, 3), rank=0.25)
     assert 0.15 * quarter.dense_params <= quarter.n_params <= 0.25 * quarter.dense_params
     with pytest.raises(ValueError, match="n_spatial"):
@@ -209,7 +210,7 @@ def test_transduct_freezes_all_but_new_factor_and_model_helper():
     assert y.shape == (2, 2, 4, 4, 4)
     y.sum().backward()
     assert model[0].factors[2].grad is not None and model[0].factors[0].grad is None
-    model[0].prune(-1.0)  # keeps every component but replaces the parameters
+    model[0].prune(0.0)  # keeps every component (no lambda is 0)
     model[0].unfreeze()
     assert all(p.requires_grad for p in model[0].parameters())
 

@@ -77,6 +77,12 @@ class ArrayBackend:
 
         return numpy.issubdtype(x.dtype, numpy.floating)
 
+    def is_inexact(self, x):
+        """Floating or complex: a dtype a convolution can be computed in without wrapping around."""
+        import numpy
+
+        return numpy.issubdtype(x.dtype, numpy.inexact)
+
     def all_finite(self, x):
         return bool(self.xp.isfinite(x).all())
 

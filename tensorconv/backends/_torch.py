@@ -64,6 +64,9 @@ class TorchBackend(ArrayBackend):
     def is_floating(self, x):
         return x.is_floating_point()
 
+    def is_inexact(self, x):
+        return x.is_floating_point() or x.is_complex()
+
     def all_finite(self, x):
         return bool(self.xp.isfinite(x.detach()).all())
 
@@ -189,13 +192,27 @@ class TorchBackend(ArrayBackend):
         if n > 3 and len(active) > 1:
             return None  # decided before any padding is done: the caller's tap loop pads itself
         pre_pad, native_pad = self._split_padding(padding, padding_mode, first_axis=1)
-        pointwise = not native_pad and all(k == 1 for k in ks) and all(v == 1 for v in stride)
+        pointwise = all(k == 1 for k in ks)
+        if pointwise and native_pad:
+            # a 1x1 kernel never reads across positions: its padding is applied here, not by the conv
+            pre_pad, native_pad = {1 + m: p for m, p in enumerate(padding) if p != (0, 0)}, 0
+        strided = pointwise and any(v != 1 for v in stride)
         t, per_group = int(weight_shape[0]), int(weight_shape[1])
 
         def prepare(act):
             if pre_pad is not None:
                 act = self.pad(act, pre_pad, padding_mode)
+            if strided:
+                # a strided 1x1 conv is a subsampled GEMM. oneDNN's strided 1x1 convs on channels-last
+                # views gave wrong weight gradients (and a crash with one thread) for a few channels
+                act = act[(slice(None),) + tuple(slice(None, None, s) for s in stride)]
             return act
+
+        def positions(shape):  # explicit: a -1 cannot be inferred for an empty batch
+            out = 1
+            for d in shape[1:-1]:
+                out *= d
+            return out
 
         if pointwise:
             def run(act, weight):
@@ -204,12 +221,13 @@ class TorchBackend(ArrayBackend):
                 if groups == 1 and not act.is_contiguous():
                     # typically the caller's channels-first input seen channels-last: a GEMM with a
                     # transposed operand reads it in place, where a copy would cost more than the product
-                    out = torch.matmul(act.reshape(shape[0], -1, shape[-1]), weight.reshape(t, per_group).transpose(0, 1))
+                    out = torch.matmul(act.reshape(shape[0], positions(shape), shape[-1]),
+                                       weight.reshape(t, per_group).transpose(0, 1))
                     return out.reshape(shape[:-1] + (t,))
                 # a 1x1 conv: one conv2d over a (B, C, positions, 1) view. This keeps oneDNN's
                 # channels-last GEMM path for any N and for small batch x channels, where
                 # conv3d's heuristics fall back to the slow unfold kernel
-                x = act.contiguous().reshape(shape[0], -1, 1, shape[-1]).movedim(-1, 1)
+                x = act.contiguous().reshape(shape[0], positions(shape), 1, shape[-1]).movedim(-1, 1)
                 out = F.conv2d(x, weight.reshape(t, per_group, 1, 1), None, 1, 0, 1, groups)
                 return out.movedim(1, -1).reshape(shape[:-1] + (t,))
             return run

@@ -5,6 +5,45 @@ import argparse
 import sys
 
 
+def check_writable(path, *, directory=False, flag):
+    """Exit with a message now (not after the run) if ``path`` cannot be written: a file whose
+    folder exists and is writable, or a folder that exists writable or can be made."""
+    import os
+
+    target = os.path.abspath(path)
+    if directory:
+        try:
+            os.makedirs(target, exist_ok=True)
+        except OSError as exc:
+            raise SystemExit(f"{flag} {path}: cannot create that folder ({exc.strerror})") from None
+        if not os.access(target, os.W_OK | os.X_OK):
+            raise SystemExit(f"{flag} {path}: that folder is not writable")
+        return
+    parent = os.path.dirname(target)
+    if os.path.isdir(target):
+        raise SystemExit(f"{flag} {path}: is a folder; give a file path")
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise SystemExit(f"{flag} {path}: folder {parent} does not exist or is not writable")
+    if os.path.exists(target) and not os.access(target, os.W_OK):
+        raise SystemExit(f"{flag} {path}: the file exists and is not writable")
+
+
+def non_negative_int(text):
+    """argparse type: an int >= 0 (a seed)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {value}")
+    return value
+
+
+def positive_int(text):
+    """argparse type: an int >= 1 (a batch size, a repeat count)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {value}")
+    return value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="tensorconv", description="Factorized convolutions of any order.")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -18,6 +18,7 @@ from ..backends import available_backends, backend_for_name
 from ..kernels import KruskalKernel, TuckerKernel
 from ..plans.cost import calibrate, set_cost_model
 from ..plans.plan import conv, plan_conv
+from . import check_writable, positive_int
 
 SUITES = ("fig6", "backends", "peers", "roofline", "targets")
 
@@ -105,7 +106,12 @@ def _set_malloc_no_trim():
     """
     import ctypes
 
-    libc = ctypes.CDLL("libc.so.6")
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt
+    except (OSError, AttributeError):  # musl, macOS, Windows: no glibc to tune
+        print("tensorconv bench: glibc's libc.so.6 is not here; the allocator is left as it is", file=sys.stderr)
+        return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     ok = libc.mallopt(M_MMAP_THRESHOLD, 2**30) and libc.mallopt(M_TRIM_THRESHOLD, 2**62 - 1)
     return bool(ok)
@@ -577,8 +583,8 @@ def add_arguments(parser):
     parser.add_argument("--out", metavar="DIR", help="write results.json (and fig6.png) there")
     parser.add_argument("--backend", action="append", choices=["numpy", "torch", "torch-cuda", "cupy"],
                         help="backend (repeatable; default: every one found)")
-    parser.add_argument("--batch", type=int, default=None, help="batch size (default 1, quick 1)")
-    parser.add_argument("--repeat", type=int, default=None, help="timed runs per point (default 7, quick 5)")
+    parser.add_argument("--batch", type=positive_int, default=None, help="batch size (default 1, quick 1)")
+    parser.add_argument("--repeat", type=positive_int, default=None, help="timed runs per point (default 7, quick 5)")
     parser.add_argument("--allocator", choices=["default", "no-trim"], default="no-trim",
                         help="glibc allocator: 'no-trim' keeps freed memory (no first-touch page faults); "
                              "'default' leaves glibc as it is. Recorded with the results.")
@@ -586,14 +592,17 @@ def add_arguments(parser):
 
 def main(args):
     suites = args.suites or list(SUITES)
-    args.batch = args.batch or 1
-    args.repeat = args.repeat or (5 if args.quick else 7)
+    args.batch = 1 if args.batch is None else args.batch
+    args.repeat = (5 if args.quick else 7) if args.repeat is None else args.repeat
     args.budget = 2.0 if args.quick else 20.0
     if args.batch < 1 or args.repeat < 1:
         raise SystemExit("--batch and --repeat must be >= 1")
+    if args.out:
+        check_writable(args.out, directory=True, flag="--out")
     if args.allocator == "no-trim":
         ok = _set_malloc_no_trim()
-        args.allocator_note = "glibc mallopt: M_MMAP_THRESHOLD=1GiB, M_TRIM_THRESHOLD=inf" if ok else "default (mallopt failed)"
+        args.allocator_note = ("glibc mallopt: M_MMAP_THRESHOLD=1GiB, M_TRIM_THRESHOLD=inf" if ok
+                               else "default (no glibc mallopt here)")
     else:
         args.allocator_note = "glibc default"
     targets = _targets(args)

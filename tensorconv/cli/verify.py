@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import zlib
 
 import numpy as np
 
@@ -11,6 +12,7 @@ from ..architectures import DERIVATIONS, block_macs, run_block
 from ..backends import available_backends, backend_for_name
 from ..plans.plan import conv, plan_conv
 from ..tenalg import mode_dot
+from . import check_writable, non_negative_int, positive_int
 
 TOLERANCE = {"float64": 1e-10, "float32": 1e-4}
 
@@ -116,7 +118,8 @@ def run(backends=None, dtypes=("float64",), cases=10, seed=0, derivations=None, 
         name, device = _backend_device(backend)
         for dtype in dtypes:
             for dname in names:
-                rng = np.random.default_rng([seed, hash(dname) % 2**31, hash(backend) % 2**31])
+                # crc32, not hash(): str hashes are randomised per process, and --seed must reproduce a run
+                rng = np.random.default_rng([seed, zlib.crc32(dname.encode()), zlib.crc32(backend.encode())])
                 t0 = time.perf_counter()
                 worst = [0.0, 0.0]
                 info = (0, 0, 0, 0)
@@ -164,8 +167,8 @@ def add_arguments(parser):
                         help="backend to check (repeatable; default: every one found)")
     parser.add_argument("--dtype", action="append", choices=["float64", "float32"],
                         help="dtype (repeatable; default float64)")
-    parser.add_argument("--cases", type=int, default=10, help="random instances per derivation (default 10)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cases", type=positive_int, default=10, help="random instances per derivation (default 10)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random cases (an int >= 0)")
     parser.add_argument("--derivation", action="append", help="only this derivation (repeatable)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
 
@@ -173,6 +176,8 @@ def add_arguments(parser):
 def main(args):
     if args.cases < 1:
         raise SystemExit(f"--cases must be >= 1, got {args.cases}")
+    if args.json:
+        check_writable(args.json, flag="--json")
     found = available_backends()
     backends = args.backend or found
     missing = [b for b in backends if b not in found]

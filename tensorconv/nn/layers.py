@@ -24,7 +24,12 @@ def _kernel_size(kernel_size, n_spatial):
         if n_spatial is None:
             raise ValueError(f"kernel_size={kernel_size} is an int: give n_spatial= to say how many spatial dims")
         return normalize_int_tuple(kernel_size, n_spatial, "kernel_size", minimum=1)
-    ks = tuple(kernel_size)
+    try:
+        ks = tuple(kernel_size)
+    except TypeError:
+        raise TypeError(f"kernel_size must be an int or a tuple of ints, got {kernel_size!r}") from None
+    if not ks:
+        raise ValueError("kernel_size=() has no spatial mode: a convolution needs at least one")
     if n_spatial is not None and len(ks) != n_spatial:
         raise ValueError(f"kernel_size={ks} has {len(ks)} entries but n_spatial={n_spatial}")
     return normalize_int_tuple(ks, len(ks), "kernel_size", minimum=1)
@@ -39,36 +44,70 @@ def cp_rank_for(rank, in_channels, out_channels, kernel_size):
             raise ValueError(f"rank={rank!r}: expected an int, a float fraction of the dense parameters, or 'same'")
         rank = 1.0
     if isinstance(rank, float):
-        if not rank > 0:
-            raise ValueError(f"rank={rank} as a fraction of the dense parameter count must be > 0")
+        if not 0 < rank < math.inf:
+            raise ValueError(f"rank={rank} as a fraction of the dense parameter count must be finite and > 0")
         return max(1, int(round(rank * dense / per_rank)))
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be an int >= 1, a float > 0 or 'same', got {rank!r}")
     return rank
 
 
-def tucker_rank_for(rank, in_channels, out_channels, kernel_size, groups):
-    if isinstance(rank, float) or rank == "same":
-        frac = 1.0 if rank == "same" else rank
-        # same fraction of both channel modes: R_out * R_in * K / G + T R_out + C R_in ~ frac * dense
+def tucker_rank_for(rank, in_channels, out_channels, kernel_size, groups=1, *, grouped_conv=False):
+    """Resolve a Tucker ``rank`` to ``(R_out, R_in)``, both divisible by ``groups``.
+
+    A float is a fraction of the dense parameters and "same" matches them. With
+    ``grouped_conv=True`` (block-diagonal factors, a grouped conv's kernel) the budget is the
+    grouped conv's ``T C K / groups`` and each group gets ``1 / groups`` of it; otherwise
+    (ResNeXt: dense 1x1s around a core grouped ``groups`` ways) the dense conv's ``T C K``.
+    """
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be an int >= 1, got {groups!r}")
+    if grouped_conv and groups > 1:
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must be divisible by "
+                             f"groups={groups}")
+        if isinstance(rank, float) or rank == "same":
+            r_out, r_in = tucker_rank_for(rank, in_channels // groups, out_channels // groups, kernel_size)
+            return r_out * groups, r_in * groups
+    if isinstance(rank, str):
+        if rank != "same":
+            raise ValueError(f"rank={rank!r}: expected an int, (R_out, R_in), a float fraction of the dense "
+                             f"parameters, or 'same'")
+        rank = 1.0
+    if isinstance(rank, float):
+        if not 0 < rank < math.inf:
+            raise ValueError(f"rank={rank} as a fraction of the dense parameter count must be finite and > 0")
+        # same fraction of both channel modes: R_out * R_in * K / G + T R_out + C R_in ~ rank * dense
         dense = in_channels * out_channels * math.prod(kernel_size)
         k = math.prod(kernel_size)
         best = (groups, groups)
-        for s in range(1, 10 ** 4):
-            r_out, r_in = groups * max(1, round(s * out_channels / max(in_channels, out_channels) / groups)), \
-                groups * max(1, round(s * in_channels / max(in_channels, out_channels) / groups))
+        widest = max(in_channels, out_channels)
+        for s in range(1, widest + 1):
+            r_out = groups * max(1, round(s * out_channels / widest / groups))
+            r_in = groups * max(1, round(s * in_channels / widest / groups))
             params = r_out * r_in * k // groups + out_channels * r_out + in_channels * r_in
             # largest ranks within the budget, and no larger than the channels they compress
-            if params > frac * dense or r_out > out_channels or r_in > in_channels:
+            if params > rank * dense or r_out > out_channels or r_in > in_channels:
                 break
             best = (r_out, r_in)
         return best
-    rank = (rank, rank) if isinstance(rank, int) else tuple(rank)
+    rank = (rank, rank) if isinstance(rank, int) and not isinstance(rank, bool) else rank
+    try:
+        rank = tuple(rank)
+    except TypeError:
+        raise ValueError(f"rank must be an int, (R_out, R_in), a float or 'same', got {rank!r}") from None
     if len(rank) != 2 or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in rank):
         raise ValueError(f"rank must be (R_out, R_in) ints >= 1, got {rank!r}")
     if rank[0] % groups or rank[1] % groups:
         raise ValueError(f"rank={rank} must be divisible by groups={groups}")
     return rank
+
+
+def _compression(dense, stored):
+    """'dense N, 3.9x fewer' or 'dense N, 8.1x more': the parameter count said as it is."""
+    if stored <= dense:
+        return f"dense {dense}, {dense / stored:.3g}x fewer"
+    return f"dense {dense}, {stored / dense:.3g}x more"
 
 
 class _FactorizedConv(nn.Module):
@@ -165,18 +204,22 @@ class _FactorizedConv(nn.Module):
         p = next(self.parameters())
         cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[n - 1]
         dense = cls(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=padding,
-                    dilation=self.dilation, bias=self.bias is not None, padding_mode=self.padding_mode,
-                    device=p.device, dtype=p.dtype)
+                    dilation=self.dilation, groups=getattr(self, "groups", 1), bias=self.bias is not None,
+                    padding_mode=self.padding_mode, device=p.device, dtype=p.dtype)
         with torch.no_grad():
-            dense.weight.copy_(self.kernel.to_dense())
+            dense.weight.copy_(self._dense_weight())
             if self.bias is not None:
                 dense.bias.copy_(self.bias)
         return dense
 
+    def _dense_weight(self):
+        return self.kernel.to_dense()
+
     @staticmethod
     def _conv_geometry(conv_module):
-        if not isinstance(conv_module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            raise TypeError(f"from_conv expects nn.Conv1d/2d/3d, got {type(conv_module).__name__}")
+        from .._conv_modules import check_plain_conv
+
+        check_plain_conv(conv_module, "from_conv")
         padding = conv_module.padding if isinstance(conv_module.padding, str) else tuple(conv_module.padding)
         return dict(stride=tuple(conv_module.stride), padding=padding, dilation=tuple(conv_module.dilation),
                     padding_mode=conv_module.padding_mode, bias=conv_module.bias is not None,
@@ -235,7 +278,7 @@ class KruskalConv(_FactorizedConv):
 
     def extra_repr(self):
         return (f"{self._geometry_repr()}, rank={self.rank}, params={self.n_params} "
-                f"(dense {self.dense_params}, {self.dense_params / self.n_params:.1f}x fewer)")
+                f"({_compression(self.dense_params, self.n_params)})")
 
     @classmethod
     def from_conv(cls, conv_module, rank, strategy="auto", **decomposition_kwargs):
@@ -297,56 +340,103 @@ class KruskalConv(_FactorizedConv):
         return self
 
     def unfreeze(self):
-        """Let every parameter of the layer train again (after a frozen :meth:`transduct`; also
-        after :meth:`prune`, which replaces the parameters)."""
+        """Let every parameter of the layer train again (after a frozen :meth:`transduct`)."""
         for p in self.parameters():
             p.requires_grad_(True)
         return self
 
     # -- rank selection (paper sec. 4) ------------------------------------------------------------------------
-    def prune(self, threshold):
-        """Drop rank components with |lambda| <= threshold; returns the number kept."""
-        with torch.no_grad():
-            keep = (self.weights.abs() > threshold).nonzero().flatten()
+    def prune(self, threshold=None, *, relative=None, optimizer=None):
+        """Drop rank components with small |lambda|; returns the number kept.
+
+        ``threshold``: drop |lambda| <= threshold. ``relative``: drop |lambda| <= relative *
+        max |lambda| of this layer (a per-layer cut: one global threshold can strip a layer whose
+        lambdas are all small). Give one of them.
+
+        The layer's Parameter objects are kept (their data shrinks in place), so an optimizer
+        built before still updates them. Its per-parameter state (momentum, Adam's moments)
+        has the old shape: pass ``optimizer=`` and that state is cut to the kept components
+        too; without it, a stateful optimizer fails on its next step (SGD without momentum
+        does not care).
+        """
+        if (threshold is None) == (relative is None):
+            raise ValueError(f"prune: give exactly one of threshold= and relative=, got threshold={threshold!r}, "
+                             f"relative={relative!r}")
+        magnitude = self.weights.detach().abs()
+        if relative is not None:
+            if not 0 <= relative < 1:
+                raise ValueError(f"prune: relative={relative!r} must be in [0, 1) (a fraction of max |lambda|)")
+            threshold = float(relative) * float(magnitude.max())
+        elif not threshold >= 0:
+            raise ValueError(f"prune: threshold={threshold!r} must be >= 0")
+        keep = (magnitude > threshold).nonzero().flatten()
         if keep.numel() == 0:
-            raise ValueError(f"prune(threshold={threshold}) would remove every rank component "
-                             f"(max |lambda| = {float(self.weights.detach().abs().max()):.3g})")
-        self.weights = nn.Parameter(self.weights.detach()[keep].clone(), requires_grad=self.weights.requires_grad)
-        self.factors = nn.ParameterList(
-            [nn.Parameter(f.detach()[:, keep].clone(), requires_grad=f.requires_grad) for f in self.factors])
+            raise ValueError(f"prune(threshold={threshold:.3g}) would remove every rank component "
+                             f"(max |lambda| = {float(magnitude.max()):.3g})")
+        with torch.no_grad():
+            for p, dim in [(self.weights, 0)] + [(f, 1) for f in self.factors]:
+                _shrink_parameter(p, dim, keep, optimizer)
         self.rank = int(keep.numel())
         return self.rank
 
 
-class TuckerConv(_FactorizedConv):
-    """A convolution with a Tucker kernel: 1x1 (C->R_in) -> grouped core conv -> 1x1 (R_out->T).
+def _shrink_parameter(p, dim, keep, optimizer):
+    """Keep entries ``keep`` of ``p`` along ``dim`` in place (same Parameter object), and the same
+    entries of the optimizer's per-parameter state that has ``p``'s shape."""
+    old_shape = p.shape
+    if optimizer is not None:
+        state = optimizer.state.get(p, {})
+        for key, value in list(state.items()):
+            if torch.is_tensor(value) and value.shape == old_shape:
+                state[key] = value.index_select(dim, keep).clone()
+    p.data = p.data.index_select(dim, keep).clone()
+    if p.grad is not None:
+        p.grad = p.grad.index_select(dim, keep).clone()
 
-    ``rank=(R_out, R_in)`` (an int means both; a float or "same" a parameter budget);
-    ``groups > 1`` makes the core block-diagonal (ResNeXt).
+
+class TuckerConv(_FactorizedConv):
+    """A convolution with a Tucker kernel: 1x1 (C->R_in) -> core conv -> 1x1 (R_out->T).
+
+    ``rank=(R_out, R_in)`` (an int means both; a float or "same" a parameter budget).
+    ``groups`` means what it means for ``nn.ConvNd``: a grouped conv, each of the ``groups``
+    channel groups factorized on its own (block-diagonal factors stored by their blocks,
+    ranks and parameter budget per group). ``core_groups > 1`` is ResNeXt's block instead:
+    dense 1x1s around a core grouped ``core_groups`` ways (a conv that mixes all channels).
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, rank, stride=1, padding=0, dilation=1, bias=True,
-                 padding_mode="zeros", device=None, dtype=None, strategy="auto", *, groups=1, n_spatial=None):
+                 padding_mode="zeros", device=None, dtype=None, strategy="auto", *, groups=1, core_groups=1,
+                 n_spatial=None):
         super().__init__()
         self._init_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode,
                             strategy, n_spatial)
-        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-            raise ValueError(f"groups must be an int >= 1, got {groups!r}")
+        for name, v in (("groups", groups), ("core_groups", core_groups)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if groups > 1 and core_groups > 1:
+            raise ValueError(f"groups={groups} (a grouped conv) and core_groups={core_groups} (ResNeXt) exclude "
+                             f"each other: give one")
         self.groups = groups
-        self.rank = tucker_rank_for(rank, in_channels, out_channels, self.kernel_size, groups)
+        self.core_groups = core_groups
+        g = max(groups, core_groups)
+        self.rank = tucker_rank_for(rank, in_channels, out_channels, self.kernel_size, g, grouped_conv=groups > 1)
         factory = {"device": device, "dtype": dtype}
         r_out, r_in = self.rank
-        self.core = nn.Parameter(torch.empty((r_out, r_in // groups) + self.kernel_size, **factory))
-        self.factors = nn.ParameterList([nn.Parameter(torch.empty(out_channels, r_out, **factory)),
-                                         nn.Parameter(torch.empty(in_channels, r_in, **factory))])
+        cols = (r_out // groups, r_in // groups)  # block-diagonal factors are stored by their blocks
+        self.core = nn.Parameter(torch.empty((r_out, r_in // g) + self.kernel_size, **factory))
+        self.factors = nn.ParameterList([nn.Parameter(torch.empty(out_channels, cols[0], **factory)),
+                                         nn.Parameter(torch.empty(in_channels, cols[1], **factory))])
         self.reset_parameters()
-        self._init_bias(bias, in_channels * math.prod(self.kernel_size), factory)
+        self._init_bias(bias, in_channels // groups * math.prod(self.kernel_size), factory)
 
     def reset_parameters(self):
-        fan_in = self.in_channels * math.prod(self.kernel_size)
+        """Gaussian core and factors, scaled so the kernel has the variance of torch's default
+        conv init (Var = 1 / (3 fan_in), fan_in = C / groups * prod(K))."""
+        fan_in = self.in_channels // self.groups * math.prod(self.kernel_size)
         target = 1.0 / (3.0 * fan_in)
-        # W[t,s,k] sums R_in/groups * R_out products of three entries (for a given t, s pair)
-        terms = self.rank[0] * (self.rank[1] // self.groups)
+        g = max(self.groups, self.core_groups)
+        # W[t,s,k] sums R_out/groups * R_in/g products of three entries (for a given t, s pair)
+        terms = self.rank[0] // self.groups * (self.rank[1] // g)
         std = (target / terms) ** (1.0 / 6)
         with torch.no_grad():
             self.core.normal_(0.0, std)
@@ -355,56 +445,57 @@ class TuckerConv(_FactorizedConv):
 
     @property
     def kernel(self) -> TuckerKernel:
-        return TuckerKernel(self.core, list(self.factors), groups=self.groups)
+        return TuckerKernel(self.core, list(self.factors), groups=max(self.groups, self.core_groups))
+
+    @property
+    def dense_params(self):
+        """Parameters of the conv this layer stands for (a grouped conv's if ``groups > 1``)."""
+        return self.in_channels // self.groups * self.out_channels * math.prod(self.kernel_size)
 
     def extra_repr(self):
         g = f", groups={self.groups}" if self.groups > 1 else ""
+        g += f", core_groups={self.core_groups}" if self.core_groups > 1 else ""
         return (f"{self._geometry_repr()}, rank={self.rank}{g}, params={self.n_params} "
-                f"(dense {self.dense_params}, {self.dense_params / self.n_params:.1f}x fewer)")
+                f"({_compression(self.dense_params, self.n_params)})")
+
+    def _dense_weight(self):
+        k = self.kernel
+        return k.to_grouped_dense() if self.groups > 1 else k.to_dense()
 
     @classmethod
     def from_conv(cls, conv_module, rank, strategy="auto", **decomposition_kwargs):
         """Partial-Tucker-decompose a trained ``nn.ConvNd`` over its channel modes.
 
-        A grouped conv (groups = G) is decomposed group by group; the result has G groups, a
-        block-diagonal core and block-diagonal factors, so the output is exact up to the ranks.
+        A grouped conv (groups = G) is decomposed group by group into a layer with the same
+        ``groups``: block-diagonal factors stored by their blocks, a grouped core, ranks and
+        the ``rank`` budget per group; the output is exact up to the ranks.
         """
         geo = cls._conv_geometry(conv_module)
         g = conv_module.groups
         weight = conv_module.weight.detach()
         t, c = conv_module.out_channels, conv_module.in_channels
         ks = tuple(weight.shape[2:])
-        r_out, r_in = tucker_rank_for(rank, c, t, ks, g)
+        r_out, r_in = tucker_rank_for(rank, c, t, ks, g, grouped_conv=True)
         if r_out > t or r_in > c:
             raise ValueError(f"rank=({r_out}, {r_in}) exceeds the conv's channels ({t}, {c})")
         layer = cls(c, t, ks, (r_out, r_in), strategy=strategy, groups=g, **geo)
-        tg, cg, og, ig = t // g, c // g, r_out // g, r_in // g
-        u_t = torch.zeros(t, r_out, dtype=weight.dtype, device=weight.device)
-        u_c = torch.zeros(c, r_in, dtype=weight.dtype, device=weight.device)
-        cores = []
+        tg, og, ig = t // g, r_out // g, r_in // g
+        cores, u_t, u_c = [], [], []
         for j in range(g):
             part = TuckerKernel.from_dense(weight[j * tg:(j + 1) * tg], (og, ig), **decomposition_kwargs)
             cores.append(part.core)
-            u_t[j * tg:(j + 1) * tg, j * og:(j + 1) * og] = part.factors[0]
-            u_c[j * cg:(j + 1) * cg, j * ig:(j + 1) * ig] = part.factors[1]
+            u_t.append(part.factors[0])
+            u_c.append(part.factors[1])
         with torch.no_grad():
             layer.core.copy_(torch.cat(cores, 0))
-            layer.factors[0].copy_(u_t)
-            layer.factors[1].copy_(u_c)
+            layer.factors[0].copy_(torch.cat(u_t, 0))
+            layer.factors[1].copy_(torch.cat(u_c, 0))
             if layer.bias is not None:
                 layer.bias.copy_(conv_module.bias)
-        dense = weight if g == 1 else _grouped_to_full(weight, g)
-        layer.relative_error = layer.kernel.relative_error(dense)
+        got = layer._dense_weight().detach()
+        layer.relative_error = float(torch.linalg.vector_norm(got - weight) / torch.linalg.vector_norm(weight)) \
+            if bool(weight.any()) else float(torch.linalg.vector_norm(got))
         return layer
-
-
-def _grouped_to_full(weight, groups):
-    t, cg = weight.shape[:2]
-    full = weight.new_zeros((t, cg * groups) + tuple(weight.shape[2:]))
-    tg = t // groups
-    for j in range(groups):
-        full[j * tg:(j + 1) * tg, j * cg:(j + 1) * cg] = weight[j * tg:(j + 1) * tg]
-    return full
 
 
 class HOCPBlock(nn.Module):

@@ -27,12 +27,21 @@ def lasso(model, gamma):
     return gamma * sum(layer.weights.abs().sum() for _, layer in layers)
 
 
-def prune(model, threshold):
-    """Prune every CP layer (|lambda| <= threshold); returns {name: (old rank, new rank)}."""
+def prune(model, threshold=None, *, relative=None, optimizer=None):
+    """Prune every CP layer; returns {name: (old rank, new rank)}.
+
+    ``threshold``: drop components with |lambda| <= threshold (one cut for the whole model);
+    ``relative``: drop |lambda| <= relative * that layer's max |lambda| (a cut per layer).
+    The Parameter objects stay (an optimizer keeps updating them); pass ``optimizer`` to cut
+    its per-parameter state too (see :meth:`KruskalConv.prune`).
+    """
+    layers = factorized_layers(model)
+    if not layers:
+        raise ValueError("prune: the model has no KruskalConv layer")
     out = {}
-    for name, layer in factorized_layers(model):
+    for name, layer in layers:
         old = layer.rank
-        out[name] = (old, layer.prune(threshold))
+        out[name] = (old, layer.prune(threshold, relative=relative, optimizer=optimizer))
     return out
 
 

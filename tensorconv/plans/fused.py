@@ -136,6 +136,8 @@ class FusedRunner:
 
     def __call__(self, backend, x, tensors):
         """``tensors``: [activation placeholder] + weight arrays, as the unfused executor holds them."""
+        if x.shape[0] == 0:
+            return None  # an empty batch has no tiles: the caller's unfused steps return the empty output
         plan = self.plan
         steps = plan.steps
         # weights-only steps run once, not per tile

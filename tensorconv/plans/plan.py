@@ -24,13 +24,38 @@ def _prod(values):
     return out
 
 
+_ITEMSIZES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "complex64": 8, "complex128": 16}
+
+
 def _itemsize(dtype):
+    """Bytes per element of ``dtype`` (a name, a numpy / torch dtype, or an itemsize in bytes)."""
     if dtype is None:
         return 4
-    if isinstance(dtype, int):
+    if isinstance(dtype, int) and not isinstance(dtype, bool):
+        if dtype not in (2, 4, 8, 16):
+            raise ValueError(f"dtype={dtype!r} as an itemsize must be 2, 4, 8 or 16 bytes")
         return dtype
     name = str(getattr(dtype, "name", dtype)).replace("torch.", "")
-    return {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "complex64": 8, "complex128": 16}.get(name, 4)
+    if name not in _ITEMSIZES:
+        raise ValueError(f"dtype={dtype!r} is not one of {sorted(_ITEMSIZES)}")
+    return _ITEMSIZES[name]
+
+
+def _check_shape(shape, name="input_shape"):
+    """A tuple of ints from ``shape``; floats, bools and negative sizes are errors, never truncated."""
+    try:
+        entries = tuple(shape)
+    except TypeError:
+        raise TypeError(f"{name} must be a tuple of ints, got {shape!r}") from None
+    out = []
+    for v in entries:
+        if isinstance(v, bool) or not hasattr(v, "__index__"):
+            raise TypeError(f"{name}={shape!r} must hold ints, got {v!r} ({type(v).__name__})")
+        v = int(v.__index__())
+        if v < 0:
+            raise ValueError(f"{name}={shape!r} has a negative size {v}")
+        out.append(v)
+    return tuple(out)
 
 
 def _kernel_arrays(kernel):
@@ -48,6 +73,11 @@ def _check_arrays(x, kernel):
     arrays = [x] + (_kernel_arrays(kernel) or [kernel])
     backend = get_backend(*arrays)
     ref = arrays[1]
+    for name, a in (("x", x), ("the kernel", ref)):
+        if not backend.is_inexact(a):
+            # integer products would wrap around silently (int8: 540000 -> 96); torch's conv refuses them too
+            raise TypeError(f"{name} has dtype {backend.dtype_name(a)}: convolutions need a floating (or complex) "
+                            f"dtype; convert it first, e.g. x.astype('float32') / x.float()")
     if backend.dtype(x) != backend.dtype(ref):
         raise TypeError(
             f"x has dtype {backend.dtype_name(x)} but the kernel has dtype {backend.dtype_name(ref)}; "
@@ -453,7 +483,7 @@ def plan_conv(kernel_or_shape, input_shape, *, stride=1, padding=0, dilation=1, 
     # the device only selects a cost model: one cache entry per model, whatever names the device
     # (and a model installed by calibrate / set_cost_model takes effect for the next plan)
     model = cost_model_for(backend_name, device)
-    input_shape = tuple(int(s) for s in input_shape)
+    input_shape = _check_shape(input_shape)
     plane_chunk = None
     if strategy == "auto" and PlaneChain.applies(structure) and len(input_shape) == 2 + structure.n_spatial:
         # a compiled kernel the backend has ready (built before): auto weighs it in

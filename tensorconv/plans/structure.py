@@ -127,15 +127,23 @@ def _tucker_structure(kernel: TuckerKernel):
             core_spatial.append(f"q{j}")
     core_shape = gs + (r_out // g, r_in // g) + tuple(int(q) for q in kernel.core.shape[2:])
     operands.append(Operand("core", gi + ("o", "i") + tuple(core_spatial), core_shape))
-    if kernel.factors[0] is not None:
+    block_t, block_c = kernel.block_diagonal
+    act_sizes = {}
+    if block_t:  # stored by its diagonal blocks: output channels (g, T / g)
+        operands.append(Operand("U_T", ("g", "t", "o"), (g, kernel.shape[0] // g, r_out // g)))
+        act_out = ("g", "t")
+    elif kernel.factors[0] is not None:
         operands.append(Operand("U_T", ("t",) + gi + ("o",), (kernel.shape[0],) + gs + (r_out // g,)))
         act_out = ("t",)
     else:
         act_out = gi + ("o",)
-    if kernel.factors[1] is not None:
+    if block_c:  # input channels (g, C / g), each group's block applied to its own channels
+        operands.append(Operand("U_C", ("g", "s", "i"), (g, kernel.shape[1] // g, r_in // g)))
+        act_in = ("g", "s")
+        act_sizes = {"g": g}
+    elif kernel.factors[1] is not None:
         operands.append(Operand("U_C", ("s",) + gi + ("i",), (kernel.shape[1],) + gs + (r_in // g,)))
         act_in = ("s",)
-        act_sizes = {}
     else:
         act_in = gi + ("i",)
         act_sizes = {"g": g} if grouped else {}
@@ -143,7 +151,7 @@ def _tucker_structure(kernel: TuckerKernel):
         if f is not None:
             operands.append(Operand(f"U_K{j}", (_tap(j), f"q{j}"), tuple(int(d) for d in f.shape)))
     sizes = _collect_sizes(operands, act_sizes)
-    key = ("tucker", kernel.shape, kernel.rank, g, tuple(f is None for f in kernel.factors))
+    key = ("tucker", kernel.shape, kernel.rank, g, tuple(f is None for f in kernel.factors), kernel.block_diagonal)
     return KernelStructure("tucker", kernel.shape, 1, tuple(operands), act_in, act_out, sizes, key)
 
 
