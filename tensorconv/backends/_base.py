@@ -83,6 +83,10 @@ class ArrayBackend:
 
         return numpy.issubdtype(x.dtype, numpy.inexact)
 
+    def is_tracing(self):
+        """Whether a tracer is recording this call (torch.jit.trace): shapes seen now become constants."""
+        return False
+
     def all_finite(self, x):
         return bool(self.xp.isfinite(x).all())
 

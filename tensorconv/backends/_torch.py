@@ -67,6 +67,9 @@ class TorchBackend(ArrayBackend):
     def is_inexact(self, x):
         return x.is_floating_point() or x.is_complex()
 
+    def is_tracing(self):
+        return self.xp.jit.is_tracing()
+
     def all_finite(self, x):
         return bool(self.xp.isfinite(x.detach()).all())
 
@@ -156,6 +159,9 @@ class TorchBackend(ArrayBackend):
     def cp_chain_3d(self, x, lam, u_t, u_c, spatial, *, out_spatial, stride, pad_lo, dilation):
         torch = self.xp
         if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+            return None
+        if torch._C._are_functorch_transforms_active() or torch.jit.is_tracing():
+            # torch.func (grad, vmap, jacrev) and jit tracing see through plain torch ops only
             return None
         if (torch.is_grad_enabled() and any(t.requires_grad for t in (x, lam, u_t, u_c, *spatial))
                 and any(s != 1 for s in stride)):

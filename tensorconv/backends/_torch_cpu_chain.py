@@ -18,7 +18,7 @@ import os
 import platform
 import warnings
 
-__all__ = ["load", "available", "disabled", "planes_per_chunk", "cp_chain_forward"]
+__all__ = ["load", "available", "disabled", "planes_per_chunk", "cp_chain_forward", "reference_chain"]
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "cp_chain_cpu.cpp")
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -215,12 +215,34 @@ def _run_forward(module, x, lam, u_t, u_c, spatial, geo):
                                            list(dilation), chunk)
 
 
+def reference_chain(x, lam, u_t, u_c, u0, u1, u2, geo):
+    """What the kernel computes, in differentiable torch ops (stride 1, zero padding): x (B, C,
+    D, H, W) -> (B, D', H', W', T). Used for higher-order gradients, which the kernel lacks."""
+    import torch
+    import torch.nn.functional as F
+
+    out_spatial, _, pad_lo, dilation, _ = geo
+    h = torch.einsum("bcdhw,cr->brdhw", x, u_c)
+    rank = int(lam.shape[0])
+    for m, u in enumerate((u0, u1, u2)):
+        k = int(u.shape[0])
+        hi = out_spatial[m] + dilation[m] * (k - 1) - h.shape[2 + m] - pad_lo[m]
+        pads = [0, 0] * 3
+        pads[2 * (2 - m)], pads[2 * (2 - m) + 1] = pad_lo[m], hi
+        h = F.pad(h, pads)
+        shape = [rank, 1, 1, 1, 1]
+        shape[2 + m] = k
+        dil = [1, 1, 1]
+        dil[m] = dilation[m]
+        h = F.conv3d(h, u.t().reshape(shape), None, 1, 0, tuple(dil), rank)
+    return torch.einsum("brdhw,tr->bdhwt", h, u_t * lam)
+
+
 def _function():
     """The autograd Function around the kernel (made once: torch is imported lazily)."""
     if "function" in _state:
         return _state["function"]
     import torch
-    from torch.autograd.function import once_differentiable
 
     class CpChain(torch.autograd.Function):
         @staticmethod
@@ -230,12 +252,19 @@ def _function():
             return _run_forward(_state["module"], x, lam, u_t, u_c, (u0, u1, u2), geo)
 
         @staticmethod
-        @once_differentiable
         def backward(ctx, grad):
             x, lam, u_t, u_c, u0, u1, u2 = ctx.saved_tensors
             _, stride, pad_lo, dilation, _ = ctx.geo
             if any(s != 1 for s in stride):  # pragma: no cover - cp_chain_3d never asks
                 raise RuntimeError("the plane chain's backward needs stride 1")
+            if torch.is_grad_enabled():
+                # backward(create_graph=True): higher-order gradients through the same chain in plain torch ops
+                inputs = (x, lam, u_t, u_c, u0, u1, u2)
+                with torch.enable_grad():
+                    out = reference_chain(*inputs, ctx.geo)
+                wanted = [t for t, need in zip(inputs, ctx.needs_input_grad) if need]
+                got = iter(torch.autograd.grad(out, wanted, grad, create_graph=True, allow_unused=True))
+                return tuple(next(got) if need else None for need in ctx.needs_input_grad[:7]) + (None,)
             wt = _folded_output_factor(u_t, lam)
             gx, duc, du0, du1, du2, dwt = _state["module"].cp_chain_backward(
                 x, u_c.contiguous(), u0.contiguous(), u1.contiguous(), u2.contiguous(), wt, grad.contiguous(),

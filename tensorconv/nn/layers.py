@@ -103,6 +103,54 @@ def tucker_rank_for(rank, in_channels, out_channels, kernel_size, groups=1, *, g
     return rank
 
 
+_PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+
+
+def _run_conv(x, kernel, bias, layer, groups=1):
+    """``conv`` as a torch layer runs it, with ``layer``'s geometry: under autocast it computes in
+    the autocast dtype as ``nn.ConvNd`` does; under ``torch.jit.trace`` it records a dense conv
+    (a plan is chosen per input shape in Python, which a trace would freeze to one shape)."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev) and x.is_floating_point() and x.dtype != torch.float64:
+        dtype = torch.get_autocast_dtype(dev)
+        if x.dtype != dtype or kernel.dtype != dtype:
+            # nn.ConvNd casts input, weight and bias to the autocast dtype and returns that dtype;
+            # inside, autocast is off so that every step of the plan stays in it
+            with torch.autocast(dev, enabled=False):
+                return _run_conv(x.to(dtype), kernel.astype(dtype), None if bias is None else bias.to(dtype),
+                                 layer, groups)
+    n = len(layer.kernel_size)
+    if torch.jit.is_tracing():
+        out = _traced_conv(x, kernel, layer, groups)
+    else:
+        out = conv(x, kernel, stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
+                   padding_mode=layer.padding_mode, strategy=layer.strategy)
+    if bias is not None:
+        out = out + bias.reshape((-1,) + (1,) * n)
+    return out
+
+
+def _traced_conv(x, kernel, layer, groups):
+    """The conv as torch ops whose trace holds for any input shape: the kernel rebuilt, padded
+    with F.pad, one F.convNd."""
+    import torch.nn.functional as F
+
+    n = len(layer.kernel_size)
+    if n > 3:
+        raise RuntimeError(f"torch.jit.trace of a {n}-D tensorconv layer: torch has no conv{n}d to record; "
+                           f"trace a model with 1-3 spatial dims, or use torch.compile")
+    weight = kernel.to_grouped_dense() if groups > 1 else kernel.to_dense()
+    pads = normalize_padding(layer.padding, layer.kernel_size, layer.stride, layer.dilation)
+    unbatched = x.ndim == n + 1
+    if unbatched:
+        x = x.unsqueeze(0)
+    flat = [p for lo_hi in reversed(pads) for p in lo_hi]  # F.pad lists the last mode first
+    if any(flat):
+        x = F.pad(x, flat, mode=_PAD_MODES[layer.padding_mode])
+    out = (F.conv1d, F.conv2d, F.conv3d)[n - 1](x, weight, None, layer.stride, 0, layer.dilation, groups)
+    return out[0] if unbatched else out
+
+
 def _compression(dense, stored):
     """'dense N, 3.9x fewer' or 'dense N, 8.1x more': the parameter count said as it is."""
     if stored <= dense:
@@ -153,12 +201,14 @@ class _FactorizedConv(nn.Module):
         if x.ndim not in (n + 1, n + 2):
             raise ValueError(f"{type(self).__name__} with {n} spatial dims expects input (B, C, *{n} dims) or "
                              f"(C, *{n} dims), got shape {tuple(x.shape)}")
-        out = conv(x, self.kernel, stride=self.stride, padding=self.padding, dilation=self.dilation,
-                   padding_mode=self.padding_mode, strategy=self.strategy)
-        if self.bias is not None:
-            shape = (-1,) + (1,) * n
-            out = out + self.bias.reshape(shape)
-        return out
+        return _run_conv(x, self.kernel, self.bias, self, groups=getattr(self, "groups", 1))
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling: say why it cannot work
+        raise RuntimeError(f"{type(self).__name__} cannot be compiled by torch.jit.script: its forward plans the "
+                           f"convolution in Python for each input shape. Use torch.jit.trace (tensorconv layers "
+                           f"trace to a shape-generic dense conv), torch.compile, or to_dense_conv() for a "
+                           f"scriptable nn.ConvNd")
 
     def plan(self, input_shape):
         """The :class:`~tensorconv.ConvPlan` this layer runs for ``input_shape``."""
@@ -535,10 +585,7 @@ class HOCPBlock(nn.Module):
         h = torch.movedim(torch.movedim(x, 1, -1) @ u_c, -1, 1)  # x ×_1 U_C^T: C -> R channels
         h = self.psi(h)
         rest = KruskalKernel(layer.weights, [layer.factors[0], None] + list(layer.factors[2:]))
-        out = conv(h, rest, stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
-                   padding_mode=layer.padding_mode, strategy=layer.strategy)
-        if layer.bias is not None:
-            out = out + layer.bias.reshape((-1,) + (1,) * n)
+        out = _run_conv(h, rest, layer.bias, layer)
         if self.skip_factor is not None:
             out = x + torch.movedim(torch.movedim(out, 1, -1) @ self.skip_factor.T, -1, 1)
         return out
