@@ -160,7 +160,9 @@ class TapProgram:
     def __call__(self, backend, act, weight, native=True):
         if native and self.native is not None and backend.native_conv_ok(act):
             spec = self.native
-            x = backend.reshape(act, tuple(act.shape[:1 + self.n]) + (-1,)) if spec["flat_in"] else act
+            # the channel count spelled out: a -1 cannot be inferred for an empty batch
+            x = backend.reshape(act, tuple(act.shape[:1 + self.n]) + (spec["shape"][1] * spec["groups"],)) \
+                if spec["flat_in"] else act
             run = self._native_run(backend, tuple(x.shape))
             if run is not None:
                 out = run(x, backend.reshape(backend.permute(weight, spec["order"]), spec["shape"]))
