@@ -507,3 +507,44 @@ def test_autocast_computes_in_the_autocast_dtype_like_nn_conv(strategy):
                 dense = dense_layer(x)
         assert got.dtype == dense.dtype == torch.bfloat16
         assert rel_err(got.float(), want) < 3e-2  # bfloat16 (8 bits of mantissa): stated 3e-2
+
+
+# -- 8. torch.compile / torch.export see standard convs, not the planner -----------------------------------------------
+def _traceable_model():
+    from tensorconv.nn import HOCPBlock, KruskalConv, TuckerConv
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        KruskalConv(4, 8, (3, 3, 3), rank=6, padding=1, stride=(1, 2, 1), dilation=(1, 1, 2)), torch.nn.ReLU(),
+        TuckerConv(8, 8, (3, 3, 3), rank=(4, 4), padding=(1, (0, 2), 1), groups=2, padding_mode="reflect"),
+        TuckerConv(8, 8, (1, 3, 3), rank=(4, 4), padding=(0, 1, 1), core_groups=2),
+        HOCPBlock(8, 6, (1, 3, 3), rank=3, padding="same"),
+        KruskalConv(6, 6, (3, 1, 3), rank=4, padding=((0, 2), 0, 1), padding_mode="circular")).double()
+
+
+@needs_torch
+def test_compile_traces_one_graph_equal_to_eager():
+    """fullgraph: dynamo sees the layers' standard convs, not the Python planner behind conv()
+    (tracing that took minutes per layer); aot_eager checks the graph without compiling C++."""
+    model = _traceable_model()
+    x = torch.randn(2, 4, 6, 10, 10, dtype=torch.float64, requires_grad=True)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got = compiled(x)
+    want = model(x)
+    assert rel_err(got.detach(), want.detach()) < TOL
+    grads = torch.autograd.grad(got.square().sum(), [x] + list(model.parameters()))
+    want_grads = torch.autograd.grad(want.square().sum(), [x] + list(model.parameters()))
+    # one scale for all: some gradients are zero up to rounding (a bias before a norm)
+    assert rel_err(torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in want_grads])) < TOL
+
+
+@needs_torch
+def test_export_is_shape_generic_in_the_batch():
+    model = _traceable_model().eval()
+    x = torch.randn(2, 4, 6, 10, 10, dtype=torch.float64)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    exported = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+    for b in (1, 3):
+        xb = torch.randn(b, 4, 6, 10, 10, dtype=torch.float64)
+        with torch.no_grad():
+            assert rel_err(exported.module()(xb), model(xb)) < TOL

@@ -106,23 +106,33 @@ def tucker_rank_for(rank, in_channels, out_channels, kernel_size, groups=1, *, g
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
 
 
-def _run_conv(x, kernel, bias, layer, groups=1):
-    """``conv`` as a torch layer runs it, with ``layer``'s geometry: under autocast it computes in
-    the autocast dtype as ``nn.ConvNd`` does; under ``torch.jit.trace`` it records a dense conv
-    (a plan is chosen per input shape in Python, which a trace would freeze to one shape)."""
+def _run_conv(x, parts, bias, layer, groups=1):
+    """``conv`` as a torch layer runs it, with ``layer``'s geometry. ``parts`` = (kind, tensors,
+    core groups): ("cp", (lambda, U_T, U_C, U_0, ..)) or ("tucker", (core, U_T, U_C, U_0, ..)),
+    None for an identity factor; the kernel object is built only where a plan runs.
+
+    Under autocast it computes in the autocast dtype as ``nn.ConvNd`` does; traced or compiled
+    it records standard convs (a plan is chosen per input shape in Python, which a trace would
+    freeze to one shape, and which a compiler would have to trace through)."""
+    kind, tensors, core_groups = parts
     dev = x.device.type
     if torch.is_autocast_enabled(dev) and x.is_floating_point() and x.dtype != torch.float64:
         dtype = torch.get_autocast_dtype(dev)
-        if x.dtype != dtype or kernel.dtype != dtype:
+        if x.dtype != dtype or tensors[0].dtype != dtype:
             # nn.ConvNd casts input, weight and bias to the autocast dtype and returns that dtype;
             # inside, autocast is off so that every step of the plan stays in it
+            cast = tuple(None if t is None else t.to(dtype) for t in tensors)
             with torch.autocast(dev, enabled=False):
-                return _run_conv(x.to(dtype), kernel.astype(dtype), None if bias is None else bias.to(dtype),
+                return _run_conv(x.to(dtype), (kind, cast, core_groups), None if bias is None else bias.to(dtype),
                                  layer, groups)
     n = len(layer.kernel_size)
-    if torch.jit.is_tracing():
-        out = _traced_conv(x, kernel, layer, groups)
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        # a tracer (jit.trace, torch.compile, torch.export) records standard ops, not the Python planning
+        # or the compiled kernel behind conv(): shape-generic, and quick to compile
+        out = _graph_conv(x, parts, layer, groups)
     else:
+        first, *factors = tensors
+        kernel = KruskalKernel(first, factors) if kind == "cp" else TuckerKernel(first, factors, groups=core_groups)
         out = conv(x, kernel, stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
                    padding_mode=layer.padding_mode, strategy=layer.strategy)
     if bias is not None:
@@ -130,24 +140,89 @@ def _run_conv(x, kernel, bias, layer, groups=1):
     return out
 
 
-def _traced_conv(x, kernel, layer, groups):
-    """The conv as torch ops whose trace holds for any input shape: the kernel rebuilt, padded
-    with F.pad, one F.convNd."""
+def _graph_conv(x, parts, layer, groups):
+    """The conv as standard torch ops that a tracer records for any input shape (no plan, no
+    compiled kernel): a CP kernel as 1x1 -> one depthwise conv per mode -> 1x1, a Tucker kernel
+    as 1x1 -> (grouped) core conv -> 1x1, each an ``F.convNd``; padding by ``F.pad`` first."""
     import torch.nn.functional as F
 
     n = len(layer.kernel_size)
     if n > 3:
-        raise RuntimeError(f"torch.jit.trace of a {n}-D tensorconv layer: torch has no conv{n}d to record; "
-                           f"trace a model with 1-3 spatial dims, or use torch.compile")
-    weight = kernel.to_grouped_dense() if groups > 1 else kernel.to_dense()
-    pads = normalize_padding(layer.padding, layer.kernel_size, layer.stride, layer.dilation)
+        raise RuntimeError(f"tracing or compiling a {n}-D tensorconv layer: torch has no conv{n}d to record; "
+                           f"use 1-3 spatial dims there, or run it eagerly")
+    convnd = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
+    unit = (1,) * n
     unbatched = x.ndim == n + 1
     if unbatched:
         x = x.unsqueeze(0)
+    pads = normalize_padding(layer.padding, layer.kernel_size, layer.stride, layer.dilation)
+    # symmetric zero padding is left to the convs themselves: every op that is not a conv is code
+    # that torch.compile generates and compiles (seconds each on CPU)
+    native = layer.padding_mode == "zeros" and all(lo == hi for lo, hi in pads)
     flat = [p for lo_hi in reversed(pads) for p in lo_hi]  # F.pad lists the last mode first
-    if any(flat):
-        x = F.pad(x, flat, mode=_PAD_MODES[layer.padding_mode])
-    out = (F.conv1d, F.conv2d, F.conv3d)[n - 1](x, weight, None, layer.stride, 0, layer.dilation, groups)
+
+    def pad(h):
+        return F.pad(h, flat, mode=_PAD_MODES[layer.padding_mode]) if any(flat) and not native else h
+
+    def column(u, m=None):
+        """(D, R) factor -> conv weight (R, D or 1, ...) as a view (no copy to generate)."""
+        w = u.t()
+        if m is None:  # a 1x1 conv's weight (R, D, 1, ..)
+            return w[(...,) + (None,) * n]
+        w = w[:, None]  # depthwise (R, 1, .., K at mode m, ..)
+        return w[(slice(None), slice(None)) + (None,) * m + (slice(None),) + (None,) * (n - 1 - m)] \
+            if n > 1 else w
+
+    transposed = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[n - 1]
+    kind, tensors, core_groups = parts
+    if kind == "cp":
+        lam, u_t, u_c, *spatial = tensors
+        rank = int(lam.shape[0])
+        # a 1x1 transposed conv takes U_C (C, R) as its weight as it is stored: no transposed copy
+        h = x if u_c is None else transposed(x, u_c[(...,) + (None,) * n])
+        h = pad(h)
+        last = None
+        for m, u in enumerate(spatial):  # a plain loop: dynamo does not trace max(generator, default=)
+            if u is not None:
+                last = m
+        if last is not None:  # lambda rides on the last depthwise weight (one small op instead of two)
+            spatial = list(spatial)
+            spatial[last] = spatial[last] * lam
+        for m, u in enumerate(spatial):
+            stride, dilation, padding = [1] * n, [1] * n, [0] * n
+            stride[m], dilation[m] = layer.stride[m], layer.dilation[m]
+            padding[m] = pads[m][0] if native else 0
+            if u is None:
+                if stride[m] != 1 or padding[m]:
+                    index = [slice(None)] * (n + 2)
+                    h = F.pad(h, [0, 0] * (n - 1 - m) + [padding[m]] * 2) if padding[m] else h
+                    index[2 + m] = slice(None, None, stride[m])
+                    h = h[tuple(index)]
+                continue
+            h = convnd(h, column(u, m), None, tuple(stride), tuple(padding), tuple(dilation), rank)
+        if last is None:
+            out = h * lam.reshape((1, rank) + unit) if u_t is None else convnd(h, (u_t * lam)[(...,) + (None,) * n])
+        else:
+            out = h if u_t is None else convnd(h, u_t[(...,) + (None,) * n])
+    else:
+        core, u_t, u_c, *spatial = tensors
+        g = core_groups
+        # a grouped conv's channel factors are stored by their diagonal blocks (R / g columns)
+        block_t = g > 1 and u_t is not None and int(u_t.shape[1]) * g == int(core.shape[0])
+        block_c = g > 1 and u_c is not None and int(u_c.shape[1]) == int(core.shape[1])
+        for j, f in enumerate(spatial):
+            if f is not None:
+                core = torch.movedim(torch.tensordot(core, f, dims=([2 + j], [1])), -1, 2 + j)
+        h = x
+        if u_c is not None:
+            if block_c:  # (C, R_in / g) by blocks -> grouped 1x1 weight (R_in, C / g)
+                cg, ig = int(u_c.shape[0]) // g, int(u_c.shape[1])
+                w = u_c.reshape(g, cg, ig).transpose(1, 2).reshape(g * ig, cg)
+            else:
+                w = u_c.t()  # a view: the conv reads it as it is
+            h = convnd(h, w[(...,) + (None,) * n], None, 1, 0, 1, g if block_c else 1)
+        h = convnd(pad(h), core, None, layer.stride, tuple(lo for lo, _ in pads) if native else 0, layer.dilation, g)
+        out = h if u_t is None else convnd(h, u_t[(...,) + (None,) * n], None, 1, 0, 1, g if block_t else 1)
     return out[0] if unbatched else out
 
 
@@ -201,14 +276,14 @@ class _FactorizedConv(nn.Module):
         if x.ndim not in (n + 1, n + 2):
             raise ValueError(f"{type(self).__name__} with {n} spatial dims expects input (B, C, *{n} dims) or "
                              f"(C, *{n} dims), got shape {tuple(x.shape)}")
-        return _run_conv(x, self.kernel, self.bias, self, groups=getattr(self, "groups", 1))
+        return _run_conv(x, self._parts(), self.bias, self, groups=getattr(self, "groups", 1))
 
     def __prepare_scriptable__(self):
         # torch.jit.script calls this on every submodule before compiling: say why it cannot work
         raise RuntimeError(f"{type(self).__name__} cannot be compiled by torch.jit.script: its forward plans the "
-                           f"convolution in Python for each input shape. Use torch.jit.trace (tensorconv layers "
-                           f"trace to a shape-generic dense conv), torch.compile, or to_dense_conv() for a "
-                           f"scriptable nn.ConvNd")
+                           f"convolution in Python for each input shape. Use torch.jit.trace or torch.export "
+                           f"(tensorconv layers record shape-generic standard convs), torch.compile, or "
+                           f"to_dense_conv() for a scriptable nn.ConvNd")
 
     def plan(self, input_shape):
         """The :class:`~tensorconv.ConvPlan` this layer runs for ``input_shape``."""
@@ -320,6 +395,9 @@ class KruskalConv(_FactorizedConv):
             self.weights.fill_(1.0)
             for f in self.factors:
                 f.normal_(0.0, std)
+
+    def _parts(self):
+        return "cp", (self.weights, *self.factors), 1
 
     @property
     def kernel(self) -> KruskalKernel:
@@ -493,6 +571,9 @@ class TuckerConv(_FactorizedConv):
             for f in self.factors:
                 f.normal_(0.0, std)
 
+    def _parts(self):
+        return "tucker", (self.core, *self.factors), max(self.groups, self.core_groups)
+
     @property
     def kernel(self) -> TuckerKernel:
         return TuckerKernel(self.core, list(self.factors), groups=max(self.groups, self.core_groups))
@@ -582,9 +663,10 @@ class HOCPBlock(nn.Module):
         layer = self.conv
         n = layer.n_spatial
         u_c = layer.factors[1]
-        h = torch.movedim(torch.movedim(x, 1, -1) @ u_c, -1, 1)  # x ×_1 U_C^T: C -> R channels
+        # x ×_1 U_C^T: C -> R channels, laid out channels-first (Psi's norm would copy it there anyway)
+        h = torch.movedim(torch.movedim(x, 1, -1) @ u_c, -1, 1).contiguous()
         h = self.psi(h)
-        rest = KruskalKernel(layer.weights, [layer.factors[0], None] + list(layer.factors[2:]))
+        rest = ("cp", (layer.weights, layer.factors[0], None, *layer.factors[2:]), 1)  # U_C applied above
         out = _run_conv(h, rest, layer.bias, layer)
         if self.skip_factor is not None:
             out = x + torch.movedim(torch.movedim(out, 1, -1) @ self.skip_factor.T, -1, 1)

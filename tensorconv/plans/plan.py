@@ -525,7 +525,7 @@ def conv(x, kernel, *, stride=1, padding=0, dilation=1, groups=1, padding_mode="
         # a plan is chosen per input shape in Python: a trace would freeze it to the traced shape
         raise RuntimeError("tensorconv.conv cannot be recorded by torch.jit.trace (its plan depends on the input "
                            "shape, which a trace freezes); trace the layers instead (KruskalConv, TuckerConv and "
-                           "HOCPBlock record a shape-generic dense conv), or use torch.compile")
+                           "HOCPBlock record shape-generic standard convs), or use torch.compile")
     structure = structure_of(kernel, groups)
     plan = plan_conv(structure, tuple(int(s) for s in x.shape), stride=stride, padding=padding, dilation=dilation,
                      groups=groups, padding_mode=padding_mode, strategy=strategy, dtype=backend.itemsize(x),
