@@ -548,3 +548,49 @@ def test_export_is_shape_generic_in_the_batch():
         xb = torch.randn(b, 4, 6, 10, 10, dtype=torch.float64)
         with torch.no_grad():
             assert rel_err(exported.module()(xb), model(xb)) < TOL
+
+
+# -- 13. peak_bytes counts what the chosen runner allocates --------------------------------------------------------
+_PEAK_CODE = """
+import gc, sys, torch
+torch.set_num_threads(2)
+from tensorconv import KruskalKernel, conv, plan_conv
+
+def rss():
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+
+strategy, batch, c, r, dtype = {args!r}
+k = KruskalKernel.random((c, c, 3, 3, 3), r, backend="torch", dtype=dtype, seed=0)
+x = torch.randn((batch, c, 16, 32, 32), dtype=getattr(torch, dtype))
+with torch.no_grad():
+    conv(torch.randn((1, c, 4, 5, 6), dtype=x.dtype), k, padding=1, strategy=strategy)  # libraries loaded
+    plan = plan_conv(k, x.shape, padding=1, strategy=strategy)
+    gc.collect()
+    open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts from here
+    base, _ = rss()
+    conv(x, k, padding=1, strategy=strategy)
+    _, peak = rss()
+print((peak - base) / plan.peak_bytes, plan.plane_chain)
+"""
+
+
+@needs_torch
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="measures the peak RSS through Linux /proc")
+@pytest.mark.parametrize("args", [("fused", 8, 64, 64, "float32"), ("fused", 1, 64, 64, "float32"),
+                                  ("fused", 1, 32, 192, "float64"), ("factorized", 8, 64, 64, "float32"),
+                                  ("factorized", 2, 64, 64, "float64"), ("factorized", 1, 64, 192, "float32"),
+                                  ("reconstructed", 8, 64, 64, "float32"), ("reconstructed", 2, 32, 64, "float64")])
+def test_peak_bytes_is_what_the_runner_allocates(args):
+    """Measured peak RSS of one call over plan.peak_bytes, in a fresh process. The band allows for
+    the allocator (freed blocks it keeps) and library scratch the estimate does not model."""
+    from test_fused import _loaded_kernel
+
+    if args[0] == "fused":
+        _loaded_kernel()
+    proc = _run_python(_PEAK_CODE.format(args=args))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ratio, chain = proc.stdout.split()
+    assert chain == str(args[0] == "fused")
+    assert 0.6 < float(ratio) < 1.6, (args, ratio)

@@ -270,6 +270,17 @@ class ArrayBackend:
         where the kernel is not ready to run without building it (``auto`` plans then leave it out)."""
         return None
 
+    def plane_chain_bytes(self, input_shape, rank, itemsize, *, out_channels, out_spatial, kernel0, dilation0,
+                          device=None):
+        """Bytes :meth:`cp_chain_3d` allocates for this input (B, C, D, H, W), or None where the
+        backend has no such kernel (the plan's steps run and are counted instead)."""
+        return None
+
+    def native_conv_expected(self, itemsize, device=None):
+        """Whether plan steps will run as native convs (:meth:`native_conv_ok`) for this dtype
+        size and device: decided before any array exists, to count what a plan allocates."""
+        return False
+
     def conv_dense(self, x, weight, *, stride, dilation, groups=1, padding=None, padding_mode="zeros"):
         """Dense N-D cross-correlation, channels first: x (B, C, *D), weight (T, C/g, *K).
 

@@ -180,6 +180,19 @@ class TorchBackend(ArrayBackend):
             return None
         return _torch_cpu_chain.planes_per_chunk(input_shape, rank, itemsize, out_channels=out_channels)
 
+    def plane_chain_bytes(self, input_shape, rank, itemsize, *, out_channels, out_spatial, kernel0, dilation0,
+                          device=None):
+        if device is not None and str(getattr(device, "type", device)) != "cpu":
+            return None
+        from ._torch_cpu_chain import forward_bytes
+
+        return forward_bytes(input_shape, rank, itemsize, out_channels=out_channels, out_spatial=out_spatial,
+                             kernel0=kernel0, dilation0=dilation0, threads=self.xp.get_num_threads())
+
+    def native_conv_expected(self, itemsize, device=None):
+        on_gpu = device is not None and str(getattr(device, "type", device)) != "cpu"
+        return on_gpu or itemsize != 8  # as native_conv_ok: no oneDNN kernels for float64
+
     def channels_last_conv(self, act_shape, weight_shape, *, stride, dilation, padding, padding_mode, groups):
         """``run(act, weight)`` for these static shapes, or None where the caller's tap loop runs.
 

@@ -18,7 +18,8 @@ import os
 import platform
 import warnings
 
-__all__ = ["load", "available", "disabled", "planes_per_chunk", "cp_chain_forward", "reference_chain"]
+__all__ = ["load", "available", "disabled", "planes_per_chunk", "forward_bytes", "cp_chain_forward",
+           "reference_chain"]
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "cp_chain_cpu.cpp")
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -171,6 +172,21 @@ def planes_per_chunk(shape, rank, itemsize, chunk_bytes=None, out_channels=None)
     t = c if out_channels is None else int(out_channels)
     per_plane = h * w * max(rank, c, t) * itemsize
     return max(1, min(d, (CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // per_plane))
+
+
+def forward_bytes(shape, rank, itemsize, *, out_channels, out_spatial, kernel0, dilation0, threads):
+    """Bytes the kernel's forward allocates for an input of ``shape`` (B, C, D, H, W): the
+    channels-last output and each thread's (or the team's) scratch of one chunk of planes
+    (``chain_scratch`` in csrc/cp_chain_cpu.cpp: C -> R rows, mode-2 rows, the ring, the output rows)."""
+    b, c, d, h, w = (int(v) for v in shape)
+    do, ho, wo = (int(v) for v in out_spatial)
+    g = planes_per_chunk(shape, rank, itemsize, out_channels=out_channels)
+    slots = (kernel0 - 1) * dilation0 + 1 + g - 1
+    per_image_threads = threads > 1 and b >= threads
+    team = threads > 1 and not per_image_threads
+    scratch = rank * (g * h * w + (2 if team else 1) * g * h * wo + slots * ho * wo + ho * wo + threads)
+    sets = threads if per_image_threads else 1
+    return itemsize * (b * do * ho * wo * out_channels + sets * scratch)
 
 
 def available():

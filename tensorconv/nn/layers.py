@@ -229,8 +229,8 @@ def _graph_conv(x, parts, layer, groups):
 def _compression(dense, stored):
     """'dense N, 3.9x fewer' or 'dense N, 8.1x more': the parameter count said as it is."""
     if stored <= dense:
-        return f"dense {dense}, {dense / stored:.3g}x fewer"
-    return f"dense {dense}, {stored / dense:.3g}x more"
+        return f"dense {dense}, {dense / stored:.1f}x fewer"
+    return f"dense {dense}, {stored / dense:.1f}x more"
 
 
 class _FactorizedConv(nn.Module):

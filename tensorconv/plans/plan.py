@@ -131,6 +131,8 @@ class ConvPlan:
         self.batched = batched
         self.requested = strategy
         self.itemsize = itemsize
+        self.backend_name = backend_name
+        self.device = device
         batch = self.input_shape[0] if batched else 1
         self.batch = batch
         self.cost_model = cost_model or cost_model_for(backend_name, device)
@@ -234,26 +236,68 @@ class ConvPlan:
                 self.weight_macs = self._reconstruct_macs
             else:
                 self._groups = st.groups
-            padded = [d + lo + hi for d, (lo, hi) in zip(g.in_spatial, g.padding)]
-            c = st.in_channels
-            self.peak_bytes = self.itemsize * (self.batch * c * (_prod(padded) + _prod(g.in_spatial))
-                                               + _prod(self.output_shape) * (1 if self.batched else self.batch)
-                                               + _prod(st.shape))
+            self.peak_bytes = self._peak_dense()
+
+    def _peak_dense(self):
+        """Bytes a dense conv allocates: its output, a padded copy where the conv cannot pad, and
+        what the library's conv adds (oneDNN: a reordered input; ATen's float64 CPU conv: an
+        im2col buffer; the tap loop of NumPy / CuPy: one product per tap)."""
+        g, st = self.geometry, self.structure
+        c = st.in_channels
+        out = self.batch * st.out_channels * _prod(g.out_spatial)
+        padded = self.batch * c * _prod(d + lo + hi for d, (lo, hi) in zip(g.in_spatial, g.padding))
+        inputs = self.batch * c * _prod(g.in_spatial)
+        backend = backend_for_name(self.backend_name)
+        native = backend.native_conv_expected(self.itemsize, self.device)
+        pads = any(p != (0, 0) for p in g.padding)
+        if self.backend_name == "torch" and 1 <= g.n_spatial <= 3:
+            copy = padded if pads and (g.padding_mode != "zeros" or not g.is_symmetric_padding) else 0
+            if native:
+                extra = inputs
+            else:
+                extra = self.batch * c * _prod(g.kernel_size) * _prod(g.out_spatial)  # im2col of the batch
+        else:  # per tap: a contiguous copy of the input slice, the product, the running sum
+            copy, extra = (padded if pads else 0), 2 * out + inputs
+        return self.itemsize * (out + copy + extra + _prod(st.shape))
 
     def _sizes_product(self, indices):
         return _prod(self._sizes[i] for i in indices)
 
     def _peak_factorized(self, steps):
+        """Bytes the runner allocates at its peak: one step's input, output and copies (each
+        intermediate is freed after the one step that reads it), or the plane chain's buffers."""
+        g = self.geometry
+        backend = backend_for_name(self.backend_name)
+        if self.strategy == "fused" and PlaneChain.applies(self.structure):
+            shape = (self.batch, self.structure.in_channels) + as_3d(g.in_spatial, 1)
+            chain = backend.plane_chain_bytes(shape, self.structure.size_of["r"], self.itemsize,
+                                              out_channels=self.structure.out_channels,
+                                              out_spatial=as_3d(g.out_spatial, 1), kernel0=g.kernel_size[0],
+                                              dilation0=g.dilation[0], device=self.device)
+            if chain is not None:
+                if g.padding_mode != "zeros":  # the input is padded by a copy first
+                    padded = [d + lo + hi for d, (lo, hi) in zip(g.in_spatial, g.padding)]
+                    chain += self.itemsize * self.batch * self.structure.in_channels * _prod(padded)
+                return chain
+        native = backend.native_conv_expected(self.itemsize, self.device)
         weights = sum(_prod(op.shape) for op in self.structure.operands)
         peak = 0
+        first = True
         for s in steps:
             if s.kind == "weights":
                 continue
-            positions = self.batch * _prod(s.in_grid)
-            padded = self.batch * _prod(
-                g + (sum(self.geometry.padding[m]) if m in s.modes else 0) for m, g in enumerate(s.in_grid))
             ch_in = _prod(self._sizes[i] for i in s.lhs_indices)
-            live = ch_in * (positions + (padded if s.modes else 0)) + _prod(s.out_shape)
+            live = ch_in * self.batch * _prod(s.in_grid) + _prod(s.out_shape)
+            pads = [g.padding[m] for m in s.modes]
+            if s.modes and any(p != (0, 0) for p in pads):
+                padded = self.batch * _prod(
+                    d + (sum(g.padding[m]) if m in s.modes else 0) for m, d in enumerate(s.in_grid))
+                # a native conv pads symmetric zeros itself; anything else is a padded copy first
+                copied = not native or g.padding_mode != "zeros" or any(lo != hi for lo, hi in pads)
+                live += ch_in * padded if copied else 0
+            elif not s.modes and first and not native:
+                live += ch_in * self.batch * _prod(s.in_grid)  # the channels-first input copied for a GEMM
+            first = False
             peak = max(peak, live)
         return self.itemsize * (peak + weights)
 
@@ -299,9 +343,14 @@ class ConvPlan:
     def _run_steps(self, backend, x, arrays, timer=None):
         """The plan's steps one after another; ``timer(j, thunk)`` may wrap step j (profiling)."""
         tensors = [self.activation(backend, x)] + list(arrays)
+        first_result = len(tensors)
         for j, (step, (kind, prog)) in enumerate(zip(self.steps, self._programs)):
             a, b = tensors[step.lhs], tensors[step.rhs]
+            for i in (step.lhs, step.rhs):
+                if i >= first_result:  # each intermediate is read by one step: let it go after that
+                    tensors[i] = None
             tensors.append(prog(backend, a, b) if timer is None else timer(j, lambda: prog(backend, a, b)))
+            del a, b
         return tensors[-1]
 
     def _run_factorized(self, backend, x, arrays):
