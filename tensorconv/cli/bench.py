@@ -20,7 +20,7 @@ from ..plans.cost import calibrate, set_cost_model
 from ..plans.plan import conv, plan_conv
 from . import check_writable, positive_int
 
-SUITES = ("fig6", "backends", "peers", "roofline", "targets")
+SUITES = ("fig6", "backends", "peers", "roofline", "targets", "r3d18")
 
 
 # -- timing ---------------------------------------------------------------------------------------------------
@@ -525,6 +525,64 @@ def suite_targets(args, targets):
 
 
 # -- output -----------------------------------------------------------------------------------------------------
+#: torchvision's r3d_18 convolutions on a (B, 3, 16, 112, 112) clip: (C, T, kernel, stride, padding, input D/H/W)
+R3D18_CONVS = [
+    ("stem", 3, 64, (3, 7, 7), (1, 2, 2), (1, 3, 3), (16, 112, 112)),
+    ("layer1", 64, 64, (3, 3, 3), (1, 1, 1), (1, 1, 1), (16, 56, 56)),
+    ("layer2.0", 64, 128, (3, 3, 3), (2, 2, 2), (1, 1, 1), (16, 56, 56)),
+    ("layer2", 128, 128, (3, 3, 3), (1, 1, 1), (1, 1, 1), (8, 28, 28)),
+    ("layer3.0", 128, 256, (3, 3, 3), (2, 2, 2), (1, 1, 1), (8, 28, 28)),
+    ("layer3", 256, 256, (3, 3, 3), (1, 1, 1), (1, 1, 1), (4, 14, 14)),
+    ("layer4.0", 256, 512, (3, 3, 3), (2, 2, 2), (1, 1, 1), (4, 14, 14)),
+    ("layer4", 512, 512, (3, 3, 3), (1, 1, 1), (1, 1, 1), (2, 7, 7)),
+]
+
+
+def suite_r3d18(args, targets):
+    """auto against its own options on r3d_18's conv shapes, CP kernels at the parameter-matched
+    rank (the paper's): the time auto's choice takes over the best of factorized, reconstructed
+    and (where built) the plane chain, interleaved. Target: <= 1.15 at every layer."""
+    rows = []
+    convs = R3D18_CONVS[1:4] if args.quick else R3D18_CONVS
+    torch_targets = [(b, d) for b, d in targets if b == "torch"]
+    prog = _Progress(len(convs) * len(torch_targets), "r3d18")
+    for backend, device in torch_targets:
+        for name, c, t, ks, stride, padding, spatial in convs:
+            shape = (args.batch, c) + spatial
+            x = _make_input(backend, device, shape)
+            k = KruskalKernel.random((t, c) + ks, _params_matched_rank(c, t, ks), backend=backend, dtype="float32",
+                                     device=_array_device(device), seed=3)
+            geo = dict(stride=stride, padding=padding)
+            options = {s: plan_conv(k, shape, strategy=s, **geo) for s in ("auto", "factorized", "reconstructed")}
+            candidates = {s: (lambda s=s: conv(x, k, strategy=s, **geo))
+                          for s in ("auto", "factorized", "reconstructed")}
+            if plan_conv(k, shape, strategy="fused", **geo).plane_chain and getattr(args, "cpu_kernel", False):
+                candidates["fused"] = lambda: conv(x, k, strategy="fused", **geo)
+            with _no_grad():
+                t_all = measure_many(candidates, device=device, repeat=args.repeat, budget_s=args.budget)
+            chosen = options["auto"].strategy + (f" ({options['auto'].order})" if options["auto"].order else "")
+            best = min((s for s in t_all if s != "auto"), key=lambda s: t_all[s]["median_ms"])
+            rows.append(dict(suite="r3d18", layer=name, backend=_label(backend, device), batch=args.batch, channels=c,
+                             out_channels=t, rank=k.rank, auto=chosen,
+                             **{f"{s} ms": round(v["median_ms"], 3) for s, v in t_all.items()},
+                             best=best, auto_over_best=round(t_all["auto"]["median_ms"] / t_all[best]["median_ms"], 3),
+                             estimates={s: round(v * 1e3, 3) for s, v in options["auto"].estimates.items()}))
+            prog.step(f"{name} {backend}")
+    prog.close()
+    return rows
+
+
+def _no_grad():
+    try:
+        import torch
+
+        return torch.no_grad()
+    except ImportError:  # pragma: no cover
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
 def format_rows(rows):
     lines = []
     by_suite = {}

@@ -28,11 +28,14 @@ class CostModel:
     # overhead: 0.6-0.95 us with two barriers per chunk on the AMD VM, 0.49 us with one on the Intel)
     float64: "CostModel | None" = None  # the model for float64 where it is not this one at half rate
 
-    def dense_rate(self, batch, channels, in_spatial, groups):
+    def dense_rate(self, batch, channels, in_spatial, groups, kernel_size=None):
         """MAC/s of the backend's dense conv. torch CPU sends small single-image groups=1 convs to
-        its unfold kernel instead of oneDNN (ATen's use_mkldnn: batch 1, groups 1 and
-        B*C*D_0*D_1 <= 20480); measured ~10x slower per MAC."""
-        if self.dense_slow_macs_per_s and batch == 1 and groups == 1:
+        its unfold kernel instead of oneDNN (ATen's use_mkldnn: batch 1, groups 1, a kernel of at
+        most 3 in one of its last two modes, and B*C*D_0*D_1 <= 20480); measured ~10x slower per
+        MAC. A conv whose last two kernel modes both exceed 3 (r3d_18's 3x7x7 stem) stays on oneDNN."""
+        ks = tuple(kernel_size or ())
+        big_kernel = len(ks) >= 2 and ks[-1] > 3 and ks[-2] > 3
+        if self.dense_slow_macs_per_s and batch == 1 and groups == 1 and not big_kernel:
             lead = batch * channels
             for d in tuple(in_spatial)[:2]:
                 lead *= d

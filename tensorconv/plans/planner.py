@@ -296,7 +296,7 @@ def dense_step(structure, geometry, batch, itemsize, model):
         passes, nbytes = 1, itemsize * (batch * c * _prod(padded) + positions * t + weights)
     else:  # the tap loop (dense_conv_by_taps): one input slice and one accumulation per tap
         passes, nbytes = taps, itemsize * (taps * positions * (c + 2 * t) + weights)
-    rate = model.dense_rate(batch, c, geometry.in_spatial, groups)
+    rate = model.dense_rate(batch, c, geometry.in_spatial, groups, geometry.kernel_size)
     secs = model.seconds(macs, nbytes, calls=passes, rate=rate)
     return Step(kind="dense", lhs=0, rhs=1, lhs_indices=("s",), rhs_indices=("t", "s") + structure.taps,
                 out_indices=("t",), summed=("s",) + structure.taps, modes=tuple(range(structure.n_spatial)),
