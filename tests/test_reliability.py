@@ -594,3 +594,35 @@ def test_peak_bytes_is_what_the_runner_allocates(args):
     ratio, chain = proc.stdout.split()
     assert chain == str(args[0] == "fused")
     assert 0.6 < float(ratio) < 1.6, (args, ratio)
+
+
+# -- 14. auto on r3d_18's layers ---------------------------------------------------------------------------------
+@needs_torch
+def test_auto_picks_the_measured_best_on_r3d18_layers():
+    """The choices of `tensorconv bench r3d18` (batch 1, float32, parameter-matched CP rank), where
+    the option auto picks ran within 1.03x of the fastest on the Intel Xeon VM (docs/benchmarks.md):
+    the dense conv at the stem and through layer3.0, the plain factorized order from layer3 on."""
+    from tensorconv.cli.bench import R3D18_CONVS, _params_matched_rank
+
+    want = {"stem": "reconstructed", "layer1": "reconstructed", "layer2.0": "reconstructed",
+            "layer2": "reconstructed", "layer3.0": "reconstructed", "layer3": "factorized",
+            "layer4.0": "factorized", "layer4": "factorized"}
+    for name, c, t, ks, stride, padding, spatial in R3D18_CONVS:
+        k = KruskalKernel.random((t, c) + ks, _params_matched_rank(c, t, ks), backend="torch", dtype="float32", seed=3)
+        plan = plan_conv(k, (1, c) + spatial, stride=stride, padding=padding)
+        assert plan.strategy == want[name], (name, plan.estimates)
+        assert plan.order in (None, "fewest-macs"), (name, plan.order)
+
+
+@needs_torch
+def test_conv_under_autocast_is_one_behaviour():
+    k = KruskalKernel.random((8, 4, 3, 3, 3), 4, backend="torch", dtype="float32", seed=0)
+    x = torch.randn(1, 4, 6, 6, 6)
+    want = conv(x, k, padding=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for kernel in (k, k.to_dense()):
+            for strategy in ("auto", "fused", "factorized", "reconstructed"):
+                got = conv(x, kernel, padding=1, strategy=strategy)
+                assert got.dtype == torch.bfloat16, strategy
+                assert rel_err(got.float(), want) < 3e-2  # bfloat16: stated 3e-2
+        assert conv(x.double(), k.astype("float64"), padding=1).dtype == torch.float64  # autocast leaves float64

@@ -83,6 +83,17 @@ class ArrayBackend:
 
         return numpy.issubdtype(x.dtype, numpy.inexact)
 
+    def autocast_dtype(self, x):
+        """The dtype a mixed-precision region (torch.autocast) asks convs on ``x`` to compute in,
+        or None (no such region, or ``x`` is not cast by it)."""
+        return None
+
+    def autocast_off(self, x):
+        """A context in which no mixed-precision region casts ops on ``x``'s device."""
+        import contextlib
+
+        return contextlib.nullcontext()
+
     def is_tracing(self):
         """Whether a tracer is recording this call (torch.jit.trace): shapes seen now become constants."""
         return False

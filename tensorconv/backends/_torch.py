@@ -67,6 +67,16 @@ class TorchBackend(ArrayBackend):
     def is_inexact(self, x):
         return x.is_floating_point() or x.is_complex()
 
+    def autocast_dtype(self, x):
+        torch = self.xp
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev) and x.is_floating_point() and x.dtype != torch.float64:
+            return torch.get_autocast_dtype(dev)  # autocast leaves float64 alone, as here
+        return None
+
+    def autocast_off(self, x):
+        return self.xp.autocast(x.device.type, enabled=False)
+
     def is_tracing(self):
         return self.xp.jit.is_tracing()
 

@@ -661,7 +661,6 @@ class HOCPBlock(nn.Module):
 
     def forward(self, x):
         layer = self.conv
-        n = layer.n_spatial
         u_c = layer.factors[1]
         # x ×_1 U_C^T: C -> R channels, laid out channels-first (Psi's norm would copy it there anyway)
         h = torch.movedim(torch.movedim(x, 1, -1) @ u_c, -1, 1).contiguous()
