@@ -53,6 +53,16 @@ def _check_same_array_kind(backend, named_arrays):
             )
 
 
+def _blocks_on_diagonal(b, blocks):
+    """(g, A, B, *rest) blocks -> the (g*A, g*B, *rest) array with block j at rows and columns j."""
+    g = int(blocks.shape[0])
+    eye = b.eye(g, like=blocks)
+    # full[g, a, h, c, ...] = blocks[g, a, c, ...] * eye[g, h]
+    full = b.einsum("gac...,gh->gahc...", blocks, eye)
+    rows, cols = int(blocks.shape[1]), int(blocks.shape[2])
+    return b.reshape(full, (g * rows, g * cols) + _shape(blocks)[3:])
+
+
 def _check_finite(backend, x, name):
     if backend.is_floating(x) and not backend.all_finite(x):
         raise ValueError(f"{name} contains NaN or infinite values")
@@ -110,15 +120,19 @@ class _FactorizedKernel:
 
     def relative_error(self, weight):
         """``||W - to_dense()|| / ||W||`` against a dense kernel ``weight`` of the same shape."""
-        if _shape(weight) != self.shape:
-            raise ValueError(f"weight has shape {_shape(weight)}, expected the kernel's shape {self.shape}")
         b = get_backend(weight, self._reference_array())
-        diff = b.to_numpy(weight - self.to_dense())
+        diff = b.to_numpy(weight - self._dense_shaped_as(_shape(weight)))
         ref = b.to_numpy(weight)
         import numpy as np
 
         denom = np.linalg.norm(ref.ravel())
         return float(np.linalg.norm(diff.ravel()) / denom) if denom else float(np.linalg.norm(diff.ravel()))
+
+    def _dense_shaped_as(self, shape):
+        """The dense kernel to compare with a weight of ``shape``."""
+        if shape != self.shape:
+            raise ValueError(f"weight has shape {shape}, expected the kernel's shape {self.shape}")
+        return self.to_dense()
 
     def _repr_extra(self):
         return ""
@@ -475,12 +489,8 @@ class TuckerKernel(_FactorizedKernel):
         f = self.factors[i]
         if f is None or not self.block_diagonal[i]:
             return f
-        b = self.backend
         g = self.groups
-        rows, cols = int(f.shape[0]) // g, int(f.shape[1])
-        blocks = b.reshape(f, (g, rows, cols))
-        full = b.einsum("gab,gh->gahb", blocks, b.eye(g, like=f))  # full[g, a, h, b] = block g at (g, h)
-        return b.reshape(full, (g * rows, g * cols))
+        return _blocks_on_diagonal(self.backend, self.backend.reshape(f, (g, int(f.shape[0]) // g, int(f.shape[1]))))
 
     @property
     def rank(self):
@@ -515,23 +525,17 @@ class TuckerKernel(_FactorizedKernel):
         core = b.reshape(self.core, (g, r_out // g) + _shape(self.core)[1:])
         terms = [lg + lo + li + "".join(lq)]
         operands = [core]
-        grouped = self.is_grouped_conv
-        u_t = self.factors[0] if self.factors[0] is not None else b.eye(r_out // g if grouped else r_out,
-                                                                          like=self.core)
-        u_c = self.factors[1] if self.factors[1] is not None else b.eye(r_in // g if grouped else r_in,
-                                                                          like=self.core)
-        if grouped:  # one Tucker kernel per group: the output's T is (g, T / g)
-            if self.factors[0] is None:
-                u_t = b.reshape(b.concat([u_t] * g, 0), (r_out, r_out // g))
-            if self.factors[1] is None:
-                u_c = b.reshape(b.concat([u_c] * g, 0), (r_in, r_in // g))
+        if self.is_grouped_conv:  # one Tucker kernel per group: the output's T is (g, T / g)
+            # an identity factor is one identity block per group
+            u_t, u_c = (b.concat([b.eye(r // g, like=self.core)] * g, 0) if f is None else f
+                        for f, r in zip(self.factors[:2], (r_out, r_in)))
             terms += [lg + lt + lo, lg + ls + li]
             operands += [b.reshape(u_t, (g, self.shape[0] // g, r_out // g)),
                          b.reshape(u_c, (g, self.shape[1] // g, r_in // g))]
             out = lg + lt + ls
         else:
-            u_t, u_c = self.full_factor(0) if u_t is self.factors[0] else u_t, \
-                self.full_factor(1) if u_c is self.factors[1] else u_c
+            u_t, u_c = (b.eye(r, like=self.core) if f is None else self.full_factor(i)
+                        for i, (f, r) in enumerate(zip(self.factors[:2], (r_out, r_in))))
             terms += [lt + lg + lo, ls + lg + li]
             operands += [b.reshape(u_t, (self.shape[0], g, r_out // g)),
                          b.reshape(u_c, (self.shape[1], g, r_in // g))]
@@ -548,15 +552,19 @@ class TuckerKernel(_FactorizedKernel):
     def to_dense(self):
         """The full (T, C, *K) kernel (a grouped conv's blocks on the channel diagonal)."""
         if self.is_grouped_conv:
-            b = self.backend
             g = self.groups
-            w = b.reshape(self.to_grouped_dense(), (g, self.shape[0] // g) + (self.shape[1] // g,) + self.shape[2:])
-            full = b.einsum("gts...,gh->gths...", w, b.eye(g, like=self.core))
-            return b.reshape(full, self.shape)
+            return _blocks_on_diagonal(self.backend, self.backend.reshape(
+                self.to_grouped_dense(), (g, self.shape[0] // g, self.shape[1] // g) + self.shape[2:]))
         import opt_einsum
 
         terms, operands, out = self.einsum_operands()
         return opt_einsum.contract(",".join(terms) + "->" + out, *operands)
+
+    def _dense_shaped_as(self, shape):
+        # a grouped conv's kernel is also compared with the grouped conv's own (T, C / groups, *K) weight
+        if self.is_grouped_conv and shape == (self.shape[0], self.shape[1] // self.groups) + self.shape[2:]:
+            return self.to_grouped_dense()
+        return super()._dense_shaped_as(shape)
 
     def to_grouped_dense(self):
         """The weight (T, C / groups, *K) of the grouped conv this kernel factorizes
@@ -638,14 +646,9 @@ class TuckerKernel(_FactorizedKernel):
         """The (R_out, R_in, Q..) core with the groups' blocks on the diagonal."""
         if self.groups == 1:
             return self.core
-        b = self.backend
         g = self.groups
-        r_out, r_in = self.rank[:2]
-        blocks = b.reshape(self.core, (g, r_out // g) + _shape(self.core)[1:])
-        eye = b.eye(g, like=self.core)
-        # full[g, o, h, i, ...] = blocks[g, o, i, ...] * eye[g, h]
-        full = b.einsum("goi...,gh->gohi...", blocks, eye)
-        return b.reshape(full, (r_out, r_in) + _shape(self.core)[2:])
+        return _blocks_on_diagonal(self.backend, self.backend.reshape(self.core, (g, self.rank[0] // g)
+                                                                      + _shape(self.core)[1:]))
 
     @classmethod
     def from_tensorly(cls, tucker_tensor):

@@ -558,7 +558,9 @@ def suite_r3d18(args, targets):
                           for s in ("auto", "factorized", "reconstructed")}
             if plan_conv(k, shape, strategy="fused", **geo).plane_chain and getattr(args, "cpu_kernel", False):
                 candidates["fused"] = lambda: conv(x, k, strategy="fused", **geo)
-            with _no_grad():
+            import torch  # torch targets only
+
+            with torch.no_grad():
                 t_all = measure_many(candidates, device=device, repeat=args.repeat, budget_s=args.budget)
             chosen = options["auto"].strategy + (f" ({options['auto'].order})" if options["auto"].order else "")
             best = min((s for s in t_all if s != "auto"), key=lambda s: t_all[s]["median_ms"])
@@ -570,17 +572,6 @@ def suite_r3d18(args, targets):
             prog.step(f"{name} {backend}")
     prog.close()
     return rows
-
-
-def _no_grad():
-    try:
-        import torch
-
-        return torch.no_grad()
-    except ImportError:  # pragma: no cover
-        import contextlib
-
-        return contextlib.nullcontext()
 
 
 def format_rows(rows):

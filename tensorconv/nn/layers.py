@@ -13,7 +13,7 @@ from torch import nn
 
 from ..kernels import KruskalKernel, TuckerKernel
 from ..plans.plan import conv
-from ..backends import PADDING_MODES
+from ..backends import PADDING_MODES, backend_for_name
 from ..plans.spec import normalize_int_tuple, normalize_padding
 
 __all__ = ["KruskalConv", "TuckerConv", "HOCPBlock", "cp_rank_for", "tucker_rank_for"]
@@ -106,44 +106,46 @@ def tucker_rank_for(rank, in_channels, out_channels, kernel_size, groups=1, *, g
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
 
 
-def _run_conv(x, parts, bias, layer, groups=1):
+def _run_conv(x, parts, bias, layer):
     """``conv`` as a torch layer runs it, with ``layer``'s geometry. ``parts`` = (kind, tensors,
-    core groups): ("cp", (lambda, U_T, U_C, U_0, ..)) or ("tucker", (core, U_T, U_C, U_0, ..)),
-    None for an identity factor; the kernel object is built only where a plan runs.
+    groups, block-diagonal): ("cp", (lambda, U_T, U_C, U_0, ..), 1, False) or ("tucker", (core,
+    U_T, U_C), core groups, whether U_T and U_C are stored by their diagonal blocks); U_C may be
+    None (applied before). The kernel object is built only where a plan runs.
 
-    Under autocast it computes in the autocast dtype as ``nn.ConvNd`` does; traced or compiled
-    it records standard convs (a plan is chosen per input shape in Python, which a trace would
-    freeze to one shape, and which a compiler would have to trace through)."""
-    kind, tensors, core_groups = parts
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev) and x.is_floating_point() and x.dtype != torch.float64:
-        dtype = torch.get_autocast_dtype(dev)
-        if x.dtype != dtype or tensors[0].dtype != dtype:
-            # nn.ConvNd casts input, weight and bias to the autocast dtype and returns that dtype;
-            # inside, autocast is off so that every step of the plan stays in it
-            cast = tuple(None if t is None else t.to(dtype) for t in tensors)
-            with torch.autocast(dev, enabled=False):
-                return _run_conv(x.to(dtype), (kind, cast, core_groups), None if bias is None else bias.to(dtype),
-                                 layer, groups)
-    n = len(layer.kernel_size)
+    Under autocast it computes in the autocast dtype as ``nn.ConvNd`` does (``conv`` would cast
+    the rest, the bias is cast here); traced or compiled it records standard convs (a plan is
+    chosen per input shape in Python, which a trace would freeze to one shape, and which a
+    compiler would have to trace through)."""
+    kind, tensors, groups, block = parts
+    torch_backend = backend_for_name("torch")
+    cast = torch_backend.autocast_dtype(x)
+    if cast is not None and (x.dtype != cast or tensors[0].dtype != cast):
+        # nn.ConvNd casts input, weight and bias to the autocast dtype and returns that dtype;
+        # inside, autocast is off so that every step stays in it
+        tensors = tuple(None if t is None else t.to(cast) for t in tensors)
+        with torch_backend.autocast_off(x):
+            return _run_conv(x.to(cast), (kind, tensors, groups, block), None if bias is None else bias.to(cast),
+                             layer)
     if torch.jit.is_tracing() or torch.compiler.is_compiling():
         # a tracer (jit.trace, torch.compile, torch.export) records standard ops, not the Python planning
         # or the compiled kernel behind conv(): shape-generic, and quick to compile
-        out = _graph_conv(x, parts, layer, groups)
+        out = _graph_conv(x, parts, layer)
     else:
         first, *factors = tensors
-        kernel = KruskalKernel(first, factors) if kind == "cp" else TuckerKernel(first, factors, groups=core_groups)
+        kernel = KruskalKernel(first, factors) if kind == "cp" else TuckerKernel(first, factors, groups=groups)
         out = conv(x, kernel, stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
                    padding_mode=layer.padding_mode, strategy=layer.strategy)
     if bias is not None:
-        out = out + bias.reshape((-1,) + (1,) * n)
+        out = out + bias.reshape((-1,) + (1,) * len(layer.kernel_size))
     return out
 
 
-def _graph_conv(x, parts, layer, groups):
+def _graph_conv(x, parts, layer):
     """The conv as standard torch ops that a tracer records for any input shape (no plan, no
     compiled kernel): a CP kernel as 1x1 -> one depthwise conv per mode -> 1x1, a Tucker kernel
-    as 1x1 -> (grouped) core conv -> 1x1, each an ``F.convNd``; padding by ``F.pad`` first."""
+    as 1x1 -> (grouped) core conv -> 1x1, each an ``F.convNd``. Every op that is not a conv is
+    code that torch.compile generates and compiles (seconds each on CPU), so weights are passed
+    as views where the conv can read them so, and symmetric zero padding is left to the convs."""
     import torch.nn.functional as F
 
     n = len(layer.kernel_size)
@@ -151,78 +153,50 @@ def _graph_conv(x, parts, layer, groups):
         raise RuntimeError(f"tracing or compiling a {n}-D tensorconv layer: torch has no conv{n}d to record; "
                            f"use 1-3 spatial dims there, or run it eagerly")
     convnd = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
-    unit = (1,) * n
+    unit = (None,) * n  # indexing with these appends n unit modes to a weight (a view)
     unbatched = x.ndim == n + 1
     if unbatched:
         x = x.unsqueeze(0)
     pads = normalize_padding(layer.padding, layer.kernel_size, layer.stride, layer.dilation)
-    # symmetric zero padding is left to the convs themselves: every op that is not a conv is code
-    # that torch.compile generates and compiles (seconds each on CPU)
     native = layer.padding_mode == "zeros" and all(lo == hi for lo, hi in pads)
-    flat = [p for lo_hi in reversed(pads) for p in lo_hi]  # F.pad lists the last mode first
-
-    def pad(h):
-        return F.pad(h, flat, mode=_PAD_MODES[layer.padding_mode]) if any(flat) and not native else h
-
-    def column(u, m=None):
-        """(D, R) factor -> conv weight (R, D or 1, ...) as a view (no copy to generate)."""
-        w = u.t()
-        if m is None:  # a 1x1 conv's weight (R, D, 1, ..)
-            return w[(...,) + (None,) * n]
-        w = w[:, None]  # depthwise (R, 1, .., K at mode m, ..)
-        return w[(slice(None), slice(None)) + (None,) * m + (slice(None),) + (None,) * (n - 1 - m)] \
-            if n > 1 else w
-
-    transposed = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[n - 1]
-    kind, tensors, core_groups = parts
+    if not native and any(p for lo_hi in pads for p in lo_hi):
+        flat = [p for lo_hi in reversed(pads) for p in lo_hi]  # F.pad lists the last mode first
+        pad = lambda h: F.pad(h, flat, mode=_PAD_MODES[layer.padding_mode])  # noqa: E731
+    else:
+        pad = lambda h: h  # noqa: E731
+    kind, tensors, groups, block = parts
     if kind == "cp":
         lam, u_t, u_c, *spatial = tensors
         rank = int(lam.shape[0])
         # a 1x1 transposed conv takes U_C (C, R) as its weight as it is stored: no transposed copy
-        h = x if u_c is None else transposed(x, u_c[(...,) + (None,) * n])
+        h = x if u_c is None else (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[n - 1](
+            x, u_c[(...,) + unit])
         h = pad(h)
-        last = None
-        for m, u in enumerate(spatial):  # a plain loop: dynamo does not trace max(generator, default=)
-            if u is not None:
-                last = m
-        if last is not None:  # lambda rides on the last depthwise weight (one small op instead of two)
-            spatial = list(spatial)
-            spatial[last] = spatial[last] * lam
         for m, u in enumerate(spatial):
+            if m == n - 1:
+                u = u * lam  # lambda rides on the last depthwise weight (one small op instead of two)
+            taps = [None] * n
+            taps[m] = slice(None)
             stride, dilation, padding = [1] * n, [1] * n, [0] * n
             stride[m], dilation[m] = layer.stride[m], layer.dilation[m]
             padding[m] = pads[m][0] if native else 0
-            if u is None:
-                if stride[m] != 1 or padding[m]:
-                    index = [slice(None)] * (n + 2)
-                    h = F.pad(h, [0, 0] * (n - 1 - m) + [padding[m]] * 2) if padding[m] else h
-                    index[2 + m] = slice(None, None, stride[m])
-                    h = h[tuple(index)]
-                continue
-            h = convnd(h, column(u, m), None, tuple(stride), tuple(padding), tuple(dilation), rank)
-        if last is None:
-            out = h * lam.reshape((1, rank) + unit) if u_t is None else convnd(h, (u_t * lam)[(...,) + (None,) * n])
-        else:
-            out = h if u_t is None else convnd(h, u_t[(...,) + (None,) * n])
+            # (K, R) -> depthwise weight (R, 1, .., K at mode m, ..), a view
+            h = convnd(h, u.t()[(slice(None), None) + tuple(taps)], None, tuple(stride), tuple(padding),
+                       tuple(dilation), rank)
+        out = convnd(h, u_t[(...,) + unit])
     else:
-        core, u_t, u_c, *spatial = tensors
-        g = core_groups
-        # a grouped conv's channel factors are stored by their diagonal blocks (R / g columns)
-        block_t = g > 1 and u_t is not None and int(u_t.shape[1]) * g == int(core.shape[0])
-        block_c = g > 1 and u_c is not None and int(u_c.shape[1]) == int(core.shape[1])
-        for j, f in enumerate(spatial):
-            if f is not None:
-                core = torch.movedim(torch.tensordot(core, f, dims=([2 + j], [1])), -1, 2 + j)
+        core, u_t, u_c = tensors
         h = x
         if u_c is not None:
-            if block_c:  # (C, R_in / g) by blocks -> grouped 1x1 weight (R_in, C / g)
-                cg, ig = int(u_c.shape[0]) // g, int(u_c.shape[1])
-                w = u_c.reshape(g, cg, ig).transpose(1, 2).reshape(g * ig, cg)
+            if block:  # (C, R_in / g) by blocks -> grouped 1x1 weight (R_in, C / g)
+                cg, ig = int(u_c.shape[0]) // groups, int(u_c.shape[1])
+                w = u_c.reshape(groups, cg, ig).transpose(1, 2).reshape(groups * ig, cg)
             else:
                 w = u_c.t()  # a view: the conv reads it as it is
-            h = convnd(h, w[(...,) + (None,) * n], None, 1, 0, 1, g if block_c else 1)
-        h = convnd(pad(h), core, None, layer.stride, tuple(lo for lo, _ in pads) if native else 0, layer.dilation, g)
-        out = h if u_t is None else convnd(h, u_t[(...,) + (None,) * n], None, 1, 0, 1, g if block_t else 1)
+            h = convnd(h, w[(...,) + unit], None, 1, 0, 1, groups if block else 1)
+        h = convnd(pad(h), core, None, layer.stride, tuple(lo for lo, _ in pads) if native else 0, layer.dilation,
+                   groups)
+        out = convnd(h, u_t[(...,) + unit], None, 1, 0, 1, groups if block else 1)
     return out[0] if unbatched else out
 
 
@@ -235,6 +209,8 @@ def _compression(dense, stored):
 
 class _FactorizedConv(nn.Module):
     """Geometry, bias and forward shared by the factorized layers."""
+
+    groups = 1  # as nn.ConvNd's; TuckerConv may set more
 
     def _init_geometry(self, in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode,
                        strategy, n_spatial):
@@ -276,7 +252,7 @@ class _FactorizedConv(nn.Module):
         if x.ndim not in (n + 1, n + 2):
             raise ValueError(f"{type(self).__name__} with {n} spatial dims expects input (B, C, *{n} dims) or "
                              f"(C, *{n} dims), got shape {tuple(x.shape)}")
-        return _run_conv(x, self._parts(), self.bias, self, groups=getattr(self, "groups", 1))
+        return _run_conv(x, self._parts(), self.bias, self)
 
     def __prepare_scriptable__(self):
         # torch.jit.script calls this on every submodule before compiling: say why it cannot work
@@ -329,7 +305,7 @@ class _FactorizedConv(nn.Module):
         p = next(self.parameters())
         cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[n - 1]
         dense = cls(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=padding,
-                    dilation=self.dilation, groups=getattr(self, "groups", 1), bias=self.bias is not None,
+                    dilation=self.dilation, groups=self.groups, bias=self.bias is not None,
                     padding_mode=self.padding_mode, device=p.device, dtype=p.dtype)
         with torch.no_grad():
             dense.weight.copy_(self._dense_weight())
@@ -397,7 +373,7 @@ class KruskalConv(_FactorizedConv):
                 f.normal_(0.0, std)
 
     def _parts(self):
-        return "cp", (self.weights, *self.factors), 1
+        return "cp", (self.weights, *self.factors), 1, False
 
     @property
     def kernel(self) -> KruskalKernel:
@@ -546,12 +522,12 @@ class TuckerConv(_FactorizedConv):
                              f"each other: give one")
         self.groups = groups
         self.core_groups = core_groups
-        g = max(groups, core_groups)
-        self.rank = tucker_rank_for(rank, in_channels, out_channels, self.kernel_size, g, grouped_conv=groups > 1)
+        self.rank = tucker_rank_for(rank, in_channels, out_channels, self.kernel_size, self._core_split,
+                                    grouped_conv=groups > 1)
         factory = {"device": device, "dtype": dtype}
         r_out, r_in = self.rank
         cols = (r_out // groups, r_in // groups)  # block-diagonal factors are stored by their blocks
-        self.core = nn.Parameter(torch.empty((r_out, r_in // g) + self.kernel_size, **factory))
+        self.core = nn.Parameter(torch.empty((r_out, r_in // self._core_split) + self.kernel_size, **factory))
         self.factors = nn.ParameterList([nn.Parameter(torch.empty(out_channels, cols[0], **factory)),
                                          nn.Parameter(torch.empty(in_channels, cols[1], **factory))])
         self.reset_parameters()
@@ -562,9 +538,8 @@ class TuckerConv(_FactorizedConv):
         conv init (Var = 1 / (3 fan_in), fan_in = C / groups * prod(K))."""
         fan_in = self.in_channels // self.groups * math.prod(self.kernel_size)
         target = 1.0 / (3.0 * fan_in)
-        g = max(self.groups, self.core_groups)
-        # W[t,s,k] sums R_out/groups * R_in/g products of three entries (for a given t, s pair)
-        terms = self.rank[0] // self.groups * (self.rank[1] // g)
+        # W[t,s,k] sums R_out/groups * R_in/(core split) products of three entries (for a given t, s pair)
+        terms = self.rank[0] // self.groups * (self.rank[1] // self._core_split)
         std = (target / terms) ** (1.0 / 6)
         with torch.no_grad():
             self.core.normal_(0.0, std)
@@ -572,11 +547,16 @@ class TuckerConv(_FactorizedConv):
                 f.normal_(0.0, std)
 
     def _parts(self):
-        return "tucker", (self.core, *self.factors), max(self.groups, self.core_groups)
+        return "tucker", (self.core, *self.factors), self._core_split, self.groups > 1
+
+    @property
+    def _core_split(self):
+        """How many groups the core is split into: ``groups`` (a grouped conv) or ``core_groups`` (ResNeXt)."""
+        return max(self.groups, self.core_groups)
 
     @property
     def kernel(self) -> TuckerKernel:
-        return TuckerKernel(self.core, list(self.factors), groups=max(self.groups, self.core_groups))
+        return TuckerKernel(self.core, list(self.factors), groups=self._core_split)
 
     @property
     def dense_params(self):
@@ -623,9 +603,7 @@ class TuckerConv(_FactorizedConv):
             layer.factors[1].copy_(torch.cat(u_c, 0))
             if layer.bias is not None:
                 layer.bias.copy_(conv_module.bias)
-        got = layer._dense_weight().detach()
-        layer.relative_error = float(torch.linalg.vector_norm(got - weight) / torch.linalg.vector_norm(weight)) \
-            if bool(weight.any()) else float(torch.linalg.vector_norm(got))
+        layer.relative_error = layer.kernel.relative_error(weight)  # the grouped conv's weight, if grouped
         return layer
 
 
@@ -665,7 +643,7 @@ class HOCPBlock(nn.Module):
         # x ×_1 U_C^T: C -> R channels, laid out channels-first (Psi's norm would copy it there anyway)
         h = torch.movedim(torch.movedim(x, 1, -1) @ u_c, -1, 1).contiguous()
         h = self.psi(h)
-        rest = ("cp", (layer.weights, layer.factors[0], None, *layer.factors[2:]), 1)  # U_C applied above
+        rest = ("cp", (layer.weights, layer.factors[0], None, *layer.factors[2:]), 1, False)  # U_C applied above
         out = _run_conv(h, rest, layer.bias, layer)
         if self.skip_factor is not None:
             out = x + torch.movedim(torch.movedim(out, 1, -1) @ self.skip_factor.T, -1, 1)

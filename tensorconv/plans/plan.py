@@ -68,10 +68,11 @@ def _kernel_arrays(kernel):
     return [kernel]
 
 
-def _check_arrays(x, kernel):
-    """The backend of x and every array of the kernel (one library, one dtype, or an error)."""
+def _check_arrays(x, kernel, backend=None):
+    """The backend of x and every array of the kernel (one library, one dtype, or an error);
+    ``backend``: theirs, where the caller has looked it up already."""
     arrays = [x] + (_kernel_arrays(kernel) or [kernel])
-    backend = get_backend(*arrays)
+    backend = backend or get_backend(*arrays)
     ref = arrays[1]
     for name, a in (("x", x), ("the kernel", ref)):
         if not backend.is_inexact(a):
@@ -215,7 +216,6 @@ class ConvPlan:
                 self._final_perm = tuple(range(1 + n)) + tuple(1 + n + final.index(i) for i in st.act_out)
             self.macs = sum(s.macs for s in steps if s.kind != "weights")
             self.weight_macs = sum(s.macs for s in steps if s.kind == "weights")
-            self.peak_bytes = self._peak_factorized(steps)
             # asked for by name, fused also compiles (torch) or tiles (elsewhere) what the plane chain
             # does not take; auto never waits for a compiler, so its fallback is the unfused plan
             asked = self.strategy == "fused" and self.requested == "fused"
@@ -223,6 +223,7 @@ class ConvPlan:
             self._compiled = CompiledChain(self) if asked else None
             self._plane_chain = PlaneChain(self) if self.strategy == "fused" and PlaneChain.applies(st) else None
             self.plane_chain = self._plane_chain is not None
+            self.peak_bytes = self._peak_factorized(steps)
         else:
             self.plane_chain = False
             self.path = []
@@ -252,7 +253,7 @@ class ConvPlan:
         g, st = self.geometry, self.structure
         c = st.in_channels
         out = self.batch * st.out_channels * _prod(g.out_spatial)
-        padded = self.batch * c * _prod(d + lo + hi for d, (lo, hi) in zip(g.in_spatial, g.padding))
+        padded = self.batch * c * _prod(g.padded_spatial)
         inputs = self.batch * c * _prod(g.in_spatial)
         backend = backend_for_name(self.backend_name)
         native = backend.native_conv_expected(self.itemsize, self.device)
@@ -275,7 +276,7 @@ class ConvPlan:
         intermediate is freed after the one step that reads it), or the plane chain's buffers."""
         g = self.geometry
         backend = backend_for_name(self.backend_name)
-        if self.strategy == "fused" and PlaneChain.applies(self.structure):
+        if self.plane_chain:
             shape = (self.batch, self.structure.in_channels) + as_3d(g.in_spatial, 1)
             chain = backend.plane_chain_bytes(shape, self.structure.size_of["r"], self.itemsize,
                                               out_channels=self.structure.out_channels,
@@ -283,8 +284,7 @@ class ConvPlan:
                                               dilation0=g.dilation[0], device=self.device)
             if chain is not None:
                 if g.padding_mode != "zeros":  # the input is padded by a copy first
-                    padded = [d + lo + hi for d, (lo, hi) in zip(g.in_spatial, g.padding)]
-                    chain += self.itemsize * self.batch * self.structure.in_channels * _prod(padded)
+                    chain += self.itemsize * self.batch * self.structure.in_channels * _prod(g.padded_spatial)
                 return chain
         native = backend.native_conv_expected(self.itemsize, self.device)
         weights = sum(_prod(op.shape) for op in self.structure.operands)
@@ -579,12 +579,12 @@ def conv(x, kernel, *, stride=1, padding=0, dilation=1, groups=1, padding_mode="
     >>> bool(np.allclose(y, conv(x, k.to_dense(), padding="same")))
     True
     """
-    backend = get_backend(x, *(_kernel_arrays(kernel) or [kernel]))
+    arrays = _kernel_arrays(kernel) or [kernel]
+    backend = get_backend(x, *arrays)
     cast = backend.autocast_dtype(x)
-    if cast is not None and backend.is_inexact(x):
+    if cast is not None:
         # under torch.autocast a conv computes in the autocast dtype and returns it (nn.ConvNd does):
         # input and kernel are cast once, and every step then runs in that dtype
-        arrays = _kernel_arrays(kernel) or [kernel]
         if backend.dtype(x) != cast or backend.dtype(arrays[0]) != cast:
             kernel = kernel.astype(cast) if isinstance(kernel, (KruskalKernel, TuckerKernel)) \
                 else backend.astype(kernel, cast)
@@ -592,7 +592,7 @@ def conv(x, kernel, *, stride=1, padding=0, dilation=1, groups=1, padding_mode="
         with backend.autocast_off(x):
             return conv(x, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
                         padding_mode=padding_mode, strategy=strategy)
-    backend = _check_arrays(x, kernel)
+    _check_arrays(x, kernel, backend)
     if backend.is_tracing():
         # a plan is chosen per input shape in Python: a trace would freeze it to the traced shape
         raise RuntimeError("tensorconv.conv cannot be recorded by torch.jit.trace (its plan depends on the input "

@@ -290,7 +290,7 @@ def dense_step(structure, geometry, batch, itemsize, model):
     positions = batch * _prod(out)
     taps = _prod(geometry.kernel_size)
     macs = positions * t * (c // groups) * taps
-    padded = [d + lo + hi for d, (lo, hi) in zip(geometry.in_spatial, geometry.padding)]
+    padded = geometry.padded_spatial
     weights = t * (c // groups) * taps
     if model.native_steps and structure.n_spatial <= 3:  # one native conv call
         passes, nbytes = 1, itemsize * (batch * c * _prod(padded) + positions * t + weights)

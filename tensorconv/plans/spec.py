@@ -107,6 +107,11 @@ class ConvGeometry:
         )
 
     @property
+    def padded_spatial(self):
+        """The input's size per mode once padded."""
+        return tuple(d + lo + hi for d, (lo, hi) in zip(self.in_spatial, self.padding))
+
+    @property
     def is_symmetric_padding(self):
         return all(lo == hi for lo, hi in self.padding)
 
