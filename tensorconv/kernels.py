@@ -9,11 +9,11 @@ from __future__ import annotations
 import contextlib
 import string
 
-from .backends import backend_for_name, get_backend
+from .backends import backend_for_name, get_backend, on_load
 
 __all__ = ["KruskalKernel", "TuckerKernel"]
 
-_TENSORLY_NAMES = {"numpy": "numpy", "torch": "pytorch", "cupy": "cupy"}
+_TENSORLY_NAMES = {"numpy": "numpy", "torch": "pytorch", "cupy": "cupy", "jax": "jax"}
 _LETTERS = string.ascii_letters
 
 
@@ -654,3 +654,41 @@ class TuckerKernel(_FactorizedKernel):
     def from_tensorly(cls, tucker_tensor):
         core, factors = tucker_tensor
         return cls(core, list(factors))
+
+
+def _register_jax_pytrees(backend):
+    """Kernels become JAX pytrees: ``jax.grad`` of a loss wrt a kernel returns a kernel of
+    gradients, and kernels pass through ``jax.jit`` / ``jax.vmap`` as arguments.
+
+    Unflattening skips the constructor: JAX rebuilds trees with placeholder leaves (None,
+    sentinels) where no array exists, so the static metadata travels as aux data."""
+    from jax import tree_util
+
+    def kruskal_flatten(k):
+        return (k.weights, k.factors), (tuple(k.modes), k.shape, k.rank)
+
+    def kruskal_unflatten(aux, children):
+        k = object.__new__(KruskalKernel)
+        k.backend = backend
+        k.weights, factors = children
+        k.factors = list(factors)
+        modes, k.shape, k.rank = aux
+        k.modes = list(modes)
+        return k
+
+    def tucker_flatten(k):
+        return (k.core, k.factors), (k.groups, k.shape, k.block_diagonal)
+
+    def tucker_unflatten(aux, children):
+        k = object.__new__(TuckerKernel)
+        k.backend = backend
+        k.core, factors = children
+        k.factors = list(factors)
+        k.groups, k.shape, k.block_diagonal = aux
+        return k
+
+    tree_util.register_pytree_node(KruskalKernel, kruskal_flatten, kruskal_unflatten)
+    tree_util.register_pytree_node(TuckerKernel, tucker_flatten, tucker_unflatten)
+
+
+on_load("jax", _register_jax_pytrees)

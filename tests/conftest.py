@@ -19,6 +19,15 @@ except ImportError:  # the numpy tests still run
     torch = None
 
 
+try:
+    import jax
+
+    # the equivalence tests run in float64 on every backend; jax needs 64-bit mode for that
+    jax.config.update("jax_enable_x64", True)
+except ImportError:
+    jax = None
+
+
 def _cuda():
     return torch is not None and torch.cuda.is_available()
 
@@ -32,11 +41,15 @@ def _cupy():
         return False
 
 
+# jax is a test extra: CI must have it, so there a missing jax fails instead of skipping
+needs_jax = pytest.mark.skipif(jax is None and not os.environ.get("CI"), reason="jax is not installed")
+
 # (backend name, device) pairs; GPU entries skip with a reason where there is no GPU
 BACKENDS = [
     pytest.param(("numpy", None), id="numpy"),
     pytest.param(("torch", "cpu"), id="torch",
                  marks=pytest.mark.skipif(torch is None, reason="torch is not installed")),
+    pytest.param(("jax", None), id="jax", marks=needs_jax),
     pytest.param(("torch", "cuda"), id="torch-cuda",
                  marks=[pytest.mark.gpu, pytest.mark.skipif(not _cuda(), reason="no CUDA device")]),
     pytest.param(("cupy", 0), id="cupy",
@@ -57,6 +70,8 @@ def to_backend(a, backend, dtype=None):
         return a
     if name == "torch":
         return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+    if name == "jax":
+        return jax.numpy.asarray(a)
     import cupy
 
     with cupy.cuda.Device(device):
@@ -68,6 +83,8 @@ def to_numpy(x):
         return x
     if torch is not None and isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
+    if jax is not None and isinstance(x, jax.Array):
+        return np.asarray(x)
     import cupy
 
     return cupy.asnumpy(x)

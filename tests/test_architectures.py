@@ -1,7 +1,7 @@
 """Every derivation of the paper, both directions, against an independent dense convolution."""
 import numpy as np
 import pytest
-from conftest import rel_err, to_numpy, torch
+from conftest import rel_err, to_backend, to_numpy, torch
 from hypothesis import given
 from hypothesis import strategies as st
 from oracles import np_conv, reference_conv
@@ -46,11 +46,7 @@ def _run(name, backend, n, seed, geo):
     spans = [dl * (k - 1) + 1 for k, dl in zip(ks, geo["dilation"])]
     dims = tuple(int(rng.integers(s, s + 4)) for s in spans)
     x = rng.standard_normal((2, dense.shape[1]) + dims)
-    xb = x if backend[0] == "numpy" else torch.from_numpy(x).to(backend[1]) if backend[0] == "torch" else None
-    if xb is None:
-        import cupy
-
-        xb = cupy.asarray(x)
+    xb = to_backend(x, backend)
     expected = reference_conv(x, dense, **geo)  # the dense conv, computed independently
     # kernel form -> block form: the block (run by the oracle) equals the dense conv
     layers = d.to_block(kernel, **geo)
@@ -173,12 +169,7 @@ def test_pointwise_conv_is_the_channel_mode_product(backend, n, c, t, seed):
     m = rng.standard_normal((t, c))
     x = rng.standard_normal((2, c) + tuple(int(d) for d in rng.integers(1, 5, size=n)))
     expected = np.einsum("tc,bc...->bt...", m, x)  # the definition of x ×_1 M
-    xb = x if backend[0] == "numpy" else torch.from_numpy(x).to(backend[1]) if backend[0] == "torch" else None
-    mb = m if backend[0] == "numpy" else torch.from_numpy(m).to(backend[1]) if backend[0] == "torch" else None
-    if xb is None:
-        import cupy
-
-        xb, mb = cupy.asarray(x), cupy.asarray(m)
+    xb, mb = to_backend(x, backend), to_backend(m, backend)
     w = matrix_to_pointwise(mb, n)
     assert tuple(w.shape) == (t, c) + (1,) * n
     assert rel_err(conv(xb, w), expected) < TOL

@@ -22,9 +22,21 @@ from ._base import PADDING_MODES, ArrayBackend
 __all__ = ["get_backend", "backend_for_name", "ArrayBackend", "BACKEND_NAMES", "PADDING_MODES",
            "available_backends"]
 
-BACKEND_NAMES = ("numpy", "torch", "cupy")
+BACKEND_NAMES = ("numpy", "torch", "cupy", "jax")
+# the first part of an array type's module -> backend name (jax arrays live in jaxlib, tracers in jax)
+_MODULE_ROOTS = {"numpy": "numpy", "torch": "torch", "cupy": "cupy", "jax": "jax", "jaxlib": "jax"}
 _by_name: dict = {}
 _by_type: dict = {}
+_on_load: dict = {}
+
+
+def on_load(name: str, hook) -> None:
+    """Call ``hook(backend)`` once the backend ``name`` is created (at once if it exists): how
+    the core teaches a library about its own types (JAX pytrees) without importing it."""
+    if name in _by_name:
+        hook(_by_name[name])
+    else:
+        _on_load.setdefault(name, []).append(hook)
 
 
 def backend_for_name(name: str) -> ArrayBackend:
@@ -38,9 +50,13 @@ def backend_for_name(name: str) -> ArrayBackend:
             from ._numpy import NumpyBackend as cls
         elif name == "torch":
             from ._torch import TorchBackend as cls
+        elif name == "jax":
+            from ._jax import JaxBackend as cls
         else:
             from ._cupy import CupyBackend as cls
         _by_name[name] = cls()
+        for hook in _on_load.pop(name, ()):
+            hook(_by_name[name])
     return _by_name[name]
 
 
@@ -49,8 +65,13 @@ def _backend_of_type(cls) -> ArrayBackend | None:
         return _by_type[cls]
     except KeyError:
         pass
-    root = (cls.__module__ or "").split(".")[0]
-    backend = backend_for_name(root) if root in BACKEND_NAMES else None
+    root = _MODULE_ROOTS.get((cls.__module__ or "").split(".")[0])
+    backend = backend_for_name(root) if root is not None else None
+    if root == "jax":
+        import jax  # already imported: an instance of one of its types exists
+
+        if not issubclass(cls, (jax.Array, jax.core.Tracer)):
+            backend = None  # another jax object (a PRNG key type, a config), not an array
     _by_type[cls] = backend
     return backend
 
@@ -107,6 +128,8 @@ def available_backends(include_gpu: bool = True) -> list[str]:
 
             if torch.cuda.is_available():
                 names.append("torch-cuda")
+    if importlib.util.find_spec("jax") is not None:
+        names.append("jax")
     if include_gpu and importlib.util.find_spec("cupy") is not None:
         try:
             import cupy

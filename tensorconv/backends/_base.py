@@ -98,6 +98,11 @@ class ArrayBackend:
         """Whether a tracer is recording this call (torch.jit.trace): shapes seen now become constants."""
         return False
 
+    def compile_plan(self, run):
+        """``run(x, kernel)`` compiled as one program, for libraries that trace whole functions
+        (jax.jit); None where ops run one at a time as called (numpy, cupy, torch eager)."""
+        return None
+
     def all_finite(self, x):
         return bool(self.xp.isfinite(x).all())
 

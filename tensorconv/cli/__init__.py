@@ -44,6 +44,14 @@ def positive_int(text):
     return value
 
 
+def enable_jax_x64():
+    """Turn on JAX's 64-bit mode for this command (the library never changes jax's config:
+    the CLI is the application here). Without it jax would run float64 cases in float32."""
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="tensorconv", description="Factorized convolutions of any order.")
     sub = parser.add_subparsers(dest="command", required=True)

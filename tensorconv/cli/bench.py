@@ -50,7 +50,7 @@ def measure_many(entries, *, device=None, warmup=2, repeat=5, budget_s=None):
     names = list(entries)
     for name in names:
         for _ in range(warmup):
-            entries[name]()
+            _ready(entries[name]())
     _sync(device)
     times = {name: [] for name in names}
     start = time.perf_counter()
@@ -60,7 +60,7 @@ def measure_many(entries, *, device=None, warmup=2, repeat=5, budget_s=None):
         shuffle(order)
         for name in order:
             t0 = time.perf_counter()
-            entries[name]()
+            _ready(entries[name]())
             _sync(device)
             times[name].append(time.perf_counter() - t0)
         if budget_s is not None and i >= 2 and time.perf_counter() - start > budget_s * len(names):
@@ -71,6 +71,13 @@ def measure_many(entries, *, device=None, warmup=2, repeat=5, budget_s=None):
         out[name] = {"median_ms": 1e3 * ts[len(ts) // 2], "min_ms": 1e3 * ts[0], "max_ms": 1e3 * ts[-1],
                      "runs": len(ts)}
     return out
+
+
+def _ready(result):
+    """Wait for an asynchronously dispatched result (jax returns before computing; any pytree)."""
+    jax = sys.modules.get("jax")
+    if jax is not None:
+        jax.block_until_ready(result)
 
 
 class _Progress:
@@ -231,8 +238,17 @@ def _label(backend, device):
     return "torch-cuda" if device == "cuda" else backend
 
 
+def _jax_jitted(fn, *args):
+    """``fn`` compiled by jax.jit, as a no-argument callable: jax users jit their step, and the
+    compile happens in the benchmark's warm-up runs, outside the timing."""
+    import jax
+
+    jitted = jax.jit(fn)
+    return lambda: jitted(*args)
+
+
 def suite_backends(args, targets):
-    """The same plans on every backend present; forward (all) and forward+backward (torch)."""
+    """The same plans on every backend present; forward (all) and forward+backward (torch, jax: jit-compiled)."""
     cases = []
     c = 32 if args.quick else 64
     for n, spatial in ((2, (64, 64)), (3, (16, 32, 32))):
@@ -250,11 +266,23 @@ def suite_backends(args, targets):
             make = KruskalKernel.random if kind == "CP" else TuckerKernel.random
             k = make(kshape, rank, backend=backend, dtype="float32", device=dev, seed=3)
             x = _make_input(backend, device, shape)
-            t = measure(lambda: conv(x, k, padding=1), device=device, repeat=args.repeat, budget_s=args.budget)
+            forward = lambda: conv(x, k, padding=1)  # noqa: E731
+            if backend == "jax":
+                forward = _jax_jitted(lambda x, k: conv(x, k, padding=1), x, k)
+            t = measure(forward, device=device, repeat=args.repeat, budget_s=args.budget)
             plan = plan_conv(k, shape, padding=1, dtype="float32", backend=backend, device=device)
             row = dict(suite="backends", kernel=kind, n_spatial=n, rank=label, backend=_label(backend, device),
                        pass_="forward", strategy=plan.strategy, macs=plan.macs, **t)
             group.append(row)
+            if backend == "jax":
+                import jax
+
+                def loss(x, k):
+                    return conv(x, k, padding=1).sum()
+
+                t = measure(_jax_jitted(jax.grad(loss, argnums=(0, 1)), x, k), device=device, repeat=args.repeat,
+                            budget_s=args.budget)
+                group.append(dict(row, pass_="forward+backward", **t))
             if backend == "torch":
                 fused_plan = plan_conv(k, shape, padding=1, strategy="fused", dtype="float32", backend=backend,
                                        device=device)
@@ -420,6 +448,8 @@ def suite_roofline(args, targets):
     rows = []
     c = 32 if args.quick else 64
     shape = (args.batch, c, 16, 32, 32)
+    # per-step timings of eager calls: jax runs a plan as one compiled program, with no steps to time
+    targets = [(b, d) for b, d in targets if b != "jax"]
     prog = _Progress(len(targets), "roofline")
     for backend, device in targets:
         dev = _array_device(device)
@@ -630,7 +660,7 @@ def add_arguments(parser):
                         help=f"suites to run (default: all of {SUITES})")
     parser.add_argument("--quick", action="store_true", help="small sizes, < 2 minutes on a 2-core CPU")
     parser.add_argument("--out", metavar="DIR", help="write results.json (and fig6.png) there")
-    parser.add_argument("--backend", action="append", choices=["numpy", "torch", "torch-cuda", "cupy"],
+    parser.add_argument("--backend", action="append", choices=["numpy", "torch", "torch-cuda", "cupy", "jax"],
                         help="backend (repeatable; default: every one found)")
     parser.add_argument("--batch", type=positive_int, default=None, help="batch size (default 1, quick 1)")
     parser.add_argument("--repeat", type=positive_int, default=None, help="timed runs per point (default 7, quick 5)")

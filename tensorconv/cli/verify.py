@@ -12,7 +12,7 @@ from ..architectures import DERIVATIONS, block_macs, run_block
 from ..backends import available_backends, backend_for_name
 from ..plans.plan import conv, plan_conv
 from ..tenalg import mode_dot
-from . import check_writable, non_negative_int, positive_int
+from . import check_writable, enable_jax_x64, non_negative_int, positive_int
 
 TOLERANCE = {"float64": 1e-10, "float32": 1e-4}
 
@@ -163,7 +163,7 @@ def format_table(rows):
 
 
 def add_arguments(parser):
-    parser.add_argument("--backend", action="append", choices=["numpy", "torch", "torch-cuda", "cupy"],
+    parser.add_argument("--backend", action="append", choices=["numpy", "torch", "torch-cuda", "cupy", "jax"],
                         help="backend to check (repeatable; default: every one found)")
     parser.add_argument("--dtype", action="append", choices=["float64", "float32"],
                         help="dtype (repeatable; default float64)")
@@ -188,7 +188,10 @@ def main(args):
         if unknown:
             raise SystemExit(f"unknown derivation(s) {unknown}; choose from {list(DERIVATIONS)} + transduct_center, "
                              f"transduct_ones")
-    rows = run(backends, tuple(args.dtype or ["float64"]), args.cases, args.seed, args.derivation)
+    dtypes = tuple(args.dtype or ["float64"])
+    if "jax" in backends and "float64" in dtypes:
+        enable_jax_x64()
+    rows = run(backends, dtypes, args.cases, args.seed, args.derivation)
     print(format_table(rows))
     failed = [r for r in rows if not r["passed"]]
     print(f"\n{len(rows) - len(failed)} passed, {len(failed)} failed")

@@ -148,6 +148,8 @@ class ConvPlan:
         self._dense_step = dense_step(structure, geometry, batch, itemsize, model)
         self.dense_macs = self._dense_step.macs
         self.estimates = {}
+        #: backend name -> this plan compiled whole by that backend (or None): one entry per library
+        self._whole = {}
         self._factorized = None
         self.order = None
         self.min_macs = self.dense_macs
@@ -320,7 +322,15 @@ class ConvPlan:
 
 
     def __call__(self, x, kernel):
-        return self._execute(self._check_call(x, kernel), x, kernel)
+        return self._run(self._check_call(x, kernel), x, kernel)
+
+    def _run(self, backend, x, kernel):
+        """:meth:`_execute`, as one compiled program where the backend compiles whole functions."""
+        try:
+            run = self._whole[backend.name]
+        except KeyError:
+            run = self._whole[backend.name] = backend.compile_plan(functools.partial(self._execute, backend))
+        return self._execute(backend, x, kernel) if run is None else run(x, kernel)
 
     def _execute(self, backend, x, kernel):
         """Run on arguments already checked against this plan (see :meth:`_check_call`)."""
@@ -604,4 +614,4 @@ def conv(x, kernel, *, stride=1, padding=0, dilation=1, groups=1, padding_mode="
                      backend=backend.name, device=backend.device(x))
     # the plan was looked up by this kernel's structure and x's shape, and the arrays were
     # checked above: nothing is left for the plan to re-check
-    return plan._execute(backend, x, kernel)
+    return plan._run(backend, x, kernel)
