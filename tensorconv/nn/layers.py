@@ -463,6 +463,11 @@ class KruskalConv(_FactorizedConv):
         too; without it, a stateful optimizer fails on its next step (SGD without momentum
         does not care).
         """
+        self._keep_components(self._components_to_keep(threshold, relative), optimizer)
+        return self.rank
+
+    def _components_to_keep(self, threshold, relative):
+        """Indices of the rank components with |lambda| above the cut (see :meth:`prune`)."""
         if (threshold is None) == (relative is None):
             raise ValueError(f"prune: give exactly one of threshold= and relative=, got threshold={threshold!r}, "
                              f"relative={relative!r}")
@@ -477,11 +482,14 @@ class KruskalConv(_FactorizedConv):
         if keep.numel() == 0:
             raise ValueError(f"prune(threshold={threshold:.3g}) would remove every rank component "
                              f"(max |lambda| = {float(magnitude.max()):.3g})")
+        return keep
+
+    def _keep_components(self, keep, optimizer=None):
+        """Keep rank components ``keep`` (indices) of every factor and lambda."""
         with torch.no_grad():
             for p, dim in [(self.weights, 0)] + [(f, 1) for f in self.factors]:
                 _shrink_parameter(p, dim, keep, optimizer)
         self.rank = int(keep.numel())
-        return self.rank
 
 
 def _shrink_parameter(p, dim, keep, optimizer):
@@ -637,6 +645,25 @@ class HOCPBlock(nn.Module):
     def weights(self):
         return self.conv.weights
 
+    def prune(self, threshold=None, *, relative=None, optimizer=None):
+        """:meth:`KruskalConv.prune` of the block's conv, and Psi's per-channel state (a norm over
+        the R channels) cut to the same components; returns the number kept."""
+        keep = self.conv._components_to_keep(threshold, relative)
+        self.conv._keep_components(keep, optimizer)
+        rank = self.conv.rank
+        if isinstance(self.psi, _ChannelNormReLU):
+            norm = self.psi.norm
+            with torch.no_grad():
+                for p in (norm.weight, norm.bias):
+                    if p is not None:
+                        _shrink_parameter(p, 0, keep, optimizer)
+                for name in ("running_mean", "running_var"):
+                    buf = getattr(norm, name)
+                    if buf is not None:
+                        setattr(norm, name, buf.index_select(0, keep).clone())
+            norm.num_features = rank
+        return rank
+
     def forward(self, x):
         layer = self.conv
         u_c = layer.factors[1]
@@ -652,6 +679,8 @@ class HOCPBlock(nn.Module):
 
 class _ChannelNormReLU(nn.Module):
     """BatchNorm over channel dim 1 for any number of spatial dims, then ReLU."""
+
+    works_for_any_n = True  # tensorconv.nn.transduct leaves it as it is
 
     def __init__(self, channels, device=None, dtype=None):
         super().__init__()

@@ -38,10 +38,13 @@ def prune(model, threshold=None, *, relative=None, optimizer=None):
     layers = factorized_layers(model)
     if not layers:
         raise ValueError("prune: the model has no KruskalConv layer")
+    # a conv inside an HOCPBlock is pruned by its block, which cuts Psi's norm to the same components
+    blocks = {f"{name}.conv" if name else "conv": m for name, m in model.named_modules() if isinstance(m, HOCPBlock)}
     out = {}
     for name, layer in layers:
         old = layer.rank
-        out[name] = (old, layer.prune(threshold, relative=relative, optimizer=optimizer))
+        owner = blocks.get(name, layer)
+        out[name] = (old, owner.prune(threshold, relative=relative, optimizer=optimizer))
     return out
 
 
@@ -68,10 +71,15 @@ def transduct(model, kernel_size, position=0, padding="same", stride=1, dilation
     left = []
     with torch.no_grad():
         for name, module in list(model.named_modules()):
+            if getattr(module, "works_for_any_n", False):
+                continue  # a norm over a flattened view (its BatchNorm1d sees (B, C, positions) for any N)
             for child_name, child in list(module.named_children()):
                 full = f"{name}.{child_name}" if name else child_name
                 if isinstance(child, KruskalConv):
                     child.transduct(kernel_size, position, padding, stride, dilation, init, freeze)
+                elif hasattr(child, "transduct") and callable(child.transduct):
+                    # modules that know how to take a new mode (tensorconv.nn.resnet's pools and heads)
+                    child.transduct(position)
                 elif type(child) in _BN_UP:
                     new = _BN_UP[type(child)](child.num_features, child.eps, child.momentum, child.affine,
                                               child.track_running_stats, device=_device(child), dtype=_dtype(child))
@@ -90,6 +98,12 @@ def transduct(model, kernel_size, position=0, padding="same", stride=1, dilation
                                         nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)) and not isinstance(
                         module, HOCPBlock):
                     left.append(full)
+    if freeze:
+        # the paper trains the new temporal factors alone first: every other parameter of the
+        # model (norms, heads, skips) waits too, until model.requires_grad_(True)
+        new_factors = {id(layer.factors[2 + position]) for _, layer in factorized_layers(model)}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in new_factors)
     if left:
         warnings.warn(f"transduct left these dimension-specific modules unchanged: {left}", stacklevel=2)
     return model
