@@ -302,20 +302,32 @@ class KruskalKernel(_FactorizedKernel):
         return cls(weights, factors, modes)
 
     @classmethod
-    def from_dense(cls, weight, rank, *, modes=None, **parafac_kwargs):
-        """CP-decompose a dense kernel with tensorly's ``parafac`` on the weight's own backend.
+    def from_dense(cls, weight, rank, *, modes=None, method="als", **kwargs):
+        """CP-decompose a dense kernel on the weight's own backend, dtype and device.
+
+        ``method="als"`` (default): :func:`tensorconv.decomposition.cp_als`, alternating least
+        squares with two kernel-sized products per iteration and memory bounded by about the
+        kernel's size (a Conv3d(512, 1024, 3) at rank 256: seconds and a few hundred MB);
+        keywords ``n_iter_max=50``, ``tol=1e-7``, ``init="svd"`` (leading singular vectors,
+        through a randomized subspace iteration on large modes; random columns beyond a mode's
+        size) or ``"random"``, ``random_state=0``. More iterations fit better and cost
+        proportionally more.
+
+        ``method="tensorly"``: tensorly's ``parafac`` inside a ``tensorly.backend_context`` (the
+        caller's global tensorly backend is left as it was); keywords go to ``parafac`` (default
+        ``n_iter_max=200``, ``init="svd"``, or a seeded ``init="random"`` where the rank exceeds
+        what its SVD init can give: ``rank > prod(shape) / shape[n]`` for some mode n). It forms
+        one Khatri-Rao product per mode and iteration: slow and memory-hungry on large layers.
 
         Merged ``modes`` are decomposed by reshaping the weight so each group is one mode.
-        tensorly's global backend is left as the caller had it. Extra keyword arguments go to
-        ``tensorly.decomposition.parafac`` (default ``n_iter_max=200`` and ``init="svd"``, or a seeded
-        ``init="random"`` where the rank exceeds what the SVD init can give: ``rank > prod(shape) / shape[n]``
-        for some mode n).
         """
         backend = get_backend(weight)
         if weight.ndim < 3:
             raise ValueError(f"weight must have shape (T, C, K_0, ...), got {_shape(weight)}")
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+        if method not in ("als", "tensorly"):
+            raise ValueError(f"method={method!r} is not one of ('als', 'tensorly')")
         _check_finite(backend, weight, "weight")
         if modes is None:
             modes = [(i,) for i in range(weight.ndim)]
@@ -327,16 +339,21 @@ class KruskalKernel(_FactorizedKernel):
             backend.permute(weight, order),
             tuple(_prod(weight.shape[m] for m in group) for group in modes),
         )
+        if method == "als":
+            from .decomposition import cp_als
+
+            weights, factors = cp_als(grouped, rank, **kwargs)
+            return cls._from_grouped(weights, factors, weight, modes, rank)
         dims = [int(d) for d in grouped.shape]
         # tensorly's SVD init takes R leading singular vectors of each mode's unfolding (I_n x prod of the
         # others); where R exceeds that product it fails (an RGB stem at R > 27): such ranks start from a
         # seeded random init instead
         svd_ok = all(rank <= _prod(dims) // d for d in dims)
-        kwargs = {"init": "svd" if svd_ok else "random", "n_iter_max": 200, "normalize_factors": True}
+        parafac_kwargs = {"init": "svd" if svd_ok else "random", "n_iter_max": 200, "normalize_factors": True}
         if not svd_ok:
-            kwargs["random_state"] = 0
-        kwargs.update(parafac_kwargs)
-        if kwargs["init"] == "svd" and not svd_ok:
+            parafac_kwargs["random_state"] = 0
+        parafac_kwargs.update(kwargs)
+        if parafac_kwargs["init"] == "svd" and not svd_ok:
             worst = min(_prod(dims) // d for d in dims)
             raise ValueError(f"init='svd' needs rank <= {worst} for a weight of shape {_shape(weight)} (each mode's "
                              f"unfolding has that many columns), got rank={rank}: use init='random' (the default "
@@ -344,8 +361,12 @@ class KruskalKernel(_FactorizedKernel):
         with _tensorly_on(backend):
             from tensorly.decomposition import parafac
 
-            cp = parafac(grouped, rank, **kwargs)
-        weights, factors = cp[0], cp[1]
+            cp = parafac(grouped, rank, **parafac_kwargs)
+        return cls._from_grouped(cp[0], cp[1], weight, modes, rank)
+
+    @classmethod
+    def _from_grouped(cls, weights, factors, weight, modes, rank):
+        backend = get_backend(weight)
         factors = [backend.reshape(f, tuple(int(weight.shape[m]) for m in group) + (rank,))
                    for f, group in zip(factors, modes)]
         return cls(weights, factors, modes)
@@ -612,11 +633,17 @@ class TuckerKernel(_FactorizedKernel):
         return cls(core, factors, groups)
 
     @classmethod
-    def from_dense(cls, weight, rank, **tucker_kwargs):
-        """Partial Tucker of a dense kernel over the channel modes (tensorly, weight's backend).
+    def from_dense(cls, weight, rank, *, method="hooi", **kwargs):
+        """Partial Tucker of a dense kernel over the channel modes, on the weight's backend.
 
         ``rank=(R_out, R_in)``; the spatial modes stay in the core (the ResNet bottleneck).
+        ``method="hooi"`` (default): :func:`tensorconv.decomposition.partial_tucker_hooi`,
+        truncated HOSVD then ``n_iter_max=5`` orthogonal iterations through Gram matrices
+        (memory about the kernel's size); ``method="tensorly"``: tensorly's ``partial_tucker``
+        (keywords passed on).
         """
+        if method not in ("hooi", "tensorly"):
+            raise ValueError(f"method={method!r} is not one of ('hooi', 'tensorly')")
         backend = get_backend(weight)
         if weight.ndim < 3:
             raise ValueError(f"weight must have shape (T, C, K_0, ...), got {_shape(weight)}")
@@ -626,10 +653,15 @@ class TuckerKernel(_FactorizedKernel):
         if rank[0] > weight.shape[0] or rank[1] > weight.shape[1]:
             raise ValueError(f"rank={rank} exceeds the weight's channels {(weight.shape[0], weight.shape[1])}")
         _check_finite(backend, weight, "weight")
+        if method == "hooi":
+            from .decomposition import partial_tucker_hooi
+
+            core, factors = partial_tucker_hooi(weight, rank, **kwargs)
+            return cls(core, factors)
         with _tensorly_on(backend):
             from tensorly.decomposition import partial_tucker
 
-            (core, factors), _ = partial_tucker(weight, list(rank), modes=[0, 1], **tucker_kwargs)
+            (core, factors), _ = partial_tucker(weight, list(rank), modes=[0, 1], **kwargs)
         return cls(core, list(factors))
 
     def to_tensorly(self):

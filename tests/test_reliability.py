@@ -222,10 +222,13 @@ def test_from_conv_rank_beyond_the_svd_init():
 
     torch.manual_seed(0)
     stem = torch.nn.Conv2d(3, 64, 3, padding=1).double()  # mode 0's unfolding has 3 * 3 * 3 = 27 columns
-    layer = KruskalConv.from_conv(stem, 40)
+    layer = KruskalConv.from_conv(stem, 40, method="tensorly")
     assert layer.rank == 40 and layer.relative_error < 1e-3, layer.relative_error
     with pytest.raises(ValueError, match="init='random'"):
-        KruskalConv.from_conv(stem, 40, init="svd")
+        KruskalConv.from_conv(stem, 40, method="tensorly", init="svd")
+    # the default ALS pads its SVD init with random columns beyond a mode's size
+    als = KruskalConv.from_conv(stem, 40, n_iter_max=300, tol=0)
+    assert als.rank == 40 and als.relative_error < 1e-3, als.relative_error
 
 
 # -- 6, 7, 9. building and loading the compiled kernel ----------------------------------------------------------------
