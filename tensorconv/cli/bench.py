@@ -20,7 +20,7 @@ from ..plans.cost import calibrate, set_cost_model
 from ..plans.plan import conv, plan_conv
 from . import check_writable, positive_int
 
-SUITES = ("fig6", "backends", "peers", "roofline", "targets", "r3d18")
+SUITES = ("fig6", "backends", "peers", "roofline", "targets", "r3d18", "models", "decompose")
 
 
 # -- timing ---------------------------------------------------------------------------------------------------
@@ -566,6 +566,148 @@ R3D18_CONVS = [
     ("layer4.0", 256, 512, (3, 3, 3), (2, 2, 2), (1, 1, 1), (4, 14, 14)),
     ("layer4", 512, 512, (3, 3, 3), (1, 1, 1), (1, 1, 1), (2, 7, 7)),
 ]
+
+
+def _r3d18(num_classes=400):
+    """torchvision's r3d_18 (its own definition where torchvision imports; otherwise the same
+    topology written out here: stem 3x7x7 stride (1, 2, 2), four stages of two basic blocks with
+    3x3x3 convs, 1x1x1 projections, BatchNorm3d, global pooling, fc). Returns (model, source)."""
+    import torch
+    from torch import nn
+
+    try:
+        from ._torchvision import torchvision_models
+
+        return torchvision_models().video.r3d_18(num_classes=num_classes), "torchvision.models.video.r3d_18"
+    except ImportError:
+        pass
+
+    class Block(nn.Module):
+        def __init__(self, c_in, c, stride):
+            super().__init__()
+            self.conv1 = nn.Sequential(nn.Conv3d(c_in, c, 3, stride, 1, bias=False), nn.BatchNorm3d(c), nn.ReLU(True))
+            self.conv2 = nn.Sequential(nn.Conv3d(c, c, 3, 1, 1, bias=False), nn.BatchNorm3d(c))
+            self.downsample = nn.Sequential(nn.Conv3d(c_in, c, 1, stride, bias=False), nn.BatchNorm3d(c)) \
+                if stride != 1 or c_in != c else None
+
+        def forward(self, x):
+            skip = x if self.downsample is None else self.downsample(x)
+            return torch.relu(self.conv2(self.conv1(x)) + skip)
+
+    stages, c_in = [], 64
+    for c, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        stages.append(nn.Sequential(Block(c_in, c, stride), Block(c, c, 1)))
+        c_in = c
+    model = nn.Sequential(nn.Sequential(nn.Conv3d(3, 64, (3, 7, 7), (1, 2, 2), (1, 3, 3), bias=False),
+                                        nn.BatchNorm3d(64), nn.ReLU(True)),
+                          *stages, nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(512, num_classes))
+    return model, "r3d_18 topology (torchvision not importable here)"
+
+
+def suite_models(args, targets):
+    """A whole r3d_18 forward, dense against factorized (``tensorconv.nn.factorize``, CP at a
+    quarter of each conv's parameters), torch CPU, eval, interleaved. Target: >= 2x at batch 1."""
+    import torch
+
+    from ..nn import factorize
+
+    if not any(b == "torch" for b, _ in targets):
+        return []
+    rows = []
+    batches = (1,) if args.quick else (1, 8)
+    frames, size = (8, 112) if args.quick else (16, 112)
+    torch.manual_seed(0)
+    dense, source = _r3d18()
+    dense = dense.eval()
+    # one ALS sweep per layer: the speed of a layer does not depend on how well it fits
+    factorized = factorize(dense, 0.25, factorization="cp", n_iter_max=1).eval()
+    from ..nn.layers import _FactorizedConv
+
+    def conv_params(model):
+        return sum(m.weight.numel() if isinstance(m, torch.nn.modules.conv._ConvNd) else m.n_params
+                   for m in model.modules() if isinstance(m, (torch.nn.modules.conv._ConvNd, _FactorizedConv)))
+    prog = _Progress(len(batches), "models")
+    for batch in batches:
+        x = torch.randn(batch, 3, frames, size, size)
+        with torch.no_grad():
+            t = measure_many({"dense": lambda: dense(x), "factorized": lambda: factorized(x)},
+                             repeat=max(3, args.repeat // 2), budget_s=args.budget)
+        rows.append(dict(suite="models", model=source, batch=batch, input=[3, frames, size, size],
+                         dense_params=conv_params(dense), factorized_params=conv_params(factorized),
+                         **{"dense ms": round(t["dense"]["median_ms"], 1),
+                            "factorized ms": round(t["factorized"]["median_ms"], 1)},
+                         speedup=round(t["dense"]["median_ms"] / t["factorized"]["median_ms"], 2)))
+        prog.step(f"batch {batch}")
+    prog.close()
+    return rows
+
+
+_DECOMPOSE = r"""
+import json, sys, time, torch
+torch.set_num_threads(int(sys.argv[2]))
+def hwm():
+    with open("/proc/self/status") as f:
+        return int(f.read().split("VmHWM:")[1].split()[0]) * 1024
+torch.manual_seed(0)
+conv = torch.nn.Conv3d(512, 1024, 3, bias=False)
+who = sys.argv[1]
+if who == "tltorch":
+    import tensorly
+    import tltorch
+    tensorly.set_backend("pytorch")
+base = hwm()
+t0 = time.perf_counter()
+if who == "tensorconv-cp":
+    from tensorconv.nn import KruskalConv
+    layer = KruskalConv.from_conv(conv, 256)
+    err = layer.relative_error
+elif who == "tensorconv-tucker":
+    from tensorconv.nn import TuckerConv
+    layer = TuckerConv.from_conv(conv, (256, 128))
+    err = layer.relative_error
+else:
+    layer = tltorch.FactorizedConv.from_conv(conv, rank=256, factorization="cp")
+    w = conv.weight.detach()
+    err = float((layer.weight.to_tensor() - w).norm() / w.norm())
+print(json.dumps(dict(seconds=time.perf_counter() - t0, extra_bytes=hwm() - base, error=err)))
+"""
+
+
+def suite_decompose(args, targets):
+    """Decomposing one large layer, Conv3d(512, 1024, 3): tensorconv's CP (rank 256) and Tucker
+    ((256, 128)) against tensorly-torch's ``FactorizedConv.from_conv`` (CP, rank 256); time and
+    peak memory above the process's baseline, each in its own process (the peer with a time and
+    address-space limit, so that it cannot take the machine down)."""
+    import resource
+    import subprocess
+
+    rows = []
+    threads = 2
+    limit_s = 120 if args.quick else 600
+    whos = ("tensorconv-cp", "tensorconv-tucker", "tltorch")
+    prog = _Progress(len(whos), "decompose")
+    for who in whos:
+        def cap():  # 16 GiB of address space: the peer's reported ~83 GB would otherwise swap the VM
+            resource.setrlimit(resource.RLIMIT_AS, (16 * 1024**3, 16 * 1024**3))
+
+        row = dict(suite="decompose", method=who, layer="Conv3d(512, 1024, 3)",
+                   rank="(256, 128)" if who.endswith("tucker") else "256", threads=threads)
+        try:
+            done = subprocess.run([sys.executable, "-c", _DECOMPOSE, who, str(threads)], capture_output=True, text=True,
+                                  timeout=limit_s, preexec_fn=cap if who == "tltorch" else None)
+            if done.returncode == 0:
+                out = json.loads(done.stdout.strip().splitlines()[-1])
+                row.update(seconds=round(out["seconds"], 1), extra_peak_mib=round(out["extra_bytes"] / 2**20),
+                           relative_error=round(out["error"], 4), result="done")
+            else:
+                last = (done.stderr.strip().splitlines() or ["?"])[-1]
+                row.update(seconds=None, extra_peak_mib=None, relative_error=None, result=f"failed: {last[:120]}")
+        except subprocess.TimeoutExpired:
+            row.update(seconds=None, extra_peak_mib=None, relative_error=None, result=f"did not finish in {limit_s} s")
+        rows.append(row)
+        prog.step(who)
+    prog.close()
+    return rows
 
 
 def suite_r3d18(args, targets):
