@@ -398,6 +398,17 @@ DERIVATIONS = {
                            (2, 3)),
 }
 
+#: the names the paper (and its readers) use for the derivations -> their key in DERIVATIONS;
+#: ``tensorconv verify --derivation`` takes either, and its table shows both
+PAPER_NAMES = {"1x1": "pointwise", "kruskal": "cp", "bottleneck": "tucker", "resnet_bottleneck": "tucker",
+               "2plus1d": "r2plus1d", "(2+1)d": "r2plus1d"}
+
+
+def derivation_label(name):
+    """``"tucker/bottleneck"``: the key and the paper's short name, where they differ."""
+    alias = next((a for a, key in PAPER_NAMES.items() if key == name), None)
+    return f"{name}/{alias}" if alias else name
+
 
 # -- from_torch ------------------------------------------------------------------------------------------------
 @dataclass

@@ -186,3 +186,14 @@ def test_blocks_accept_padding_strings(padding):
         to_block = kruskal_to_block if isinstance(k, KruskalKernel) else tucker_to_block
         expected = reference_conv(x, k.to_dense(), padding=((1, 2), (1, 1)) if padding == "same" else 0)
         assert rel_err(_oracle_block(x, to_block(k, padding=padding)), expected) < TOL
+
+
+def test_verify_takes_the_papers_names(capsys):
+    """`--derivation bottleneck` runs the Tucker derivation (the ResNet bottleneck), and the table
+    says both names."""
+    assert cli_main(["verify", "--backend", "numpy", "--cases", "2", "--derivation", "bottleneck",
+                     "--derivation", "Kruskal"]) == 0
+    table = capsys.readouterr().out
+    assert "tucker/bottleneck" in table and "cp/kruskal" in table and "2 passed" in table
+    with pytest.raises(SystemExit, match="paper's names"):
+        cli_main(["verify", "--derivation", "inception"])

@@ -97,3 +97,19 @@ def test_einsum_and_tensordot_agree_with_numpy(backend):
     assert rel_err(b.tensordot(A, M, axes=([1], [0])), np.tensordot(a, m, axes=([1], [0]))) < 1e-13
     assert tuple(b.moveaxis(A, 0, -1).shape) == (4, 5, 3)
     assert tuple(b.reshape(A, (12, 5)).shape) == (12, 5)
+
+
+def test_package_ships_its_license_and_typing_marker():
+    import os
+    import tomllib
+
+    import tensorconv
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as fh:
+        project = tomllib.load(fh)
+    assert project["project"]["license"]["text"] == "BSD-3-Clause"
+    with open(os.path.join(root, "LICENSE")) as fh:
+        assert fh.readline().strip() == "BSD 3-Clause License"
+    assert os.path.exists(os.path.join(os.path.dirname(tensorconv.__file__), "py.typed"))
+    assert "py.typed" in project["tool"]["setuptools"]["package-data"]["tensorconv"]

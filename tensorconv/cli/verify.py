@@ -8,7 +8,7 @@ import zlib
 
 import numpy as np
 
-from ..architectures import DERIVATIONS, block_macs, run_block
+from ..architectures import DERIVATIONS, PAPER_NAMES, block_macs, derivation_label, run_block
 from ..backends import available_backends, backend_for_name
 from ..plans.plan import conv, plan_conv
 from ..tenalg import mode_dot
@@ -148,12 +148,12 @@ def run(backends=None, dtypes=("float64",), cases=10, seed=0, derivations=None, 
 
 
 def format_table(rows):
-    head = (f"{'derivation':<17} {'backend':<11} {'dtype':<8} {'cases':>5} {'max abs err':>11} {'max rel err':>11} "
+    head = (f"{'derivation':<18} {'backend':<11} {'dtype':<8} {'cases':>5} {'max abs err':>11} {'max rel err':>11} "
             f"{'params block/dense*':>20} {'MACs block/dense*':>22} {'result':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['derivation']:<17} {r['backend']:<11} {r['dtype']:<8} {r['cases']:>5} {r['max_abs']:>11.2e} "
+            f"{derivation_label(r['derivation']):<18} {r['backend']:<11} {r['dtype']:<8} {r['cases']:>5} {r['max_abs']:>11.2e} "
             f"{r['max_rel']:>11.2e} {str(r['params_block']) + '/' + str(r['params_dense']):>20} "
             f"{str(r['macs_block']) + '/' + str(r['macs_dense']):>22} {'pass' if r['passed'] else 'FAIL':>6}")
         if r["error"]:
@@ -184,10 +184,11 @@ def main(args):
     if missing:
         raise SystemExit(f"backend(s) {missing} not available here; found {found}")
     if args.derivation:
-        unknown = [d for d in args.derivation if d not in DERIVATIONS and not d.startswith("transduct_")]
+        args.derivation = [PAPER_NAMES.get(d.lower(), d) for d in args.derivation]
+        unknown = [d for d in args.derivation if d not in DERIVATIONS and d not in ("transduct_center", "transduct_ones")]
         if unknown:
             raise SystemExit(f"unknown derivation(s) {unknown}; choose from {list(DERIVATIONS)} + transduct_center, "
-                             f"transduct_ones")
+                             f"transduct_ones, or the paper's names {list(PAPER_NAMES)}")
     dtypes = tuple(args.dtype or ["float64"])
     if "jax" in backends and "float64" in dtypes:
         enable_jax_x64()
