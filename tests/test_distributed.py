@@ -21,9 +21,9 @@ def _net():
     from tensorconv.nn import HOCPBlock, KruskalConv, TuckerConv
 
     torch.manual_seed(0)
-    return torch.nn.Sequential(KruskalConv(3, 8, (3, 3), 6, padding=1), torch.nn.ReLU(),
-                               TuckerConv(8, 8, (3, 3), (4, 4), padding=1),
-                               HOCPBlock(8, 4, (3, 3), 5, padding=1, nonlinearity=None)).double()
+    return torch.nn.Sequential(KruskalConv(3, 8, (3, 3), rank=6, padding=1), torch.nn.ReLU(),
+                               TuckerConv(8, 8, (3, 3), rank=(4, 4), padding=1),
+                               HOCPBlock(8, 4, (3, 3), rank=5, padding=1, nonlinearity=None)).double()
 
 
 def _data():

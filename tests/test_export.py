@@ -26,12 +26,12 @@ def _model(n, dtype=torch.float64):
     k = (3,) * n
     asym = ((1, 2),) + ((1, 0),) * (n - 1)
     return torch.nn.Sequential(
-        KruskalConv(3, 8, k, 5, stride=(2,) + (1,) * (n - 1), padding=asym), torch.nn.ReLU(),
-        TuckerConv(8, 8, k, (4, 4), padding="same", padding_mode="reflect", groups=2),
-        KruskalConv(8, 6, k, 4, dilation=(1,) * (n - 1) + (2,), padding=(1,) * (n - 1) + (2,),
+        KruskalConv(3, 8, k, rank=5, stride=(2,) + (1,) * (n - 1), padding=asym), torch.nn.ReLU(),
+        TuckerConv(8, 8, k, rank=(4, 4), padding="same", padding_mode="reflect", groups=2),
+        KruskalConv(8, 6, k, rank=4, dilation=(1,) * (n - 1) + (2,), padding=(1,) * (n - 1) + (2,),
                     padding_mode="circular"),
-        TuckerConv(6, 6, k, (3, 3), padding=1, padding_mode="replicate", core_groups=3),
-        HOCPBlock(6, 4, k, 3, padding="same")).to(dtype)
+        TuckerConv(6, 6, k, rank=(3, 3), padding=1, padding_mode="replicate", core_groups=3),
+        HOCPBlock(6, 4, k, rank=3, padding="same")).to(dtype)
 
 
 def _input(n, batch=2, dtype=torch.float64):

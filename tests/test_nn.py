@@ -36,7 +36,7 @@ def test_forward_equals_dense_conv(cls, n, data):
     mode = data.draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
     strategy = data.draw(st.sampled_from(["auto", "factorized", "reconstructed"]))
     rank = data.draw(st.integers(1, 4)) if cls is KruskalConv else (data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3)))
-    layer = cls(c, t, ks, rank, stride=stride, padding=padding, dilation=dilation, padding_mode=mode,
+    layer = cls(c, t, ks, rank=rank, stride=stride, padding=padding, dilation=dilation, padding_mode=mode,
                 dtype=torch.float64, strategy=strategy)
     dims = tuple(max(dl * (k - 1) + 1, lo + 1, hi + 1) + 2 for k, dl, (lo, hi) in zip(ks, dilation, padding))
     x = torch.randn((2, c) + dims, dtype=torch.float64)
@@ -65,7 +65,7 @@ def test_four_dimensional_layer_matches_numpy_reference_and_acceptance():
 @pytest.mark.parametrize("cls", [KruskalConv, TuckerConv])
 def test_gradcheck(cls):
     rank = 2 if cls is KruskalConv else (2, 2)
-    layer = cls(2, 3, (3, 2), rank, stride=(2, 1), padding=1, dtype=torch.float64)
+    layer = cls(2, 3, (3, 2), rank=rank, stride=(2, 1), padding=1, dtype=torch.float64)
     x = torch.randn(1, 2, 6, 5, dtype=torch.float64, requires_grad=True)
     params = tuple(layer.parameters())
 
@@ -78,7 +78,7 @@ def test_gradcheck(cls):
 def test_init_matches_torch_default_statistics():
     torch.manual_seed(0)
     for cls, rank in ((KruskalConv, 64), (TuckerConv, (32, 32))):
-        layer = cls(64, 64, (3, 3), rank)
+        layer = cls(64, 64, (3, 3), rank=rank)
         ref = torch.nn.Conv2d(64, 64, 3)
         w = layer.kernel.to_dense().detach()
         target = ref.weight.var().item()  # 1 / (3 * fan_in)
@@ -91,7 +91,7 @@ def test_rank_options_and_errors():
     assert KruskalConv(16, 16, (3, 3), rank="same").n_params == pytest.approx(16 * 16 * 9, rel=0.05)
     half = KruskalConv(16, 16, (3, 3), rank=0.5)
     assert half.n_params == pytest.approx(0.5 * 16 * 16 * 9, rel=0.1)
-    assert KruskalConv(4, 4, 3, 2, n_spatial=3).kernel_size == (3, 3, 3)
+    assert KruskalConv(4, 4, 3, rank=2, n_spatial=3).kernel_size == (3, 3, 3)
     same = TuckerConv(16, 32, (3, 3, 3), rank="same")
     assert 0.8 * same.dense_params <= same.n_params <= same.dense_params
     # ResNeXt's block with a core in 2 groups: even full ranks stay under the dense budget, so the
@@ -100,14 +100,14 @@ def test_rank_options_and_errors():
     quarter = TuckerConv(16, 16, (3, 3), rank=0.25)
     assert 0.15 * quarter.dense_params <= quarter.n_params <= 0.25 * quarter.dense_params
     with pytest.raises(ValueError, match="n_spatial"):
-        KruskalConv(4, 4, 3, 2)
+        KruskalConv(4, 4, 3, rank=2)
     with pytest.raises(ValueError, match="rank must be"):
-        KruskalConv(4, 4, (3, 3), 0)
+        KruskalConv(4, 4, (3, 3), rank=0)
     with pytest.raises(ValueError, match="stride"):
-        KruskalConv(4, 4, (3, 3), 2, stride=0)
+        KruskalConv(4, 4, (3, 3), rank=2, stride=0)
     with pytest.raises(ValueError, match="padding='same' needs stride 1"):
-        KruskalConv(4, 4, (3, 3), 2, stride=2, padding="same")
-    layer = KruskalConv(4, 4, (3, 3), 2)
+        KruskalConv(4, 4, (3, 3), rank=2, stride=2, padding="same")
+    layer = KruskalConv(4, 4, (3, 3), rank=2)
     with pytest.raises(ValueError, match="expects input"):
         layer(torch.randn(1, 4, 5, 5, 5))
     with pytest.raises(ValueError, match="channel mismatch"):
@@ -115,9 +115,9 @@ def test_rank_options_and_errors():
 
 
 def test_state_dict_deepcopy_pickle_and_to():
-    layer = KruskalConv(3, 4, (3, 3), 2, padding="same")
+    layer = KruskalConv(3, 4, (3, 3), rank=2, padding="same")
     x = torch.randn(1, 3, 5, 5)
-    clone = KruskalConv(3, 4, (3, 3), 2, padding="same")
+    clone = KruskalConv(3, 4, (3, 3), rank=2, padding="same")
     clone.load_state_dict(layer.state_dict())
     assert torch.equal(clone(x), layer(x))
     assert torch.equal(copy.deepcopy(layer)(x), layer(x))
@@ -173,7 +173,7 @@ def test_tucker_from_conv_exact_at_full_rank_and_grouped():
 
 
 def test_padding_same_layer():
-    layer = KruskalConv(3, 5, (4, 3), 2, padding="same", dtype=torch.float64)
+    layer = KruskalConv(3, 5, (4, 3), rank=2, padding="same", dtype=torch.float64)
     x = torch.randn(1, 3, 7, 6, dtype=torch.float64)
     with torch.no_grad():
         ref = F.conv2d(x, layer.kernel.to_dense(), layer.bias, padding="same")
@@ -183,7 +183,7 @@ def test_padding_same_layer():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_transduct_center_is_frame_by_frame_and_ones_is_windowed_sum(device):
-    layer = KruskalConv(3, 4, (3, 3), 3, padding=1, dtype=torch.float64, device=device)
+    layer = KruskalConv(3, 4, (3, 3), rank=3, padding=1, dtype=torch.float64, device=device)
     x = torch.randn(2, 3, 5, 6, 6, dtype=torch.float64, device=device)
     with torch.no_grad():
         frames = torch.stack([layer(x[:, :, f]) for f in range(5)], 2)
@@ -197,8 +197,8 @@ def test_transduct_center_is_frame_by_frame_and_ones_is_windowed_sum(device):
 
 
 def test_transduct_freezes_all_but_new_factor_and_model_helper():
-    model = torch.nn.Sequential(KruskalConv(3, 4, (3, 3), 2, padding=1), torch.nn.BatchNorm2d(4),
-                                torch.nn.MaxPool2d(2), KruskalConv(4, 2, (3, 3), 2, padding=1))
+    model = torch.nn.Sequential(KruskalConv(3, 4, (3, 3), rank=2, padding=1), torch.nn.BatchNorm2d(4),
+                                torch.nn.MaxPool2d(2), KruskalConv(4, 2, (3, 3), rank=2, padding=1))
     model[1].running_mean.fill_(0.5)
     with _no_warning():
         tnn.transduct(model, 3)
@@ -229,7 +229,7 @@ class _no_warning:
 
 def test_lasso_changes_lambda_gradients():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(KruskalConv(3, 4, (3, 3), 5, padding=1), HOCPBlock(4, 4, (3, 3), 3))
+    model = torch.nn.Sequential(KruskalConv(3, 4, (3, 3), rank=5, padding=1), HOCPBlock(4, 4, (3, 3), rank=3))
     x = torch.randn(2, 3, 6, 6)
     loss = model(x).square().mean()
     grads = torch.autograd.grad(loss, [model[0].weights, model[1].weights], retain_graph=True)
@@ -240,7 +240,7 @@ def test_lasso_changes_lambda_gradients():
 
 
 def test_prune_keeps_outputs_of_kept_components():
-    layer = KruskalConv(3, 4, (3, 3), 6, padding=1, dtype=torch.float64)
+    layer = KruskalConv(3, 4, (3, 3), rank=6, padding=1, dtype=torch.float64)
     with torch.no_grad():
         layer.weights.copy_(torch.tensor([1.0, 1e-4, -2.0, 0.0, 0.5, -1e-5], dtype=torch.float64))
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
@@ -258,22 +258,22 @@ def test_prune_keeps_outputs_of_kept_components():
 
 
 def test_hocp_block_without_nonlinearity_is_a_kruskal_conv_and_skip():
-    block = HOCPBlock(4, 4, (3, 3), 3, nonlinearity=None, dtype=torch.float64)
+    block = HOCPBlock(4, 4, (3, 3), rank=3, nonlinearity=None, dtype=torch.float64)
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
     with torch.no_grad():
         assert rel_err(block(x), block.conv(x)) < TOL
-        skip = HOCPBlock(4, 5, (3, 3), 3, nonlinearity=None, skip=True, dtype=torch.float64)
+        skip = HOCPBlock(4, 5, (3, 3), rank=3, nonlinearity=None, skip=True, dtype=torch.float64)
         expected = x + torch.einsum("btyx,ct->bcyx", skip.conv(x), skip.skip_factor)
         assert rel_err(skip(x), expected) < TOL
-    default = HOCPBlock(4, 4, (3, 3, 3, 3), 3)
+    default = HOCPBlock(4, 4, (3, 3, 3, 3), rank=3)
     assert default(torch.randn(2, 4, 3, 3, 3, 3)).shape == (2, 4, 3, 3, 3, 3)
 
 
 def test_training_smoke_loss_halves():
     torch.manual_seed(0)
     teacher = torch.nn.Conv2d(2, 3, 3, padding=1)
-    model = torch.nn.Sequential(KruskalConv(2, 8, (3, 3), 6, padding=1), torch.nn.ReLU(),
-                                KruskalConv(8, 3, (3, 3), 6, padding=1))
+    model = torch.nn.Sequential(KruskalConv(2, 8, (3, 3), rank=6, padding=1), torch.nn.ReLU(),
+                                KruskalConv(8, 3, (3, 3), rank=6, padding=1))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     x = torch.randn(16, 2, 8, 8)
     with torch.no_grad():
@@ -294,3 +294,24 @@ def test_import_tensorconv_nn_is_lazy():
 
     code = "import sys, tensorconv; assert 'torch' not in sys.modules; tensorconv.KruskalConv; assert 'torch' in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_positional_arguments_are_nn_convnds():
+    """`KruskalConv(3, 8, (3, 3), 2)` means stride 2, as for nn.Conv2d; rank is keyword-only."""
+    import inspect
+
+    conv_params = list(inspect.signature(torch.nn.Conv2d).parameters)
+    for cls in (KruskalConv, TuckerConv):
+        params = inspect.signature(cls).parameters
+        assert list(params)[:len(conv_params)] == conv_params, cls
+        assert params["rank"].kind is inspect.Parameter.KEYWORD_ONLY and params["rank"].default == "same"
+    layer = KruskalConv(3, 8, (3, 3), 2, 1)
+    dense = torch.nn.Conv2d(3, 8, (3, 3), 2, 1)
+    x = torch.randn(1, 3, 9, 9)
+    assert layer(x).shape == dense(x).shape == (1, 8, 5, 5)
+    assert layer.n_params <= layer.dense_params * 1.01  # rank "same" by default
+    assert TuckerConv(4, 8, (3, 3), 1, 1, 1, 2).groups == 2  # groups in nn.ConvNd's place
+    with pytest.raises(ValueError, match="groups=2 is not supported"):
+        KruskalConv(4, 8, (3, 3), 1, 1, 1, 2)
+    with pytest.raises(TypeError):
+        KruskalConv(3, 8, (3, 3), 2, 1, 1, 1, True, "zeros", None, None, 4)  # a 12th positional: no rank there

@@ -169,7 +169,7 @@ def summarize(model, input_shape=None):
     --------
     >>> import torch
     >>> from tensorconv.nn import KruskalConv, summarize
-    >>> net = torch.nn.Sequential(KruskalConv(3, 8, (3, 3), 4, padding=1))
+    >>> net = torch.nn.Sequential(KruskalConv(3, 8, (3, 3), rank=4, padding=1))
     >>> print(summarize(net, (1, 3, 8, 8)))  # doctest: +NORMALIZE_WHITESPACE
     layer  kernel (T, C, *K)  rank  params dense -> factorized  rel. error  MACs dense -> plan
     0      (8, 3, 3, 3)       4     216 -> 72 (3.0x fewer)      -           13.82k -> 4.35k

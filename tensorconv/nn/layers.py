@@ -347,9 +347,12 @@ class KruskalConv(_FactorizedConv):
     torch.Size([2, 32, 5, 6, 7, 8])
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, rank, stride=1, padding=0, dilation=1, bias=True,
-                 padding_mode="zeros", device=None, dtype=None, strategy="auto", *, n_spatial=None):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True,
+                 padding_mode="zeros", device=None, dtype=None, *, rank="same", strategy="auto", n_spatial=None):
         super().__init__()
+        if groups != 1:
+            raise ValueError(f"KruskalConv: groups={groups!r} is not supported (a CP kernel mixes all channels); "
+                             f"TuckerConv(..., groups={groups!r}) factorizes each group")
         self._init_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode,
                             strategy, n_spatial)
         self.rank = cp_rank_for(rank, in_channels, out_channels, self.kernel_size)
@@ -398,7 +401,7 @@ class KruskalConv(_FactorizedConv):
         weight = conv_module.weight.detach()
         rank = cp_rank_for(rank, conv_module.in_channels, conv_module.out_channels, tuple(weight.shape[2:]))
         kernel = KruskalKernel.from_dense(weight, rank, **decomposition_kwargs)
-        layer = cls(conv_module.in_channels, conv_module.out_channels, tuple(weight.shape[2:]), rank,
+        layer = cls(conv_module.in_channels, conv_module.out_channels, tuple(weight.shape[2:]), rank=rank,
                     strategy=strategy, **geo)
         with torch.no_grad():
             layer.weights.copy_(kernel.weights)
@@ -516,8 +519,8 @@ class TuckerConv(_FactorizedConv):
     dense 1x1s around a core grouped ``core_groups`` ways (a conv that mixes all channels).
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, rank, stride=1, padding=0, dilation=1, bias=True,
-                 padding_mode="zeros", device=None, dtype=None, strategy="auto", *, groups=1, core_groups=1,
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True,
+                 padding_mode="zeros", device=None, dtype=None, *, rank="same", strategy="auto", core_groups=1,
                  n_spatial=None):
         super().__init__()
         self._init_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode,
@@ -597,7 +600,7 @@ class TuckerConv(_FactorizedConv):
         r_out, r_in = tucker_rank_for(rank, c, t, ks, g, grouped_conv=True)
         if r_out > t or r_in > c:
             raise ValueError(f"rank=({r_out}, {r_in}) exceeds the conv's channels ({t}, {c})")
-        layer = cls(c, t, ks, (r_out, r_in), strategy=strategy, groups=g, **geo)
+        layer = cls(c, t, ks, rank=(r_out, r_in), strategy=strategy, groups=g, **geo)
         tg, og, ig = t // g, r_out // g, r_in // g
         cores, u_t, u_c = [], [], []
         for j in range(g):
@@ -623,12 +626,12 @@ class HOCPBlock(nn.Module):
     channels + ReLU; ``None`` for none, which makes the block exactly a :class:`KruskalConv`).
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, rank, stride=1, padding="same", dilation=1,
-                 bias=False, padding_mode="zeros", device=None, dtype=None, strategy="auto", *, n_spatial=None,
-                 nonlinearity="default", skip=False):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding="same", dilation=1,
+                 bias=False, padding_mode="zeros", device=None, dtype=None, *, rank="same", strategy="auto",
+                 n_spatial=None, nonlinearity="default", skip=False):
         super().__init__()
-        self.conv = KruskalConv(in_channels, out_channels, kernel_size, rank, stride, padding, dilation, bias,
-                                padding_mode, device, dtype, strategy, n_spatial=n_spatial)
+        self.conv = KruskalConv(in_channels, out_channels, kernel_size, stride, padding, dilation, 1, bias,
+                                padding_mode, device, dtype, rank=rank, strategy=strategy, n_spatial=n_spatial)
         r = self.conv.rank
         if nonlinearity == "default":
             nonlinearity = _ChannelNormReLU(r, device=device, dtype=dtype)

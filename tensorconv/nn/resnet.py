@@ -144,12 +144,12 @@ class HOCPBasicBlock(nn.Module):
         super().__init__()
         k3, k1 = (3,) * n_spatial, (1,) * n_spatial
         factory = {"device": device, "dtype": dtype}
-        self.conv1 = HOCPBlock(in_channels, out_channels, k3, rank, stride=stride, padding=1, **factory)
+        self.conv1 = HOCPBlock(in_channels, out_channels, k3, rank=rank, stride=stride, padding=1, **factory)
         self.bn1 = ChannelNorm(out_channels, **factory)
-        self.conv2 = HOCPBlock(out_channels, out_channels, k3, rank, padding=1, **factory)
+        self.conv2 = HOCPBlock(out_channels, out_channels, k3, rank=rank, padding=1, **factory)
         self.bn2 = ChannelNorm(out_channels, **factory)
         if stride != 1 or in_channels != out_channels:
-            self.downsample = nn.Sequential(KruskalConv(in_channels, out_channels, k1, rank, stride=stride,
+            self.downsample = nn.Sequential(KruskalConv(in_channels, out_channels, k1, rank=rank, stride=stride,
                                                         bias=False, **factory),
                                             ChannelNorm(out_channels, **factory))
         else:
@@ -187,11 +187,11 @@ class HOCPResNet(nn.Module):
         widths = [max(1, int(round(c * width))) for c, _ in _STAGES]
         n = n_spatial
         if stem == "imagenet":
-            self.stem = nn.Sequential(HOCPBlock(in_channels, widths[0], (7,) * n, rank, stride=2, padding=3, **factory),
+            self.stem = nn.Sequential(HOCPBlock(in_channels, widths[0], (7,) * n, rank=rank, stride=2, padding=3, **factory),
                                       ChannelNorm(widths[0], **factory), nn.ReLU(),
                                       _MaxPool((3,) * n, (2,) * n, (1,) * n))
         else:  # small images (CIFAR-style): 3x3, stride 1, no pooling
-            self.stem = nn.Sequential(HOCPBlock(in_channels, widths[0], (3,) * n, rank, padding=1, **factory),
+            self.stem = nn.Sequential(HOCPBlock(in_channels, widths[0], (3,) * n, rank=rank, padding=1, **factory),
                                       ChannelNorm(widths[0], **factory), nn.ReLU())
         layers, c_in = [], widths[0]
         for (_, stride), c, count in zip(_STAGES, widths, blocks):
