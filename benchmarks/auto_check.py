@@ -13,6 +13,7 @@ its large buffers, up to 1.4x on float64). Where auto runs the compiled plane ch
 N = 3, once built: `tensorconv build-kernel`), it is the `auto` column. Checks the cost models
 in tensorconv/plans/cost.py.
 """
+
 import sys
 
 import numpy as np
@@ -40,10 +41,18 @@ def main(backend):
                 k = KruskalKernel.random((c, c) + (3,) * n, rank=c, seed=0, dtype=dtype).to_backend(backend)
                 x = _array(backend, np.random.default_rng(0).standard_normal((2, c) + spatial).astype(dtype))
                 plan = plan_conv(k, tuple(x.shape), padding=1)
-                runs = "fused (plane chain)" if plan.plane_chain else (
-                    f"{plan.strategy}, {plan.order}" if plan.order else plan.strategy)
-                t = measure_many({s: (lambda s: lambda: conv(x, k, padding=1, strategy=s))(s)
-                                  for s in ("factorized", "reconstructed", "auto")}, repeat=5)
+                runs = (
+                    "fused (plane chain)"
+                    if plan.plane_chain
+                    else (f"{plan.strategy}, {plan.order}" if plan.order else plan.strategy)
+                )
+                t = measure_many(
+                    {
+                        s: (lambda s: lambda: conv(x, k, padding=1, strategy=s))(s)
+                        for s in ("factorized", "reconstructed", "auto")
+                    },
+                    repeat=5,
+                )
                 f, r, a = (t[s]["median_ms"] for s in ("factorized", "reconstructed", "auto"))
                 pick = a if plan.plane_chain else {"fewest-macs": f, None: r}.get(plan.order, a)
                 print(f"| {n} | {dtype} | {c} | {runs} | {f:.2f} | {r:.2f} | {a:.2f} | {pick / min(f, r):.2f} |")

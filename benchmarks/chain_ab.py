@@ -18,6 +18,7 @@ nothing (the call before was the same call), a 9 ms sleep, writing 64 MiB, dense
 same input, tensorly-torch's factorized layer (if installed); medians of 31 rounds. All set
 glibc's allocator not to trim, as the bench does.
 """
+
 import os
 import subprocess
 import sys
@@ -40,8 +41,13 @@ def _build(text, name):
     path = os.path.join(directory, name + ".cpp")
     with open(path, "w") as f:
         f.write(text)
-    return load(name=name, sources=[path], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                extra_ldflags=["-fopenmp"], build_directory=directory)
+    return load(
+        name=name,
+        sources=[path],
+        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        build_directory=directory,
+    )
 
 
 def _forward(module, x, uc, us, wt, chunk):
@@ -50,22 +56,31 @@ def _forward(module, x, uc, us, wt, chunk):
 
 
 def _factors(c, r, t, dtype=torch.float32):
-    return torch.randn(c, r, dtype=dtype), [torch.randn(3, r, dtype=dtype) for _ in range(3)], torch.randn(r, t, dtype=dtype)
+    return (
+        torch.randn(c, r, dtype=dtype),
+        [torch.randn(3, r, dtype=dtype) for _ in range(3)],
+        torch.randn(r, t, dtype=dtype),
+    )
 
 
 def main_ab(rev):
-    old_text = subprocess.run(["git", "show", f"{rev}:{SOURCE}"], cwd=ROOT, check=True, capture_output=True,
-                              text=True).stdout
+    old_text = subprocess.run(
+        ["git", "show", f"{rev}:{SOURCE}"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout
     with open(os.path.join(ROOT, SOURCE)) as f:
         new_text = f.read()
-    tag = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, check=True, capture_output=True,
-                         text=True).stdout.strip()
+    tag = subprocess.run(
+        ["git", "rev-parse", "--short", rev], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout.strip()
     mods = {"here": _build(new_text, "chain_here"), rev: _build(old_text, f"chain_{tag}")}
     torch.manual_seed(0)
     for c, r, k, s, p, dl in [(5, 7, 3, 1, 1, 1), (16, 16, 3, 2, 1, 1), (9, 20, 5, 1, 2, 2), (4, 33, 7, 1, 3, 1)]:
         x = torch.randn(2, c, 6, 9, 11, dtype=torch.float64)
-        uc, us, wt = torch.randn(c, r, dtype=torch.float64), [torch.randn(k, r, dtype=torch.float64)
-                                                             for _ in range(3)], torch.randn(r, 5, dtype=torch.float64)
+        uc, us, wt = (
+            torch.randn(c, r, dtype=torch.float64),
+            [torch.randn(k, r, dtype=torch.float64) for _ in range(3)],
+            torch.randn(r, 5, dtype=torch.float64),
+        )
         out = [(n + 2 * p - dl * (k - 1) - 1) // s + 1 for n in (6, 9, 11)]
         got = [m.cp_chain_forward(x, uc, *us, wt, out, [s] * 3, [p] * 3, [dl] * 3, 2) for m in mods.values()]
         assert torch.allclose(got[0], got[1], rtol=1e-12, atol=1e-12), (c, r, k, s, p, dl)
@@ -77,22 +92,36 @@ def main_ab(rev):
         uc, us, wt = _factors(c, c, c)
         chunk = _torch_cpu_chain.planes_per_chunk(x.shape, c, 4, out_channels=c)
         with torch.no_grad():
-            t = {n: v["median_ms"] for n, v in measure_many(
-                {n: (lambda m=m: _forward(m, x, uc, us, wt, chunk)) for n, m in mods.items()},
-                repeat=31 if b == 1 else 9).items()}
+            t = {
+                n: v["median_ms"]
+                for n, v in measure_many(
+                    {n: (lambda m=m: _forward(m, x, uc, us, wt, chunk)) for n, m in mods.items()},
+                    repeat=31 if b == 1 else 9,
+                ).items()
+            }
         print(f"| {b} | {c} | {t['here']:.3f} | {t[rev]:.3f} | {t['here'] / t[rev]:.2f} |")
     # shapes off the R = C multiples of 16: other ranks, column counts that end in part of a
     # register, float64 (B = 1, input (1, C, 16, 32, 32), medians of 21)
     print(f"\n| dtype | C | R | T | here | {rev} | here / {rev} |")
     print("|---|---|---|---|---|---|---|")
-    for dtype, c, r, t_ in [(torch.float64, 32, 32, 32), (torch.float32, 32, 192, 32), (torch.float32, 64, 72, 72),
-                            (torch.float32, 16, 24, 24), (torch.float32, 64, 768, 64), (torch.float32, 64, 807, 64)]:
+    for dtype, c, r, t_ in [
+        (torch.float64, 32, 32, 32),
+        (torch.float32, 32, 192, 32),
+        (torch.float32, 64, 72, 72),
+        (torch.float32, 16, 24, 24),
+        (torch.float32, 64, 768, 64),
+        (torch.float32, 64, 807, 64),
+    ]:
         x = torch.randn(1, c, 16, 32, 32, dtype=dtype)
         uc, us, wt = _factors(c, r, t_, dtype)
         chunk = _torch_cpu_chain.planes_per_chunk(x.shape, r, x.element_size(), out_channels=t_)
         with torch.no_grad():
-            t = {n: v["median_ms"] for n, v in measure_many(
-                {n: (lambda m=m: _forward(m, x, uc, us, wt, chunk)) for n, m in mods.items()}, repeat=21).items()}
+            t = {
+                n: v["median_ms"]
+                for n, v in measure_many(
+                    {n: (lambda m=m: _forward(m, x, uc, us, wt, chunk)) for n, m in mods.items()}, repeat=21
+                ).items()
+            }
         name = str(dtype).replace("torch.", "")
         print(f"| {name} | {c} | {r} | {t_} | {t['here']:.3f} | {t[rev]:.3f} | {t['here'] / t[rev]:.2f} |")
 
@@ -109,7 +138,10 @@ _PHASES = [
     (0, "        if (own_in) {  // positions (d, h, w) one stride apart: read in place"),
     (1, "        mode2_pass(pa + r0 * W * R, t1 + rb * Wo * R, re - rb, a2, w2, R);  // (rows, W, R) -> (rows, Wo, R)"),
     (5, "    team.sync();  // mode 1 reads the neighbouring rows"),
-    (2, "      mode1_pass(t1, g, p0, p1, [&](int64_t q) { return pring + ((d0 + q) % slots) * plane; }, Wo, a1, w1, R);"),
+    (
+        2,
+        "      mode1_pass(t1, g, p0, p1, [&](int64_t q) { return pring + ((d0 + q) % slots) * plane; }, Wo, a1, w1, R);",
+    ),
     (3, "          taps_run(oq, R, at, R, w, n, R, qe - qb);"),
     (4, "          if (own_out) {  // pointers only: tensor views per batch and thread cost ~1 us each"),
 ]
@@ -126,7 +158,7 @@ def _statement(text, first_line):
         depth += line.count("{") - line.count("}")
         end += len(line)
         if depth == 0:
-            return text[start:end - 1]
+            return text[start : end - 1]
     return None
 
 
@@ -136,22 +168,33 @@ def _instrumented(text):
         anchor = _statement(text, first_line)
         if anchor is None:
             raise SystemExit(f"the kernel changed: anchor not found once: {first_line.strip()}")
-        indent = anchor[:len(anchor) - len(anchor.lstrip())]
-        text = text.replace(anchor, f"{indent}{{ const double t_ = now_();\n{anchor}\n"
-                                    f"{indent}if (team.id == 0) T_[{slot}] += now_() - t_; }}")
+        indent = anchor[: len(anchor) - len(anchor.lstrip())]
+        text = text.replace(
+            anchor,
+            f"{indent}{{ const double t_ = now_();\n{anchor}\n{indent}if (team.id == 0) T_[{slot}] += now_() - t_; }}",
+        )
     text = text.replace("#include <vector>\n", "#include <vector>\n" + _TIMERS, 1)
-    text = text.replace("PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {", """
+    text = text.replace(
+        "PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {",
+        """
 std::vector<double> timers() { std::vector<double> v(T_, T_ + 6); for (auto& t : T_) t = 0; return v; }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("timers", &timers);""")
+  m.def("timers", &timers);""",
+    )
     return text
 
 
 def main_phases():
     with open(os.path.join(ROOT, SOURCE)) as f:
         module = _build(_instrumented(f.read()), "chain_phases")
-    names = ["GEMM C->R (with any transpose)", "mode-2 pass", "mode-1 pass", "mode-0 pass", "GEMM R->T",
-             "waiting at the barrier"]
+    names = [
+        "GEMM C->R (with any transpose)",
+        "mode-2 pass",
+        "mode-1 pass",
+        "mode-0 pass",
+        "GEMM R->T",
+        "waiting at the barrier",
+    ]
     print(f"B = 1, R = C, (1, C, 16, 32, 32), float32, {torch.get_num_threads()} threads; ms per call (mean of 30)\n")
     print("| C | chunk planes | call median | " + " | ".join(names) + " |")
     print("|---|---|---|" + "---|" * len(names))
@@ -165,7 +208,9 @@ def main_phases():
             module.timers()
             median = measure_many({"chain": lambda: _forward(module, x, uc, us, wt, chunk)}, repeat=30, warmup=0)
             phases = [v / 30 * 1e3 for v in module.timers()]
-        print(f"| {c} | {chunk} | {median['chain']['median_ms']:.3f} | " + " | ".join(f"{v:.3f}" for v in phases) + " |")
+        print(
+            f"| {c} | {chunk} | {median['chain']['median_ms']:.3f} | " + " | ".join(f"{v:.3f}" for v in phases) + " |"
+        )
 
 
 def main_cold():
@@ -175,8 +220,10 @@ def main_cold():
     from tensorconv.cli.bench import _import_tltorch
 
     big = torch.empty(64 << 18)
-    print(f"conv(x, k, padding=1, strategy='fused'), B = 1, R = C, (1, C, 16, 32, 32), float32, "
-          f"{torch.get_num_threads()} threads; ms, median of 31, right after:\n")
+    print(
+        f"conv(x, k, padding=1, strategy='fused'), B = 1, R = C, (1, C, 16, 32, 32), float32, "
+        f"{torch.get_num_threads()} threads; ms, median of 31, right after:\n"
+    )
     heads = ["the same call", "sleep 9 ms", "write 64 MiB", "dense Conv3d", "tensorly-torch"]
     print("| C | " + " | ".join(heads) + " |")
     print("|---|" + "---|" * len(heads))
@@ -188,11 +235,16 @@ def main_cold():
             x = torch.randn(1, c, 16, 32, 32)
             k = KruskalKernel.random((c, c, 3, 3, 3), rank=c, backend="torch", dtype="float32", seed=4)
             dense = torch.nn.Conv3d(c, c, 3, padding=1, bias=False)
-            before = {"the same call": lambda: None, "sleep 9 ms": lambda: time.sleep(0.009),
-                      "write 64 MiB": lambda: big.add_(1.0), "dense Conv3d": lambda: dense(x)}
+            before = {
+                "the same call": lambda: None,
+                "sleep 9 ms": lambda: time.sleep(0.009),
+                "write 64 MiB": lambda: big.add_(1.0),
+                "dense Conv3d": lambda: dense(x),
+            }
             if tltorch is not None:
-                layer = tltorch.FactorizedConv(c, c, 3, order=3, rank=c, factorization="cp",
-                                               implementation="factorized", padding=1, bias=False)
+                layer = tltorch.FactorizedConv(
+                    c, c, 3, order=3, rank=c, factorization="cp", implementation="factorized", padding=1, bias=False
+                )
                 before["tensorly-torch"] = lambda: layer(x)
             times = {n: [] for n in before}
             with torch.no_grad():

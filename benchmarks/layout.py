@@ -6,6 +6,7 @@ Each stage is timed as torch runs it natively in both layouts: the 1x1 stage (C 
 F.conv3d / a GEMM, and one depthwise 1-D stage (groups = R, kernel 3 along one mode).
 Medians of 9 runs after 2 warm-ups; glibc told not to trim (see docs/benchmarks.md).
 """
+
 import platform
 
 import torch
@@ -27,7 +28,9 @@ def inputs():
 
 def main():
     _set_malloc_no_trim()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}\n")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}\n"
+    )
     print("| B | C=R | stage | channels-first (NCDHW) ms | channels-last (NDHWC) ms | CF / CL |")
     print("|---|---|---|---|---|---|")
     with torch.no_grad():
@@ -35,9 +38,14 @@ def main():
             xl = x.contiguous(memory_format=torch.channels_last_3d)
             w1 = torch.randn(c, c, 1, 1, 1)
             wd = torch.randn(c, 1, 3, 1, 1)
-            rows = [("1x1 conv", lambda: F.conv3d(x, w1), lambda: F.conv3d(xl, w1)),
-                    ("depthwise (3,1,1)", lambda: F.conv3d(x, wd, padding=(1, 0, 0), groups=c),
-                     lambda: F.conv3d(xl, wd, padding=(1, 0, 0), groups=c))]
+            rows = [
+                ("1x1 conv", lambda: F.conv3d(x, w1), lambda: F.conv3d(xl, w1)),
+                (
+                    "depthwise (3,1,1)",
+                    lambda: F.conv3d(x, wd, padding=(1, 0, 0), groups=c),
+                    lambda: F.conv3d(xl, wd, padding=(1, 0, 0), groups=c),
+                ),
+            ]
             for name, cf, cl in rows:
                 a, bb = med(cf), med(cl)
                 print(f"| {b} | {c} | {name} | {a:.2f} | {bb:.2f} | {a / bb:.1f} |")
@@ -46,8 +54,10 @@ def main():
 def first_step():
     """The first 1x1 step reads the caller's channels-first input: copy to channels-last then a
     oneDNN 1x1 conv, or one GEMM with a transposed operand (what the torch backend does)."""
-    print("\n| B | C=R | copy + channels-last 1x1 conv ms | GEMM on the transposed view ms | ratio | "
-          "1x1 conv on channels-last data (no copy) ms |")
+    print(
+        "\n| B | C=R | copy + channels-last 1x1 conv ms | GEMM on the transposed view ms | ratio | "
+        "1x1 conv on channels-last data (no copy) ms |"
+    )
     print("|---|---|---|---|---|---|")
     with torch.no_grad():
         for b, c, x in inputs():

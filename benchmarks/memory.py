@@ -8,6 +8,7 @@ it used before (compiled first, outside the measured step).
 
     python benchmarks/memory.py
 """
+
 import json
 import subprocess
 import sys

@@ -3,6 +3,7 @@
 Run: ``python benchmarks/models_per_layer.py``. Which layers a whole-network speed-up comes from
 (``tensorconv bench models`` times the whole forward); the hooks add a few microseconds per layer.
 """
+
 import time
 
 import torch
@@ -26,8 +27,9 @@ def main(repeat=5):
         for name, m in model.named_modules():
             if isinstance(m, (torch.nn.modules.conv._ConvNd, _FactorizedConv)):
                 m.register_forward_pre_hook(lambda mod, a: setattr(mod, "_t0", time.perf_counter()))
-                m.register_forward_hook(lambda mod, a, o, key=(tag, name):
-                                        times.setdefault(key, []).append(time.perf_counter() - mod._t0))
+                m.register_forward_hook(
+                    lambda mod, a, o, key=(tag, name): times.setdefault(key, []).append(time.perf_counter() - mod._t0)
+                )
     with torch.no_grad():
         for _ in range(repeat):
             dense(x)
@@ -39,8 +41,10 @@ def main(repeat=5):
         for tag in total:
             total[tag] += row[tag]
         layer = dict(fact.named_modules())[name]
-        print(f"{name:24s} dense {row['dense']:8.1f}  factorized {row['factorized']:8.1f}  "
-              f"{type(layer).__name__} rank={getattr(layer, 'rank', '-')}")
+        print(
+            f"{name:24s} dense {row['dense']:8.1f}  factorized {row['factorized']:8.1f}  "
+            f"{type(layer).__name__} rank={getattr(layer, 'rank', '-')}"
+        )
     print(f"{'all convs':24s} dense {total['dense']:8.1f}  factorized {total['factorized']:8.1f}")
 
 

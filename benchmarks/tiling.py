@@ -37,7 +37,9 @@ def sweep(backend_name, batch, c, mult):
     for tile in TILES:
         runner = FusedRunner(plan, tile_bytes=tile)
         cells.append(med(lambda: runner(b, x, [None] + list(arrays))))
-    print(f"| {backend_name} | {batch} | {c} | {mult}C | {unfused:.1f} | " + " | ".join(f"{t:.1f}" for t in cells) + " |")
+    print(
+        f"| {backend_name} | {batch} | {c} | {mult}C | {unfused:.1f} | " + " | ".join(f"{t:.1f}" for t in cells) + " |"
+    )
 
 
 def main():

@@ -3,6 +3,7 @@
 Run: ``python examples/compress.py [--rank 0.25] [--factorization cp]``. Needs torchvision (its
 model definitions; see tensorconv/cli/_torchvision.py for the CPU-torch case).
 """
+
 import argparse
 import time
 
@@ -25,8 +26,10 @@ def main(argv=None):
     small = factorize(model, args.rank, factorization=args.factorization, n_iter_max=args.n_iter_max)
     seconds = time.perf_counter() - t0
     print(summarize(small, (1, 3, 16, 112, 112)))
-    print(f"\n(factorize: {seconds:.1f} s on {torch.get_num_threads()} threads, n_iter_max={args.n_iter_max}; "
-          f"random weights, so the errors say how far a random kernel is from this rank)")
+    print(
+        f"\n(factorize: {seconds:.1f} s on {torch.get_num_threads()} threads, n_iter_max={args.n_iter_max}; "
+        f"random weights, so the errors say how far a random kernel is from this rank)"
+    )
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ layer's largest removed): fraction of rank components and of parameters removed 
 Run: ``python examples/transduction.py --quick --out results/``; writes results.json and
 transduction.png (and rank_selection.png).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,9 +67,9 @@ def _occlude(frame, rng):
     width = CANVAS // 3
     start = rng.integers(0, CANVAS - width + 1)
     if rng.random() < 0.5:
-        frame[start:start + width, :] = 0.0
+        frame[start : start + width, :] = 0.0
     else:
-        frame[:, start:start + width] = 0.0
+        frame[:, start : start + width] = 0.0
     return frame
 
 
@@ -81,7 +82,7 @@ def _place(digit, x, y):
         c = x0 + dx
         lo, hi = max(c, 0), min(c + 8, CANVAS)
         if hi > lo:
-            canvas[y:y + 8, lo:hi] += w * digit[:, lo - c:hi - c]
+            canvas[y : y + 8, lo:hi] += w * digit[:, lo - c : hi - c]
     return canvas
 
 
@@ -111,8 +112,9 @@ def clips(images, labels, n, rng):
 # -- training -----------------------------------------------------------------------------------------------------
 def make_net(cfg, seed):
     torch.manual_seed(seed)
-    return hocp_resnet18(1, 2, n_spatial=2, head=cfg["head"], stem="small", width=cfg["width"],
-                         blocks=cfg["blocks"], rank=cfg["rank"])
+    return hocp_resnet18(
+        1, 2, n_spatial=2, head=cfg["head"], stem="small", width=cfg["width"], blocks=cfg["blocks"], rank=cfg["rank"]
+    )
 
 
 def train(net, x, y, steps, lr, seed, *, valence_only=False, frame_average=False, gamma=0.0, batch=32):
@@ -159,8 +161,7 @@ def evaluate(net, x, y, frame_average=False):
 def pretrain(cfg, data, seed, gamma=0.0):
     """The 2-D net on the static images (valence), optionally with the L1 penalty on lambda."""
     (xs, ys) = data[0]
-    return train(make_net(cfg, seed), xs, ys, cfg["pretrain_steps"], cfg["lr"], seed, valence_only=True,
-                 gamma=gamma)
+    return train(make_net(cfg, seed), xs, ys, cfg["pretrain_steps"], cfg["lr"], seed, valence_only=True, gamma=gamma)
 
 
 def run_seed(cfg, data, seed, pre):
@@ -192,18 +193,31 @@ def rank_sweep(cfg, data, gammas, seed, unpenalised):
     rows = []
     for gamma in gammas:
         net = copy.deepcopy(unpenalised) if gamma == 0 else pretrain(cfg, data, seed, gamma)
-        before = {"params": sum(p.numel() for p in net.parameters()),
-                  "rank": sum(layer.rank for _, layer in factorized_layers(net))}
+        before = {
+            "params": sum(p.numel() for p in net.parameters()),
+            "rank": sum(layer.rank for _, layer in factorized_layers(net)),
+        }
         score_before = evaluate(net, xv, yv)["ccc_valence"]
         prune(net, relative=cfg["prune_relative"])
-        after = {"params": sum(p.numel() for p in net.parameters()),
-                 "rank": sum(layer.rank for _, layer in factorized_layers(net))}
-        rows.append(dict(gamma=gamma, ccc_valence_before=score_before, ccc_valence_pruned=evaluate(net, xv, yv)["ccc_valence"],
-                         rank_removed=1 - after["rank"] / before["rank"],
-                         params_removed=1 - after["params"] / before["params"]))
-        print(f"  gamma={gamma:g}: {100 * rows[-1]['rank_removed']:.1f} % of rank components and "
-              f"{100 * rows[-1]['params_removed']:.1f} % of parameters removed; CCC valence "
-              f"{score_before:.3f} -> {rows[-1]['ccc_valence_pruned']:.3f}", flush=True)
+        after = {
+            "params": sum(p.numel() for p in net.parameters()),
+            "rank": sum(layer.rank for _, layer in factorized_layers(net)),
+        }
+        rows.append(
+            dict(
+                gamma=gamma,
+                ccc_valence_before=score_before,
+                ccc_valence_pruned=evaluate(net, xv, yv)["ccc_valence"],
+                rank_removed=1 - after["rank"] / before["rank"],
+                params_removed=1 - after["params"] / before["params"],
+            )
+        )
+        print(
+            f"  gamma={gamma:g}: {100 * rows[-1]['rank_removed']:.1f} % of rank components and "
+            f"{100 * rows[-1]['params_removed']:.1f} % of parameters removed; CCC valence "
+            f"{score_before:.3f} -> {rows[-1]['ccc_valence_pruned']:.3f}",
+            flush=True,
+        )
     return rows
 
 
@@ -211,9 +225,14 @@ def summarize(per_seed):
     out = {}
     for variant in per_seed[0]:
         keys = [k for k in per_seed[0][variant] if k != "seconds"]
-        out[variant] = {k: {"mean": float(np.mean([r[variant][k] for r in per_seed])),
-                            "std": float(np.std([r[variant][k] for r in per_seed])),
-                            "per_seed": [r[variant][k] for r in per_seed]} for k in keys}
+        out[variant] = {
+            k: {
+                "mean": float(np.mean([r[variant][k] for r in per_seed])),
+                "std": float(np.std([r[variant][k] for r in per_seed])),
+                "per_seed": [r[variant][k] for r in per_seed],
+            }
+            for k in keys
+        }
     return out
 
 
@@ -254,14 +273,54 @@ def plot(summary, sweep, out_dir):
 
 
 CONFIGS = {
-    "quick": dict(width=0.125, blocks=(1, 1, 1, 1), rank="same", head="trl", lr=3e-3, n_static=4000, n_clips=200,
-                  n_test=300, pretrain_steps=500, steps=150, clip_batch=16, seeds=3, gammas=(0.0, 0.003, 0.01, 0.03),
-                  prune_relative=0.05),
-    "full": dict(width=0.25, blocks=(2, 2, 2, 2), rank="same", head="trl", lr=2e-3, n_static=6000, n_clips=400,
-                 n_test=600, pretrain_steps=1000, steps=500, clip_batch=32, seeds=5, gammas=(0.0, 0.001, 0.003, 0.01, 0.03),
-                 prune_relative=0.05),
-    "smoke": dict(width=0.125, blocks=(1, 1, 1, 1), rank="same", head="trl", lr=3e-3, n_static=64, n_clips=16,
-                  n_test=16, pretrain_steps=2, steps=3, clip_batch=8, seeds=1, gammas=(0.0, 0.01), prune_relative=0.05),
+    "quick": dict(
+        width=0.125,
+        blocks=(1, 1, 1, 1),
+        rank="same",
+        head="trl",
+        lr=3e-3,
+        n_static=4000,
+        n_clips=200,
+        n_test=300,
+        pretrain_steps=500,
+        steps=150,
+        clip_batch=16,
+        seeds=3,
+        gammas=(0.0, 0.003, 0.01, 0.03),
+        prune_relative=0.05,
+    ),
+    "full": dict(
+        width=0.25,
+        blocks=(2, 2, 2, 2),
+        rank="same",
+        head="trl",
+        lr=2e-3,
+        n_static=6000,
+        n_clips=400,
+        n_test=600,
+        pretrain_steps=1000,
+        steps=500,
+        clip_batch=32,
+        seeds=5,
+        gammas=(0.0, 0.001, 0.003, 0.01, 0.03),
+        prune_relative=0.05,
+    ),
+    "smoke": dict(
+        width=0.125,
+        blocks=(1, 1, 1, 1),
+        rank="same",
+        head="trl",
+        lr=3e-3,
+        n_static=64,
+        n_clips=16,
+        n_test=16,
+        pretrain_steps=2,
+        steps=3,
+        clip_batch=8,
+        seeds=1,
+        gammas=(0.0, 0.01),
+        prune_relative=0.05,
+    ),
 }
 
 
@@ -280,7 +339,7 @@ def main(argv=None):
     images, labels = load_digits()
     # held-out digits: the test clips use images no training example has seen
     order = np.random.default_rng(0).permutation(len(images))
-    train_idx, test_idx = order[: int(0.7 * len(order))], order[int(0.7 * len(order)):]
+    train_idx, test_idx = order[: int(0.7 * len(order))], order[int(0.7 * len(order)) :]
     per_seed = []
     sweep = []
     for s in range(cfg["seeds"]):
@@ -301,11 +360,18 @@ def main(argv=None):
             sweep = rank_sweep(cfg, data, cfg["gammas"], s, pre)
     summary = summarize(per_seed)
     result = {
-        "config": name, "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
-        "variants": summary, "rank_selection": sweep,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "python": sys.version.split()[0], "torch": torch.__version__},
+        "config": name,
+        "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+        "variants": summary,
+        "rank_selection": sweep,
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+        },
         "seconds": round(time.perf_counter() - t_start, 1),
         "command": "python examples/transduction.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
@@ -314,8 +380,10 @@ def main(argv=None):
         json.dump(result, fh, indent=2)
     print(f"\nCCC on held-out clips, mean ± std over {cfg['seeds']} seed(s):")
     for v, r in summary.items():
-        print(f"  {v:<13} valence {r['ccc_valence']['mean']:+.3f} ± {r['ccc_valence']['std']:.3f}   "
-              f"arousal {r['ccc_arousal']['mean']:+.3f} ± {r['ccc_arousal']['std']:.3f}")
+        print(
+            f"  {v:<13} valence {r['ccc_valence']['mean']:+.3f} ± {r['ccc_valence']['std']:.3f}   "
+            f"arousal {r['ccc_arousal']['mean']:+.3f} ± {r['ccc_arousal']['std']:.3f}"
+        )
     print(f"({result['seconds']} s; results in {args.out})")
     return result
 

@@ -3,6 +3,7 @@
 ``import tensorconv`` imports neither torch nor cupy; the torch layers (``KruskalConv``,
 ``TuckerConv``, ``HOCPBlock``) are loaded on first access.
 """
+
 from .backends import available_backends, build_cpu_kernel, get_backend
 from .kernels import KruskalKernel, TuckerKernel
 from .plans import ConvPlan, conv, plan_conv
@@ -10,9 +11,24 @@ from .tenalg import fold, mode_dot, multi_mode_dot, unfold
 
 __version__ = "0.1.0"
 
-__all__ = ["KruskalKernel", "TuckerKernel", "conv", "plan_conv", "ConvPlan", "get_backend", "available_backends",
-           "build_cpu_kernel",
-           "mode_dot", "multi_mode_dot", "unfold", "fold", "KruskalConv", "TuckerConv", "HOCPBlock", "__version__"]
+__all__ = [
+    "KruskalKernel",
+    "TuckerKernel",
+    "conv",
+    "plan_conv",
+    "ConvPlan",
+    "get_backend",
+    "available_backends",
+    "build_cpu_kernel",
+    "mode_dot",
+    "multi_mode_dot",
+    "unfold",
+    "fold",
+    "KruskalConv",
+    "TuckerConv",
+    "HOCPBlock",
+    "__version__",
+]
 
 _LAZY_TORCH = {"KruskalConv", "TuckerConv", "HOCPBlock"}
 

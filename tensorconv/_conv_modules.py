@@ -1,5 +1,6 @@
 """Which torch conv modules tensorconv can read: plain ``nn.Conv1d/2d/3d`` (and subclasses that
 keep their forward). Imported by the torch-facing modules only; it imports torch lazily."""
+
 from __future__ import annotations
 
 __all__ = ["check_plain_conv"]
@@ -24,4 +25,5 @@ def check_plain_conv(module, who):
             f"{who}: {type(module).__qualname__} subclasses nn.{base.__name__} with its own {' and '.join(own)} "
             f"(e.g. timm's Conv2dSame, which pads each input TF-style by an amount computed from its size), so its "
             f"attributes (padding={module.padding!r}) do not say what it computes; it is not converted. Replace it "
-            f"with a plain nn.{base.__name__} (padding='same' where the stride is 1) first, or leave it dense")
+            f"with a plain nn.{base.__name__} (padding='same' where the stride is 1) first, or leave it dense"
+        )

@@ -9,6 +9,7 @@ Only the linear parts are covered: BatchNorm in training mode and ReLU are not l
 break the equivalence; eval-mode BatchNorm is an affine map per channel and is folded into
 the convolution before it (see :func:`from_torch`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -18,11 +19,28 @@ from .kernels import KruskalKernel, TuckerKernel
 from .plans.plan import conv
 from .plans.spec import make_geometry, normalize_int_tuple, normalize_padding
 
-__all__ = ["ConvLayer", "run_block", "DERIVATIONS", "Derivation", "from_torch", "TorchBlockMatch",
-           "pointwise_to_matrix", "matrix_to_pointwise", "kruskal_to_block", "block_to_kruskal",
-           "tucker_to_block", "block_to_tucker", "mobilenet_v1_to_kernel", "kernel_to_mobilenet_v1",
-           "mobilenet_v2_to_kernel", "kernel_to_mobilenet_v2", "xception_to_kernel", "kernel_to_xception",
-           "r2plus1d_to_kernel", "kernel_to_r2plus1d"]
+__all__ = [
+    "ConvLayer",
+    "run_block",
+    "DERIVATIONS",
+    "Derivation",
+    "from_torch",
+    "TorchBlockMatch",
+    "pointwise_to_matrix",
+    "matrix_to_pointwise",
+    "kruskal_to_block",
+    "block_to_kruskal",
+    "tucker_to_block",
+    "block_to_tucker",
+    "mobilenet_v1_to_kernel",
+    "kernel_to_mobilenet_v1",
+    "mobilenet_v2_to_kernel",
+    "kernel_to_mobilenet_v2",
+    "xception_to_kernel",
+    "kernel_to_xception",
+    "r2plus1d_to_kernel",
+    "kernel_to_r2plus1d",
+]
 
 
 @dataclass
@@ -52,9 +70,14 @@ class ConvLayer:
         return n
 
     def geometry(self, in_spatial):
-        return make_geometry(in_spatial, tuple(self.weight.shape[2:]), stride=self.stride or 1,
-                             padding=self.padding if self.padding is not None else 0,
-                             dilation=self.dilation or 1, padding_mode=self.padding_mode)
+        return make_geometry(
+            in_spatial,
+            tuple(self.weight.shape[2:]),
+            stride=self.stride or 1,
+            padding=self.padding if self.padding is not None else 0,
+            dilation=self.dilation or 1,
+            padding_mode=self.padding_mode,
+        )
 
     def macs(self, in_shape):
         g = self.geometry(in_shape[2:])
@@ -69,8 +92,15 @@ def run_block(x, layers):
     backend = get_backend(x, *[layer.weight for layer in layers])
     for layer in layers:
         g = layer.geometry(tuple(x.shape[2:]))
-        x = backend.conv_dense(x, layer.weight, stride=g.stride, dilation=g.dilation, groups=layer.groups,
-                               padding=g.padding, padding_mode=g.padding_mode)
+        x = backend.conv_dense(
+            x,
+            layer.weight,
+            stride=g.stride,
+            dilation=g.dilation,
+            groups=layer.groups,
+            padding=g.padding,
+            padding_mode=g.padding_mode,
+        )
     return x
 
 
@@ -138,9 +168,16 @@ def kruskal_to_block(kernel: KruskalKernel, *, stride=1, padding=0, dilation=1, 
     for m in range(n):
         f = kernel.factors[2 + m] if kernel.factors[2 + m] is not None else eye
         w = b.reshape(b.moveaxis(f, 0, 1), (r, 1) + _ones_shape(n, m, int(f.shape[0])))
-        layers.append(ConvLayer(w, groups=r, stride=_one_mode(stride, n, m, 1),
-                                padding=_one_mode(padding, n, m, (0, 0)), dilation=_one_mode(dilation, n, m, 1),
-                                padding_mode=padding_mode))
+        layers.append(
+            ConvLayer(
+                w,
+                groups=r,
+                stride=_one_mode(stride, n, m, 1),
+                padding=_one_mode(padding, n, m, (0, 0)),
+                dilation=_one_mode(dilation, n, m, 1),
+                padding_mode=padding_mode,
+            )
+        )
     layers.append(ConvLayer(matrix_to_pointwise(u_t * kernel.weights, n)))
     return layers
 
@@ -149,15 +186,19 @@ def block_to_kruskal(layers):
     """Inverse of :func:`kruskal_to_block` (lambda = ones)."""
     n = layers[0].n_spatial
     if len(layers) != n + 2:
-        raise ValueError(f"a CP block of {n} spatial dims has {n + 2} layers (1x1, {n} depthwise, 1x1), got {len(layers)}")
+        raise ValueError(
+            f"a CP block of {n} spatial dims has {n + 2} layers (1x1, {n} depthwise, 1x1), got {len(layers)}"
+        )
     b = _b(layers[0].weight)
     u_c = b.moveaxis(pointwise_to_matrix(layers[0].weight), 0, 1)
     r = int(u_c.shape[1])
     factors = [pointwise_to_matrix(layers[-1].weight), u_c]
     for m, layer in enumerate(layers[1:-1]):
         if layer.groups != r or int(layer.weight.shape[0]) != r:
-            raise ValueError(f"layer {1 + m} must be a depthwise conv over {r} channels, got weight "
-                             f"{tuple(layer.weight.shape)} with groups={layer.groups}")
+            raise ValueError(
+                f"layer {1 + m} must be a depthwise conv over {r} channels, got weight "
+                f"{tuple(layer.weight.shape)} with groups={layer.groups}"
+            )
         k = int(layer.weight.shape[2 + m])
         factors.append(b.moveaxis(b.reshape(layer.weight, (r, k)), 0, 1))
     return KruskalKernel(b.ones((r,), like=u_c), factors)
@@ -188,8 +229,9 @@ def tucker_to_block(kernel: TuckerKernel, *, stride=1, padding=0, dilation=1, pa
         else:
             w = b.moveaxis(u_c, 0, 1)
         layers.append(ConvLayer(matrix_to_pointwise(w, n), groups=g if block_c else 1))
-    layers.append(ConvLayer(core, groups=g, stride=stride, padding=padding, dilation=dilation,
-                            padding_mode=padding_mode))
+    layers.append(
+        ConvLayer(core, groups=g, stride=stride, padding=padding, dilation=dilation, padding_mode=padding_mode)
+    )
     if kernel.factors[0] is not None:  # block-diagonal (T, R_out / g) is already the grouped weight
         layers.append(ConvLayer(matrix_to_pointwise(kernel.factors[0], n), groups=g if block_t else 1))
     return layers
@@ -234,35 +276,56 @@ def mobilenet_v1_to_kernel(depthwise, pointwise):
 def kernel_to_mobilenet_v1(kernel: KruskalKernel, *, stride=1, padding=0, dilation=1, padding_mode="zeros"):
     n = kernel.n_spatial
     if kernel.modes != _merged_modes(n) or kernel.factors[1] is not None:
-        raise ValueError(f"MobileNet v1 is a CP kernel with an identity input factor and one merged spatial factor; "
-                         f"got modes={kernel.modes} with input factor {'present' if kernel.factors[1] is not None else 'None'}")
+        raise ValueError(
+            f"MobileNet v1 is a CP kernel with an identity input factor and one merged spatial factor; "
+            f"got modes={kernel.modes} with input factor {'present' if kernel.factors[1] is not None else 'None'}"
+        )
     b = kernel.backend
     stride, padding, dilation = _geom(kernel.kernel_size, stride, padding, dilation)
     u_t = kernel.factors[0] if kernel.factors[0] is not None else b.eye(kernel.rank, like=kernel.weights)
-    return [ConvLayer(_factor_to_depthwise(kernel.factors[2]), groups=kernel.rank, stride=stride, padding=padding,
-                      dilation=dilation, padding_mode=padding_mode),
-            ConvLayer(matrix_to_pointwise(u_t * kernel.weights, n))]
+    return [
+        ConvLayer(
+            _factor_to_depthwise(kernel.factors[2]),
+            groups=kernel.rank,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            padding_mode=padding_mode,
+        ),
+        ConvLayer(matrix_to_pointwise(u_t * kernel.weights, n)),
+    ]
 
 
 # -- 5. MobileNet v2 (linear part): 1x1 expand -> depthwise KxK -> 1x1 project == CP, merged U_S (eq. 5) -----
 def mobilenet_v2_to_kernel(expand, depthwise, project):
     b = _b(expand)
     u_c = b.moveaxis(pointwise_to_matrix(expand), 0, 1)
-    return KruskalKernel(None, [pointwise_to_matrix(project), u_c, _depthwise_to_factor(depthwise)],
-                         modes=_merged_modes(expand.ndim - 2))
+    return KruskalKernel(
+        None, [pointwise_to_matrix(project), u_c, _depthwise_to_factor(depthwise)], modes=_merged_modes(expand.ndim - 2)
+    )
 
 
 def kernel_to_mobilenet_v2(kernel: KruskalKernel, *, stride=1, padding=0, dilation=1, padding_mode="zeros"):
     n = kernel.n_spatial
     if kernel.modes != _merged_modes(n) or kernel.factors[0] is None or kernel.factors[1] is None:
-        raise ValueError(f"MobileNet v2 is a CP kernel with output and input factors and one merged spatial factor; "
-                         f"got modes={kernel.modes}")
+        raise ValueError(
+            f"MobileNet v2 is a CP kernel with output and input factors and one merged spatial factor; "
+            f"got modes={kernel.modes}"
+        )
     b = kernel.backend
     stride, padding, dilation = _geom(kernel.kernel_size, stride, padding, dilation)
-    return [ConvLayer(matrix_to_pointwise(b.moveaxis(kernel.factors[1], 0, 1), n)),
-            ConvLayer(_factor_to_depthwise(kernel.factors[2]), groups=kernel.rank, stride=stride, padding=padding,
-                      dilation=dilation, padding_mode=padding_mode),
-            ConvLayer(matrix_to_pointwise(kernel.factors[0] * kernel.weights, n))]
+    return [
+        ConvLayer(matrix_to_pointwise(b.moveaxis(kernel.factors[1], 0, 1), n)),
+        ConvLayer(
+            _factor_to_depthwise(kernel.factors[2]),
+            groups=kernel.rank,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            padding_mode=padding_mode,
+        ),
+        ConvLayer(matrix_to_pointwise(kernel.factors[0] * kernel.weights, n)),
+    ]
 
 
 # -- 7. Xception: 1x1 -> depthwise KxK, no final 1x1 == CP with identity output factor ------------------------
@@ -275,14 +338,24 @@ def xception_to_kernel(pointwise, depthwise):
 def kernel_to_xception(kernel: KruskalKernel, *, stride=1, padding=0, dilation=1, padding_mode="zeros"):
     n = kernel.n_spatial
     if kernel.modes != _merged_modes(n) or kernel.factors[0] is not None or kernel.factors[1] is None:
-        raise ValueError(f"Xception is a CP kernel with an identity output factor and one merged spatial factor; "
-                         f"got modes={kernel.modes}")
+        raise ValueError(
+            f"Xception is a CP kernel with an identity output factor and one merged spatial factor; "
+            f"got modes={kernel.modes}"
+        )
     b = kernel.backend
     stride, padding, dilation = _geom(kernel.kernel_size, stride, padding, dilation)
     spatial = kernel.factors[2] * kernel.weights
-    return [ConvLayer(matrix_to_pointwise(b.moveaxis(kernel.factors[1], 0, 1), n)),
-            ConvLayer(_factor_to_depthwise(spatial), groups=kernel.rank, stride=stride, padding=padding,
-                      dilation=dilation, padding_mode=padding_mode)]
+    return [
+        ConvLayer(matrix_to_pointwise(b.moveaxis(kernel.factors[1], 0, 1), n)),
+        ConvLayer(
+            _factor_to_depthwise(spatial),
+            groups=kernel.rank,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            padding_mode=padding_mode,
+        ),
+    ]
 
 
 # -- 8. (2+1)D: spatial (1,K,K) C->M then temporal (K_t,1,1) M->T == CP of rank M over {T,K_t}, {C,K,K} ----------
@@ -290,8 +363,10 @@ def r2plus1d_to_kernel(spatial, temporal):
     b = _b(spatial)
     m = int(spatial.shape[0])
     if int(spatial.shape[2]) != 1 or any(int(k) != 1 for k in temporal.shape[3:]):
-        raise ValueError(f"(2+1)D needs a spatial weight (M, C, 1, *K) and a temporal weight (T, M, K_t, 1, ..); got "
-                         f"{tuple(spatial.shape)} and {tuple(temporal.shape)}")
+        raise ValueError(
+            f"(2+1)D needs a spatial weight (M, C, 1, *K) and a temporal weight (T, M, K_t, 1, ..); got "
+            f"{tuple(spatial.shape)} and {tuple(temporal.shape)}"
+        )
     n = spatial.ndim - 2
     a = b.moveaxis(b.reshape(temporal, tuple(temporal.shape[:3])), 1, -1)  # (T, K_t, M)
     s = b.moveaxis(b.reshape(spatial, (m, int(spatial.shape[1])) + tuple(spatial.shape[3:])), 0, -1)  # (C, *K, M)
@@ -306,12 +381,26 @@ def kernel_to_r2plus1d(kernel: KruskalKernel, *, stride=1, padding=0, dilation=1
     stride, padding, dilation = _geom(kernel.kernel_size, stride, padding, dilation)
     a, s = kernel.factors
     m = kernel.rank
-    temporal = b.reshape(b.moveaxis(a * kernel.weights, -1, 1), tuple(a.shape[:1]) + (m, int(a.shape[1])) + (1,) * (n - 1))
+    temporal = b.reshape(
+        b.moveaxis(a * kernel.weights, -1, 1), tuple(a.shape[:1]) + (m, int(a.shape[1])) + (1,) * (n - 1)
+    )
     spatial = b.reshape(b.moveaxis(s, -1, 0), (m, int(s.shape[0]), 1) + tuple(s.shape[1:-1]))
-    return [ConvLayer(spatial, stride=(1,) + stride[1:], padding=((0, 0),) + padding[1:], dilation=(1,) + dilation[1:],
-                      padding_mode=padding_mode),
-            ConvLayer(temporal, stride=stride[:1] + (1,) * (n - 1), padding=padding[:1] + ((0, 0),) * (n - 1),
-                      dilation=dilation[:1] + (1,) * (n - 1), padding_mode=padding_mode)]
+    return [
+        ConvLayer(
+            spatial,
+            stride=(1,) + stride[1:],
+            padding=((0, 0),) + padding[1:],
+            dilation=(1,) + dilation[1:],
+            padding_mode=padding_mode,
+        ),
+        ConvLayer(
+            temporal,
+            stride=stride[:1] + (1,) * (n - 1),
+            padding=padding[:1] + ((0, 0),) * (n - 1),
+            dilation=dilation[:1] + (1,) * (n - 1),
+            padding_mode=padding_mode,
+        ),
+    ]
 
 
 # -- the registry used by `tensorconv verify` and the property tests ------------------------------------------
@@ -334,8 +423,9 @@ def _rand(backend, shape, rng, dtype, device):
 def _kruskal(rng, n, backend, dtype, device):
     c, t, r = (int(v) for v in rng.integers(1, 6, size=3))
     ks = tuple(int(k) for k in rng.integers(1, 4, size=n))
-    return KruskalKernel.random((t, c) + ks, r, backend=backend, dtype=dtype, device=device,
-                                seed=int(rng.integers(2**31)))
+    return KruskalKernel.random(
+        (t, c) + ks, r, backend=backend, dtype=dtype, device=device, seed=int(rng.integers(2**31))
+    )
 
 
 def _tucker(groups):
@@ -343,8 +433,10 @@ def _tucker(groups):
         c, t = (int(v) for v in rng.integers(1, 6, size=2))
         ks = tuple(int(k) for k in rng.integers(1, 4, size=n))
         rank = (groups * int(rng.integers(1, 3)), groups * int(rng.integers(1, 3)))
-        return TuckerKernel.random((t, c) + ks, rank, groups=groups, backend=backend, dtype=dtype, device=device,
-                                   seed=int(rng.integers(2**31)))
+        return TuckerKernel.random(
+            (t, c) + ks, rank, groups=groups, backend=backend, dtype=dtype, device=device, seed=int(rng.integers(2**31))
+        )
+
     return make
 
 
@@ -354,11 +446,14 @@ def _merged(out_factor, in_factor):
         t = int(rng.integers(1, 6))
         c = int(rng.integers(1, 6))
         ks = tuple(int(k) for k in rng.integers(1, 4, size=n))
-        factors = [_rand(backend, (t, r), rng, dtype, device) if out_factor else None,
-                   _rand(backend, (c, r), rng, dtype, device) if in_factor else None,
-                   _rand(backend, ks + (r,), rng, dtype, device)]
+        factors = [
+            _rand(backend, (t, r), rng, dtype, device) if out_factor else None,
+            _rand(backend, (c, r), rng, dtype, device) if in_factor else None,
+            _rand(backend, ks + (r,), rng, dtype, device),
+        ]
         weights = _rand(backend, (r,), rng, dtype, device)
         return KruskalKernel(weights, factors, modes=_merged_modes(n))
+
     return make
 
 
@@ -367,7 +462,9 @@ def _r2plus1d(rng, n, backend, dtype, device):
     ks = tuple(int(k) for k in rng.integers(1, 4, size=n))
     a = _rand(backend, (t, ks[0], m), rng, dtype, device)
     s = _rand(backend, (c,) + ks[1:] + (m,), rng, dtype, device)
-    return KruskalKernel(_rand(backend, (m,), rng, dtype, device), [a, s], modes=[(0, 2), (1,) + tuple(range(3, 2 + n))])
+    return KruskalKernel(
+        _rand(backend, (m,), rng, dtype, device), [a, s], modes=[(0, 2), (1,) + tuple(range(3, 2 + n))]
+    )
 
 
 def _pointwise(rng, n, backend, dtype, device):
@@ -376,32 +473,82 @@ def _pointwise(rng, n, backend, dtype, device):
 
 
 DERIVATIONS = {
-    "pointwise": Derivation("pointwise", "1x1 conv == mode-1 product (3.1)", _pointwise,
-                            lambda w, **g: [ConvLayer(w)], lambda layers: layers[0].weight, (1, 2, 3, 4)),
-    "cp": Derivation("cp", "CP conv == 1x1 -> depthwise 1-D per mode -> 1x1 (fig. 2, eq. 6)", _kruskal,
-                     kruskal_to_block, block_to_kruskal, (1, 2, 3, 4)),
-    "tucker": Derivation("tucker", "Tucker conv == ResNet bottleneck (eq. 4, fig. 3)", _tucker(1),
-                         tucker_to_block, block_to_tucker, (1, 2, 3, 4)),
-    "mobilenet_v1": Derivation("mobilenet_v1", "MobileNet v1 == CP, R=C, identity U_C, merged U_S (fig. 4)",
-                               _merged(True, False), kernel_to_mobilenet_v1,
-                               lambda layers: mobilenet_v1_to_kernel(layers[0].weight, layers[1].weight), (1, 2, 3)),
-    "mobilenet_v2": Derivation("mobilenet_v2", "MobileNet v2 (linear) == CP with merged U_S (eq. 5, fig. 5)",
-                               _merged(True, True), kernel_to_mobilenet_v2,
-                               lambda layers: mobilenet_v2_to_kernel(*[lay.weight for lay in layers]), (1, 2, 3)),
-    "resnext": Derivation("resnext", "ResNeXt == Tucker with block-diagonal core (3.4)", _tucker(2),
-                          tucker_to_block, block_to_tucker, (1, 2, 3)),
-    "xception": Derivation("xception", "Xception == CP with identity U_T, merged U_S (3.4)", _merged(False, True),
-                           kernel_to_xception, lambda layers: xception_to_kernel(*[lay.weight for lay in layers]),
-                           (1, 2, 3)),
-    "r2plus1d": Derivation("r2plus1d", "(2+1)D == CP of rank M over {T,K_t}, {C,K,K}", _r2plus1d,
-                           kernel_to_r2plus1d, lambda layers: r2plus1d_to_kernel(layers[0].weight, layers[1].weight),
-                           (2, 3)),
+    "pointwise": Derivation(
+        "pointwise",
+        "1x1 conv == mode-1 product (3.1)",
+        _pointwise,
+        lambda w, **g: [ConvLayer(w)],
+        lambda layers: layers[0].weight,
+        (1, 2, 3, 4),
+    ),
+    "cp": Derivation(
+        "cp",
+        "CP conv == 1x1 -> depthwise 1-D per mode -> 1x1 (fig. 2, eq. 6)",
+        _kruskal,
+        kruskal_to_block,
+        block_to_kruskal,
+        (1, 2, 3, 4),
+    ),
+    "tucker": Derivation(
+        "tucker",
+        "Tucker conv == ResNet bottleneck (eq. 4, fig. 3)",
+        _tucker(1),
+        tucker_to_block,
+        block_to_tucker,
+        (1, 2, 3, 4),
+    ),
+    "mobilenet_v1": Derivation(
+        "mobilenet_v1",
+        "MobileNet v1 == CP, R=C, identity U_C, merged U_S (fig. 4)",
+        _merged(True, False),
+        kernel_to_mobilenet_v1,
+        lambda layers: mobilenet_v1_to_kernel(layers[0].weight, layers[1].weight),
+        (1, 2, 3),
+    ),
+    "mobilenet_v2": Derivation(
+        "mobilenet_v2",
+        "MobileNet v2 (linear) == CP with merged U_S (eq. 5, fig. 5)",
+        _merged(True, True),
+        kernel_to_mobilenet_v2,
+        lambda layers: mobilenet_v2_to_kernel(*[lay.weight for lay in layers]),
+        (1, 2, 3),
+    ),
+    "resnext": Derivation(
+        "resnext",
+        "ResNeXt == Tucker with block-diagonal core (3.4)",
+        _tucker(2),
+        tucker_to_block,
+        block_to_tucker,
+        (1, 2, 3),
+    ),
+    "xception": Derivation(
+        "xception",
+        "Xception == CP with identity U_T, merged U_S (3.4)",
+        _merged(False, True),
+        kernel_to_xception,
+        lambda layers: xception_to_kernel(*[lay.weight for lay in layers]),
+        (1, 2, 3),
+    ),
+    "r2plus1d": Derivation(
+        "r2plus1d",
+        "(2+1)D == CP of rank M over {T,K_t}, {C,K,K}",
+        _r2plus1d,
+        kernel_to_r2plus1d,
+        lambda layers: r2plus1d_to_kernel(layers[0].weight, layers[1].weight),
+        (2, 3),
+    ),
 }
 
 #: the names the paper (and its readers) use for the derivations -> their key in DERIVATIONS;
 #: ``tensorconv verify --derivation`` takes either, and its table shows both
-PAPER_NAMES = {"1x1": "pointwise", "kruskal": "cp", "bottleneck": "tucker", "resnet_bottleneck": "tucker",
-               "2plus1d": "r2plus1d", "(2+1)d": "r2plus1d"}
+PAPER_NAMES = {
+    "1x1": "pointwise",
+    "kruskal": "cp",
+    "bottleneck": "tucker",
+    "resnet_bottleneck": "tucker",
+    "2plus1d": "r2plus1d",
+    "(2+1)d": "r2plus1d",
+}
 
 
 def derivation_label(name):
@@ -441,19 +588,30 @@ def _torch_layers(module):
             from ._conv_modules import check_plain_conv
 
             check_plain_conv(child, f"from_torch, {name}")
-            padding = normalize_padding(child.padding, tuple(child.kernel_size), tuple(child.stride),
-                                        tuple(child.dilation))
-            layers.append([child.weight.detach(), child.bias.detach() if child.bias is not None else None,
-                           ConvLayer(None, child.groups, tuple(child.stride), padding, tuple(child.dilation),
-                                     child.padding_mode), name])
+            padding = normalize_padding(
+                child.padding, tuple(child.kernel_size), tuple(child.stride), tuple(child.dilation)
+            )
+            layers.append(
+                [
+                    child.weight.detach(),
+                    child.bias.detach() if child.bias is not None else None,
+                    ConvLayer(
+                        None, child.groups, tuple(child.stride), padding, tuple(child.dilation), child.padding_mode
+                    ),
+                    name,
+                ]
+            )
         elif isinstance(child, (tnn.BatchNorm1d, tnn.BatchNorm2d, tnn.BatchNorm3d)):
             if child.training:
                 raise ValueError(f"{name}: BatchNorm in training mode is not a fixed linear map; call .eval() first")
             if not layers:
                 raise ValueError(f"{name}: BatchNorm must follow a convolution to be folded")
             w, bias, layer, _ = layers[-1]
-            scale = child.weight.detach() / (child.running_var + child.eps).sqrt() if child.affine else \
-                1 / (child.running_var + child.eps).sqrt()
+            scale = (
+                child.weight.detach() / (child.running_var + child.eps).sqrt()
+                if child.affine
+                else 1 / (child.running_var + child.eps).sqrt()
+            )
             shift = (child.bias.detach() if child.affine else 0) - child.running_mean * scale
             w = w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
             bias = shift if bias is None else bias * scale + shift
@@ -461,8 +619,10 @@ def _torch_layers(module):
         elif isinstance(child, tnn.Identity):
             continue
         else:
-            raise ValueError(f"{name} breaks linearity: only ConvNd, eval-mode BatchNorm and Identity can be "
-                             f"expressed as one factorized kernel")
+            raise ValueError(
+                f"{name} breaks linearity: only ConvNd, eval-mode BatchNorm and Identity can be "
+                f"expressed as one factorized kernel"
+            )
     return layers
 
 
@@ -477,14 +637,18 @@ def from_torch(module):
     for i, (w, bias, layer, name) in enumerate(raw):
         layer.weight = w
         if bias is not None and i != len(raw) - 1 and bool((bias != 0).any()):
-            raise ValueError(f"{name} has a bias (or a folded BatchNorm shift) before the last layer: the block is "
-                             f"affine, not linear, and its padded borders differ from any single kernel")
+            raise ValueError(
+                f"{name} has a bias (or a folded BatchNorm shift) before the last layer: the block is "
+                f"affine, not linear, and its padded borders differ from any single kernel"
+            )
     layers = [r[2] for r in raw]
     for i in range(1, len(layers)):
         prev, cur = layers[i - 1], layers[i]
         if int(prev.weight.shape[0]) != int(cur.weight.shape[1]) * cur.groups:
-            raise ValueError(f"shapes do not chain: {raw[i - 1][3]} outputs {int(prev.weight.shape[0])} channels but "
-                             f"{raw[i][3]} expects {int(cur.weight.shape[1]) * cur.groups}")
+            raise ValueError(
+                f"shapes do not chain: {raw[i - 1][3]} outputs {int(prev.weight.shape[0])} channels but "
+                f"{raw[i][3]} expects {int(cur.weight.shape[1]) * cur.groups}"
+            )
         if prev.n_spatial != cur.n_spatial:
             raise ValueError(f"{raw[i][3]} has {cur.n_spatial} spatial dims but {raw[i - 1][3]} has {prev.n_spatial}")
     bias = raw[-1][1]
@@ -496,31 +660,42 @@ def from_torch(module):
         return layer.groups == int(layer.weight.shape[0]) and int(layer.weight.shape[1]) == 1
 
     def kwargs(layer):
-        return dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
-                    padding_mode=layer.padding_mode)
+        return dict(
+            stride=layer.stride, padding=layer.padding, dilation=layer.dilation, padding_mode=layer.padding_mode
+        )
 
-    kinds = [("P" if is_pointwise(l) else "D" if is_depthwise(l) else "C") for l in layers]
+    kinds = [("P" if is_pointwise(m) else "D" if is_depthwise(m) else "C") for m in layers]
     pattern = "".join(kinds)
     if pattern == "PDP":
-        return TorchBlockMatch(mobilenet_v2_to_kernel(*[l.weight for l in layers]), "mobilenet_v2",
-                               kwargs(layers[1]), bias)
+        return TorchBlockMatch(
+            mobilenet_v2_to_kernel(*[m.weight for m in layers]), "mobilenet_v2", kwargs(layers[1]), bias
+        )
     if pattern == "DP":
-        return TorchBlockMatch(mobilenet_v1_to_kernel(layers[0].weight, layers[1].weight), "mobilenet_v1",
-                               kwargs(layers[0]), bias)
+        return TorchBlockMatch(
+            mobilenet_v1_to_kernel(layers[0].weight, layers[1].weight), "mobilenet_v1", kwargs(layers[0]), bias
+        )
     if pattern == "PD":
-        return TorchBlockMatch(xception_to_kernel(layers[0].weight, layers[1].weight), "xception",
-                               kwargs(layers[0 + 1]), bias)
+        return TorchBlockMatch(
+            xception_to_kernel(layers[0].weight, layers[1].weight), "xception", kwargs(layers[0 + 1]), bias
+        )
     if pattern == "PCP":
         kernel = block_to_tucker(layers)
         return TorchBlockMatch(kernel, "resnext" if layers[1].groups > 1 else "tucker", kwargs(layers[1]), bias)
     if len(layers) == 1:
-        return TorchBlockMatch(layers[0].weight, "pointwise" if pattern == "P" else "dense",
-                               dict(kwargs(layers[0]), groups=layers[0].groups), bias)
-    raise ValueError(f"no derivation matches this block: layer kinds {pattern} (P = 1x1, D = depthwise, C = other); "
-                     f"supported: PDP (MobileNet v2), DP (MobileNet v1), PD (Xception), PCP (Tucker / ResNeXt)")
+        return TorchBlockMatch(
+            layers[0].weight,
+            "pointwise" if pattern == "P" else "dense",
+            dict(kwargs(layers[0]), groups=layers[0].groups),
+            bias,
+        )
+    raise ValueError(
+        f"no derivation matches this block: layer kinds {pattern} (P = 1x1, D = depthwise, C = other); "
+        f"supported: PDP (MobileNet v2), DP (MobileNet v1), PD (Xception), PCP (Tucker / ResNeXt)"
+    )
 
 
 def _trivial(layer):
     n = layer.n_spatial
     return all(s == 1 for s in (layer.stride or (1,) * n)) and all(
-        p == (0, 0) for p in (layer.padding or ((0, 0),) * n))
+        p == (0, 0) for p in (layer.padding or ((0, 0),) * n)
+    )

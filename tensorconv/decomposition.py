@@ -11,6 +11,7 @@ of the kernel nothing larger than (max(T, C), S, R) is allocated.
 The stopping test uses the fit computed from those products (no reconstruction):
 ``||W - W_hat||^2 = ||W||^2 - 2 <W, W_hat> + ||W_hat||^2``.
 """
+
 from __future__ import annotations
 
 from .backends import get_backend
@@ -56,10 +57,12 @@ def _init_factor(b, unfolding_gram, rank, seed, like):
     k = min(rank, dim)
     if dim <= 2 * k or dim <= 64:
         _, vecs = b.xp.linalg.eigh(unfolding_gram)
-        lead = b.flip(vecs[:, dim - k:], 1)
+        lead = b.flip(vecs[:, dim - k :], 1)
     else:
-        omega = b.astype(b.random_normal((dim, k + 10), seed=seed + 7919, dtype=b.dtype_name(like),
-                                         device=b.device(like)), b.dtype(like))
+        omega = b.astype(
+            b.random_normal((dim, k + 10), seed=seed + 7919, dtype=b.dtype_name(like), device=b.device(like)),
+            b.dtype(like),
+        )
         basis = omega
         for _ in range(3):  # power iterations sharpen the leading subspace
             basis, _ = b.xp.linalg.qr(b.matmul(unfolding_gram, basis))
@@ -68,8 +71,9 @@ def _init_factor(b, unfolding_gram, rank, seed, like):
         lead = b.matmul(basis, b.flip(vecs[:, -k:], 1))
     if k == rank:
         return lead
-    extra = b.astype(b.random_normal((dim, rank - k), seed=seed, dtype=b.dtype_name(like), device=b.device(like)),
-                     b.dtype(like))
+    extra = b.astype(
+        b.random_normal((dim, rank - k), seed=seed, dtype=b.dtype_name(like), device=b.device(like)), b.dtype(like)
+    )
     return b.concat([lead, extra], 1)
 
 
@@ -133,17 +137,21 @@ def cp_als(tensor, rank, *, n_iter_max=50, tol=1e-7, init="svd", random_state=0,
             u = b.reshape(b.moveaxis(full, 2 + m, 0), (d, t * c * s // d))
             factors.append(_init_factor(b, b.matmul(u, b.permute(u, (1, 0))), rank, random_state + 2 + m, tensor))
     else:
-        factors = [b.astype(b.random_normal((d, rank), seed=random_state + i, dtype=dtype, device=b.device(tensor)),
-                            b.dtype(tensor)) for i, d in enumerate(shape)]
+        factors = [
+            b.astype(
+                b.random_normal((d, rank), seed=random_state + i, dtype=dtype, device=b.device(tensor)), b.dtype(tensor)
+            )
+            for i, d in enumerate(shape)
+        ]
     weights = b.ones((rank,), like=factors[0])
     grams = [_gram(b, f) for f in factors]
     errors = []
     n = len(shape)
-    w_tsc = b.contiguous(b.permute(w3, (0, 2, 1)))                 # (T, S, C): GEMM over C
-    w_t = b.reshape(w3, (t, c * s))                                  # (T, C*S): GEMM over T
-    letters = "abcdefgh"[:len(spatial)]
+    w_tsc = b.contiguous(b.permute(w3, (0, 2, 1)))  # (T, S, C): GEMM over C
+    w_t = b.reshape(w3, (t, c * s))  # (T, C*S): GEMM over T
+    letters = "abcdefgh"[: len(spatial)]
     for _ in range(n_iter_max):
-        kr_s = _khatri_rao(b, factors[2:])                           # (S, R)
+        kr_s = _khatri_rao(b, factors[2:])  # (S, R)
         # T: N[t, s, r] = sum_c W[t, c, s] B[c, r], then the spatial Khatri-Rao
         nn_ = b.reshape(b.matmul(b.reshape(w_tsc, (t * s, c)), factors[1]), (t, s, rank))
         # (broadcast products and sums over s: a batched matmul with batch R here runs far slower)
@@ -166,7 +174,7 @@ def cp_als(tensor, rank, *, n_iter_max=50, tol=1e-7, init="svd", random_state=0,
         # the fit from the last update's right-hand side: <W, W_hat> = sum(lambda * F_last * rhs)
         inner = float(b.xp.sum(factors[n - 1] * weights * rhs))
         model_sq = float(b.xp.sum(_hadamard(b, grams, skip=None) * b.einsum("r,q->rq", weights, weights)))
-        err = max(norm_sq - 2 * inner + model_sq, 0.0) ** 0.5 / (norm_sq ** 0.5 if norm_sq else 1.0)
+        err = max(norm_sq - 2 * inner + model_sq, 0.0) ** 0.5 / (norm_sq**0.5 if norm_sq else 1.0)
         errors.append(err)
         if len(errors) > 1 and abs(errors[-2] - errors[-1]) < tol:
             break
@@ -211,9 +219,9 @@ def partial_tucker_hooi(tensor, rank, *, n_iter_max=5, tol=1e-7, random_state=0)
     t, c, spatial = shape[0], shape[1], shape[2:]
     s = _prod(spatial)
     w3 = b.reshape(b.contiguous(tensor), (t, c, s))
-    w_t = b.reshape(w3, (t, c * s))                                   # rows: T
-    w_cts = b.contiguous(b.permute(w3, (1, 0, 2)))                   # (C, T, S)
-    w_c = b.reshape(w_cts, (c, t * s))                                # rows: C
+    w_t = b.reshape(w3, (t, c * s))  # rows: T
+    w_cts = b.contiguous(b.permute(w3, (1, 0, 2)))  # (C, T, S)
+    w_c = b.reshape(w_cts, (c, t * s))  # rows: C
 
     def leading(gram, k, seed):
         return _init_factor(b, gram, k, seed, tensor)
@@ -235,8 +243,8 @@ def partial_tucker_hooi(tensor, rank, *, n_iter_max=5, tol=1e-7, random_state=0)
         m_t = b.reshape(b.moveaxis(proj_c, 1, 0), (t, r_in * s))
         u_t = leading(gram(m_t), r_out, random_state)
         # ||W - W_hat||^2 = ||W||^2 - ||core||^2 for orthonormal factors
-        core = b.matmul(b.permute(u_t, (1, 0)), m_t)                  # (R_out, R_in * S)
-        err = max(norm_sq - float(b.xp.sum(core * core)), 0.0) ** 0.5 / (norm_sq ** 0.5 if norm_sq else 1.0)
+        core = b.matmul(b.permute(u_t, (1, 0)), m_t)  # (R_out, R_in * S)
+        err = max(norm_sq - float(b.xp.sum(core * core)), 0.0) ** 0.5 / (norm_sq**0.5 if norm_sq else 1.0)
         if previous is not None and abs(previous - err) < tol:
             break
         previous = err

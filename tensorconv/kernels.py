@@ -4,6 +4,7 @@ A kernel has shape (T, C, K_0, ..., K_{N-1}) — output channels, input channels
 kernel size per spatial mode — as the weight of ``torch.nn.ConvNd``. The objects hold
 backend arrays (numpy, torch or cupy) and never convert them behind the user's back.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -175,8 +176,7 @@ class KruskalKernel(_FactorizedKernel):
         factors = list(factors)
         if modes is None:
             modes = [(i,) for i in range(len(factors))]
-        modes = [tuple(int(m) for m in (group if isinstance(group, (tuple, list)) else (group,)))
-                 for group in modes]
+        modes = [tuple(int(m) for m in (group if isinstance(group, (tuple, list)) else (group,))) for group in modes]
         if len(modes) != len(factors):
             raise ValueError(f"modes has {len(modes)} entries but there are {len(factors)} factors")
         covered = sorted(m for group in modes for m in group)
@@ -184,9 +184,7 @@ class KruskalKernel(_FactorizedKernel):
         if covered != list(range(n_modes)):
             raise ValueError(f"modes={modes} must cover kernel modes 0..{n_modes - 1} exactly once each")
         if n_modes < 3:
-            raise ValueError(
-                f"a convolution kernel has at least 3 modes (T, C, K_0); modes={modes} cover {n_modes}"
-            )
+            raise ValueError(f"a convolution kernel has at least 3 modes (T, C, K_0); modes={modes} cover {n_modes}")
         arrays = [f for f in factors if f is not None]
         if weights is not None:
             arrays.append(weights)
@@ -252,8 +250,7 @@ class KruskalKernel(_FactorizedKernel):
         return "" if self.is_default_modes else f", modes={self.modes}"
 
     def _map_arrays(self, fn):
-        return KruskalKernel(fn(self.weights), [None if f is None else fn(f) for f in self.factors],
-                             self.modes)
+        return KruskalKernel(fn(self.weights), [None if f is None else fn(f) for f in self.factors], self.modes)
 
     def factor_for_mode(self, mode):
         """(factor index, position of ``mode`` inside that factor)."""
@@ -296,8 +293,10 @@ class KruskalKernel(_FactorizedKernel):
         import numpy as np
 
         seeds = np.random.SeedSequence(seed).generate_state(len(modes) + 1)
-        factors = [b.random_normal(tuple(shape[m] for m in group) + (rank,), seed=int(s), dtype=dtype,
-                                   device=device) for group, s in zip(modes, seeds[1:])]
+        factors = [
+            b.random_normal(tuple(shape[m] for m in group) + (rank,), seed=int(s), dtype=dtype, device=device)
+            for group, s in zip(modes, seeds[1:])
+        ]
         weights = b.random_normal((rank,), seed=int(seeds[0]), dtype=dtype, device=device)
         return cls(weights, factors, modes)
 
@@ -355,9 +354,11 @@ class KruskalKernel(_FactorizedKernel):
         parafac_kwargs.update(kwargs)
         if parafac_kwargs["init"] == "svd" and not svd_ok:
             worst = min(_prod(dims) // d for d in dims)
-            raise ValueError(f"init='svd' needs rank <= {worst} for a weight of shape {_shape(weight)} (each mode's "
-                             f"unfolding has that many columns), got rank={rank}: use init='random' (the default "
-                             f"picks it for such ranks) or a smaller rank")
+            raise ValueError(
+                f"init='svd' needs rank <= {worst} for a weight of shape {_shape(weight)} (each mode's "
+                f"unfolding has that many columns), got rank={rank}: use init='random' (the default "
+                f"picks it for such ranks) or a smaller rank"
+            )
         with _tensorly_on(backend):
             from tensorly.decomposition import parafac
 
@@ -367,8 +368,9 @@ class KruskalKernel(_FactorizedKernel):
     @classmethod
     def _from_grouped(cls, weights, factors, weight, modes, rank):
         backend = get_backend(weight)
-        factors = [backend.reshape(f, tuple(int(weight.shape[m]) for m in group) + (rank,))
-                   for f, group in zip(factors, modes)]
+        factors = [
+            backend.reshape(f, tuple(int(weight.shape[m]) for m in group) + (rank,)) for f, group in zip(factors, modes)
+        ]
         return cls(weights, factors, modes)
 
     def to_tensorly(self):
@@ -451,9 +453,7 @@ class TuckerKernel(_FactorizedKernel):
         if len(factors) == 2:
             factors = factors + [None] * n_spatial
         if len(factors) != 2 + n_spatial:
-            raise ValueError(
-                f"a core of shape {_shape(core)} needs 2 or {2 + n_spatial} factors, got {len(factors)}"
-            )
+            raise ValueError(f"a core of shape {_shape(core)} needs 2 or {2 + n_spatial} factors, got {len(factors)}")
         backend = get_backend(core, *factors)
         r_out, r_in_g = int(core.shape[0]), int(core.shape[1])
         r_in = r_in_g * groups
@@ -468,8 +468,10 @@ class TuckerKernel(_FactorizedKernel):
                 continue
             if i < 2 and groups > 1 and f.ndim == 2 and int(f.shape[1]) == r // groups:
                 if int(f.shape[0]) % groups:
-                    raise ValueError(f"factors[{i}] of shape {_shape(f)} is block-diagonal (R / groups columns) "
-                                     f"but its {int(f.shape[0])} rows do not split into groups={groups}")
+                    raise ValueError(
+                        f"factors[{i}] of shape {_shape(f)} is block-diagonal (R / groups columns) "
+                        f"but its {int(f.shape[0])} rows do not split into groups={groups}"
+                    )
                 block[i] = True
             elif f.ndim != 2 or int(f.shape[1]) != r:
                 what = "R_out" if i == 0 else "R_in" if i == 1 else f"Q_{i - 2}"
@@ -548,18 +550,23 @@ class TuckerKernel(_FactorizedKernel):
         operands = [core]
         if self.is_grouped_conv:  # one Tucker kernel per group: the output's T is (g, T / g)
             # an identity factor is one identity block per group
-            u_t, u_c = (b.concat([b.eye(r // g, like=self.core)] * g, 0) if f is None else f
-                        for f, r in zip(self.factors[:2], (r_out, r_in)))
+            u_t, u_c = (
+                b.concat([b.eye(r // g, like=self.core)] * g, 0) if f is None else f
+                for f, r in zip(self.factors[:2], (r_out, r_in))
+            )
             terms += [lg + lt + lo, lg + ls + li]
-            operands += [b.reshape(u_t, (g, self.shape[0] // g, r_out // g)),
-                         b.reshape(u_c, (g, self.shape[1] // g, r_in // g))]
+            operands += [
+                b.reshape(u_t, (g, self.shape[0] // g, r_out // g)),
+                b.reshape(u_c, (g, self.shape[1] // g, r_in // g)),
+            ]
             out = lg + lt + ls
         else:
-            u_t, u_c = (b.eye(r, like=self.core) if f is None else self.full_factor(i)
-                        for i, (f, r) in enumerate(zip(self.factors[:2], (r_out, r_in))))
+            u_t, u_c = (
+                b.eye(r, like=self.core) if f is None else self.full_factor(i)
+                for i, (f, r) in enumerate(zip(self.factors[:2], (r_out, r_in)))
+            )
             terms += [lt + lg + lo, ls + lg + li]
-            operands += [b.reshape(u_t, (self.shape[0], g, r_out // g)),
-                         b.reshape(u_c, (self.shape[1], g, r_in // g))]
+            operands += [b.reshape(u_t, (self.shape[0], g, r_out // g)), b.reshape(u_c, (self.shape[1], g, r_in // g))]
             out = lt + ls
         for j, f in enumerate(self.factors[2:]):
             if f is None:
@@ -574,8 +581,12 @@ class TuckerKernel(_FactorizedKernel):
         """The full (T, C, *K) kernel (a grouped conv's blocks on the channel diagonal)."""
         if self.is_grouped_conv:
             g = self.groups
-            return _blocks_on_diagonal(self.backend, self.backend.reshape(
-                self.to_grouped_dense(), (g, self.shape[0] // g, self.shape[1] // g) + self.shape[2:]))
+            return _blocks_on_diagonal(
+                self.backend,
+                self.backend.reshape(
+                    self.to_grouped_dense(), (g, self.shape[0] // g, self.shape[1] // g) + self.shape[2:]
+                ),
+            )
         import opt_einsum
 
         terms, operands, out = self.einsum_operands()
@@ -591,8 +602,10 @@ class TuckerKernel(_FactorizedKernel):
         """The weight (T, C / groups, *K) of the grouped conv this kernel factorizes
         (:attr:`is_grouped_conv` kernels only)."""
         if not self.is_grouped_conv:
-            raise ValueError("to_grouped_dense needs block-diagonal channel factors (a grouped conv's kernel); "
-                             "this kernel mixes all channels: use to_dense()")
+            raise ValueError(
+                "to_grouped_dense needs block-diagonal channel factors (a grouped conv's kernel); "
+                "this kernel mixes all channels: use to_dense()"
+            )
         import opt_einsum
 
         terms, operands, out = self.einsum_operands()
@@ -600,8 +613,19 @@ class TuckerKernel(_FactorizedKernel):
         return self.backend.reshape(w, (self.shape[0], self.shape[1] // self.groups) + self.shape[2:])
 
     @classmethod
-    def random(cls, shape, rank, *, groups=1, spatial_rank=None, backend="numpy", dtype=None, device=None,
-               seed=None, grouped_conv=False):
+    def random(
+        cls,
+        shape,
+        rank,
+        *,
+        groups=1,
+        spatial_rank=None,
+        backend="numpy",
+        dtype=None,
+        device=None,
+        seed=None,
+        grouped_conv=False,
+    ):
         """Random Tucker kernel; ``rank=(R_out, R_in)``; ``spatial_rank`` adds spatial factors;
         ``grouped_conv=True`` stores the channel factors block-diagonal (a grouped conv's kernel)."""
         shape = tuple(int(s) for s in shape)
@@ -616,8 +640,11 @@ class TuckerKernel(_FactorizedKernel):
             raise ValueError(f"rank={rank} must be divisible by groups={groups}")
         b = backend_for_name(backend)
         n = len(shape) - 2
-        q = list(shape[2:]) if spatial_rank is None else list(
-            (spatial_rank,) * n if isinstance(spatial_rank, int) else spatial_rank)
+        q = (
+            list(shape[2:])
+            if spatial_rank is None
+            else list((spatial_rank,) * n if isinstance(spatial_rank, int) else spatial_rank)
+        )
         import numpy as np
 
         seeds = [int(s) for s in np.random.SeedSequence(seed).generate_state(3 + n)]
@@ -625,11 +652,16 @@ class TuckerKernel(_FactorizedKernel):
         cols = (rank[0] // groups, rank[1] // groups) if grouped_conv else rank
         if grouped_conv and (shape[0] % groups or shape[1] % groups):
             raise ValueError(f"shape={shape}: a grouped conv's channels must be divisible by groups={groups}")
-        factors = [b.random_normal((shape[0], cols[0]), seed=seeds[1], dtype=dtype, device=device),
-                   b.random_normal((shape[1], cols[1]), seed=seeds[2], dtype=dtype, device=device)]
+        factors = [
+            b.random_normal((shape[0], cols[0]), seed=seeds[1], dtype=dtype, device=device),
+            b.random_normal((shape[1], cols[1]), seed=seeds[2], dtype=dtype, device=device),
+        ]
         for j in range(n):
-            factors.append(None if spatial_rank is None else
-                           b.random_normal((shape[2 + j], q[j]), seed=seeds[3 + j], dtype=dtype, device=device))
+            factors.append(
+                None
+                if spatial_rank is None
+                else b.random_normal((shape[2 + j], q[j]), seed=seeds[3 + j], dtype=dtype, device=device)
+            )
         return cls(core, factors, groups)
 
     @classmethod
@@ -679,8 +711,9 @@ class TuckerKernel(_FactorizedKernel):
         if self.groups == 1:
             return self.core
         g = self.groups
-        return _blocks_on_diagonal(self.backend, self.backend.reshape(self.core, (g, self.rank[0] // g)
-                                                                      + _shape(self.core)[1:]))
+        return _blocks_on_diagonal(
+            self.backend, self.backend.reshape(self.core, (g, self.rank[0] // g) + _shape(self.core)[1:])
+        )
 
     @classmethod
     def from_tensorly(cls, tucker_tensor):

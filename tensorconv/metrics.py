@@ -13,6 +13,7 @@ Constant signals have no correlation to measure; instead of NaN (0 / 0):
 
 and the gradients there are finite (0), so one constant batch does not poison training.
 """
+
 from __future__ import annotations
 
 from .backends import get_backend
@@ -23,8 +24,10 @@ __all__ = ["rmse", "sagr", "pcc", "ccc", "affect_loss"]
 def _pair(pred, target):
     b = get_backend(pred, target)
     if tuple(pred.shape) != tuple(target.shape):
-        raise ValueError(f"pred has shape {tuple(pred.shape)} but target has shape {tuple(target.shape)}; "
-                         f"they must match (nothing is broadcast)")
+        raise ValueError(
+            f"pred has shape {tuple(pred.shape)} but target has shape {tuple(target.shape)}; "
+            f"they must match (nothing is broadcast)"
+        )
     if pred.ndim == 0 or int(pred.shape[-1]) == 0:
         raise ValueError(f"pred and target need a non-empty last axis of samples, got shape {tuple(pred.shape)}")
     for name, a in (("pred", pred), ("target", target)):
@@ -114,8 +117,9 @@ def ccc(pred, target):
 def _coefficients(b, like, generator, weights):
     if weights is not None:
         if len(weights) != 3 or any(float(w) < 0 for w in weights) or sum(float(w) for w in weights) <= 0:
-            raise ValueError(f"weights={weights!r}: expected three non-negative numbers (alpha, beta, gamma) "
-                             f"with a positive sum")
+            raise ValueError(
+                f"weights={weights!r}: expected three non-negative numbers (alpha, beta, gamma) with a positive sum"
+            )
         return [float(w) for w in weights]
     if b.name == "torch":
         import torch

@@ -3,6 +3,7 @@
 Names and conventions follow tensorly: ``unfold(x, mode)`` puts ``mode`` first and flattens
 the rest in C order; ``mode_dot(x, M, n)`` computes ``P[.., i_n, ..] = sum_k x[.., k, ..] M[i_n, k]``.
 """
+
 from __future__ import annotations
 
 from .backends import get_backend
@@ -87,5 +88,5 @@ def fold(unfolded, mode, shape):
         raise ValueError(
             f"fold: an unfolding of shape {tuple(unfolded.shape)} does not fold into shape {shape} along mode {mode}"
         )
-    moved = (shape[mode],) + shape[:mode] + shape[mode + 1:]
+    moved = (shape[mode],) + shape[:mode] + shape[mode + 1 :]
     return backend.moveaxis(backend.reshape(unfolded, moved), 0, mode)

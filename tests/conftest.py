@@ -5,12 +5,18 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
-settings.register_profile("ci", max_examples=50, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                                 HealthCheck.function_scoped_fixture])
-settings.register_profile("dev", max_examples=15, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                                 HealthCheck.function_scoped_fixture])
+settings.register_profile(
+    "ci",
+    max_examples=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile(
+    "dev",
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 try:
@@ -47,13 +53,18 @@ needs_jax = pytest.mark.skipif(jax is None and not os.environ.get("CI"), reason=
 # (backend name, device) pairs; GPU entries skip with a reason where there is no GPU
 BACKENDS = [
     pytest.param(("numpy", None), id="numpy"),
-    pytest.param(("torch", "cpu"), id="torch",
-                 marks=pytest.mark.skipif(torch is None, reason="torch is not installed")),
+    pytest.param(
+        ("torch", "cpu"), id="torch", marks=pytest.mark.skipif(torch is None, reason="torch is not installed")
+    ),
     pytest.param(("jax", None), id="jax", marks=needs_jax),
-    pytest.param(("torch", "cuda"), id="torch-cuda",
-                 marks=[pytest.mark.gpu, pytest.mark.skipif(not _cuda(), reason="no CUDA device")]),
-    pytest.param(("cupy", 0), id="cupy",
-                 marks=[pytest.mark.gpu, pytest.mark.skipif(not _cupy(), reason="no CuPy with a GPU")]),
+    pytest.param(
+        ("torch", "cuda"),
+        id="torch-cuda",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not _cuda(), reason="no CUDA device")],
+    ),
+    pytest.param(
+        ("cupy", 0), id="cupy", marks=[pytest.mark.gpu, pytest.mark.skipif(not _cupy(), reason="no CuPy with a GPU")]
+    ),
 ]
 
 

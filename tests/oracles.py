@@ -1,4 +1,5 @@
 """Independent reference convolutions (never the code under test)."""
+
 import numpy as np
 
 _NP_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
@@ -17,8 +18,11 @@ def np_conv(x, w, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros
     xp = np.pad(x, ((0, 0), (0, 0)) + tuple(tuple(p) for p in padding), mode=_NP_MODES[padding_mode])
     spans = tuple(d * (k - 1) + 1 for d, k in zip(dilation, w.shape[2:]))
     win = np.lib.stride_tricks.sliding_window_view(xp, spans, axis=tuple(range(2, 2 + n)))
-    index = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in stride) + tuple(
-        slice(None, None, d) for d in dilation)
+    index = (
+        (slice(None), slice(None))
+        + tuple(slice(None, None, s) for s in stride)
+        + tuple(slice(None, None, d) for d in dilation)
+    )
     win = win[index]  # (B, C, *out, *K)
     t, cg = w.shape[:2]
     b = x.shape[0]

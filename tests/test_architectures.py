@@ -1,4 +1,5 @@
 """Every derivation of the paper, both directions, against an independent dense convolution."""
+
 import numpy as np
 import pytest
 from conftest import rel_err, to_backend, to_numpy, torch
@@ -18,8 +19,15 @@ def _oracle_block(x, layers):
     for layer in layers:
         w = to_numpy(layer.weight)
         n = w.ndim - 2
-        x = reference_conv(x, w, stride=layer.stride or 1, padding=layer.padding or ((0, 0),) * n,
-                           dilation=layer.dilation or 1, groups=layer.groups, padding_mode=layer.padding_mode)
+        x = reference_conv(
+            x,
+            w,
+            stride=layer.stride or 1,
+            padding=layer.padding or ((0, 0),) * n,
+            dilation=layer.dilation or 1,
+            groups=layer.groups,
+            padding_mode=layer.padding_mode,
+        )
     return x
 
 
@@ -31,9 +39,11 @@ def cases(draw, name):
     if name == "pointwise":
         geo = dict(stride=(1,) * n, padding=((0, 0),) * n, dilation=(1,) * n)
     else:
-        geo = dict(stride=tuple(draw(st.integers(1, 2)) for _ in range(n)),
-                   padding=tuple((draw(st.integers(0, 2)), draw(st.integers(0, 2))) for _ in range(n)),
-                   dilation=tuple(draw(st.integers(1, 2)) for _ in range(n)))
+        geo = dict(
+            stride=tuple(draw(st.integers(1, 2)) for _ in range(n)),
+            padding=tuple((draw(st.integers(0, 2)), draw(st.integers(0, 2))) for _ in range(n)),
+            dilation=tuple(draw(st.integers(1, 2)) for _ in range(n)),
+        )
     return n, seed, geo
 
 
@@ -88,7 +98,7 @@ def test_transduction_equivalence(init, seed, n):
         expected = np.stack(frame_outs, 2)
     else:
         got = conv(x, big, padding=((0, 0),) + ((1, 1),) * n)
-        expected = np.stack([sum(frame_outs[f:f + kt]) for f in range(frames - kt + 1)], 2)
+        expected = np.stack([sum(frame_outs[f : f + kt]) for f in range(frames - kt + 1)], 2)
     assert rel_err(got, expected) < TOL
 
 
@@ -96,9 +106,11 @@ def test_transduction_equivalence(init, seed, n):
 def test_from_torch_mobilenet_v2_acceptance():
     nn = torch.nn
     c, t_exp, out = 4, 3, 5
-    block = nn.Sequential(nn.Conv2d(c, t_exp * c, 1, bias=False),
-                          nn.Conv2d(t_exp * c, t_exp * c, 3, padding=1, groups=t_exp * c, bias=False),
-                          nn.Conv2d(t_exp * c, out, 1, bias=False)).double()
+    block = nn.Sequential(
+        nn.Conv2d(c, t_exp * c, 1, bias=False),
+        nn.Conv2d(t_exp * c, t_exp * c, 3, padding=1, groups=t_exp * c, bias=False),
+        nn.Conv2d(t_exp * c, out, 1, bias=False),
+    ).double()
     match = from_torch(block)
     assert match.derivation == "mobilenet_v2" and isinstance(match.kernel, KruskalKernel)
     x = torch.randn(2, c, 9, 7, dtype=torch.float64)
@@ -115,10 +127,12 @@ def test_from_torch_other_blocks_and_batchnorm():
     bn.running_var.uniform_(0.5, 2)
     bn.eval()
     cases = {
-        "mobilenet_v1": nn.Sequential(nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4, bias=False),
-                                      nn.Conv2d(4, 6, 1), bn),
-        "resnext": nn.Sequential(nn.Conv2d(4, 8, 1, bias=False), nn.Conv2d(8, 6, 3, padding=1, groups=2, bias=False),
-                                 nn.Conv2d(6, 5, 1)),
+        "mobilenet_v1": nn.Sequential(
+            nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4, bias=False), nn.Conv2d(4, 6, 1), bn
+        ),
+        "resnext": nn.Sequential(
+            nn.Conv2d(4, 8, 1, bias=False), nn.Conv2d(8, 6, 3, padding=1, groups=2, bias=False), nn.Conv2d(6, 5, 1)
+        ),
         "xception": nn.Sequential(nn.Conv2d(4, 6, 1, bias=False), nn.Conv2d(6, 6, 3, dilation=2, groups=6, bias=False)),
     }
     x = torch.randn(2, 4, 11, 10, dtype=torch.float64)
@@ -178,8 +192,8 @@ def test_pointwise_conv_is_the_channel_mode_product(backend, n, c, t, seed):
 
 @pytest.mark.parametrize("padding", ["same", "valid"])
 def test_blocks_accept_padding_strings(padding):
-    from tensorconv.architectures import kruskal_to_block, tucker_to_block
     from tensorconv import TuckerKernel
+    from tensorconv.architectures import kruskal_to_block, tucker_to_block
 
     x = np.random.default_rng(0).standard_normal((1, 3, 7, 6))
     for k in (KruskalKernel.random((4, 3, 4, 3), 2, seed=0), TuckerKernel.random((4, 3, 4, 3), (2, 2), seed=1)):
@@ -191,8 +205,12 @@ def test_blocks_accept_padding_strings(padding):
 def test_verify_takes_the_papers_names(capsys):
     """`--derivation bottleneck` runs the Tucker derivation (the ResNet bottleneck), and the table
     says both names."""
-    assert cli_main(["verify", "--backend", "numpy", "--cases", "2", "--derivation", "bottleneck",
-                     "--derivation", "Kruskal"]) == 0
+    assert (
+        cli_main(
+            ["verify", "--backend", "numpy", "--cases", "2", "--derivation", "bottleneck", "--derivation", "Kruskal"]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert "tucker/bottleneck" in table and "cp/kruskal" in table and "2 passed" in table
     with pytest.raises(SystemExit, match="paper's names"):

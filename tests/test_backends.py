@@ -11,7 +11,10 @@ _NP_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "ci
 
 
 def test_import_does_not_import_frameworks():
-    code = "import sys, tensorconv; bad = [m for m in ('torch', 'cupy', 'jax') if m in sys.modules]; sys.exit(1 if bad else 0)"
+    code = (
+        "import sys, tensorconv; bad = [m for m in ('torch', 'cupy', 'jax') if m in sys.modules]; "
+        "sys.exit(1 if bad else 0)"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
@@ -59,8 +62,9 @@ def test_depthwise_conv1d_any_axis(backend, stride, dilation):
     x = rng.standard_normal((2, 11, 3, 4))  # channel axis 3, conv along axis 1
     w = rng.standard_normal((4, 3))
     b = backend_for_name(backend[0])
-    got = b.depthwise_conv1d(to_backend(x, backend), to_backend(w, backend), axis=1, channel_axis=3, stride=stride,
-                             dilation=dilation)
+    got = b.depthwise_conv1d(
+        to_backend(x, backend), to_backend(w, backend), axis=1, channel_axis=3, stride=stride, dilation=dilation
+    )
     n_out = (11 - dilation * 2 - 1) // stride + 1
     expected = np.zeros((2, n_out, 3, 4))
     for y in range(n_out):  # direct loop oracle
@@ -101,6 +105,7 @@ def test_einsum_and_tensordot_agree_with_numpy(backend):
 
 def test_package_ships_its_license_and_typing_marker():
     import os
+
     import tomllib
 
     import tensorconv

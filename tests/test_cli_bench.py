@@ -1,4 +1,5 @@
 """`tensorconv bench` runs end to end and writes what it promises (tiny settings, NumPy only)."""
+
 import json
 
 import pytest
@@ -7,8 +8,25 @@ from tensorconv.cli import main as cli_main
 
 
 def test_bench_writes_json_with_environment_and_rows(tmp_path, capsys):
-    assert cli_main(["bench", "fig6", "backends", "--quick", "--backend", "numpy", "--repeat", "1",
-                     "--allocator", "default", "--out", str(tmp_path)]) == 0
+    assert (
+        cli_main(
+            [
+                "bench",
+                "fig6",
+                "backends",
+                "--quick",
+                "--backend",
+                "numpy",
+                "--repeat",
+                "1",
+                "--allocator",
+                "default",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     data = json.loads((tmp_path / "results.json").read_text())
     env = data["environment"]
     assert env["allocator"] == "glibc default" and env["numpy"]

@@ -7,6 +7,7 @@ the C-op registration stubbed out (see there). torchvision is a test extra (pinn
 torch of the README's command); if it is missing, CI fails here (no skip), and a local run
 without it skips with the reason.
 """
+
 import os
 import warnings
 
@@ -36,8 +37,13 @@ def test_factorize_a_torchvision_r3d_18_keeps_geometry_and_leaves_the_original(t
 
     torch.manual_seed(0)
     model = r3d_18(num_classes=5).eval()
-    small = factorize(model, 0.25, factorization="cp", n_iter_max=5,
-                      layers=lambda name, m: name.startswith("layer1") or name.startswith("stem"))
+    small = factorize(
+        model,
+        0.25,
+        factorization="cp",
+        n_iter_max=5,
+        layers=lambda name, m: name.startswith("layer1") or name.startswith("stem"),
+    )
     assert isinstance(model.stem[0], nn.Conv3d)  # untouched
     assert isinstance(small.stem[0], KruskalConv)
     s, o = small.stem[0], model.stem[0]
@@ -67,9 +73,12 @@ def test_factorize_refuses_and_reports_rather_than_changing_silently():
         def forward(self, x):
             return super().forward(nn.functional.pad(x, (0, 1, 0, 1)))
 
-    net = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2, padding="same", padding_mode="reflect"), Conv2dSame(8, 8, 2),
-                        nn.Conv2d(8, 8, 3, padding="same", padding_mode="circular", bias=False),
-                        nn.Conv2d(8, 8, 1))
+    net = nn.Sequential(
+        nn.Conv2d(4, 8, 3, groups=2, padding="same", padding_mode="reflect"),
+        Conv2dSame(8, 8, 2),
+        nn.Conv2d(8, 8, 3, padding="same", padding_mode="circular", bias=False),
+        nn.Conv2d(8, 8, 1),
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = factorize(net, "same", n_iter_max=5)
@@ -83,8 +92,11 @@ def test_factorize_refuses_and_reports_rather_than_changing_silently():
 
 def test_factorize_exact_at_full_rank_float64_and_inplace():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv1d(3, 4, 3, stride=2, padding=2, dilation=2, dtype=torch.float64), nn.ReLU(),
-                        nn.Conv1d(4, 2, 3, padding="same", dtype=torch.float64))
+    net = nn.Sequential(
+        nn.Conv1d(3, 4, 3, stride=2, padding=2, dilation=2, dtype=torch.float64),
+        nn.ReLU(),
+        nn.Conv1d(4, 2, 3, padding="same", dtype=torch.float64),
+    )
     x = torch.randn(2, 3, 17, dtype=torch.float64)
     expected = net(x)
     full = factorize(net, lambda name, m: (m.out_channels, m.in_channels), factorization="tucker", inplace=True)

@@ -1,4 +1,5 @@
 """conv / plan_conv against independent dense convolutions (torch F.convNd, numpy windows)."""
+
 import contextlib
 
 import numpy as np
@@ -38,7 +39,7 @@ def geometries(draw, max_n=4, min_n=1):
     mode = draw(st.sampled_from(["zeros", "zeros", "reflect", "replicate", "circular"]))
     spans = [d * (k - 1) + 1 for k, d in zip(ks, dil)]
     lo_d = [max(1, s - lo - hi, lo + 1, hi + 1) for s, (lo, hi) in zip(spans, pads)]
-    dims = tuple(draw(st.integers(l, max(l, max_d))) for l in lo_d)
+    dims = tuple(draw(st.integers(low, max(low, max_d))) for low in lo_d)
     return dict(ks=ks, stride=stride, dilation=dil, padding=padding, pads=pads, mode=mode, dims=dims)
 
 
@@ -71,8 +72,9 @@ def test_conv_matches_dense_reference(backend, kind, strategy, geo, data):
     kernel = _kernel(kind, t, c, geo["ks"], data.draw(st.integers(0, 999)), data)
     x = np.random.default_rng(1).standard_normal((b, c) + geo["dims"])
     dense = kernel if kind == "dense" else kernel.to_dense()
-    expected = reference_conv(x, dense, stride=geo["stride"], padding=geo["pads"], dilation=geo["dilation"],
-                              padding_mode=geo["mode"])
+    expected = reference_conv(
+        x, dense, stride=geo["stride"], padding=geo["pads"], dilation=geo["dilation"], padding_mode=geo["mode"]
+    )
     kw = dict(stride=geo["stride"], padding=geo["padding"], dilation=geo["dilation"], padding_mode=geo["mode"])
     got = conv(to_backend(x, backend), _to(kernel, backend), strategy=strategy, **kw)
     assert rel_err(got, expected) < TOL
@@ -120,9 +122,9 @@ def test_cp_macs_equal_closed_form(n):
     dims = (8,) * n
     k = KruskalKernel.random((t, c) + ks, rank=r, seed=0)
     plan = plan_conv(k, (2, c) + dims, padding="same", strategy="factorized")
-    voxels = 2 * 8 ** n
+    voxels = 2 * 8**n
     assert plan.macs == voxels * r * (c + t + sum(ks))
-    assert plan.dense_macs == voxels * t * c * 3 ** n
+    assert plan.dense_macs == voxels * t * c * 3**n
     text = plan.describe()
     for kind in ("pointwise", "depthwise"):
         assert kind in text
@@ -139,8 +141,14 @@ def test_plan_macs_equal_executed_work():
             continue
         out_positions = int(np.prod(s.out_shape[: 1 + 2]))
         sizes = {"s": 6, "t": 8, "r": 4}
-        channels = int(np.prod([sizes[i] for i in dict.fromkeys(s.lhs_indices + tuple(
-            i for i in s.rhs_indices if not i.startswith("k")))]))
+        channels = int(
+            np.prod(
+                [
+                    sizes[i]
+                    for i in dict.fromkeys(s.lhs_indices + tuple(i for i in s.rhs_indices if not i.startswith("k")))
+                ]
+            )
+        )
         taps = int(np.prod([k.kernel_size[m] for m in s.modes]))
         total += out_positions * channels * taps
     assert plan.macs == total
@@ -164,11 +172,17 @@ def test_auto_picks_reconstructed_at_params_matched_rank_and_factorized_at_r_eq_
     shape = (c, c, 3, 3, 3)
     matched = (c * c * 27) // (2 * c + 9 + 1)
     for backend_name in ("numpy", "torch"):
-        big = plan_conv(KruskalKernel.random(shape, matched, seed=0), (1, c, 16, 32, 32), padding=1,
-                        backend=backend_name, dtype=dtype)
+        big = plan_conv(
+            KruskalKernel.random(shape, matched, seed=0),
+            (1, c, 16, 32, 32),
+            padding=1,
+            backend=backend_name,
+            dtype=dtype,
+        )
         assert big.strategy == "reconstructed", big.estimates
-        small = plan_conv(KruskalKernel.random(shape, c, seed=0), (1, c, 16, 32, 32), padding=1, backend=backend_name,
-                          dtype=dtype)
+        small = plan_conv(
+            KruskalKernel.random(shape, c, seed=0), (1, c, 16, 32, 32), padding=1, backend=backend_name, dtype=dtype
+        )
         # "fused" where the compiled plane-by-plane kernel is built on this machine (torch CPU)
         assert small.strategy in ("factorized", "fused"), small.estimates
         assert small.strategy == "factorized" or "fused (plane chain)" in small.estimates
@@ -177,8 +191,15 @@ def test_auto_picks_reconstructed_at_params_matched_rank_and_factorized_at_r_eq_
 # a cost model under which memory passes are all that count: the fastest factorized order
 # merges spatial factors into one multi-mode depthwise step; rebuilding the dense kernel and
 # convs that mix channels are priced out
-_MERGING = CostModel(macs_per_s=1e15, bytes_per_s=1e6, call_overhead_s=0.0, dense_macs_per_s=1e-3,
-                     conv_macs_per_s=1e-3, native_steps=True, depthwise_macs_per_s=1e15)
+_MERGING = CostModel(
+    macs_per_s=1e15,
+    bytes_per_s=1e6,
+    call_overhead_s=0.0,
+    dense_macs_per_s=1e-3,
+    conv_macs_per_s=1e-3,
+    native_steps=True,
+    depthwise_macs_per_s=1e15,
+)
 
 
 @contextlib.contextmanager
@@ -195,15 +216,27 @@ def _cost_model(model, backend):
 def test_fastest_order_with_merged_depthwise_matches_reference(backend, geo, data):
     """auto's "fastest" order (one depthwise step over several modes) is still the same conv."""
     if len(geo["ks"]) < 2:
-        geo = dict(geo, ks=geo["ks"] * 2, stride=geo["stride"] * 2, dilation=geo["dilation"] * 2,
-                   pads=geo["pads"] * 2, dims=geo["dims"] * 2,
-                   padding=geo["padding"] * 2 if isinstance(geo["padding"], tuple) else geo["padding"])
+        geo = dict(
+            geo,
+            ks=geo["ks"] * 2,
+            stride=geo["stride"] * 2,
+            dilation=geo["dilation"] * 2,
+            pads=geo["pads"] * 2,
+            dims=geo["dims"] * 2,
+            padding=geo["padding"] * 2 if isinstance(geo["padding"], tuple) else geo["padding"],
+        )
     t, c = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 4))
     kernel = _kernel("kruskal", t, c, geo["ks"], data.draw(st.integers(0, 999)), data)
     x = np.random.default_rng(2).standard_normal((2, c) + geo["dims"])
     kw = dict(stride=geo["stride"], padding=geo["padding"], dilation=geo["dilation"], padding_mode=geo["mode"])
-    expected = reference_conv(x, kernel.to_dense(), stride=geo["stride"], padding=geo["pads"],
-                              dilation=geo["dilation"], padding_mode=geo["mode"])
+    expected = reference_conv(
+        x,
+        kernel.to_dense(),
+        stride=geo["stride"],
+        padding=geo["pads"],
+        dilation=geo["dilation"],
+        padding_mode=geo["mode"],
+    )
     with _cost_model(_MERGING, backend):
         plan = plan_conv(kernel, x.shape, backend=backend[0], device=backend[1], **kw)
         got = conv(to_backend(x, backend), _to(kernel, backend), **kw)
@@ -222,10 +255,10 @@ def test_fastest_order_merges_modes_and_min_macs_keep_the_closed_form(n):
     k = KruskalKernel.random((t, c) + ks, rank=r, seed=0)
     with _cost_model(_MERGING, ("numpy", None)):
         plan = plan_conv(k, (2, c) + (6,) * n, padding="same")
-    voxels = 2 * 6 ** n
+    voxels = 2 * 6**n
     assert plan.order == "fastest"
     assert [len(s.modes) for s in plan.steps if s.kind == "depthwise"] == [n]  # one step over every mode
-    assert plan.macs == voxels * r * (c + t + 3 ** n)
+    assert plan.macs == voxels * r * (c + t + 3**n)
     assert plan.min_macs == voxels * r * (c + t + sum(ks))  # the paper's count is still reported
     assert "fewest-MAC factorized order" in plan.describe()
     # the fewest-MAC order is what "factorized" runs, under any cost model
@@ -344,8 +377,9 @@ def test_gradcheck_fastest_order_with_merged_depthwise():
         plan = plan_conv(k, x.shape, stride=(2, 1), padding=((1, 0), 1), backend="torch")
         assert [len(s.modes) for s in plan.steps if s.kind == "depthwise"] == [2]
         assert torch.autograd.gradcheck(
-            lambda x, *arrays: conv(x, KruskalKernel(arrays[0], list(arrays[1:])), stride=(2, 1),
-                                    padding=((1, 0), 1)), (x, *leaves))
+            lambda x, *arrays: conv(x, KruskalKernel(arrays[0], list(arrays[1:])), stride=(2, 1), padding=((1, 0), 1)),
+            (x, *leaves),
+        )
 
 
 @pytest.mark.skipif(torch is None, reason="torch is not installed")
@@ -411,5 +445,6 @@ def test_device_selects_the_cost_model_however_it_is_named():
     by_object = plan_conv(k, (1, 8, 16, 16), padding=1, backend="torch", device=torch.device("cuda", 0))
     assert by_name is by_object
     assert by_name.cost_model == cost_model_for("torch", "cuda") != cost_model_for("torch", None)
-    assert plan_conv(k, (1, 8, 16, 16), padding=1, backend="torch", device="cpu") is \
-        plan_conv(k, (1, 8, 16, 16), padding=1, backend="torch")
+    assert plan_conv(k, (1, 8, 16, 16), padding=1, backend="torch", device="cpu") is plan_conv(
+        k, (1, 8, 16, 16), padding=1, backend="torch"
+    )

@@ -5,6 +5,7 @@ one). This stand-in only proves that the CuPy-specific code (device contexts, as
 detection by type, opt_einsum's dispatch to the `cupy` namespace) is wired right, on every CI
 run: arrays are a NumPy subclass whose type says it comes from `cupy`.
 """
+
 import sys
 import types
 
@@ -52,8 +53,7 @@ def _wrap(x):
 def _make_shim():
     shim = types.ModuleType("cupy")
     shim.ndarray = FakeCupyArray
-    shim.cuda = types.SimpleNamespace(Device=_Device,
-                                      runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
+    shim.cuda = types.SimpleNamespace(Device=_Device, runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
     shim.asnumpy = lambda x: np.array(x, copy=True).view(np.ndarray)
 
     def __getattr__(name):
@@ -93,9 +93,11 @@ def test_detection_conversion_and_kernels(fake_cupy):
 def test_conv_on_the_cupy_code_path_equals_numpy(fake_cupy, strategy):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 3, 7, 6))
-    kernels = [KruskalKernel.random((4, 3, 3, 2), rank=3, seed=1),
-               KruskalKernel.random((4, 3, 3, 3), rank=3, modes=[(0,), (1,), (2, 3)], seed=2),
-               TuckerKernel.random((4, 4, 3, 3), (2, 2), groups=2, seed=3)]
+    kernels = [
+        KruskalKernel.random((4, 3, 3, 2), rank=3, seed=1),
+        KruskalKernel.random((4, 3, 3, 3), rank=3, modes=[(0,), (1,), (2, 3)], seed=2),
+        TuckerKernel.random((4, 4, 3, 3), (2, 2), groups=2, seed=3),
+    ]
     for k in kernels:
         xin = x if k.in_channels == 3 else rng.standard_normal((2, 4, 7, 6))
         kw = dict(stride=(2, 1), padding=((1, 0), 1), padding_mode="reflect")
@@ -106,8 +108,10 @@ def test_conv_on_the_cupy_code_path_equals_numpy(fake_cupy, strategy):
         assert isinstance(got, FakeCupyArray)
         assert rel_err(got, expected) < 1e-10
     dense = rng.standard_normal((6, 3, 3, 3))
-    assert rel_err(conv(fake_cupy.asarray(x), fake_cupy.asarray(dense), padding="same"),
-                   conv(x, dense, padding="same")) < 1e-10
+    assert (
+        rel_err(conv(fake_cupy.asarray(x), fake_cupy.asarray(dense), padding="same"), conv(x, dense, padding="same"))
+        < 1e-10
+    )
 
 
 def test_tiles_on_the_cupy_code_path(fake_cupy):

@@ -1,5 +1,6 @@
 """tensorconv.decomposition against tensorly (the oracle) and exact low-rank tensors; the large
 layer of issue #15 in bounded time and memory (a subprocess measures its own peak RSS)."""
+
 import json
 import subprocess
 import sys

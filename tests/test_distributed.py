@@ -4,6 +4,7 @@ Oracle: the same network trained in one process on the full batch. DDP averages 
 gradients, so with a mean loss over each rank's half of the batch (plus the lasso, the same on
 both ranks) every step equals the full-batch step; in float64 the parameters agree to rounding.
 """
+
 import os
 import socket
 
@@ -21,15 +22,19 @@ def _net():
     from tensorconv.nn import HOCPBlock, KruskalConv, TuckerConv
 
     torch.manual_seed(0)
-    return torch.nn.Sequential(KruskalConv(3, 8, (3, 3), rank=6, padding=1), torch.nn.ReLU(),
-                               TuckerConv(8, 8, (3, 3), rank=(4, 4), padding=1),
-                               HOCPBlock(8, 4, (3, 3), rank=5, padding=1, nonlinearity=None)).double()
+    return torch.nn.Sequential(
+        KruskalConv(3, 8, (3, 3), rank=6, padding=1),
+        torch.nn.ReLU(),
+        TuckerConv(8, 8, (3, 3), rank=(4, 4), padding=1),
+        HOCPBlock(8, 4, (3, 3), rank=5, padding=1, nonlinearity=None),
+    ).double()
 
 
 def _data():
     g = torch.Generator().manual_seed(1)
-    return torch.randn(8, 3, 10, 10, generator=g, dtype=torch.float64), \
-        torch.randn(8, 4, 10, 10, generator=g, dtype=torch.float64)
+    return torch.randn(8, 3, 10, 10, generator=g, dtype=torch.float64), torch.randn(
+        8, 4, 10, 10, generator=g, dtype=torch.float64
+    )
 
 
 def _step(model, opt, x, y, penalty_model):
@@ -51,7 +56,7 @@ def _worker(rank, world, port, out_dir):
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
         x, y = _data()
         half = x.shape[0] // world
-        xs, ys = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
+        xs, ys = x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]
         for _ in range(STEPS):
             _step(ddp, opt, xs, ys, net)  # the lasso reads the wrapped module's lambdas
         torch.save({k: v.detach().clone() for k, v in net.state_dict().items()}, os.path.join(out_dir, f"{rank}.pt"))

@@ -1,4 +1,5 @@
 """The examples run (a few steps each) and write what their docs promise."""
+
 import importlib.util
 import json
 import os

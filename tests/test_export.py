@@ -5,6 +5,7 @@ Under tracing the layers record standard convs (a CP layer: 1x1 -> one depthwise
 -> 1x1; Tucker: 1x1 -> core conv -> 1x1), so the exported graphs hold standard ops only.
 onnx, onnxruntime and onnxscript are test extras: CI runs the ONNX test (no skip there).
 """
+
 import os
 
 import numpy as np
@@ -15,9 +16,27 @@ from conftest import rel_err  # noqa: E402
 
 from tensorconv.nn import HOCPBlock, KruskalConv, TuckerConv  # noqa: E402
 
-STANDARD_ONNX_OPS = {"Conv", "ConvTranspose", "Pad", "Add", "Relu", "MatMul", "Mul", "Reshape", "Transpose",
-                     "Identity", "Constant", "Shape", "Slice", "Concat", "Squeeze", "Unsqueeze", "Cast", "Gather",
-                     "BatchNormalization"}  # HOCPBlock's Psi
+STANDARD_ONNX_OPS = {
+    "Conv",
+    "ConvTranspose",
+    "Pad",
+    "Add",
+    "Relu",
+    "MatMul",
+    "Mul",
+    "Reshape",
+    "Transpose",
+    "Identity",
+    "Constant",
+    "Shape",
+    "Slice",
+    "Concat",
+    "Squeeze",
+    "Unsqueeze",
+    "Cast",
+    "Gather",
+    "BatchNormalization",
+}  # HOCPBlock's Psi
 
 
 def _model(n, dtype=torch.float64):
@@ -26,12 +45,15 @@ def _model(n, dtype=torch.float64):
     k = (3,) * n
     asym = ((1, 2),) + ((1, 0),) * (n - 1)
     return torch.nn.Sequential(
-        KruskalConv(3, 8, k, rank=5, stride=(2,) + (1,) * (n - 1), padding=asym), torch.nn.ReLU(),
+        KruskalConv(3, 8, k, rank=5, stride=(2,) + (1,) * (n - 1), padding=asym),
+        torch.nn.ReLU(),
         TuckerConv(8, 8, k, rank=(4, 4), padding="same", padding_mode="reflect", groups=2),
-        KruskalConv(8, 6, k, rank=4, dilation=(1,) * (n - 1) + (2,), padding=(1,) * (n - 1) + (2,),
-                    padding_mode="circular"),
+        KruskalConv(
+            8, 6, k, rank=4, dilation=(1,) * (n - 1) + (2,), padding=(1,) * (n - 1) + (2,), padding_mode="circular"
+        ),
         TuckerConv(6, 6, k, rank=(3, 3), padding=1, padding_mode="replicate", core_groups=3),
-        HOCPBlock(6, 4, k, rank=3, padding="same")).to(dtype)
+        HOCPBlock(6, 4, k, rank=3, padding="same"),
+    ).to(dtype)
 
 
 def _input(n, batch=2, dtype=torch.float64):
@@ -72,8 +94,13 @@ def test_onnx_export_runs_in_onnxruntime_with_standard_ops(n, tmp_path):
 
     model = _model(n, torch.float32).eval()
     path = tmp_path / "model.onnx"
-    program = torch.onnx.export(model, (_input(n, dtype=torch.float32),), dynamo=True, verbose=False,
-                                dynamic_shapes=({0: torch.export.Dim("batch", max=64)},))
+    program = torch.onnx.export(
+        model,
+        (_input(n, dtype=torch.float32),),
+        dynamo=True,
+        verbose=False,
+        dynamic_shapes=({0: torch.export.Dim("batch", max=64)},),
+    )
     program.save(str(path))
     graph = onnx.load(str(path)).graph
     ops = {node.op_type for node in graph.node}

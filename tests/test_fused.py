@@ -1,5 +1,6 @@
 """The fused strategy equals the unfused plan: tiles (NumPy / CuPy), torch.compile (torch) and the
 compiled plane-by-plane CPU kernel (torch, 3-D CP kernels, no gradients)."""
+
 import os
 
 import numpy as np
@@ -288,9 +289,18 @@ def test_plane_chain_chunks_of_planes(plane_kernel, planes, stride0):
     per_plane = 6 * 7 * 11 * 8
     out_d = (11 + 2 * 2 - 2 * 2 - 1) // stride0 + 1
     with torch.no_grad():
-        got = plane_kernel.cp_chain_forward(x, lam, u_t, u_c, spatial, out_spatial=(out_d, 5, 7),
-                                            stride=(stride0, 1, 1), pad_lo=(2, 0, 1), dilation=(2, 1, 1),
-                                            chunk_bytes=planes * per_plane)
+        got = plane_kernel.cp_chain_forward(
+            x,
+            lam,
+            u_t,
+            u_c,
+            spatial,
+            out_spatial=(out_d, 5, 7),
+            stride=(stride0, 1, 1),
+            pad_lo=(2, 0, 1),
+            dilation=(2, 1, 1),
+            chunk_bytes=planes * per_plane,
+        )
         want = conv(x, k.to_dense(), stride=(stride0, 1, 1), padding=(2, 0, 1), dilation=(2, 1, 1))
     assert rel_err(got.permute(0, 4, 1, 2, 3), want) < TOL
 
@@ -308,9 +318,18 @@ def test_plane_chain_threads_share_an_image(plane_kernel, threads, batch, dims):
     torch.set_num_threads(threads)
     try:
         with torch.no_grad():
-            got = plane_kernel.cp_chain_forward(x, lam, u_t, u_c, spatial, out_spatial=dims, stride=(1, 1, 1),
-                                                pad_lo=(1, 1, 1), dilation=(1, 1, 1),
-                                                chunk_bytes=2 * dims[1] * dims[2] * 19 * 8)  # 2 planes per chunk
+            got = plane_kernel.cp_chain_forward(
+                x,
+                lam,
+                u_t,
+                u_c,
+                spatial,
+                out_spatial=dims,
+                stride=(1, 1, 1),
+                pad_lo=(1, 1, 1),
+                dilation=(1, 1, 1),
+                chunk_bytes=2 * dims[1] * dims[2] * 19 * 8,
+            )  # 2 planes per chunk
     finally:
         torch.set_num_threads(before)
     want = conv(x, k.to_dense(), padding=1)
@@ -330,8 +349,18 @@ def test_plane_chain_blocks_of_the_fused_passes(plane_kernel, threads, c, r, t):
     torch.set_num_threads(threads)
     try:
         with torch.no_grad():
-            got = plane_kernel.cp_chain_forward(x, lam, u_t, u_c, spatial, out_spatial=(4, 9, 10), stride=(1, 1, 1),
-                                                pad_lo=(1, 1, 1), dilation=(1, 1, 1), chunk_bytes=9 * 10 * r * 8)
+            got = plane_kernel.cp_chain_forward(
+                x,
+                lam,
+                u_t,
+                u_c,
+                spatial,
+                out_spatial=(4, 9, 10),
+                stride=(1, 1, 1),
+                pad_lo=(1, 1, 1),
+                dilation=(1, 1, 1),
+                chunk_bytes=9 * 10 * r * 8,
+            )
     finally:
         torch.set_num_threads(before)
     want = conv(x, k.to_dense(), padding=1)
@@ -400,14 +429,26 @@ def test_plane_chain_can_be_disabled(plane_kernel, monkeypatch):
     assert plane_kernel.load() is None
     k = KruskalKernel.random((3, 2, 3, 3, 3), 2, backend="torch", seed=0)
     x = torch.randn(1, 2, 5, 5, 5, dtype=torch.float64)
-    assert TorchBackend().cp_chain_3d(x, k.weights, k.factors[0], k.factors[1], k.factors[2:],
-                                      out_spatial=(3, 3, 3), stride=(1, 1, 1), pad_lo=(0, 0, 0),
-                                      dilation=(1, 1, 1)) is None
+    assert (
+        TorchBackend().cp_chain_3d(
+            x,
+            k.weights,
+            k.factors[0],
+            k.factors[1],
+            k.factors[2:],
+            out_spatial=(3, 3, 3),
+            stride=(1, 1, 1),
+            pad_lo=(0, 0, 0),
+            dilation=(1, 1, 1),
+        )
+        is None
+    )
 
 
 def test_auto_runs_the_plane_chain_once_built_and_never_compiles(chain_calls, monkeypatch):
     """R = C at 64 channels: the plane chain is the cheapest plan (measured 1.0-1.2x faster than
     the unfused order, benchmarks/plane_chain.py); with gradients it runs its own backward."""
+
     def no_compiler(*args, **kwargs):
         raise AssertionError("auto must not call torch.compile")
 

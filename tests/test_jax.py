@@ -4,6 +4,7 @@ Oracles: torch's F.convNd and torch autograd on the same numbers, central finite
 and a Python loop for vmap. jax is a test extra, so CI runs all of this (no skip there: the
 module fails to import if jax is missing while CI is set).
 """
+
 import os
 import subprocess
 import sys
@@ -127,7 +128,9 @@ def test_grad_wrt_input_and_every_factor_equals_torch_and_finite_differences(kin
         d = jnp.asarray(rng.standard_normal(leaf.shape))
         plus = [lf + h * d if j == i else lf for j, lf in enumerate(leaves)]
         minus = [lf - h * d if j == i else lf for j, lf in enumerate(leaves)]
-        fd = (loss(*jax.tree_util.tree_unflatten(tree, plus)) - loss(*jax.tree_util.tree_unflatten(tree, minus))) / (2 * h)
+        fd = (loss(*jax.tree_util.tree_unflatten(tree, plus)) - loss(*jax.tree_util.tree_unflatten(tree, minus))) / (
+            2 * h
+        )
         analytic = float(jnp.vdot(g, d))
         assert abs(float(fd) - analytic) <= 1e-6 * max(1.0, abs(analytic)), (i, float(fd), analytic)
 
@@ -180,9 +183,11 @@ def test_mixing_jax_with_another_library_is_a_type_error():
 
 
 def test_float64_without_x64_is_a_clear_error_not_a_silent_float32():
-    code = ("import jax; from tensorconv import KruskalKernel\n"
-            "try:\n    KruskalKernel.random((4, 3, 3), rank=2, backend='jax')\n"
-            "except ValueError as e:\n    print(e)\n")
+    code = (
+        "import jax; from tensorconv import KruskalKernel\n"
+        "try:\n    KruskalKernel.random((4, 3, 3), rank=2, backend='jax')\n"
+        "except ValueError as e:\n    print(e)\n"
+    )
     env = dict(os.environ, JAX_ENABLE_X64="0")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert "jax_enable_x64" in out.stdout and "dtype='float32'" in out.stdout, out.stdout + out.stderr

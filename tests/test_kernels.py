@@ -39,8 +39,11 @@ def test_acceptance_torch_kruskal_equals_tensorly():
     assert float((k.to_dense() - expected).abs().max()) <= 1e-12
 
 
-@given(seed=st.integers(0, 2**16), rank=st.integers(1, 5), merged=st.sampled_from(
-    [[(0,), (1,), (2, 3)], [(0, 2), (1, 3, 4)], [(1, 0), (2,), (3,)], [(0,), (1, 3), (2,)]]))
+@given(
+    seed=st.integers(0, 2**16),
+    rank=st.integers(1, 5),
+    merged=st.sampled_from([[(0,), (1,), (2, 3)], [(0, 2), (1, 3, 4)], [(1, 0), (2,), (3,)], [(0,), (1, 3), (2,)]]),
+)
 def test_merged_modes_match_grouped_cp(seed, rank, merged):
     n_modes = max(m for g in merged for m in g) + 1
     shape = tuple([3, 4, 2, 3, 2][:n_modes])
@@ -78,16 +81,17 @@ def test_identity_factors():
 def test_tucker_to_dense_matches_tensorly(backend, groups, seed, spatial_rank):
     shape = (5, 4, 3, 2)
     rank = (2 * groups, groups)
-    k = TuckerKernel.random(shape, rank, groups=groups, spatial_rank=spatial_rank, backend=backend[0],
-                            device=backend[1], seed=seed)
+    k = TuckerKernel.random(
+        shape, rank, groups=groups, spatial_rank=spatial_rank, backend=backend[0], device=backend[1], seed=seed
+    )
     core = to_numpy(k.core)
     fs = [None if f is None else to_numpy(f) for f in k.factors]
     # oracle: the sum of `groups` independent Tucker blocks
     expected = 0
     og, ig = rank[0] // groups, rank[1] // groups
     for g in range(groups):
-        block = core[g * og:(g + 1) * og]
-        factors = [fs[0][:, g * og:(g + 1) * og], fs[1][:, g * ig:(g + 1) * ig]]
+        block = core[g * og : (g + 1) * og]
+        factors = [fs[0][:, g * og : (g + 1) * og], fs[1][:, g * ig : (g + 1) * ig]]
         factors += [np.eye(block.shape[2 + j]) if f is None else f for j, f in enumerate(fs[2:])]
         expected = expected + tucker_to_tensor((block, factors))
     assert rel_err(k.to_dense(), expected) < 1e-12
@@ -119,8 +123,9 @@ def test_from_dense_recovers_low_rank_and_leaves_tensorly_backend(backend):
     assert tl.get_backend() == before
     assert k.backend.name == backend[0] and k.device == exact.device
     assert k.relative_error(exact.to_dense()) < 1e-6
-    tk = TuckerKernel.from_dense(TuckerKernel.random((6, 5, 3, 3), (3, 2), backend=backend[0], device=backend[1],
-                                                     seed=4).to_dense(), rank=(3, 2))
+    tk = TuckerKernel.from_dense(
+        TuckerKernel.random((6, 5, 3, 3), (3, 2), backend=backend[0], device=backend[1], seed=4).to_dense(), rank=(3, 2)
+    )
     assert tl.get_backend() == before
     assert tk.rank[:2] == (3, 2)
 

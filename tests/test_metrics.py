@@ -1,5 +1,6 @@
 """tensorconv.metrics against independent formulas: scipy.stats.pearsonr, a direct CCC from
 numpy's moments, sklearn-free RMSE / sign counts written out, on numpy and torch."""
+
 import numpy as np
 import pytest
 from conftest import needs_jax, to_backend, to_numpy, torch
@@ -7,10 +8,13 @@ from scipy.stats import pearsonr
 
 from tensorconv.metrics import affect_loss, ccc, pcc, rmse, sagr
 
-BACKENDS = [pytest.param(("numpy", None), id="numpy"),
-            pytest.param(("torch", "cpu"), id="torch",
-                         marks=pytest.mark.skipif(torch is None, reason="torch is not installed")),
-            pytest.param(("jax", None), id="jax", marks=needs_jax)]
+BACKENDS = [
+    pytest.param(("numpy", None), id="numpy"),
+    pytest.param(
+        ("torch", "cpu"), id="torch", marks=pytest.mark.skipif(torch is None, reason="torch is not installed")
+    ),
+    pytest.param(("jax", None), id="jax", marks=needs_jax),
+]
 
 
 def _direct_ccc(y, p):
@@ -58,8 +62,11 @@ def test_torch_gradients_are_finite_and_match_finite_differences():
     for f in (rmse, pcc, ccc):
         assert torch.autograd.gradcheck(lambda q: f(q, y), (p,))
     # at the degenerate points the gradients exist and are finite
-    for f, q, t in ((rmse, y.clone(), y), (pcc, torch.full((20,), 0.3, dtype=torch.float64), y),
-                    (ccc, torch.full((20,), 0.3, dtype=torch.float64), torch.full((20,), 0.3, dtype=torch.float64))):
+    for f, q, t in (
+        (rmse, y.clone(), y),
+        (pcc, torch.full((20,), 0.3, dtype=torch.float64), y),
+        (ccc, torch.full((20,), 0.3, dtype=torch.float64), torch.full((20,), 0.3, dtype=torch.float64)),
+    ):
         q.requires_grad_(True)
         f(q, t).backward()
         assert torch.isfinite(q.grad).all(), f.__name__

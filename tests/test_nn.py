@@ -1,4 +1,5 @@
 """torch layers: forward vs F.convNd with the layer's dense kernel, init, from_conv, transduct, rank selection."""
+
 import copy
 import io
 import pickle
@@ -35,14 +36,34 @@ def test_forward_equals_dense_conv(cls, n, data):
     padding = tuple((data.draw(st.integers(0, 2)), data.draw(st.integers(0, 2))) for _ in range(n))
     mode = data.draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
     strategy = data.draw(st.sampled_from(["auto", "factorized", "reconstructed"]))
-    rank = data.draw(st.integers(1, 4)) if cls is KruskalConv else (data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3)))
-    layer = cls(c, t, ks, rank=rank, stride=stride, padding=padding, dilation=dilation, padding_mode=mode,
-                dtype=torch.float64, strategy=strategy)
+    rank = (
+        data.draw(st.integers(1, 4))
+        if cls is KruskalConv
+        else (data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3)))
+    )
+    layer = cls(
+        c,
+        t,
+        ks,
+        rank=rank,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        padding_mode=mode,
+        dtype=torch.float64,
+        strategy=strategy,
+    )
     dims = tuple(max(dl * (k - 1) + 1, lo + 1, hi + 1) + 2 for k, dl, (lo, hi) in zip(ks, dilation, padding))
     x = torch.randn((2, c) + dims, dtype=torch.float64)
     with torch.no_grad():
-        expected = torch_conv(x.numpy(), layer.kernel.to_dense().numpy(), stride=stride, padding=padding,
-                              dilation=dilation, padding_mode=mode) + layer.bias.numpy().reshape((-1,) + (1,) * n)
+        expected = torch_conv(
+            x.numpy(),
+            layer.kernel.to_dense().numpy(),
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            padding_mode=mode,
+        ) + layer.bias.numpy().reshape((-1,) + (1,) * n)
         assert rel_err(layer(x), expected) < TOL
 
 
@@ -53,12 +74,14 @@ def test_four_dimensional_layer_matches_numpy_reference_and_acceptance():
     assert y.shape == (2, 32, 5, 6, 7, 8)
     y.square().mean().backward()
     assert x.grad is not None and all(f.grad is not None for f in layer.factors) and layer.weights.grad is not None
-    small = KruskalConv(2, 3, (2, 3, 2, 2), rank=3, stride=(1, 2, 1, 1), padding=((1, 0), 1, 0, (0, 1)),
-                        dtype=torch.float64)
+    small = KruskalConv(
+        2, 3, (2, 3, 2, 2), rank=3, stride=(1, 2, 1, 1), padding=((1, 0), 1, 0, (0, 1)), dtype=torch.float64
+    )
     xs = torch.randn(1, 2, 4, 5, 3, 3, dtype=torch.float64)
     with torch.no_grad():
-        expected = np_conv(xs.numpy(), small.kernel.to_dense().numpy(), stride=(1, 2, 1, 1),
-                           padding=((1, 0), (1, 1), (0, 0), (0, 1))) + small.bias.numpy().reshape(-1, 1, 1, 1, 1)
+        expected = np_conv(
+            xs.numpy(), small.kernel.to_dense().numpy(), stride=(1, 2, 1, 1), padding=((1, 0), (1, 1), (0, 0), (0, 1))
+        ) + small.bias.numpy().reshape(-1, 1, 1, 1, 1)
         assert rel_err(small(xs), expected) < TOL
 
 
@@ -82,7 +105,7 @@ def test_init_matches_torch_default_statistics():
         ref = torch.nn.Conv2d(64, 64, 3)
         w = layer.kernel.to_dense().detach()
         target = ref.weight.var().item()  # 1 / (3 * fan_in)
-        assert abs(w.mean().item()) < 0.1 * target ** 0.5
+        assert abs(w.mean().item()) < 0.1 * target**0.5
         assert 0.7 < w.var().item() / target < 1.3, (cls, w.var().item(), target)
         assert torch.isfinite(w).all()
 
@@ -145,8 +168,12 @@ def _low_rank_conv(cls_conv, c, t, ks, rank, **kw):
 def test_from_conv_round_trip_keeps_geometry(dims):
     ks = (3, 2) if dims == 2 else (2, 3, 2)
     cls_conv = torch.nn.Conv2d if dims == 2 else torch.nn.Conv3d
-    kw = dict(stride=(2, 1) if dims == 2 else (1, 2, 1), padding=(1, 0) if dims == 2 else (0, 1, 1),
-              dilation=(1, 2) if dims == 2 else (2, 1, 1), padding_mode="reflect" if dims == 2 else "zeros")
+    kw = dict(
+        stride=(2, 1) if dims == 2 else (1, 2, 1),
+        padding=(1, 0) if dims == 2 else (0, 1, 1),
+        dilation=(1, 2) if dims == 2 else (2, 1, 1),
+        padding_mode="reflect" if dims == 2 else "zeros",
+    )
     conv = _low_rank_conv(cls_conv, 4, 5, ks, 3, **kw)
     layer = KruskalConv.from_conv(conv, rank=3, n_iter_max=2000, tol=1e-16)
     assert layer.relative_error < 1e-6
@@ -192,13 +219,17 @@ def test_transduct_center_is_frame_by_frame_and_ones_is_windowed_sum(device):
         assert rel_err(center(x), frames) < TOL
         ones = copy.deepcopy(layer).transduct(3, padding=0)
         bias = layer.bias.reshape(1, -1, 1, 1, 1)
-        windowed = sum(frames[:, :, j:j + 3] - bias for j in range(3)) + bias
+        windowed = sum(frames[:, :, j : j + 3] - bias for j in range(3)) + bias
         assert rel_err(ones(x), windowed) < TOL
 
 
 def test_transduct_freezes_all_but_new_factor_and_model_helper():
-    model = torch.nn.Sequential(KruskalConv(3, 4, (3, 3), rank=2, padding=1), torch.nn.BatchNorm2d(4),
-                                torch.nn.MaxPool2d(2), KruskalConv(4, 2, (3, 3), rank=2, padding=1))
+    model = torch.nn.Sequential(
+        KruskalConv(3, 4, (3, 3), rank=2, padding=1),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.MaxPool2d(2),
+        KruskalConv(4, 2, (3, 3), rank=2, padding=1),
+    )
     model[1].running_mean.fill_(0.5)
     with _no_warning():
         tnn.transduct(model, 3)
@@ -272,8 +303,9 @@ def test_hocp_block_without_nonlinearity_is_a_kruskal_conv_and_skip():
 def test_training_smoke_loss_halves():
     torch.manual_seed(0)
     teacher = torch.nn.Conv2d(2, 3, 3, padding=1)
-    model = torch.nn.Sequential(KruskalConv(2, 8, (3, 3), rank=6, padding=1), torch.nn.ReLU(),
-                                KruskalConv(8, 3, (3, 3), rank=6, padding=1))
+    model = torch.nn.Sequential(
+        KruskalConv(2, 8, (3, 3), rank=6, padding=1), torch.nn.ReLU(), KruskalConv(8, 3, (3, 3), rank=6, padding=1)
+    )
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     x = torch.randn(16, 2, 8, 8)
     with torch.no_grad():
@@ -292,7 +324,10 @@ def test_import_tensorconv_nn_is_lazy():
     import subprocess
     import sys
 
-    code = "import sys, tensorconv; assert 'torch' not in sys.modules; tensorconv.KruskalConv; assert 'torch' in sys.modules"
+    code = (
+        "import sys, tensorconv; assert 'torch' not in sys.modules; tensorconv.KruskalConv; "
+        "assert 'torch' in sys.modules"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
@@ -303,7 +338,7 @@ def test_positional_arguments_are_nn_convnds():
     conv_params = list(inspect.signature(torch.nn.Conv2d).parameters)
     for cls in (KruskalConv, TuckerConv):
         params = inspect.signature(cls).parameters
-        assert list(params)[:len(conv_params)] == conv_params, cls
+        assert list(params)[: len(conv_params)] == conv_params, cls
         assert params["rank"].kind is inspect.Parameter.KEYWORD_ONLY and params["rank"].default == "same"
     layer = KruskalConv(3, 8, (3, 3), 2, 1)
     dense = torch.nn.Conv2d(3, 8, (3, 3), 2, 1)

@@ -2,6 +2,7 @@
 
 Crashes and hangs are run in a subprocess (a segfault or a wait must fail the test, not the run).
 """
+
 import os
 import subprocess
 import sys
@@ -21,8 +22,9 @@ def _run_python(code, timeout=300, env=None):
     """Run ``code`` in a fresh interpreter; returns the completed process (never raises on rc)."""
     full_env = dict(os.environ)
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout, env=full_env
+    )
 
 
 # -- 1. strided pointwise steps: float32 gradients ---------------------------------------------------------------
@@ -45,8 +47,10 @@ def test_strided_pointwise_steps_are_not_strided_native_convs(monkeypatch):
             return _real(x, w, *args, **kw)
 
         monkeypatch.setattr(F, name, spy)
-    for layer in (KruskalConv(2, 3, (1, 1), rank=2, stride=2, strategy="factorized"),
-                  TuckerConv(4, 3, (1, 1, 1), rank=2, stride=(2, 1, 3), strategy="factorized")):
+    for layer in (
+        KruskalConv(2, 3, (1, 1), rank=2, stride=2, strategy="factorized"),
+        TuckerConv(4, 3, (1, 1, 1), rank=2, stride=(2, 1, 3), strategy="factorized"),
+    ):
         x = torch.randn((2, layer.in_channels) + (7,) * layer.n_spatial, requires_grad=True)
         layer(x).square().sum().backward()
     assert seen == []
@@ -107,8 +111,11 @@ def test_conv_subclasses_with_their_own_forward_are_refused():
 
     same = _conv2d_same_class()(4, 6, 3, stride=2).double()
     assert same(torch.randn(1, 4, 28, 28, dtype=torch.float64)).shape[-1] == 14  # what a conversion must keep
-    for convert in (lambda m: KruskalConv.from_conv(m, 4), lambda m: TuckerConv.from_conv(m, (4, 4)),
-                    lambda m: from_torch(torch.nn.Sequential(m))):
+    for convert in (
+        lambda m: KruskalConv.from_conv(m, 4),
+        lambda m: TuckerConv.from_conv(m, (4, 4)),
+        lambda m: from_torch(torch.nn.Sequential(m)),
+    ):
         with pytest.raises(TypeError, match="Conv2dSame subclasses nn.Conv2d with its own forward"):
             convert(same)
 
@@ -131,13 +138,13 @@ def _block_diagonal_oracle(k):
     og = core.shape[0] // g
     full = np.zeros(k.shape)
     for j in range(g):
-        block = core[j * og:(j + 1) * og]
+        block = core[j * og : (j + 1) * og]
         for n, f in enumerate(k.factors[2:]):
             if f is not None:
                 block = np.moveaxis(np.tensordot(block, np.asarray(f), axes=([2 + n], [1])), -1, 2 + n)
-        u_t = np.asarray(k.factors[0])[j * tg:(j + 1) * tg]
-        u_c = np.asarray(k.factors[1])[j * cg:(j + 1) * cg]
-        full[j * tg:(j + 1) * tg, j * cg:(j + 1) * cg] = np.einsum("oi...,to,si->ts...", block, u_t, u_c)
+        u_t = np.asarray(k.factors[0])[j * tg : (j + 1) * tg]
+        u_c = np.asarray(k.factors[1])[j * cg : (j + 1) * cg]
+        full[j * tg : (j + 1) * tg, j * cg : (j + 1) * cg] = np.einsum("oi...,to,si->ts...", block, u_t, u_c)
     return full
 
 
@@ -147,7 +154,8 @@ def test_grouped_conv_tucker_kernel_equals_its_blocks(spatial_rank, strategy):
     k = TuckerKernel.random((8, 6, 3, 3), (4, 6), groups=2, grouped_conv=True, spatial_rank=spatial_rank, seed=3)
     assert k.block_diagonal == (True, True) and k.is_grouped_conv
     assert k.dense_params == 8 * 3 * 9 and k.n_params == 4 * 3 * int(np.prod(k.core.shape[2:])) + 8 * 2 + 6 * 3 + (
-        0 if spatial_rank is None else 2 * 3 * 2)
+        0 if spatial_rank is None else 2 * 3 * 2
+    )
     oracle = _block_diagonal_oracle(k)
     assert rel_err(k.to_dense(), oracle) < TOL
     x = np.random.default_rng(0).standard_normal((2, 6, 7, 8))
@@ -195,7 +203,8 @@ def test_jit_trace_is_shape_generic(padding_mode):
         KruskalConv(4, 8, (3, 3, 3), rank=6, padding=1, padding_mode=padding_mode, strategy="fused"),
         torch.nn.ReLU(),
         TuckerConv(8, 8, (3, 3, 3), rank=(4, 4), padding=(1, (0, 2), 1), groups=2),
-        HOCPBlock(8, 6, (1, 3, 3), rank=3, padding="same")).eval()
+        HOCPBlock(8, 6, (1, 3, 3), rank=3, padding="same"),
+    ).eval()
     with torch.no_grad():
         traced = torch.jit.trace(model, torch.randn(2, 4, 6, 10, 10))
         for shape in [(1, 4, 5, 7, 9), (3, 4, 8, 6, 11)]:
@@ -328,9 +337,11 @@ def test_build_folders_other_users_can_write_are_refused(tmp_path, monkeypatch):
 
 # -- 10, 11. empty batches, integer inputs --------------------------------------------------------------------------
 def _kernels(backend, shape):
-    return [KruskalKernel.random(shape, 2, backend=backend, seed=0),
-            TuckerKernel.random(shape, (2, 2), backend=backend, seed=0),
-            TuckerKernel.random((4, 2) + shape[2:], (2, 2), groups=2, grouped_conv=True, backend=backend, seed=0)]
+    return [
+        KruskalKernel.random(shape, 2, backend=backend, seed=0),
+        TuckerKernel.random(shape, (2, 2), backend=backend, seed=0),
+        TuckerKernel.random((4, 2) + shape[2:], (2, 2), groups=2, grouped_conv=True, backend=backend, seed=0),
+    ]
 
 
 @pytest.mark.parametrize("backend", ["numpy", pytest.param("torch", marks=needs_torch)])
@@ -405,14 +416,17 @@ def test_verify_seed_is_reproducible_across_processes():
     assert outs[0].stdout == outs[1].stdout and outs[0].stdout.strip()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["verify", "--seed", "-1"], "--seed: must be an int >= 0"),
-    (["verify", "--cases", "0"], "--cases: must be an int >= 1"),
-    (["verify", "--json", "/nonexistent-dir/rows.json"], "does not exist or is not writable"),
-    (["bench", "--batch", "0"], "--batch: must be an int >= 1"),
-    (["bench", "--repeat", "-2"], "--repeat: must be an int >= 1"),
-    (["bench", "--out", "/proc/tensorconv-results"], "cannot create that folder"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["verify", "--seed", "-1"], "--seed: must be an int >= 0"),
+        (["verify", "--cases", "0"], "--cases: must be an int >= 1"),
+        (["verify", "--json", "/nonexistent-dir/rows.json"], "does not exist or is not writable"),
+        (["bench", "--batch", "0"], "--batch: must be an int >= 1"),
+        (["bench", "--repeat", "-2"], "--repeat: must be an int >= 1"),
+        (["bench", "--out", "/proc/tensorconv-results"], "cannot create that folder"),
+    ],
+)
 def test_cli_flags_are_checked_before_the_run(argv, message, capsys):
     from tensorconv.cli import main
 
@@ -500,8 +514,10 @@ def test_autocast_computes_in_the_autocast_dtype_like_nn_conv(strategy):
 
     torch.manual_seed(0)
     x = torch.randn(2, 8, 6, 8, 8)
-    for layer in (KruskalConv(8, 16, (3, 3, 3), rank=8, padding=1, strategy=strategy),
-                  TuckerConv(8, 16, (3, 3, 3), rank=(8, 8), padding=1, strategy=strategy)):
+    for layer in (
+        KruskalConv(8, 16, (3, 3, 3), rank=8, padding=1, strategy=strategy),
+        TuckerConv(8, 16, (3, 3, 3), rank=(8, 8), padding=1, strategy=strategy),
+    ):
         with torch.no_grad():
             want = layer(x)
             dense_layer = layer.to_dense_conv()
@@ -518,11 +534,13 @@ def _traceable_model():
 
     torch.manual_seed(0)
     return torch.nn.Sequential(
-        KruskalConv(4, 8, (3, 3, 3), rank=6, padding=1, stride=(1, 2, 1), dilation=(1, 1, 2)), torch.nn.ReLU(),
+        KruskalConv(4, 8, (3, 3, 3), rank=6, padding=1, stride=(1, 2, 1), dilation=(1, 1, 2)),
+        torch.nn.ReLU(),
         TuckerConv(8, 8, (3, 3, 3), rank=(4, 4), padding=(1, (0, 2), 1), groups=2, padding_mode="reflect"),
         TuckerConv(8, 8, (1, 3, 3), rank=(4, 4), padding=(0, 1, 1), core_groups=2),
         HOCPBlock(8, 6, (1, 3, 3), rank=3, padding="same"),
-        KruskalConv(6, 6, (3, 1, 3), rank=4, padding=((0, 2), 0, 1), padding_mode="circular")).double()
+        KruskalConv(6, 6, (3, 1, 3), rank=4, padding=((0, 2), 0, 1), padding_mode="circular"),
+    ).double()
 
 
 @needs_torch
@@ -581,10 +599,19 @@ print((peak - base) / plan.peak_bytes, plan.plane_chain)
 
 @needs_torch
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="measures the peak RSS through Linux /proc")
-@pytest.mark.parametrize("args", [("fused", 8, 64, 64, "float32"), ("fused", 1, 64, 64, "float32"),
-                                  ("fused", 1, 32, 192, "float64"), ("factorized", 8, 64, 64, "float32"),
-                                  ("factorized", 2, 64, 64, "float64"), ("factorized", 1, 64, 192, "float32"),
-                                  ("reconstructed", 8, 64, 64, "float32"), ("reconstructed", 2, 32, 64, "float64")])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("fused", 8, 64, 64, "float32"),
+        ("fused", 1, 64, 64, "float32"),
+        ("fused", 1, 32, 192, "float64"),
+        ("factorized", 8, 64, 64, "float32"),
+        ("factorized", 2, 64, 64, "float64"),
+        ("factorized", 1, 64, 192, "float32"),
+        ("reconstructed", 8, 64, 64, "float32"),
+        ("reconstructed", 2, 32, 64, "float64"),
+    ],
+)
 def test_peak_bytes_is_what_the_runner_allocates(args):
     """Measured peak RSS of one call over plan.peak_bytes, in a fresh process. The band allows for
     the allocator (freed blocks it keeps) and library scratch the estimate does not model."""
@@ -607,9 +634,16 @@ def test_auto_picks_the_measured_best_on_r3d18_layers():
     the dense conv at the stem and through layer3.0, the plain factorized order from layer3 on."""
     from tensorconv.cli.bench import R3D18_CONVS, _params_matched_rank
 
-    want = {"stem": "reconstructed", "layer1": "reconstructed", "layer2.0": "reconstructed",
-            "layer2": "reconstructed", "layer3.0": "reconstructed", "layer3": "factorized",
-            "layer4.0": "factorized", "layer4": "factorized"}
+    want = {
+        "stem": "reconstructed",
+        "layer1": "reconstructed",
+        "layer2.0": "reconstructed",
+        "layer2": "reconstructed",
+        "layer3.0": "reconstructed",
+        "layer3": "factorized",
+        "layer4.0": "factorized",
+        "layer4": "factorized",
+    }
     for name, c, t, ks, stride, padding, spatial in R3D18_CONVS:
         k = KruskalKernel.random((t, c) + ks, _params_matched_rank(c, t, ks), backend="torch", dtype="float32", seed=3)
         plan = plan_conv(k, (1, c) + spatial, stride=stride, padding=padding)

@@ -4,6 +4,7 @@ Oracles: ResNet-18's dense parameter count written out from its topology; the 2-
 frame by frame (the transducted 3-D network must equal its frame average, exactly, in float64);
 torch's F.conv2d for the TRL's contraction.
 """
+
 import copy
 
 import numpy as np
@@ -34,8 +35,9 @@ def test_rank_same_matches_resnet18s_dense_conv_parameters():
     dense = _dense_resnet18_conv_params(3)
     assert dense == 11_166_912  # torchvision resnet18: 11.69 M minus fc (513k) and BN (9.6k)
     assert abs(conv_params - dense) <= 0.01 * dense  # rank "same" rounds to the nearest rank per layer
-    assert all(abs(layer.n_params - layer.dense_params) <= 0.01 * layer.dense_params
-               for _, layer in factorized_layers(net))
+    assert all(
+        abs(layer.n_params - layer.dense_params) <= 0.01 * layer.dense_params for _, layer in factorized_layers(net)
+    )
     assert len(factorized_layers(net)) == 20  # 17 3x3/7x7 convs + 3 projections, every one CP
 
 

@@ -15,7 +15,7 @@ def test_mode_dot_matches_einsum(backend, shape, data):
     rng = np.random.default_rng(0)
     x, m = rng.standard_normal(shape), rng.standard_normal((j, shape[mode]))
     letters = "abcdef"[: len(shape)]
-    out = letters[:mode] + "z" + letters[mode + 1:]
+    out = letters[:mode] + "z" + letters[mode + 1 :]
     expected = np.einsum(f"{letters},z{letters[mode]}->{out}", x, m)
     assert rel_err(mode_dot(to_backend(x, backend), to_backend(m, backend), mode), expected) < 1e-12
 

@@ -15,12 +15,12 @@ Primitive set (see :class:`tensorconv.backends._base.ArrayBackend`):
 ``to_numpy``/``from_numpy`` conversion that keeps dtype (and the ``like`` array's device)
 ========================  ===============================================================
 """
+
 from __future__ import annotations
 
 from ._base import PADDING_MODES, ArrayBackend
 
-__all__ = ["get_backend", "backend_for_name", "ArrayBackend", "BACKEND_NAMES", "PADDING_MODES",
-           "available_backends"]
+__all__ = ["get_backend", "backend_for_name", "ArrayBackend", "BACKEND_NAMES", "PADDING_MODES", "available_backends"]
 
 BACKEND_NAMES = ("numpy", "torch", "cupy", "jax")
 # the first part of an array type's module -> backend name (jax arrays live in jaxlib, tracers in jax)

@@ -4,6 +4,7 @@ Every primitive is written once against an ``xp`` namespace (``numpy`` or ``cupy
 style of array-api-compat, so the NumPy tests prove the logic that CuPy runs on the GPU.
 The torch backend subclasses this and overrides only what differs.
 """
+
 from __future__ import annotations
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -286,8 +287,9 @@ class ArrayBackend:
         where the kernel is not ready to run without building it (``auto`` plans then leave it out)."""
         return None
 
-    def plane_chain_bytes(self, input_shape, rank, itemsize, *, out_channels, out_spatial, kernel0, dilation0,
-                          device=None):
+    def plane_chain_bytes(
+        self, input_shape, rank, itemsize, *, out_channels, out_spatial, kernel0, dilation0, device=None
+    ):
         """Bytes :meth:`cp_chain_3d` allocates for this input (B, C, D, H, W), or None where the
         backend has no such kernel (the plan's steps run and are counted instead)."""
         return None

@@ -3,6 +3,7 @@
 Only what differs from NumPy lives here (device handling and conversion). The logic is
 proved by the NumPy tests and exercised on a GPU by the CuPy tests when one is present.
 """
+
 from ._base import ArrayBackend
 
 
@@ -51,5 +52,4 @@ class CupyBackend(ArrayBackend):
         if like is not None:
             with like.device:
                 return self.xp.asarray(a, dtype=like.dtype)
-        return self.asarray(a, dtype=self.resolve_dtype(dtype) if dtype is not None else None,
-                            device=device)
+        return self.asarray(a, dtype=self.resolve_dtype(dtype) if dtype is not None else None, device=device)

@@ -7,6 +7,7 @@ Plans depend on shapes only, which JAX keeps static under tracing, so a traced c
 exactly as an eager one; nothing here reads an array's values except :meth:`all_finite`,
 which cannot look inside a trace and says so by returning True there.
 """
+
 from __future__ import annotations
 
 import numpy
@@ -42,7 +43,8 @@ class JaxBackend(ArrayBackend):
             # jax would truncate to 32 bits with only a warning
             raise ValueError(
                 f"dtype={dt.name} on jax needs 64-bit mode: call jax.config.update('jax_enable_x64', True) "
-                f"before creating arrays, or pass dtype='float32'")
+                f"before creating arrays, or pass dtype='float32'"
+            )
         return dt
 
     def asarray(self, data, *, dtype=None, device=None):
@@ -70,8 +72,10 @@ class JaxBackend(ArrayBackend):
     # -- conversion --------------------------------------------------------------------
     def to_numpy(self, x):
         if self._is_tracer(x):
-            raise TypeError("a traced jax value (inside jax.jit / grad / vmap) cannot be copied to the host; "
-                            "call this outside the transformed function")
+            raise TypeError(
+                "a traced jax value (inside jax.jit / grad / vmap) cannot be copied to the host; "
+                "call this outside the transformed function"
+            )
         return numpy.asarray(x)
 
     def from_numpy(self, a, *, like=None, dtype=None, device=None):
@@ -125,12 +129,27 @@ class JaxBackend(ArrayBackend):
         spatial = tuple(range(first, first + n))
         lhs = (0, x.ndim - 1) + spatial if channels_last else (0, 1) + spatial
         dims = self.lax.ConvDimensionNumbers(lhs_spec=lhs, rhs_spec=tuple(range(n + 2)), out_spec=lhs)
-        return self.lax.conv_general_dilated(x, weight, tuple(stride), pads, rhs_dilation=tuple(dilation),
-                                             dimension_numbers=dims, feature_group_count=groups)
+        return self.lax.conv_general_dilated(
+            x,
+            weight,
+            tuple(stride),
+            pads,
+            rhs_dilation=tuple(dilation),
+            dimension_numbers=dims,
+            feature_group_count=groups,
+        )
 
     def conv_dense(self, x, weight, *, stride, dilation, groups=1, padding=None, padding_mode="zeros"):
-        return self._conv(x, weight, channels_last=False, stride=stride, dilation=dilation, groups=groups,
-                          padding=padding, padding_mode=padding_mode)
+        return self._conv(
+            x,
+            weight,
+            channels_last=False,
+            stride=stride,
+            dilation=dilation,
+            groups=groups,
+            padding=padding,
+            padding_mode=padding_mode,
+        )
 
     def channels_last_conv(self, act_shape, weight_shape, *, stride, dilation, padding, padding_mode, groups):
         """``run(act, weight)``: one XLA convolution of channels-last (B, *D, C) activations, or
@@ -140,6 +159,15 @@ class JaxBackend(ArrayBackend):
             return None
 
         def run(act, weight):
-            return self._conv(act, weight, channels_last=True, stride=stride, dilation=dilation, groups=groups,
-                              padding=padding, padding_mode=padding_mode)
+            return self._conv(
+                act,
+                weight,
+                channels_last=True,
+                stride=stride,
+                dilation=dilation,
+                groups=groups,
+                padding=padding,
+                padding_mode=padding_mode,
+            )
+
         return run

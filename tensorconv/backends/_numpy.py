@@ -1,4 +1,5 @@
 """NumPy backend: the shared array-module implementation with ``xp = numpy``."""
+
 import numpy
 
 from ._base import ArrayBackend

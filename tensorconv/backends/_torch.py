@@ -1,5 +1,6 @@
 """PyTorch backend (CPU and CUDA). Keeps each tensor's device and dtype; autograd flows
 through every primitive because each one is a torch op."""
+
 from ._base import ArrayBackend
 
 _DTYPES = {"float16", "bfloat16", "float32", "float64", "complex64", "complex128"}
@@ -36,8 +37,7 @@ class TorchBackend(ArrayBackend):
         return getattr(torch, name)
 
     def asarray(self, data, *, dtype=None, device=None):
-        return self.xp.as_tensor(data, dtype=self.resolve_dtype(dtype) if dtype is not None else None,
-                                 device=device)
+        return self.xp.as_tensor(data, dtype=self.resolve_dtype(dtype) if dtype is not None else None, device=device)
 
     def zeros(self, shape, *, like):
         return self.xp.zeros(shape, dtype=like.dtype, device=like.device)
@@ -110,7 +110,8 @@ class TorchBackend(ArrayBackend):
     def tile_checkpoint(self, x, tensors):
         torch = self.xp
         needs_grad = torch.is_grad_enabled() and any(
-            t is not None and getattr(t, "requires_grad", False) for t in [x] + list(tensors))
+            t is not None and getattr(t, "requires_grad", False) for t in [x] + list(tensors)
+        )
         if not needs_grad:
             return lambda fn, *args: fn(*args)
         from torch.utils.checkpoint import checkpoint
@@ -158,8 +159,9 @@ class TorchBackend(ArrayBackend):
     def conv_dense(self, x, weight, *, stride, dilation, groups=1, padding=None, padding_mode="zeros"):
         n = x.ndim - 2
         if not 1 <= n <= 3:
-            return super().conv_dense(x, weight, stride=stride, dilation=dilation, groups=groups,
-                                      padding=padding, padding_mode=padding_mode)
+            return super().conv_dense(
+                x, weight, stride=stride, dilation=dilation, groups=groups, padding=padding, padding_mode=padding_mode
+            )
         pre_pad, native_pad = self._split_padding(padding, padding_mode, first_axis=2)
         if pre_pad is not None:
             x = self.pad(x, pre_pad, padding_mode)
@@ -173,13 +175,17 @@ class TorchBackend(ArrayBackend):
         if torch._C._are_functorch_transforms_active() or torch.jit.is_tracing():
             # torch.func (grad, vmap, jacrev) and jit tracing see through plain torch ops only
             return None
-        if (torch.is_grad_enabled() and any(t.requires_grad for t in (x, lam, u_t, u_c, *spatial))
-                and any(s != 1 for s in stride)):
+        if (
+            torch.is_grad_enabled()
+            and any(t.requires_grad for t in (x, lam, u_t, u_c, *spatial))
+            and any(s != 1 for s in stride)
+        ):
             return None  # its backward is written for stride 1: autograd goes through the plan's steps
         from ._torch_cpu_chain import cp_chain_forward
 
-        return cp_chain_forward(x, lam, u_t, u_c, spatial, out_spatial=out_spatial, stride=stride, pad_lo=pad_lo,
-                                dilation=dilation)
+        return cp_chain_forward(
+            x, lam, u_t, u_c, spatial, out_spatial=out_spatial, stride=stride, pad_lo=pad_lo, dilation=dilation
+        )
 
     def plane_chain_chunk(self, input_shape, rank, itemsize, device=None, out_channels=None):
         if device is not None and str(getattr(device, "type", device)) != "cpu":
@@ -190,14 +196,23 @@ class TorchBackend(ArrayBackend):
             return None
         return _torch_cpu_chain.planes_per_chunk(input_shape, rank, itemsize, out_channels=out_channels)
 
-    def plane_chain_bytes(self, input_shape, rank, itemsize, *, out_channels, out_spatial, kernel0, dilation0,
-                          device=None):
+    def plane_chain_bytes(
+        self, input_shape, rank, itemsize, *, out_channels, out_spatial, kernel0, dilation0, device=None
+    ):
         if device is not None and str(getattr(device, "type", device)) != "cpu":
             return None
         from ._torch_cpu_chain import forward_bytes
 
-        return forward_bytes(input_shape, rank, itemsize, out_channels=out_channels, out_spatial=out_spatial,
-                             kernel0=kernel0, dilation0=dilation0, threads=self.xp.get_num_threads())
+        return forward_bytes(
+            input_shape,
+            rank,
+            itemsize,
+            out_channels=out_channels,
+            out_spatial=out_spatial,
+            kernel0=kernel0,
+            dilation0=dilation0,
+            threads=self.xp.get_num_threads(),
+        )
 
     def native_conv_expected(self, itemsize, device=None):
         on_gpu = device is not None and str(getattr(device, "type", device)) != "cpu"
@@ -244,14 +259,16 @@ class TorchBackend(ArrayBackend):
             return out
 
         if pointwise:
+
             def run(act, weight):
                 act = prepare(act)
                 shape = tuple(act.shape)
                 if groups == 1 and not act.is_contiguous():
                     # typically the caller's channels-first input seen channels-last: a GEMM with a
                     # transposed operand reads it in place, where a copy would cost more than the product
-                    out = torch.matmul(act.reshape(shape[0], positions(shape), shape[-1]),
-                                       weight.reshape(t, per_group).transpose(0, 1))
+                    out = torch.matmul(
+                        act.reshape(shape[0], positions(shape), shape[-1]), weight.reshape(t, per_group).transpose(0, 1)
+                    )
                     return out.reshape(shape[:-1] + (t,))
                 # a 1x1 conv: one conv2d over a (B, C, positions, 1) view. This keeps oneDNN's
                 # channels-last GEMM path for any N and for small batch x channels, where
@@ -259,6 +276,7 @@ class TorchBackend(ArrayBackend):
                 x = act.contiguous().reshape(shape[0], positions(shape), 1, shape[-1]).movedim(-1, 1)
                 out = F.conv2d(x, weight.reshape(t, per_group, 1, 1), None, 1, 0, 1, groups)
                 return out.movedim(1, -1).reshape(shape[:-1] + (t,))
+
             return run
         if n <= 3:
             conv = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
@@ -266,6 +284,7 @@ class TorchBackend(ArrayBackend):
             def run(act, weight):
                 x = prepare(act).contiguous().movedim(-1, 1)
                 return conv(x, weight, None, stride, native_pad, dilation, groups).movedim(1, -1)
+
             return run
         m = active[0] if active else 0
         w_shape = (t, per_group, 1, ks[m], 1)
@@ -275,13 +294,15 @@ class TorchBackend(ArrayBackend):
             act = prepare(act).contiguous()
             shape = tuple(act.shape)
             before = 1
-            for d in shape[1:1 + m]:
+            for d in shape[1 : 1 + m]:
                 before *= d
             after = 1
-            for d in shape[2 + m:-1]:
+            for d in shape[2 + m : -1]:
                 after *= d
             x = act.reshape(shape[0], before, shape[1 + m], after, shape[-1]).movedim(-1, 1)
-            out = F.conv3d(x, weight.reshape(w_shape), None, (1, stride[m], 1), pad3, (1, dilation[m], 1),
-                           groups).movedim(1, -1)
-            return out.reshape(shape[:1 + m] + (out.shape[2],) + shape[2 + m:-1] + (out.shape[-1],))
+            out = F.conv3d(
+                x, weight.reshape(w_shape), None, (1, stride[m], 1), pad3, (1, dilation[m], 1), groups
+            ).movedim(1, -1)
+            return out.reshape(shape[: 1 + m] + (out.shape[2],) + shape[2 + m : -1] + (out.shape[-1],))
+
         return run

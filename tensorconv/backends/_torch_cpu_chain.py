@@ -4,12 +4,13 @@
 C -> R, the three depthwise passes, GEMM R -> T) so the R-channel intermediates stay in cache,
 and its backward (stride 1) the same way; 1-D and 2-D convs come with unit modes inserted
 (plans/fused.py). See docs/benchmarks.md for what it gains. It is built with
-``torch.utils.cpp_extension`` on first use (a C++ compiler and ninja; about 30 s on 2 cores,
-once per machine: the build is kept under ``~/.cache/tensorconv``, or ``TENSORCONV_BUILD_DIR``). Without a compiler, or with
-``TENSORCONV_NO_CPU_KERNEL=1`` in the environment, :func:`load` returns None and callers run
+``torch.utils.cpp_extension`` on first use (a C++ compiler and ninja, once per machine: the
+build is kept under ``~/.cache/tensorconv``, or ``TENSORCONV_BUILD_DIR``). Without a compiler,
+or with ``TENSORCONV_NO_CPU_KERNEL=1`` in the environment, :func:`load` returns None and callers run
 their portable path. ``strategy="auto"`` considers the kernel only once it is built
 (:func:`available`): it never makes a conv call wait for a compiler.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,8 +19,7 @@ import os
 import platform
 import warnings
 
-__all__ = ["load", "available", "disabled", "planes_per_chunk", "forward_bytes", "cp_chain_forward",
-           "reference_chain"]
+__all__ = ["load", "available", "disabled", "planes_per_chunk", "forward_bytes", "cp_chain_forward", "reference_chain"]
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "cp_chain_cpu.cpp")
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -70,13 +70,17 @@ def _check_private(path, what):
     st = os.stat(path)
     uid = os.getuid() if hasattr(os, "getuid") else st.st_uid
     if st.st_uid != uid:
-        raise UnsafeBuildDirectory(f"{what} {path} belongs to uid {st.st_uid}, not to this user (uid {uid}); "
-                                   f"tensorconv loads only libraries it built itself. Set TENSORCONV_BUILD_DIR to a "
-                                   f"folder of your own")
+        raise UnsafeBuildDirectory(
+            f"{what} {path} belongs to uid {st.st_uid}, not to this user (uid {uid}); "
+            f"tensorconv loads only libraries it built itself. Set TENSORCONV_BUILD_DIR to a "
+            f"folder of your own"
+        )
     if st.st_mode & 0o022:
-        raise UnsafeBuildDirectory(f"{what} {path} is writable by other users (mode {oct(st.st_mode & 0o777)}); "
-                                   f"anyone could plant a library there. Run chmod go-w on it, or set "
-                                   f"TENSORCONV_BUILD_DIR to a private folder")
+        raise UnsafeBuildDirectory(
+            f"{what} {path} is writable by other users (mode {oct(st.st_mode & 0o777)}); "
+            f"anyone could plant a library there. Run chmod go-w on it, or set "
+            f"TENSORCONV_BUILD_DIR to a private folder"
+        )
 
 
 def _private_dir(path):
@@ -122,8 +126,14 @@ def _build(name, root):
     work = tempfile.mkdtemp(prefix=f"{name}.build-", dir=root)  # mode 0700
     try:
         log.info("tensorconv: building the CPU fused kernel (once per machine) in %s", work)
-        module = build(name=name, sources=[_SOURCE], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
-                       build_directory=work, verbose=False)
+        module = build(
+            name=name,
+            sources=[_SOURCE],
+            extra_cflags=_FLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=work,
+            verbose=False,
+        )
         final = _private_dir(os.path.join(root, name))
         os.replace(os.path.join(work, name + ".so"), os.path.join(final, name + ".so"))
     finally:
@@ -156,9 +166,12 @@ def load():
         warnings.warn(f"tensorconv: the CPU fused kernel is not loaded: {exc}", RuntimeWarning, stacklevel=3)
         module = None
     except Exception as exc:  # no compiler or ninja, a failed build: the portable path runs instead
-        warnings.warn(f"tensorconv: the CPU fused kernel could not be built ({type(exc).__name__}: "
-                      f"{str(exc)[:200]}); strategy='fused' uses torch.compile instead", RuntimeWarning,
-                      stacklevel=3)
+        warnings.warn(
+            f"tensorconv: the CPU fused kernel could not be built ({type(exc).__name__}: "
+            f"{str(exc)[:200]}); strategy='fused' uses torch.compile instead",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         module = None
     _state["module"] = module
     return module
@@ -227,8 +240,9 @@ def _run_forward(module, x, lam, u_t, u_c, spatial, geo):
     out_spatial, stride, pad_lo, dilation, chunk_bytes = geo
     chunk = planes_per_chunk(x.shape, int(u_c.shape[1]), x.element_size(), chunk_bytes, int(u_t.shape[0]))
     # lambda folded and the factors laid out in C++ (cheaper there than five torch ops here)
-    return module.cp_chain_forward_kruskal(x, lam, u_t, u_c, *spatial, list(out_spatial), list(stride), list(pad_lo),
-                                           list(dilation), chunk)
+    return module.cp_chain_forward_kruskal(
+        x, lam, u_t, u_c, *spatial, list(out_spatial), list(stride), list(pad_lo), list(dilation), chunk
+    )
 
 
 def reference_chain(x, lam, u_t, u_c, u0, u1, u2, geo):
@@ -283,8 +297,17 @@ def _function():
                 return tuple(next(got) if need else None for need in ctx.needs_input_grad[:7]) + (None,)
             wt = _folded_output_factor(u_t, lam)
             gx, duc, du0, du1, du2, dwt = _state["module"].cp_chain_backward(
-                x, u_c.contiguous(), u0.contiguous(), u1.contiguous(), u2.contiguous(), wt, grad.contiguous(),
-                list(pad_lo), list(dilation), bool(ctx.needs_input_grad[0]))
+                x,
+                u_c.contiguous(),
+                u0.contiguous(),
+                u1.contiguous(),
+                u2.contiguous(),
+                wt,
+                grad.contiguous(),
+                list(pad_lo),
+                list(dilation),
+                bool(ctx.needs_input_grad[0]),
+            )
             gx = gx.permute(0, 4, 1, 2, 3) if ctx.needs_input_grad[0] else None
             dwt_t = dwt.t()  # (T, R): the gradient of U_T * lambda
             return gx, (dwt_t * u_t).sum(0), dwt_t * lam, duc, du0, du1, du2, None

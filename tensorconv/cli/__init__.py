@@ -1,4 +1,5 @@
 """Command-line entry points: ``tensorconv verify``, ``tensorconv bench`` and ``tensorconv build-kernel``."""
+
 from __future__ import annotations
 
 import argparse
@@ -66,8 +67,10 @@ def main(argv=None):
         bench = None
     if bench is not None:
         bench.add_arguments(p_bench)
-    sub.add_parser("build-kernel", help="build the compiled CPU kernel of strategy='fused' (torch, CP kernels), "
-                                        "so that strategy='auto' uses it")
+    sub.add_parser(
+        "build-kernel",
+        help="build the compiled CPU kernel of strategy='fused' (torch, CP kernels), so that strategy='auto' uses it",
+    )
     args = parser.parse_args(argv)
     if args.command == "build-kernel":
         from ..backends import _torch_cpu_chain, build_cpu_kernel

@@ -6,6 +6,7 @@ for C ops (``torchvision::nms`` ...) that its library did not define for this to
 definitions use none of those ops: that one module is replaced by an empty one, and everything
 else imported is torchvision's own code. Used by ``tensorconv bench models`` and the tests.
 """
+
 from __future__ import annotations
 
 import importlib

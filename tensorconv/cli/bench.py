@@ -3,6 +3,7 @@
 Every ratio is measured in one run; results go to JSON (and a PNG for the Figure 6 suite)
 with the machine, versions and allocator settings they were measured under.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,8 +69,12 @@ def measure_many(entries, *, device=None, warmup=2, repeat=5, budget_s=None):
     out = {}
     for name, ts in times.items():
         ts.sort()
-        out[name] = {"median_ms": 1e3 * ts[len(ts) // 2], "min_ms": 1e3 * ts[0], "max_ms": 1e3 * ts[-1],
-                     "runs": len(ts)}
+        out[name] = {
+            "median_ms": 1e3 * ts[len(ts) // 2],
+            "min_ms": 1e3 * ts[0],
+            "max_ms": 1e3 * ts[-1],
+            "runs": len(ts),
+        }
     return out
 
 
@@ -125,12 +130,18 @@ def _set_malloc_no_trim():
 
 
 def environment(args):
-    env = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "python": platform.python_version(),
-           "machine": platform.machine(), "processor": _cpu_name(), "cpus": os.cpu_count(),
-           "numpy": np.__version__, "allocator": args.allocator_note,
-           "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
-           "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
-           "cpu_kernel": getattr(args, "cpu_kernel", None)}  # the plane chain of fused / auto (torch CPU)
+    env = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": _cpu_name(),
+        "cpus": os.cpu_count(),
+        "numpy": np.__version__,
+        "allocator": args.allocator_note,
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+        "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
+        "cpu_kernel": getattr(args, "cpu_kernel", None),
+    }  # the plane chain of fused / auto (torch CPU)
     try:
         import torch
 
@@ -204,31 +215,69 @@ def suite_fig6(args, targets):
                     prog.step("skip numpy (too slow)")
                 continue
             x = _make_input(backend, device, shape)
-            dense = backend_for_name(backend).random_normal(dense_shape, seed=1, dtype="float32",
-                                                            device=_array_device(device))
+            dense = backend_for_name(backend).random_normal(
+                dense_shape, seed=1, dtype="float32", device=_array_device(device)
+            )
             t = measure(lambda: conv(x, dense, padding=1), device=device, repeat=args.repeat, budget_s=args.budget)
             plan = plan_conv(dense, shape, padding=1)
-            rows.append(dict(suite="fig6", channels=c, model="3D-Conv", backend=_label(backend, device),
-                             macs=plan.dense_macs, analytic_macs=plan.dense_macs, params=int(np.prod(dense_shape)),
-                             **t))
+            rows.append(
+                dict(
+                    suite="fig6",
+                    channels=c,
+                    model="3D-Conv",
+                    backend=_label(backend, device),
+                    macs=plan.dense_macs,
+                    analytic_macs=plan.dense_macs,
+                    params=int(np.prod(dense_shape)),
+                    **t,
+                )
+            )
             prog.step(f"C={c} dense {backend}")
             for mult in (6, 3):
-                k = KruskalKernel.random(dense_shape, rank=mult * c, backend=backend, dtype="float32",
-                                         device=_array_device(device), seed=2)
+                k = KruskalKernel.random(
+                    dense_shape, rank=mult * c, backend=backend, dtype="float32", device=_array_device(device), seed=2
+                )
                 plan = plan_conv(k, shape, padding=1, strategy="factorized", dtype="float32", backend=backend)
                 # the paper's count: 1x1, one depthwise 1-D conv per mode, 1x1 (the torch plan's order)
                 canonical = plan_conv(k, shape, padding=1, strategy="factorized", dtype="float32", backend="torch")
-                t = measure(lambda: conv(x, k, padding=1, strategy="factorized"), device=device, repeat=args.repeat,
-                            budget_s=args.budget)
-                rows.append(dict(suite="fig6", channels=c, model=f"CP-HOConv-{mult}", backend=_label(backend, device),
-                                 macs=plan.macs, analytic_macs=canonical.macs, params=k.n_params, **t))
+                t = measure(
+                    lambda: conv(x, k, padding=1, strategy="factorized"),
+                    device=device,
+                    repeat=args.repeat,
+                    budget_s=args.budget,
+                )
+                rows.append(
+                    dict(
+                        suite="fig6",
+                        channels=c,
+                        model=f"CP-HOConv-{mult}",
+                        backend=_label(backend, device),
+                        macs=plan.macs,
+                        analytic_macs=canonical.macs,
+                        params=k.n_params,
+                        **t,
+                    )
+                )
                 if backend == "torch" and not args.quick:  # (compiling each point would not fit --quick)
                     conv(x, k, padding=1, strategy="fused")  # compile outside the timing
-                    t = measure(lambda: conv(x, k, padding=1, strategy="fused"), device=device, repeat=args.repeat,
-                                budget_s=args.budget)
-                    rows.append(dict(suite="fig6", channels=c, model=f"CP-HOConv-{mult}",
-                                     backend=_label(backend, device) + " fused", macs=plan.macs,
-                                     analytic_macs=canonical.macs, params=k.n_params, **t))
+                    t = measure(
+                        lambda: conv(x, k, padding=1, strategy="fused"),
+                        device=device,
+                        repeat=args.repeat,
+                        budget_s=args.budget,
+                    )
+                    rows.append(
+                        dict(
+                            suite="fig6",
+                            channels=c,
+                            model=f"CP-HOConv-{mult}",
+                            backend=_label(backend, device) + " fused",
+                            macs=plan.macs,
+                            analytic_macs=canonical.macs,
+                            params=k.n_params,
+                            **t,
+                        )
+                    )
                 prog.step(f"C={c} CP-{mult} {backend}")
     prog.close()
     return rows
@@ -271,8 +320,17 @@ def suite_backends(args, targets):
                 forward = _jax_jitted(lambda x, k: conv(x, k, padding=1), x, k)
             t = measure(forward, device=device, repeat=args.repeat, budget_s=args.budget)
             plan = plan_conv(k, shape, padding=1, dtype="float32", backend=backend, device=device)
-            row = dict(suite="backends", kernel=kind, n_spatial=n, rank=label, backend=_label(backend, device),
-                       pass_="forward", strategy=plan.strategy, macs=plan.macs, **t)
+            row = dict(
+                suite="backends",
+                kernel=kind,
+                n_spatial=n,
+                rank=label,
+                backend=_label(backend, device),
+                pass_="forward",
+                strategy=plan.strategy,
+                macs=plan.macs,
+                **t,
+            )
             group.append(row)
             if backend == "jax":
                 import jax
@@ -280,16 +338,27 @@ def suite_backends(args, targets):
                 def loss(x, k):
                     return conv(x, k, padding=1).sum()
 
-                t = measure(_jax_jitted(jax.grad(loss, argnums=(0, 1)), x, k), device=device, repeat=args.repeat,
-                            budget_s=args.budget)
+                t = measure(
+                    _jax_jitted(jax.grad(loss, argnums=(0, 1)), x, k),
+                    device=device,
+                    repeat=args.repeat,
+                    budget_s=args.budget,
+                )
                 group.append(dict(row, pass_="forward+backward", **t))
             if backend == "torch":
-                fused_plan = plan_conv(k, shape, padding=1, strategy="fused", dtype="float32", backend=backend,
-                                       device=device)
+                fused_plan = plan_conv(
+                    k, shape, padding=1, strategy="fused", dtype="float32", backend=backend, device=device
+                )
                 with_fused = dict(row, strategy="fused", macs=fused_plan.macs)
                 conv(x, k, padding=1, strategy="fused")
-                with_fused.update(measure(lambda: conv(x, k, padding=1, strategy="fused"), device=device,
-                                          repeat=args.repeat, budget_s=args.budget))
+                with_fused.update(
+                    measure(
+                        lambda: conv(x, k, padding=1, strategy="fused"),
+                        device=device,
+                        repeat=args.repeat,
+                        budget_s=args.budget,
+                    )
+                )
                 group.append(with_fused)
                 arrays = [k.weights] + list(k.factors) if kind == "CP" else [k.core] + list(k.factors)
                 for a in arrays:
@@ -336,47 +405,75 @@ def _suite_peers(args, targets):
                 shape = (args.batch, c, 16, 32, 32)
                 x = torch.randn(shape, device=device)
                 dense = torch.nn.Conv3d(c, c, 3, padding=1, bias=False, device=device)
-                k = KruskalKernel.random((c, c, 3, 3, 3), rank=r, backend="torch", dtype="float32", device=device,
-                                         seed=4)
+                k = KruskalKernel.random(
+                    (c, c, 3, 3, 3), rank=r, backend="torch", dtype="float32", device=device, seed=4
+                )
                 for t_ in [k.weights] + list(k.factors):
                     t_.requires_grad_(False)
                 m = _r2plus1d_matched(c, device)
-                entries = {"dense Conv3d": lambda: dense(x), "(2+1)D matched params": lambda: m(x),
-                           "floor: the two 1x1 GEMMs alone": _gemm_floor(args.batch, c, r, c, shape[2:], device)}
+                entries = {
+                    "dense Conv3d": lambda: dense(x),
+                    "(2+1)D matched params": lambda: m(x),
+                    "floor: the two 1x1 GEMMs alone": _gemm_floor(args.batch, c, r, c, shape[2:], device),
+                }
                 for strategy in ("factorized", "reconstructed", "auto", "fused"):
                     entries[f"tensorconv {strategy}"] = (lambda s: lambda: conv(x, k, padding=1, strategy=s))(strategy)
                 if tltorch is not None:
                     for impl in ("factorized", "reconstructed"):
-                        layer = tltorch.FactorizedConv(c, c, 3, order=3, rank=r, factorization="cp",
-                                                       implementation=impl, padding=1, bias=False).to(device)
-                        entries[f"tltorch {impl}"] = (lambda l: lambda: l(x))(layer)
-                plan = plan_conv(k, shape, padding=1, strategy="factorized", dtype="float32", backend="torch",
-                                 device=device)
-                auto = plan_conv(k, shape, padding=1, strategy="auto", dtype="float32", backend="torch",
-                                 device=device)
+                        layer = tltorch.FactorizedConv(
+                            c, c, 3, order=3, rank=r, factorization="cp", implementation=impl, padding=1, bias=False
+                        ).to(device)
+                        entries[f"tltorch {impl}"] = (lambda m: lambda: m(x))(layer)
+                plan = plan_conv(
+                    k, shape, padding=1, strategy="factorized", dtype="float32", backend="torch", device=device
+                )
+                auto = plan_conv(k, shape, padding=1, strategy="auto", dtype="float32", backend="torch", device=device)
                 group = []
                 with torch.no_grad():
                     results = measure_many(entries, device=device, repeat=args.repeat, budget_s=args.budget)
                 for name, t in results.items():
-                    group.append(dict(suite="peers", device=device, channels=c, rank=rank_label, r=r, impl=name,
-                                      pass_="forward", **t))
+                    group.append(
+                        dict(
+                            suite="peers",
+                            device=device,
+                            channels=c,
+                            rank=rank_label,
+                            r=r,
+                            impl=name,
+                            pass_="forward",
+                            **t,
+                        )
+                    )
                 # forward + backward (gradients for the input and every parameter)
                 xg = x.clone().requires_grad_(True)
                 for t_ in [k.weights] + list(k.factors):
                     t_.requires_grad_(True)
-                train = {"dense Conv3d": lambda: dense(xg).sum().backward(),
-                         "tensorconv factorized": lambda: conv(xg, k, padding=1, strategy="factorized").sum().backward(),
-                         "tensorconv fused": lambda: conv(xg, k, padding=1, strategy="fused").sum().backward()}
+                train = {
+                    "dense Conv3d": lambda: dense(xg).sum().backward(),
+                    "tensorconv factorized": lambda: conv(xg, k, padding=1, strategy="factorized").sum().backward(),
+                    "tensorconv fused": lambda: conv(xg, k, padding=1, strategy="fused").sum().backward(),
+                }
                 if tltorch is not None:
-                    layer = tltorch.FactorizedConv(c, c, 3, order=3, rank=r, factorization="cp",
-                                                   implementation="factorized", padding=1, bias=False).to(device)
+                    layer = tltorch.FactorizedConv(
+                        c, c, 3, order=3, rank=r, factorization="cp", implementation="factorized", padding=1, bias=False
+                    ).to(device)
                     train["tltorch factorized"] = lambda: layer(xg).sum().backward()
                 results = measure_many(train, device=device, repeat=max(3, args.repeat // 2), budget_s=args.budget)
                 for t_ in [k.weights] + list(k.factors):
                     t_.requires_grad_(False)
                 for name, t in results.items():
-                    group.append(dict(suite="peers", device=device, channels=c, rank=rank_label, r=r, impl=name,
-                                      pass_="forward+backward", **t))
+                    group.append(
+                        dict(
+                            suite="peers",
+                            device=device,
+                            channels=c,
+                            rank=rank_label,
+                            r=r,
+                            impl=name,
+                            pass_="forward+backward",
+                            **t,
+                        )
+                    )
                 for g in group:
                     times = {h["impl"]: h["median_ms"] for h in group if h["pass_"] == g["pass_"]}
                     g["vs_dense"] = times["dense Conv3d"] / g["median_ms"]
@@ -439,8 +536,10 @@ def _r2plus1d_matched(c, device):
     import torch
 
     m = max(1, (27 * c * c) // (9 * c + 3 * c))
-    return torch.nn.Sequential(torch.nn.Conv3d(c, m, (1, 3, 3), padding=(0, 1, 1), bias=False),
-                               torch.nn.Conv3d(m, c, (3, 1, 1), padding=(1, 0, 0), bias=False)).to(device)
+    return torch.nn.Sequential(
+        torch.nn.Conv3d(c, m, (1, 3, 3), padding=(0, 1, 1), bias=False),
+        torch.nn.Conv3d(m, c, (3, 1, 1), padding=(1, 0, 0), bias=False),
+    ).to(device)
 
 
 def suite_roofline(args, targets):
@@ -458,12 +557,10 @@ def suite_roofline(args, targets):
         set_cost_model(backend, None, dev)
         k = KruskalKernel.random((c, c, 3, 3, 3), rank=c, backend=backend, dtype="float32", device=dev, seed=5)
         x = _make_input(backend, device, shape)
-        plan = plan_conv(k, shape, padding=1, strategy="factorized", dtype="float32", backend=backend,
-                         device=device)
+        plan = plan_conv(k, shape, padding=1, strategy="factorized", dtype="float32", backend=backend, device=device)
         times = plan.profile(x, k, repeat=args.repeat, sync=lambda: _sync(device))
         if backend == "torch":
-            fused = plan_conv(k, shape, padding=1, strategy="fused", dtype="float32", backend=backend,
-                              device=device)
+            fused = plan_conv(k, shape, padding=1, strategy="fused", dtype="float32", backend=backend, device=device)
             fused(x, k)
             total = fused.profile(x, k, repeat=args.repeat, sync=lambda: _sync(device))[0]
             bound = sum(max(s.macs / model.macs_per_s, s.nbytes / model.bytes_per_s) for s in plan.steps)
@@ -471,16 +568,39 @@ def suite_roofline(args, targets):
             # a fused chain moves only its input and output through memory
             io_bytes = 4 * (x.numel() + int(np.prod(plan.output_shape)))
             fused_bound = max(macs / model.macs_per_s, io_bytes / model.bytes_per_s)
-            rows.append(dict(suite="roofline", backend=_label(backend, device), kind="fused (whole chain)", modes=[],
-                             macs=macs, bytes=io_bytes, measured_ms=1e3 * total, roofline_ms=1e3 * fused_bound,
-                             efficiency=fused_bound / total, unfused_roofline_ms=1e3 * bound,
-                             peak_macs_per_s=model.macs_per_s, bandwidth_bytes_per_s=model.bytes_per_s))
+            rows.append(
+                dict(
+                    suite="roofline",
+                    backend=_label(backend, device),
+                    kind="fused (whole chain)",
+                    modes=[],
+                    macs=macs,
+                    bytes=io_bytes,
+                    measured_ms=1e3 * total,
+                    roofline_ms=1e3 * fused_bound,
+                    efficiency=fused_bound / total,
+                    unfused_roofline_ms=1e3 * bound,
+                    peak_macs_per_s=model.macs_per_s,
+                    bandwidth_bytes_per_s=model.bytes_per_s,
+                )
+            )
         for step, secs in zip(plan.steps, times):
             bound = max(step.macs / model.macs_per_s, step.nbytes / model.bytes_per_s)
-            rows.append(dict(suite="roofline", backend=_label(backend, device), kind=step.kind, modes=list(step.modes),
-                             macs=step.macs, bytes=step.nbytes, measured_ms=1e3 * secs, roofline_ms=1e3 * bound,
-                             efficiency=bound / secs if secs else None, peak_macs_per_s=model.macs_per_s,
-                             bandwidth_bytes_per_s=model.bytes_per_s))
+            rows.append(
+                dict(
+                    suite="roofline",
+                    backend=_label(backend, device),
+                    kind=step.kind,
+                    modes=list(step.modes),
+                    macs=step.macs,
+                    bytes=step.nbytes,
+                    measured_ms=1e3 * secs,
+                    roofline_ms=1e3 * bound,
+                    efficiency=bound / secs if secs else None,
+                    peak_macs_per_s=model.macs_per_s,
+                    bandwidth_bytes_per_s=model.bytes_per_s,
+                )
+            )
         prog.step(backend)
     prog.close()
     return rows
@@ -507,48 +627,73 @@ def suite_targets(args, targets):
                 shape = (batch, c, 16, 32, 32)
                 x = torch.randn(shape, device=device)
                 w = torch.randn(c, c, 3, 3, 3, device=device) * 0.05
-                k = KruskalKernel.random((c, c, 3, 3, 3), rank=r, backend="torch", dtype="float32", device=device,
-                                         seed=6)
-                plan = plan_conv(k, shape, padding=1, strategy="factorized", dtype="float32", backend="torch",
-                                 device=device)
+                k = KruskalKernel.random(
+                    (c, c, 3, 3, 3), rank=r, backend="torch", dtype="float32", device=device, seed=6
+                )
+                plan = plan_conv(
+                    k, shape, padding=1, strategy="factorized", dtype="float32", backend="torch", device=device
+                )
                 with torch.no_grad():
                     conv(x, k, padding=1, strategy="fused")  # the plane chain (built in main)
-                    fwd = measure_many({"dense": lambda: torch.nn.functional.conv3d(x, w, padding=1),
-                                        "factorized": lambda: conv(x, k, padding=1, strategy="factorized"),
-                                        "fused": lambda: conv(x, k, padding=1, strategy="fused"),
-                                        "auto": lambda: conv(x, k, padding=1),
-                                        "gemm floor": _gemm_floor(batch, c, r, c, shape[2:], device)},
-                                       device=device, repeat=args.repeat, budget_s=args.budget)
+                    fwd = measure_many(
+                        {
+                            "dense": lambda: torch.nn.functional.conv3d(x, w, padding=1),
+                            "factorized": lambda: conv(x, k, padding=1, strategy="factorized"),
+                            "fused": lambda: conv(x, k, padding=1, strategy="fused"),
+                            "auto": lambda: conv(x, k, padding=1),
+                            "gemm floor": _gemm_floor(batch, c, r, c, shape[2:], device),
+                        },
+                        device=device,
+                        repeat=args.repeat,
+                        budget_s=args.budget,
+                    )
                 xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
                 for t_ in [k.weights] + list(k.factors):
                     t_.requires_grad_(True)
                 conv(xg, k, padding=1, strategy="fused").sum().backward()  # first call outside the timing
                 bwd = measure_many(
-                    {"dense": lambda: torch.nn.functional.conv3d(xg, wg, padding=1).sum().backward(),
-                     "factorized": lambda: conv(xg, k, padding=1, strategy="factorized").sum().backward(),
-                     "fused": lambda: conv(xg, k, padding=1, strategy="fused").sum().backward(),
-                     "auto": lambda: conv(xg, k, padding=1).sum().backward()},
-                    device=device, repeat=max(3, args.repeat // 2), budget_s=args.budget)
+                    {
+                        "dense": lambda: torch.nn.functional.conv3d(xg, wg, padding=1).sum().backward(),
+                        "factorized": lambda: conv(xg, k, padding=1, strategy="factorized").sum().backward(),
+                        "fused": lambda: conv(xg, k, padding=1, strategy="fused").sum().backward(),
+                        "auto": lambda: conv(xg, k, padding=1).sum().backward(),
+                    },
+                    device=device,
+                    repeat=max(3, args.repeat // 2),
+                    budget_s=args.budget,
+                )
                 auto = plan_conv(k, shape, padding=1, dtype="float32", backend="torch", device=device)
                 t_dense, t_fact, t_fused = fwd["dense"], fwd["factorized"], fwd["fused"]
                 t_dense_b, t_fact_b, t_fused_b = bwd["dense"], bwd["factorized"], bwd["fused"]
                 mac_ratio = plan.dense_macs / plan.macs
-                rows.append(dict(suite="targets", device=device, batch=batch, channels=c, rank=r,
-                                 auto_picked=_picked(auto), auto_fwd_ms=fwd["auto"]["median_ms"],
-                                 gemm_floor_ms=fwd["gemm floor"]["median_ms"],
-                                 auto_fwd_bwd_ms=bwd["auto"]["median_ms"],
-                                 auto_fwd_speedup=t_dense["median_ms"] / fwd["auto"]["median_ms"],
-                                 auto_fwd_bwd_speedup=t_dense_b["median_ms"] / bwd["auto"]["median_ms"],
-                                 fused_fwd_ms=t_fused["median_ms"], fused_fwd_bwd_ms=t_fused_b["median_ms"],
-                                 fused_fwd_speedup=t_dense["median_ms"] / t_fused["median_ms"],
-                                 fused_fwd_bwd_speedup=t_dense_b["median_ms"] / t_fused_b["median_ms"],
-                                 mac_ratio=mac_ratio, dense_fwd_ms=t_dense["median_ms"],
-                                 factorized_fwd_ms=t_fact["median_ms"],
-                                 fwd_speedup=t_dense["median_ms"] / t_fact["median_ms"],
-                                 fwd_speedup_over_mac_ratio=t_dense["median_ms"] / t_fact["median_ms"] / mac_ratio,
-                                 dense_fwd_bwd_ms=t_dense_b["median_ms"], factorized_fwd_bwd_ms=t_fact_b["median_ms"],
-                                 fwd_bwd_speedup=t_dense_b["median_ms"] / t_fact_b["median_ms"],
-                                 plan_peak_bytes=plan.peak_bytes))
+                rows.append(
+                    dict(
+                        suite="targets",
+                        device=device,
+                        batch=batch,
+                        channels=c,
+                        rank=r,
+                        auto_picked=_picked(auto),
+                        auto_fwd_ms=fwd["auto"]["median_ms"],
+                        gemm_floor_ms=fwd["gemm floor"]["median_ms"],
+                        auto_fwd_bwd_ms=bwd["auto"]["median_ms"],
+                        auto_fwd_speedup=t_dense["median_ms"] / fwd["auto"]["median_ms"],
+                        auto_fwd_bwd_speedup=t_dense_b["median_ms"] / bwd["auto"]["median_ms"],
+                        fused_fwd_ms=t_fused["median_ms"],
+                        fused_fwd_bwd_ms=t_fused_b["median_ms"],
+                        fused_fwd_speedup=t_dense["median_ms"] / t_fused["median_ms"],
+                        fused_fwd_bwd_speedup=t_dense_b["median_ms"] / t_fused_b["median_ms"],
+                        mac_ratio=mac_ratio,
+                        dense_fwd_ms=t_dense["median_ms"],
+                        factorized_fwd_ms=t_fact["median_ms"],
+                        fwd_speedup=t_dense["median_ms"] / t_fact["median_ms"],
+                        fwd_speedup_over_mac_ratio=t_dense["median_ms"] / t_fact["median_ms"] / mac_ratio,
+                        dense_fwd_bwd_ms=t_dense_b["median_ms"],
+                        factorized_fwd_bwd_ms=t_fact_b["median_ms"],
+                        fwd_bwd_speedup=t_dense_b["median_ms"] / t_fact_b["median_ms"],
+                        plan_peak_bytes=plan.peak_bytes,
+                    )
+                )
                 prog.step(f"{device} B={batch} C={c} R={r}")
     prog.close()
     return rows
@@ -587,8 +732,11 @@ def _r3d18(num_classes=400):
             super().__init__()
             self.conv1 = nn.Sequential(nn.Conv3d(c_in, c, 3, stride, 1, bias=False), nn.BatchNorm3d(c), nn.ReLU(True))
             self.conv2 = nn.Sequential(nn.Conv3d(c, c, 3, 1, 1, bias=False), nn.BatchNorm3d(c))
-            self.downsample = nn.Sequential(nn.Conv3d(c_in, c, 1, stride, bias=False), nn.BatchNorm3d(c)) \
-                if stride != 1 or c_in != c else None
+            self.downsample = (
+                nn.Sequential(nn.Conv3d(c_in, c, 1, stride, bias=False), nn.BatchNorm3d(c))
+                if stride != 1 or c_in != c
+                else None
+            )
 
         def forward(self, x):
             skip = x if self.downsample is None else self.downsample(x)
@@ -598,9 +746,13 @@ def _r3d18(num_classes=400):
     for c, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
         stages.append(nn.Sequential(Block(c_in, c, stride), Block(c, c, 1)))
         c_in = c
-    model = nn.Sequential(nn.Sequential(nn.Conv3d(3, 64, (3, 7, 7), (1, 2, 2), (1, 3, 3), bias=False),
-                                        nn.BatchNorm3d(64), nn.ReLU(True)),
-                          *stages, nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(512, num_classes))
+    model = nn.Sequential(
+        nn.Sequential(nn.Conv3d(3, 64, (3, 7, 7), (1, 2, 2), (1, 3, 3), bias=False), nn.BatchNorm3d(64), nn.ReLU(True)),
+        *stages,
+        nn.AdaptiveAvgPool3d(1),
+        nn.Flatten(),
+        nn.Linear(512, num_classes),
+    )
     return model, "r3d_18 topology (torchvision not importable here)"
 
 
@@ -624,19 +776,36 @@ def suite_models(args, targets):
     from ..nn.layers import _FactorizedConv
 
     def conv_params(model):
-        return sum(m.weight.numel() if isinstance(m, torch.nn.modules.conv._ConvNd) else m.n_params
-                   for m in model.modules() if isinstance(m, (torch.nn.modules.conv._ConvNd, _FactorizedConv)))
+        return sum(
+            m.weight.numel() if isinstance(m, torch.nn.modules.conv._ConvNd) else m.n_params
+            for m in model.modules()
+            if isinstance(m, (torch.nn.modules.conv._ConvNd, _FactorizedConv))
+        )
+
     prog = _Progress(len(batches), "models")
     for batch in batches:
         x = torch.randn(batch, 3, frames, size, size)
         with torch.no_grad():
-            t = measure_many({"dense": lambda: dense(x), "factorized": lambda: factorized(x)},
-                             repeat=max(3, args.repeat // 2), budget_s=args.budget)
-        rows.append(dict(suite="models", model=source, batch=batch, input=[3, frames, size, size],
-                         dense_params=conv_params(dense), factorized_params=conv_params(factorized),
-                         **{"dense ms": round(t["dense"]["median_ms"], 1),
-                            "factorized ms": round(t["factorized"]["median_ms"], 1)},
-                         speedup=round(t["dense"]["median_ms"] / t["factorized"]["median_ms"], 2)))
+            t = measure_many(
+                {"dense": lambda: dense(x), "factorized": lambda: factorized(x)},
+                repeat=max(3, args.repeat // 2),
+                budget_s=args.budget,
+            )
+        rows.append(
+            dict(
+                suite="models",
+                model=source,
+                batch=batch,
+                input=[3, frames, size, size],
+                dense_params=conv_params(dense),
+                factorized_params=conv_params(factorized),
+                **{
+                    "dense ms": round(t["dense"]["median_ms"], 1),
+                    "factorized ms": round(t["factorized"]["median_ms"], 1),
+                },
+                speedup=round(t["dense"]["median_ms"] / t["factorized"]["median_ms"], 2),
+            )
+        )
         prog.step(f"batch {batch}")
     prog.close()
     return rows
@@ -687,18 +856,33 @@ def suite_decompose(args, targets):
     whos = ("tensorconv-cp", "tensorconv-tucker", "tltorch")
     prog = _Progress(len(whos), "decompose")
     for who in whos:
+
         def cap():  # 16 GiB of address space: the peer's reported ~83 GB would otherwise swap the VM
             resource.setrlimit(resource.RLIMIT_AS, (16 * 1024**3, 16 * 1024**3))
 
-        row = dict(suite="decompose", method=who, layer="Conv3d(512, 1024, 3)",
-                   rank="(256, 128)" if who.endswith("tucker") else "256", threads=threads)
+        row = dict(
+            suite="decompose",
+            method=who,
+            layer="Conv3d(512, 1024, 3)",
+            rank="(256, 128)" if who.endswith("tucker") else "256",
+            threads=threads,
+        )
         try:
-            done = subprocess.run([sys.executable, "-c", _DECOMPOSE, who, str(threads)], capture_output=True, text=True,
-                                  timeout=limit_s, preexec_fn=cap if who == "tltorch" else None)
+            done = subprocess.run(
+                [sys.executable, "-c", _DECOMPOSE, who, str(threads)],
+                capture_output=True,
+                text=True,
+                timeout=limit_s,
+                preexec_fn=cap if who == "tltorch" else None,
+            )
             if done.returncode == 0:
                 out = json.loads(done.stdout.strip().splitlines()[-1])
-                row.update(seconds=round(out["seconds"], 1), extra_peak_mib=round(out["extra_bytes"] / 2**20),
-                           relative_error=round(out["error"], 4), result="done")
+                row.update(
+                    seconds=round(out["seconds"], 1),
+                    extra_peak_mib=round(out["extra_bytes"] / 2**20),
+                    relative_error=round(out["error"], 4),
+                    result="done",
+                )
             else:
                 last = (done.stderr.strip().splitlines() or ["?"])[-1]
                 row.update(seconds=None, extra_peak_mib=None, relative_error=None, result=f"failed: {last[:120]}")
@@ -722,12 +906,19 @@ def suite_r3d18(args, targets):
         for name, c, t, ks, stride, padding, spatial in convs:
             shape = (args.batch, c) + spatial
             x = _make_input(backend, device, shape)
-            k = KruskalKernel.random((t, c) + ks, _params_matched_rank(c, t, ks), backend=backend, dtype="float32",
-                                     device=_array_device(device), seed=3)
+            k = KruskalKernel.random(
+                (t, c) + ks,
+                _params_matched_rank(c, t, ks),
+                backend=backend,
+                dtype="float32",
+                device=_array_device(device),
+                seed=3,
+            )
             geo = dict(stride=stride, padding=padding)
             options = {s: plan_conv(k, shape, strategy=s, **geo) for s in ("auto", "factorized", "reconstructed")}
-            candidates = {s: (lambda s=s: conv(x, k, strategy=s, **geo))
-                          for s in ("auto", "factorized", "reconstructed")}
+            candidates = {
+                s: (lambda s=s: conv(x, k, strategy=s, **geo)) for s in ("auto", "factorized", "reconstructed")
+            }
             if plan_conv(k, shape, strategy="fused", **geo).plane_chain and getattr(args, "cpu_kernel", False):
                 candidates["fused"] = lambda: conv(x, k, strategy="fused", **geo)
             import torch  # torch targets only
@@ -736,11 +927,22 @@ def suite_r3d18(args, targets):
                 t_all = measure_many(candidates, device=device, repeat=args.repeat, budget_s=args.budget)
             chosen = options["auto"].strategy + (f" ({options['auto'].order})" if options["auto"].order else "")
             best = min((s for s in t_all if s != "auto"), key=lambda s: t_all[s]["median_ms"])
-            rows.append(dict(suite="r3d18", layer=name, backend=_label(backend, device), batch=args.batch, channels=c,
-                             out_channels=t, rank=k.rank, auto=chosen,
-                             **{f"{s} ms": round(v["median_ms"], 3) for s, v in t_all.items()},
-                             best=best, auto_over_best=round(t_all["auto"]["median_ms"] / t_all[best]["median_ms"], 3),
-                             estimates={s: round(v * 1e3, 3) for s, v in options["auto"].estimates.items()}))
+            rows.append(
+                dict(
+                    suite="r3d18",
+                    layer=name,
+                    backend=_label(backend, device),
+                    batch=args.batch,
+                    channels=c,
+                    out_channels=t,
+                    rank=k.rank,
+                    auto=chosen,
+                    **{f"{s} ms": round(v["median_ms"], 3) for s, v in t_all.items()},
+                    best=best,
+                    auto_over_best=round(t_all["auto"]["median_ms"] / t_all[best]["median_ms"], 3),
+                    estimates={s: round(v * 1e3, 3) for s, v in options["auto"].estimates.items()},
+                )
+            )
             prog.step(f"{name} {backend}")
     prog.close()
     return rows
@@ -779,7 +981,9 @@ def plot_fig6(rows, path):
         pts = sorted({(r["channels"], r["analytic_macs"]) for r in rows if r["model"] == model})
         ax1.plot([f"{c}x{c}" for c, _ in pts], [2 * m / 1e9 for _, m in pts], marker="o", label=model)
         for backend in backends:
-            sel = sorted((r["channels"], r["median_ms"]) for r in rows if r["model"] == model and r["backend"] == backend)
+            sel = sorted(
+                (r["channels"], r["median_ms"]) for r in rows if r["model"] == model and r["backend"] == backend
+            )
             if sel:
                 ax2.plot([f"{c}x{c}" for c, _ in sel], [t for _, t in sel], marker="o", label=f"{model} ({backend})")
     ax1.set_yscale("log")
@@ -798,17 +1002,26 @@ def plot_fig6(rows, path):
 
 
 def add_arguments(parser):
-    parser.add_argument("suites", nargs="*", choices=[*SUITES, []], default=None,
-                        help=f"suites to run (default: all of {SUITES})")
+    parser.add_argument(
+        "suites", nargs="*", choices=[*SUITES, []], default=None, help=f"suites to run (default: all of {SUITES})"
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes, < 2 minutes on a 2-core CPU")
     parser.add_argument("--out", metavar="DIR", help="write results.json (and fig6.png) there")
-    parser.add_argument("--backend", action="append", choices=["numpy", "torch", "torch-cuda", "cupy", "jax"],
-                        help="backend (repeatable; default: every one found)")
+    parser.add_argument(
+        "--backend",
+        action="append",
+        choices=["numpy", "torch", "torch-cuda", "cupy", "jax"],
+        help="backend (repeatable; default: every one found)",
+    )
     parser.add_argument("--batch", type=positive_int, default=None, help="batch size (default 1, quick 1)")
     parser.add_argument("--repeat", type=positive_int, default=None, help="timed runs per point (default 7, quick 5)")
-    parser.add_argument("--allocator", choices=["default", "no-trim"], default="no-trim",
-                        help="glibc allocator: 'no-trim' keeps freed memory (no first-touch page faults); "
-                             "'default' leaves glibc as it is. Recorded with the results.")
+    parser.add_argument(
+        "--allocator",
+        choices=["default", "no-trim"],
+        default="no-trim",
+        help="glibc allocator: 'no-trim' keeps freed memory (no first-touch page faults); "
+        "'default' leaves glibc as it is. Recorded with the results.",
+    )
 
 
 def main(args):
@@ -822,8 +1035,9 @@ def main(args):
         check_writable(args.out, directory=True, flag="--out")
     if args.allocator == "no-trim":
         ok = _set_malloc_no_trim()
-        args.allocator_note = ("glibc mallopt: M_MMAP_THRESHOLD=1GiB, M_TRIM_THRESHOLD=inf" if ok
-                               else "default (no glibc mallopt here)")
+        args.allocator_note = (
+            "glibc mallopt: M_MMAP_THRESHOLD=1GiB, M_TRIM_THRESHOLD=inf" if ok else "default (no glibc mallopt here)"
+        )
     else:
         args.allocator_note = "glibc default"
     targets = _targets(args)

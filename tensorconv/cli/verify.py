@@ -1,4 +1,5 @@
 """``tensorconv verify``: every derivation of the paper checked on random instances, every backend."""
+
 from __future__ import annotations
 
 import json
@@ -69,8 +70,14 @@ def _case(derivation, rng, n, backend_name, device, dtype):
     block_params = sum(layer.n_params for layer in layers)
     dense_params = int(np.prod(dense.shape))
     plan = plan_conv(dense, tuple(x.shape), **geo)
-    return (max(e[0] for e in errs), max(e[1] for e in errs), block_params, dense_params,
-            block_macs(layers, tuple(x.shape)), plan.dense_macs)
+    return (
+        max(e[0] for e in errs),
+        max(e[1] for e in errs),
+        block_params,
+        dense_params,
+        block_macs(layers, tuple(x.shape)),
+        plan.dense_macs,
+    )
 
 
 def _transduction_case(rng, n, backend_name, device, dtype, init):
@@ -80,8 +87,9 @@ def _transduction_case(rng, n, backend_name, device, dtype, init):
     b = backend_for_name(backend_name)
     c, t, r = (int(v) for v in rng.integers(1, 5, size=3))
     ks = tuple(int(k) for k in rng.integers(1, 4, size=n))
-    k = KruskalKernel.random((t, c) + ks, r, backend=backend_name, dtype=dtype, device=device,
-                             seed=int(rng.integers(2**31)))
+    k = KruskalKernel.random(
+        (t, c) + ks, r, backend=backend_name, dtype=dtype, device=device, seed=int(rng.integers(2**31))
+    )
     kt = int(rng.integers(0, 3)) * 2 + 1 if init == "center" else int(rng.integers(1, 4))
     frames = int(rng.integers(kt, kt + 4))
     dims = tuple(int(rng.integers(k_, k_ + 5)) for k_ in ks)
@@ -136,26 +144,46 @@ def run(backends=None, dtypes=("float64",), cases=10, seed=0, derivations=None, 
                 except Exception as exc:  # a crash is a failure of that derivation, reported, not raised
                     error = f"{type(exc).__name__}: {exc}"
                 ok = error is None and worst[1] <= TOLERANCE[dtype]
-                rows.append(dict(derivation=dname, backend=backend, dtype=dtype, cases=cases, max_abs=worst[0],
-                                 max_rel=worst[1], params_block=info[0], params_dense=info[1], macs_block=info[2],
-                                 macs_dense=info[3], passed=ok, error=error,
-                                 seconds=round(time.perf_counter() - t0, 3)))
+                rows.append(
+                    dict(
+                        derivation=dname,
+                        backend=backend,
+                        dtype=dtype,
+                        cases=cases,
+                        max_abs=worst[0],
+                        max_rel=worst[1],
+                        params_block=info[0],
+                        params_dense=info[1],
+                        macs_block=info[2],
+                        macs_dense=info[3],
+                        passed=ok,
+                        error=error,
+                        seconds=round(time.perf_counter() - t0, 3),
+                    )
+                )
                 done += 1
                 if progress:
-                    print(f"[{done}/{total}] {dname} on {backend} ({dtype}): {'pass' if ok else 'FAIL'}",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"[{done}/{total}] {dname} on {backend} ({dtype}): {'pass' if ok else 'FAIL'}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
     return rows
 
 
 def format_table(rows):
-    head = (f"{'derivation':<18} {'backend':<11} {'dtype':<8} {'cases':>5} {'max abs err':>11} {'max rel err':>11} "
-            f"{'params block/dense*':>20} {'MACs block/dense*':>22} {'result':>6}")
+    head = (
+        f"{'derivation':<18} {'backend':<11} {'dtype':<8} {'cases':>5} {'max abs err':>11} {'max rel err':>11} "
+        f"{'params block/dense*':>20} {'MACs block/dense*':>22} {'result':>6}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{derivation_label(r['derivation']):<18} {r['backend']:<11} {r['dtype']:<8} {r['cases']:>5} {r['max_abs']:>11.2e} "
+            f"{derivation_label(r['derivation']):<18} {r['backend']:<11} {r['dtype']:<8} {r['cases']:>5} "
+            f"{r['max_abs']:>11.2e} "
             f"{r['max_rel']:>11.2e} {str(r['params_block']) + '/' + str(r['params_dense']):>20} "
-            f"{str(r['macs_block']) + '/' + str(r['macs_dense']):>22} {'pass' if r['passed'] else 'FAIL':>6}")
+            f"{str(r['macs_block']) + '/' + str(r['macs_dense']):>22} {'pass' if r['passed'] else 'FAIL':>6}"
+        )
         if r["error"]:
             lines.append(f"    error: {r['error']}")
     lines.append("* of the last random case (small random sizes: a check of the algebra, not of compression)")
@@ -163,10 +191,15 @@ def format_table(rows):
 
 
 def add_arguments(parser):
-    parser.add_argument("--backend", action="append", choices=["numpy", "torch", "torch-cuda", "cupy", "jax"],
-                        help="backend to check (repeatable; default: every one found)")
-    parser.add_argument("--dtype", action="append", choices=["float64", "float32"],
-                        help="dtype (repeatable; default float64)")
+    parser.add_argument(
+        "--backend",
+        action="append",
+        choices=["numpy", "torch", "torch-cuda", "cupy", "jax"],
+        help="backend to check (repeatable; default: every one found)",
+    )
+    parser.add_argument(
+        "--dtype", action="append", choices=["float64", "float32"], help="dtype (repeatable; default float64)"
+    )
     parser.add_argument("--cases", type=positive_int, default=10, help="random instances per derivation (default 10)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random cases (an int >= 0)")
     parser.add_argument("--derivation", action="append", help="only this derivation (repeatable)")
@@ -185,10 +218,14 @@ def main(args):
         raise SystemExit(f"backend(s) {missing} not available here; found {found}")
     if args.derivation:
         args.derivation = [PAPER_NAMES.get(d.lower(), d) for d in args.derivation]
-        unknown = [d for d in args.derivation if d not in DERIVATIONS and d not in ("transduct_center", "transduct_ones")]
+        unknown = [
+            d for d in args.derivation if d not in DERIVATIONS and d not in ("transduct_center", "transduct_ones")
+        ]
         if unknown:
-            raise SystemExit(f"unknown derivation(s) {unknown}; choose from {list(DERIVATIONS)} + transduct_center, "
-                             f"transduct_ones, or the paper's names {list(PAPER_NAMES)}")
+            raise SystemExit(
+                f"unknown derivation(s) {unknown}; choose from {list(DERIVATIONS)} + transduct_center, "
+                f"transduct_ones, or the paper's names {list(PAPER_NAMES)}"
+            )
     dtypes = tuple(args.dtype or ["float64"])
     if "jax" in backends and "float64" in dtypes:
         enable_jax_x64()
@@ -200,4 +237,3 @@ def main(args):
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)
     return 1 if failed else 0
-

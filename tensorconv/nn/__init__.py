@@ -1,9 +1,23 @@
 """PyTorch modules (imported on first use: ``import tensorconv`` does not import torch)."""
-from .layers import HOCPBlock, KruskalConv, TuckerConv, cp_rank_for, tucker_rank_for
+
 from .compress import factorize, summarize
+from .layers import HOCPBlock, KruskalConv, TuckerConv, cp_rank_for, tucker_rank_for
 from .resnet import HOCPResNet, TensorRegression, hocp_resnet18
 from .training import factorized_layers, lasso, prune, transduct
 
-__all__ = ["KruskalConv", "TuckerConv", "HOCPBlock", "transduct", "lasso", "prune", "factorized_layers",
-           "cp_rank_for", "tucker_rank_for", "hocp_resnet18", "HOCPResNet", "TensorRegression",
-           "factorize", "summarize"]
+__all__ = [
+    "KruskalConv",
+    "TuckerConv",
+    "HOCPBlock",
+    "transduct",
+    "lasso",
+    "prune",
+    "factorized_layers",
+    "cp_rank_for",
+    "tucker_rank_for",
+    "hocp_resnet18",
+    "HOCPResNet",
+    "TensorRegression",
+    "factorize",
+    "summarize",
+]

@@ -1,5 +1,6 @@
 """Compress a whole network: ``factorize`` replaces its convolutions by factorized ones,
 ``summarize`` reports what that did (parameters, fit, multiply-adds)."""
+
 from __future__ import annotations
 
 import copy
@@ -21,8 +22,10 @@ def _check_rank(rank):
         return
     if isinstance(rank, str):
         if rank != "same":
-            raise ValueError(f"rank={rank!r}: expected an int >= 1, a float fraction > 0, 'same' or a callable "
-                             f"(name, module) -> rank")
+            raise ValueError(
+                f"rank={rank!r}: expected an int >= 1, a float fraction > 0, 'same' or a callable "
+                f"(name, module) -> rank"
+            )
         return
     if isinstance(rank, bool) or not isinstance(rank, (int, float, tuple, list)):
         raise TypeError(f"rank={rank!r}: expected an int >= 1, a float fraction > 0, 'same' or a callable")
@@ -95,14 +98,19 @@ def factorize(model, rank, *, factorization="cp", layers=None, inplace=False, **
         raise ValueError("factorize: the model is itself one conv; use KruskalConv.from_conv / TuckerConv.from_conv")
     from .._conv_modules import check_plain_conv
 
-    candidates = [(f"{parent}.{child}" if parent else child, module, child, conv)
-                  for parent, module in target.named_modules()
-                  for child, conv in module.named_children() if _eligible(conv)]
+    candidates = [
+        (f"{parent}.{child}" if parent else child, module, child, conv)
+        for parent, module in target.named_modules()
+        for child, conv in module.named_children()
+        if _eligible(conv)
+    ]
     chosen = [c for c in candidates if layers is None or layers(c[0], c[3])]
     if not chosen:
         what = "no conv with a kernel larger than 1" if not candidates else "none chosen by `layers`"
-        raise ValueError(f"factorize: the model has no eligible convolution ({what}; eligible: nn.Conv1d/2d/3d "
-                         f"with kernel_size > 1 in some mode)")
+        raise ValueError(
+            f"factorize: the model has no eligible convolution ({what}; eligible: nn.Conv1d/2d/3d "
+            f"with kernel_size > 1 in some mode)"
+        )
     skipped = {}
     replaced = 0
     for name, parent, child, conv in chosen:
@@ -112,8 +120,7 @@ def factorize(model, rank, *, factorization="cp", layers=None, inplace=False, **
             skipped[name] = str(exc).split(";")[0]
             continue
         if factorization == "cp" and conv.groups != 1:
-            skipped[name] = (f"groups={conv.groups}: a CP kernel mixes all channels; factorization='tucker' keeps "
-                             f"groups")
+            skipped[name] = f"groups={conv.groups}: a CP kernel mixes all channels; factorization='tucker' keeps groups"
             continue
         layer_rank = rank(name, conv) if callable(rank) and not isinstance(rank, str) else rank
         _check_rank(layer_rank)
@@ -135,10 +142,12 @@ def _input_shapes(model, input_shape):
     def record(name):
         def hook(module, args):
             shapes.setdefault(name, tuple(args[0].shape))  # returns None: the inputs go on unchanged
+
         return hook
 
-    hooks = [m.register_forward_pre_hook(record(name)) for name, m in model.named_modules()
-             if isinstance(m, _FactorizedConv)]
+    hooks = [
+        m.register_forward_pre_hook(record(name)) for name, m in model.named_modules() if isinstance(m, _FactorizedConv)
+    ]
     p = next(model.parameters())
     was_training = model.training
     try:
@@ -191,16 +200,35 @@ def summarize(model, input_shape=None):
         if name in shapes:
             plan = m.plan(shapes[name])
             groups = getattr(m, "groups", 1)
-            dense_macs = plan.dense_macs // (groups if m.kernel.is_grouped_conv else 1) \
-                if isinstance(m, TuckerConv) else plan.dense_macs
+            dense_macs = (
+                plan.dense_macs // (groups if m.kernel.is_grouped_conv else 1)
+                if isinstance(m, TuckerConv)
+                else plan.dense_macs
+            )
             mac_dense += dense_macs
             mac_plan += plan.macs
             macs = f"{_fmt(dense_macs)} -> {_fmt(plan.macs)}"
         rank = m.rank if isinstance(m.rank, int) else "x".join(str(r) for r in m.rank)
-        table.append((name, str((m.out_channels, m.in_channels) + tuple(m.kernel_size)), str(rank),
-                      f"{_fmt(dense)} -> {_fmt(fact)} ({ratio})", "-" if err is None else f"{err:.3g}", macs))
+        table.append(
+            (
+                name,
+                str((m.out_channels, m.in_channels) + tuple(m.kernel_size)),
+                str(rank),
+                f"{_fmt(dense)} -> {_fmt(fact)} ({ratio})",
+                "-" if err is None else f"{err:.3g}",
+                macs,
+            )
+        )
     ratio = f"{tot_dense / tot_fact:.1f}x fewer" if tot_fact <= tot_dense else f"{tot_fact / tot_dense:.1f}x more"
-    table.append(("total", "", "", f"{_fmt(tot_dense)} -> {_fmt(tot_fact)} ({ratio})", "",
-                  f"{_fmt(mac_dense)} -> {_fmt(mac_plan)}" if shapes else "-"))
+    table.append(
+        (
+            "total",
+            "",
+            "",
+            f"{_fmt(tot_dense)} -> {_fmt(tot_fact)} ({ratio})",
+            "",
+            f"{_fmt(mac_dense)} -> {_fmt(mac_plan)}" if shapes else "-",
+        )
+    )
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table)

@@ -4,6 +4,7 @@ Arguments and defaults follow ``torch.nn.ConvNd``. The number of spatial dims is
 ``len(kernel_size)`` (or ``n_spatial=`` with an int kernel size), so the same class is a
 1-D ... N-D convolution.
 """
+
 from __future__ import annotations
 
 import math
@@ -11,9 +12,9 @@ import math
 import torch
 from torch import nn
 
+from ..backends import PADDING_MODES, backend_for_name
 from ..kernels import KruskalKernel, TuckerKernel
 from ..plans.plan import conv
-from ..backends import PADDING_MODES, backend_for_name
 from ..plans.spec import normalize_int_tuple, normalize_padding
 
 __all__ = ["KruskalConv", "TuckerConv", "HOCPBlock", "cp_rank_for", "tucker_rank_for"]
@@ -64,15 +65,17 @@ def tucker_rank_for(rank, in_channels, out_channels, kernel_size, groups=1, *, g
         raise ValueError(f"groups must be an int >= 1, got {groups!r}")
     if grouped_conv and groups > 1:
         if in_channels % groups or out_channels % groups:
-            raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must be divisible by "
-                             f"groups={groups}")
+            raise ValueError(
+                f"in_channels={in_channels} and out_channels={out_channels} must be divisible by groups={groups}"
+            )
         if isinstance(rank, float) or rank == "same":
             r_out, r_in = tucker_rank_for(rank, in_channels // groups, out_channels // groups, kernel_size)
             return r_out * groups, r_in * groups
     if isinstance(rank, str):
         if rank != "same":
-            raise ValueError(f"rank={rank!r}: expected an int, (R_out, R_in), a float fraction of the dense "
-                             f"parameters, or 'same'")
+            raise ValueError(
+                f"rank={rank!r}: expected an int, (R_out, R_in), a float fraction of the dense parameters, or 'same'"
+            )
         rank = 1.0
     if isinstance(rank, float):
         if not 0 < rank < math.inf:
@@ -124,8 +127,7 @@ def _run_conv(x, parts, bias, layer):
         # inside, autocast is off so that every step stays in it
         tensors = tuple(None if t is None else t.to(cast) for t in tensors)
         with torch_backend.autocast_off(x):
-            return _run_conv(x.to(cast), (kind, tensors, groups, block), None if bias is None else bias.to(cast),
-                             layer)
+            return _run_conv(x.to(cast), (kind, tensors, groups, block), None if bias is None else bias.to(cast), layer)
     if torch.jit.is_tracing() or torch.compiler.is_compiling():
         # a tracer (jit.trace, torch.compile, torch.export) records standard ops, not the Python planning
         # or the compiled kernel behind conv(): shape-generic, and quick to compile
@@ -133,8 +135,15 @@ def _run_conv(x, parts, bias, layer):
     else:
         first, *factors = tensors
         kernel = KruskalKernel(first, factors) if kind == "cp" else TuckerKernel(first, factors, groups=groups)
-        out = conv(x, kernel, stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
-                   padding_mode=layer.padding_mode, strategy=layer.strategy)
+        out = conv(
+            x,
+            kernel,
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
+            padding_mode=layer.padding_mode,
+            strategy=layer.strategy,
+        )
     if bias is not None:
         out = out + bias.reshape((-1,) + (1,) * len(layer.kernel_size))
     return out
@@ -150,8 +159,10 @@ def _graph_conv(x, parts, layer):
 
     n = len(layer.kernel_size)
     if n > 3:
-        raise RuntimeError(f"tracing or compiling a {n}-D tensorconv layer: torch has no conv{n}d to record; "
-                           f"use 1-3 spatial dims there, or run it eagerly")
+        raise RuntimeError(
+            f"tracing or compiling a {n}-D tensorconv layer: torch has no conv{n}d to record; "
+            f"use 1-3 spatial dims there, or run it eagerly"
+        )
     convnd = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
     unit = (None,) * n  # indexing with these appends n unit modes to a weight (a view)
     unbatched = x.ndim == n + 1
@@ -169,8 +180,11 @@ def _graph_conv(x, parts, layer):
         lam, u_t, u_c, *spatial = tensors
         rank = int(lam.shape[0])
         # a 1x1 transposed conv takes U_C (C, R) as its weight as it is stored: no transposed copy
-        h = x if u_c is None else (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[n - 1](
-            x, u_c[(...,) + unit])
+        h = (
+            x
+            if u_c is None
+            else (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[n - 1](x, u_c[(...,) + unit])
+        )
         h = pad(h)
         for m, u in enumerate(spatial):
             if m == n - 1:
@@ -181,8 +195,9 @@ def _graph_conv(x, parts, layer):
             stride[m], dilation[m] = layer.stride[m], layer.dilation[m]
             padding[m] = pads[m][0] if native else 0
             # (K, R) -> depthwise weight (R, 1, .., K at mode m, ..), a view
-            h = convnd(h, u.t()[(slice(None), None) + tuple(taps)], None, tuple(stride), tuple(padding),
-                       tuple(dilation), rank)
+            h = convnd(
+                h, u.t()[(slice(None), None) + tuple(taps)], None, tuple(stride), tuple(padding), tuple(dilation), rank
+            )
         out = convnd(h, u_t[(...,) + unit])
     else:
         core, u_t, u_c = tensors
@@ -194,8 +209,9 @@ def _graph_conv(x, parts, layer):
             else:
                 w = u_c.t()  # a view: the conv reads it as it is
             h = convnd(h, w[(...,) + unit], None, 1, 0, 1, groups if block else 1)
-        h = convnd(pad(h), core, None, layer.stride, tuple(lo for lo, _ in pads) if native else 0, layer.dilation,
-                   groups)
+        h = convnd(
+            pad(h), core, None, layer.stride, tuple(lo for lo, _ in pads) if native else 0, layer.dilation, groups
+        )
         out = convnd(h, u_t[(...,) + unit], None, 1, 0, 1, groups if block else 1)
     return out[0] if unbatched else out
 
@@ -212,8 +228,9 @@ class _FactorizedConv(nn.Module):
 
     groups = 1  # as nn.ConvNd's; TuckerConv may set more
 
-    def _init_geometry(self, in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode,
-                       strategy, n_spatial):
+    def _init_geometry(
+        self, in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode, strategy, n_spatial
+    ):
         if in_channels < 1 or out_channels < 1:
             raise ValueError(f"in_channels and out_channels must be >= 1, got {in_channels}, {out_channels}")
         self.kernel_size = _kernel_size(kernel_size, n_spatial)
@@ -250,25 +267,38 @@ class _FactorizedConv(nn.Module):
     def forward(self, x):
         n = self.n_spatial
         if x.ndim not in (n + 1, n + 2):
-            raise ValueError(f"{type(self).__name__} with {n} spatial dims expects input (B, C, *{n} dims) or "
-                             f"(C, *{n} dims), got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"{type(self).__name__} with {n} spatial dims expects input (B, C, *{n} dims) or "
+                f"(C, *{n} dims), got shape {tuple(x.shape)}"
+            )
         return _run_conv(x, self._parts(), self.bias, self)
 
     def __prepare_scriptable__(self):
         # torch.jit.script calls this on every submodule before compiling: say why it cannot work
-        raise RuntimeError(f"{type(self).__name__} cannot be compiled by torch.jit.script: its forward plans the "
-                           f"convolution in Python for each input shape. Use torch.jit.trace or torch.export "
-                           f"(tensorconv layers record shape-generic standard convs), torch.compile, or "
-                           f"to_dense_conv() for a scriptable nn.ConvNd")
+        raise RuntimeError(
+            f"{type(self).__name__} cannot be compiled by torch.jit.script: its forward plans the "
+            f"convolution in Python for each input shape. Use torch.jit.trace or torch.export "
+            f"(tensorconv layers record shape-generic standard convs), torch.compile, or "
+            f"to_dense_conv() for a scriptable nn.ConvNd"
+        )
 
     def plan(self, input_shape):
         """The :class:`~tensorconv.ConvPlan` this layer runs for ``input_shape``."""
         from ..plans.plan import plan_conv
 
         p = next(self.parameters())
-        return plan_conv(self.kernel, input_shape, stride=self.stride, padding=self.padding, dilation=self.dilation,
-                         padding_mode=self.padding_mode, strategy=self.strategy, dtype=p.dtype, backend="torch",
-                         device=p.device)
+        return plan_conv(
+            self.kernel,
+            input_shape,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            padding_mode=self.padding_mode,
+            strategy=self.strategy,
+            dtype=p.dtype,
+            backend="torch",
+            device=p.device,
+        )
 
     @property
     def dense_params(self):
@@ -304,9 +334,19 @@ class _FactorizedConv(nn.Module):
             padding = tuple(lo for lo, _ in padding)
         p = next(self.parameters())
         cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[n - 1]
-        dense = cls(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=padding,
-                    dilation=self.dilation, groups=self.groups, bias=self.bias is not None,
-                    padding_mode=self.padding_mode, device=p.device, dtype=p.dtype)
+        dense = cls(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            bias=self.bias is not None,
+            padding_mode=self.padding_mode,
+            device=p.device,
+            dtype=p.dtype,
+        )
         with torch.no_grad():
             dense.weight.copy_(self._dense_weight())
             if self.bias is not None:
@@ -322,9 +362,15 @@ class _FactorizedConv(nn.Module):
 
         check_plain_conv(conv_module, "from_conv")
         padding = conv_module.padding if isinstance(conv_module.padding, str) else tuple(conv_module.padding)
-        return dict(stride=tuple(conv_module.stride), padding=padding, dilation=tuple(conv_module.dilation),
-                    padding_mode=conv_module.padding_mode, bias=conv_module.bias is not None,
-                    device=conv_module.weight.device, dtype=conv_module.weight.dtype)
+        return dict(
+            stride=tuple(conv_module.stride),
+            padding=padding,
+            dilation=tuple(conv_module.dilation),
+            padding_mode=conv_module.padding_mode,
+            bias=conv_module.bias is not None,
+            device=conv_module.weight.device,
+            dtype=conv_module.weight.dtype,
+        )
 
 
 class KruskalConv(_FactorizedConv):
@@ -347,14 +393,33 @@ class KruskalConv(_FactorizedConv):
     torch.Size([2, 32, 5, 6, 7, 8])
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True,
-                 padding_mode="zeros", device=None, dtype=None, *, rank="same", strategy="auto", n_spatial=None):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups=1,
+        bias=True,
+        padding_mode="zeros",
+        device=None,
+        dtype=None,
+        *,
+        rank="same",
+        strategy="auto",
+        n_spatial=None,
+    ):
         super().__init__()
         if groups != 1:
-            raise ValueError(f"KruskalConv: groups={groups!r} is not supported (a CP kernel mixes all channels); "
-                             f"TuckerConv(..., groups={groups!r}) factorizes each group")
-        self._init_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode,
-                            strategy, n_spatial)
+            raise ValueError(
+                f"KruskalConv: groups={groups!r} is not supported (a CP kernel mixes all channels); "
+                f"TuckerConv(..., groups={groups!r}) factorizes each group"
+            )
+        self._init_geometry(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode, strategy, n_spatial
+        )
         self.rank = cp_rank_for(rank, in_channels, out_channels, self.kernel_size)
         factory = {"device": device, "dtype": dtype}
         dims = (out_channels, in_channels) + self.kernel_size
@@ -384,8 +449,10 @@ class KruskalConv(_FactorizedConv):
         return KruskalKernel(self.weights, list(self.factors))
 
     def extra_repr(self):
-        return (f"{self._geometry_repr()}, rank={self.rank}, params={self.n_params} "
-                f"({_compression(self.dense_params, self.n_params)})")
+        return (
+            f"{self._geometry_repr()}, rank={self.rank}, params={self.n_params} "
+            f"({_compression(self.dense_params, self.n_params)})"
+        )
 
     @classmethod
     def from_conv(cls, conv_module, rank, strategy="auto", **decomposition_kwargs):
@@ -396,13 +463,21 @@ class KruskalConv(_FactorizedConv):
         """
         geo = cls._conv_geometry(conv_module)
         if conv_module.groups != 1:
-            raise ValueError(f"KruskalConv.from_conv: groups={conv_module.groups} is not supported (a CP kernel mixes "
-                             f"all channels); use TuckerConv.from_conv, which keeps groups")
+            raise ValueError(
+                f"KruskalConv.from_conv: groups={conv_module.groups} is not supported (a CP kernel mixes "
+                f"all channels); use TuckerConv.from_conv, which keeps groups"
+            )
         weight = conv_module.weight.detach()
         rank = cp_rank_for(rank, conv_module.in_channels, conv_module.out_channels, tuple(weight.shape[2:]))
         kernel = KruskalKernel.from_dense(weight, rank, **decomposition_kwargs)
-        layer = cls(conv_module.in_channels, conv_module.out_channels, tuple(weight.shape[2:]), rank=rank,
-                    strategy=strategy, **geo)
+        layer = cls(
+            conv_module.in_channels,
+            conv_module.out_channels,
+            tuple(weight.shape[2:]),
+            rank=rank,
+            strategy=strategy,
+            **geo,
+        )
         with torch.no_grad():
             layer.weights.copy_(kernel.weights)
             for p, f in zip(layer.factors, kernel.factors):
@@ -426,8 +501,9 @@ class KruskalConv(_FactorizedConv):
             raise ValueError(f"stride for the new mode must be an int >= 1, got {stride!r}")
         if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
             raise ValueError(f"dilation for the new mode must be an int >= 1, got {dilation!r}")
-        new_pad = normalize_padding(padding if isinstance(padding, str) else (padding,), (kernel_size,), (stride,),
-                                    (dilation,))[0]
+        new_pad = normalize_padding(
+            padding if isinstance(padding, str) else (padding,), (kernel_size,), (stride,), (dilation,)
+        )[0]
         old_pairs = normalize_padding(self.padding, self.kernel_size, self.stride, self.dilation)
         insert = lambda seq, v: tuple(seq[:position]) + (v,) + tuple(seq[position:])  # noqa: E731
         keep_same = self.padding == "same" and padding == "same"
@@ -472,8 +548,10 @@ class KruskalConv(_FactorizedConv):
     def _components_to_keep(self, threshold, relative):
         """Indices of the rank components with |lambda| above the cut (see :meth:`prune`)."""
         if (threshold is None) == (relative is None):
-            raise ValueError(f"prune: give exactly one of threshold= and relative=, got threshold={threshold!r}, "
-                             f"relative={relative!r}")
+            raise ValueError(
+                f"prune: give exactly one of threshold= and relative=, got threshold={threshold!r}, "
+                f"relative={relative!r}"
+            )
         magnitude = self.weights.detach().abs()
         if relative is not None:
             if not 0 <= relative < 1:
@@ -483,8 +561,10 @@ class KruskalConv(_FactorizedConv):
             raise ValueError(f"prune: threshold={threshold!r} must be >= 0")
         keep = (magnitude > threshold).nonzero().flatten()
         if keep.numel() == 0:
-            raise ValueError(f"prune(threshold={threshold:.3g}) would remove every rank component "
-                             f"(max |lambda| = {float(magnitude.max()):.3g})")
+            raise ValueError(
+                f"prune(threshold={threshold:.3g}) would remove every rank component "
+                f"(max |lambda| = {float(magnitude.max()):.3g})"
+            )
         return keep
 
     def _keep_components(self, keep, optimizer=None):
@@ -519,28 +599,51 @@ class TuckerConv(_FactorizedConv):
     dense 1x1s around a core grouped ``core_groups`` ways (a conv that mixes all channels).
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True,
-                 padding_mode="zeros", device=None, dtype=None, *, rank="same", strategy="auto", core_groups=1,
-                 n_spatial=None):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups=1,
+        bias=True,
+        padding_mode="zeros",
+        device=None,
+        dtype=None,
+        *,
+        rank="same",
+        strategy="auto",
+        core_groups=1,
+        n_spatial=None,
+    ):
         super().__init__()
-        self._init_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode,
-                            strategy, n_spatial)
+        self._init_geometry(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode, strategy, n_spatial
+        )
         for name, v in (("groups", groups), ("core_groups", core_groups)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         if groups > 1 and core_groups > 1:
-            raise ValueError(f"groups={groups} (a grouped conv) and core_groups={core_groups} (ResNeXt) exclude "
-                             f"each other: give one")
+            raise ValueError(
+                f"groups={groups} (a grouped conv) and core_groups={core_groups} (ResNeXt) exclude each other: give one"
+            )
         self.groups = groups
         self.core_groups = core_groups
-        self.rank = tucker_rank_for(rank, in_channels, out_channels, self.kernel_size, self._core_split,
-                                    grouped_conv=groups > 1)
+        self.rank = tucker_rank_for(
+            rank, in_channels, out_channels, self.kernel_size, self._core_split, grouped_conv=groups > 1
+        )
         factory = {"device": device, "dtype": dtype}
         r_out, r_in = self.rank
         cols = (r_out // groups, r_in // groups)  # block-diagonal factors are stored by their blocks
         self.core = nn.Parameter(torch.empty((r_out, r_in // self._core_split) + self.kernel_size, **factory))
-        self.factors = nn.ParameterList([nn.Parameter(torch.empty(out_channels, cols[0], **factory)),
-                                         nn.Parameter(torch.empty(in_channels, cols[1], **factory))])
+        self.factors = nn.ParameterList(
+            [
+                nn.Parameter(torch.empty(out_channels, cols[0], **factory)),
+                nn.Parameter(torch.empty(in_channels, cols[1], **factory)),
+            ]
+        )
         self.reset_parameters()
         self._init_bias(bias, in_channels // groups * math.prod(self.kernel_size), factory)
 
@@ -577,8 +680,10 @@ class TuckerConv(_FactorizedConv):
     def extra_repr(self):
         g = f", groups={self.groups}" if self.groups > 1 else ""
         g += f", core_groups={self.core_groups}" if self.core_groups > 1 else ""
-        return (f"{self._geometry_repr()}, rank={self.rank}{g}, params={self.n_params} "
-                f"({_compression(self.dense_params, self.n_params)})")
+        return (
+            f"{self._geometry_repr()}, rank={self.rank}{g}, params={self.n_params} "
+            f"({_compression(self.dense_params, self.n_params)})"
+        )
 
     def _dense_weight(self):
         k = self.kernel
@@ -604,7 +709,7 @@ class TuckerConv(_FactorizedConv):
         tg, og, ig = t // g, r_out // g, r_in // g
         cores, u_t, u_c = [], [], []
         for j in range(g):
-            part = TuckerKernel.from_dense(weight[j * tg:(j + 1) * tg], (og, ig), **decomposition_kwargs)
+            part = TuckerKernel.from_dense(weight[j * tg : (j + 1) * tg], (og, ig), **decomposition_kwargs)
             cores.append(part.core)
             u_t.append(part.factors[0])
             u_c.append(part.factors[1])
@@ -626,12 +731,42 @@ class HOCPBlock(nn.Module):
     channels + ReLU; ``None`` for none, which makes the block exactly a :class:`KruskalConv`).
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding="same", dilation=1,
-                 bias=False, padding_mode="zeros", device=None, dtype=None, *, rank="same", strategy="auto",
-                 n_spatial=None, nonlinearity="default", skip=False):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=1,
+        padding="same",
+        dilation=1,
+        bias=False,
+        padding_mode="zeros",
+        device=None,
+        dtype=None,
+        *,
+        rank="same",
+        strategy="auto",
+        n_spatial=None,
+        nonlinearity="default",
+        skip=False,
+    ):
         super().__init__()
-        self.conv = KruskalConv(in_channels, out_channels, kernel_size, stride, padding, dilation, 1, bias,
-                                padding_mode, device, dtype, rank=rank, strategy=strategy, n_spatial=n_spatial)
+        self.conv = KruskalConv(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            1,
+            bias,
+            padding_mode,
+            device,
+            dtype,
+            rank=rank,
+            strategy=strategy,
+            n_spatial=n_spatial,
+        )
         r = self.conv.rank
         if nonlinearity == "default":
             nonlinearity = _ChannelNormReLU(r, device=device, dtype=dtype)

@@ -6,6 +6,7 @@ Every module here works for any N and is either a :class:`KruskalConv` (inside
 the modes transduction adds, so ``tensorconv.nn.transduct`` turns the whole 2-D network into a
 3-D one.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,8 +53,10 @@ class _MaxPool(nn.Module):
     def forward(self, x):
         n = len(self.kernel_size)
         if n > 3:
-            raise ValueError(f"max pooling is available for 1-3 spatial modes, this one has {n}: build the "
-                             f"network with stem='small' for more")
+            raise ValueError(
+                f"max pooling is available for 1-3 spatial modes, this one has {n}: build the "
+                f"network with stem='small' for more"
+            )
         pool = (nn.functional.max_pool1d, nn.functional.max_pool2d, nn.functional.max_pool3d)[n - 1]
         return pool(x, self.kernel_size, self.stride, self.padding)
 
@@ -114,19 +117,21 @@ class TensorRegression(nn.Module):
     def forward(self, x):
         n_in = x.ndim - 2
         if n_in != len(self.grid) + len(self.averaged_modes):
-            raise ValueError(f"input has {n_in} spatial modes; this head expects "
-                             f"{len(self.grid) + len(self.averaged_modes)}")
+            raise ValueError(
+                f"input has {n_in} spatial modes; this head expects {len(self.grid) + len(self.averaged_modes)}"
+            )
         if self.averaged_modes:
             x = x.mean(dim=tuple(2 + m for m in self.averaged_modes))
         x = _adaptive_mean(x, self.grid)
-        letters = "defghijklmnopq"[:len(self.grid)]
+        letters = "defghijklmnopq"[: len(self.grid)]
         terms = ["bc" + letters, "cr"] + [f"{ch}r" for ch in letters]
         z = torch.einsum(",".join(terms) + "->br", x, *self.factors[:-1])
         return z @ self.factors[-1].T + self.bias
 
     def extra_repr(self):
-        return (f"{self.in_channels}, {self.num_outputs}, grid={self.grid}, rank={self.rank}"
-                + (f", averaged_modes={self.averaged_modes}" if self.averaged_modes else ""))
+        return f"{self.in_channels}, {self.num_outputs}, grid={self.grid}, rank={self.rank}" + (
+            f", averaged_modes={self.averaged_modes}" if self.averaged_modes else ""
+        )
 
 
 class _GlobalMean(nn.Module):
@@ -149,9 +154,10 @@ class HOCPBasicBlock(nn.Module):
         self.conv2 = HOCPBlock(out_channels, out_channels, k3, rank=rank, padding=1, **factory)
         self.bn2 = ChannelNorm(out_channels, **factory)
         if stride != 1 or in_channels != out_channels:
-            self.downsample = nn.Sequential(KruskalConv(in_channels, out_channels, k1, rank=rank, stride=stride,
-                                                        bias=False, **factory),
-                                            ChannelNorm(out_channels, **factory))
+            self.downsample = nn.Sequential(
+                KruskalConv(in_channels, out_channels, k1, rank=rank, stride=stride, bias=False, **factory),
+                ChannelNorm(out_channels, **factory),
+            )
         else:
             self.downsample = None
 
@@ -165,8 +171,22 @@ class HOCPBasicBlock(nn.Module):
 class HOCPResNet(nn.Module):
     """See :func:`hocp_resnet18`."""
 
-    def __init__(self, in_channels, num_outputs, *, n_spatial=2, rank="same", head="trl", stem="imagenet",
-                 blocks=(2, 2, 2, 2), width=1.0, trl_grid=None, trl_rank=16, device=None, dtype=None):
+    def __init__(
+        self,
+        in_channels,
+        num_outputs,
+        *,
+        n_spatial=2,
+        rank="same",
+        head="trl",
+        stem="imagenet",
+        blocks=(2, 2, 2, 2),
+        width=1.0,
+        trl_grid=None,
+        trl_rank=16,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         for name, v in (("in_channels", in_channels), ("num_outputs", num_outputs), ("n_spatial", n_spatial)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -176,8 +196,10 @@ class HOCPResNet(nn.Module):
         if stem not in ("imagenet", "small"):
             raise ValueError(f"stem={stem!r} is not one of ('imagenet', 'small')")
         if stem == "imagenet" and n_spatial > 3:
-            raise ValueError(f"stem='imagenet' max-pools, which exists for 1-3 spatial modes; n_spatial={n_spatial} "
-                             f"needs stem='small'")
+            raise ValueError(
+                f"stem='imagenet' max-pools, which exists for 1-3 spatial modes; n_spatial={n_spatial} "
+                f"needs stem='small'"
+            )
         if len(blocks) != len(_STAGES) or min(blocks) < 1:
             raise ValueError(f"blocks={blocks!r}: expected {len(_STAGES)} ints >= 1 (ResNet-18: (2, 2, 2, 2))")
         if not width > 0:
@@ -187,12 +209,18 @@ class HOCPResNet(nn.Module):
         widths = [max(1, int(round(c * width))) for c, _ in _STAGES]
         n = n_spatial
         if stem == "imagenet":
-            self.stem = nn.Sequential(HOCPBlock(in_channels, widths[0], (7,) * n, rank=rank, stride=2, padding=3, **factory),
-                                      ChannelNorm(widths[0], **factory), nn.ReLU(),
-                                      _MaxPool((3,) * n, (2,) * n, (1,) * n))
+            self.stem = nn.Sequential(
+                HOCPBlock(in_channels, widths[0], (7,) * n, rank=rank, stride=2, padding=3, **factory),
+                ChannelNorm(widths[0], **factory),
+                nn.ReLU(),
+                _MaxPool((3,) * n, (2,) * n, (1,) * n),
+            )
         else:  # small images (CIFAR-style): 3x3, stride 1, no pooling
-            self.stem = nn.Sequential(HOCPBlock(in_channels, widths[0], (3,) * n, rank=rank, padding=1, **factory),
-                                      ChannelNorm(widths[0], **factory), nn.ReLU())
+            self.stem = nn.Sequential(
+                HOCPBlock(in_channels, widths[0], (3,) * n, rank=rank, padding=1, **factory),
+                ChannelNorm(widths[0], **factory),
+                nn.ReLU(),
+            )
         layers, c_in = [], widths[0]
         for (_, stride), c, count in zip(_STAGES, widths, blocks):
             for i in range(count):

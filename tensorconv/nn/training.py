@@ -1,4 +1,5 @@
 """Model-level helpers for the paper's recipe: transduction, L1 rank selection, pruning."""
+
 from __future__ import annotations
 
 import warnings
@@ -49,8 +50,12 @@ def prune(model, threshold=None, *, relative=None, optimizer=None):
 
 
 _BN_UP = {nn.BatchNorm1d: nn.BatchNorm2d, nn.BatchNorm2d: nn.BatchNorm3d}
-_POOL_UP = {nn.MaxPool1d: nn.MaxPool2d, nn.MaxPool2d: nn.MaxPool3d, nn.AvgPool1d: nn.AvgPool2d,
-            nn.AvgPool2d: nn.AvgPool3d}
+_POOL_UP = {
+    nn.MaxPool1d: nn.MaxPool2d,
+    nn.MaxPool2d: nn.MaxPool3d,
+    nn.AvgPool1d: nn.AvgPool2d,
+    nn.AvgPool2d: nn.AvgPool3d,
+}
 
 
 def _as_tuple(v, n):
@@ -81,22 +86,42 @@ def transduct(model, kernel_size, position=0, padding="same", stride=1, dilation
                     # modules that know how to take a new mode (tensorconv.nn.resnet's pools and heads)
                     child.transduct(position)
                 elif type(child) in _BN_UP:
-                    new = _BN_UP[type(child)](child.num_features, child.eps, child.momentum, child.affine,
-                                              child.track_running_stats, device=_device(child), dtype=_dtype(child))
+                    new = _BN_UP[type(child)](
+                        child.num_features,
+                        child.eps,
+                        child.momentum,
+                        child.affine,
+                        child.track_running_stats,
+                        device=_device(child),
+                        dtype=_dtype(child),
+                    )
                     new.load_state_dict(child.state_dict())
                     new.train(child.training)
                     setattr(module, child_name, new)
                 elif type(child) in _POOL_UP:
                     n = 1 if type(child) in (nn.MaxPool1d, nn.AvgPool1d) else 2
                     ins = lambda v, fill: _as_tuple(v, n)[:position] + (fill,) + _as_tuple(v, n)[position:]  # noqa
-                    kw = dict(kernel_size=ins(child.kernel_size, 1), stride=ins(child.stride, 1),
-                              padding=ins(child.padding, 0), ceil_mode=child.ceil_mode)
+                    kw = dict(
+                        kernel_size=ins(child.kernel_size, 1),
+                        stride=ins(child.stride, 1),
+                        padding=ins(child.padding, 0),
+                        ceil_mode=child.ceil_mode,
+                    )
                     if isinstance(child, (nn.MaxPool1d, nn.MaxPool2d)):
                         kw["dilation"] = ins(child.dilation, 1)
                     setattr(module, child_name, _POOL_UP[type(child)](**kw))
-                elif isinstance(child, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-                                        nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)) and not isinstance(
-                        module, HOCPBlock):
+                elif isinstance(
+                    child,
+                    (
+                        nn.Conv1d,
+                        nn.Conv2d,
+                        nn.Conv3d,
+                        nn.AdaptiveAvgPool1d,
+                        nn.AdaptiveAvgPool2d,
+                        nn.AdaptiveMaxPool1d,
+                        nn.AdaptiveMaxPool2d,
+                    ),
+                ) and not isinstance(module, HOCPBlock):
                     left.append(full)
     if freeze:
         # the paper trains the new temporal factors alone first: every other parameter of the

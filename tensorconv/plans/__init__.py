@@ -1,8 +1,20 @@
 """Convolution plans: geometry (spec), contraction order (planner), execution (executor)."""
+
 from .cost import CostModel, calibrate, cost_model_for, set_cost_model
 from .plan import ConvPlan, conv, plan_conv
 from .planner import STRATEGIES, Step
 from .spec import ConvGeometry, make_geometry
 
-__all__ = ["ConvPlan", "conv", "plan_conv", "STRATEGIES", "Step", "ConvGeometry", "make_geometry", "CostModel",
-           "calibrate", "cost_model_for", "set_cost_model"]
+__all__ = [
+    "ConvPlan",
+    "conv",
+    "plan_conv",
+    "STRATEGIES",
+    "Step",
+    "ConvGeometry",
+    "make_geometry",
+    "CostModel",
+    "calibrate",
+    "cost_model_for",
+    "set_cost_model",
+]

@@ -4,6 +4,7 @@
 Defaults were measured with ``benchmarks/calibrate.py`` (see docs/benchmarks.md);
 :func:`calibrate` re-measures on the running machine and replaces them for this process.
 """
+
 from __future__ import annotations
 
 import time
@@ -52,8 +53,14 @@ class CostModel:
         if itemsize == 8 and self.float64 is not None:
             return self.float64
         scale = 4.0 / itemsize
-        rates = ("macs_per_s", "dense_macs_per_s", "conv_macs_per_s", "depthwise_macs_per_s", "dense_slow_macs_per_s",
-                 "plane_macs_per_s")
+        rates = (
+            "macs_per_s",
+            "dense_macs_per_s",
+            "conv_macs_per_s",
+            "depthwise_macs_per_s",
+            "dense_slow_macs_per_s",
+            "plane_macs_per_s",
+        )
         return replace(self, **{name: getattr(self, name) * scale for name in rates})
 
     def seconds(self, macs, nbytes, calls=1, dense=False, kind=None, rate=None):
@@ -82,8 +89,9 @@ _DEFAULTS = {
     # measured 1.2-1.9x slower than the fewest-MAC chain from 16 channels up at the old
     # 30 GMAC/s price; at 10 GMAC/s, and with its slice copies priced (planner), auto picks
     # the faster plan at every point of benchmarks/auto_check.py)
-    "numpy": CostModel(macs_per_s=6.0e10, bytes_per_s=8.0e9, call_overhead_s=2.0e-5, dense_macs_per_s=3.0e10,
-                       conv_macs_per_s=1.0e10),
+    "numpy": CostModel(
+        macs_per_s=6.0e10, bytes_per_s=8.0e9, call_overhead_s=2.0e-5, dense_macs_per_s=3.0e10, conv_macs_per_s=1.0e10
+    ),
     # (torch CPU, the compiled plane-by-plane CP kernel (plans/fused.py, PlaneChain): its two
     # GEMMs (its own AVX-512 ones; BLAS without) run at about the matmul rate; its depthwise passes, in cache, measured
     # 14-26 GMAC/s including their share of the per-chunk overhead: benchmarks/plane_chain.py;
@@ -94,15 +102,29 @@ _DEFAULTS = {
     # (depthwise) and 3-20 GMAC/s (dense, 1x1; 17-20 from 32 channels up); so plans run
     # float64 steps as tap loops of elementwise ops and GEMMs (TorchBackend.native_conv_ok),
     # priced like NumPy's; the dense conv stays ATen's)
-    "torch": CostModel(macs_per_s=7.0e10, bytes_per_s=2.0e10, call_overhead_s=2.0e-5, dense_macs_per_s=1.0e11,
-                       conv_macs_per_s=1.0e10, native_steps=True, dense_slow_macs_per_s=8.0e9,
-                       depthwise_macs_per_s=3.5e10, plane_macs_per_s=2.0e10,
-                       float64=CostModel(macs_per_s=3.0e10, bytes_per_s=1.5e10, call_overhead_s=2.0e-5,
-                                         dense_macs_per_s=2.0e10, conv_macs_per_s=3.0e9,
-                                         plane_macs_per_s=1.0e10)),
+    "torch": CostModel(
+        macs_per_s=7.0e10,
+        bytes_per_s=2.0e10,
+        call_overhead_s=2.0e-5,
+        dense_macs_per_s=1.0e11,
+        conv_macs_per_s=1.0e10,
+        native_steps=True,
+        dense_slow_macs_per_s=8.0e9,
+        depthwise_macs_per_s=3.5e10,
+        plane_macs_per_s=2.0e10,
+        float64=CostModel(
+            macs_per_s=3.0e10,
+            bytes_per_s=1.5e10,
+            call_overhead_s=2.0e-5,
+            dense_macs_per_s=2.0e10,
+            conv_macs_per_s=3.0e9,
+            plane_macs_per_s=1.0e10,
+        ),
+    ),
     # a datacenter GPU (H100 class)
-    "torch-cuda": CostModel(macs_per_s=2.5e13, bytes_per_s=2.5e12, call_overhead_s=1.0e-5, dense_macs_per_s=1.5e13,
-                            native_steps=True),
+    "torch-cuda": CostModel(
+        macs_per_s=2.5e13, bytes_per_s=2.5e12, call_overhead_s=1.0e-5, dense_macs_per_s=1.5e13, native_steps=True
+    ),
     "cupy": CostModel(macs_per_s=2.5e13, bytes_per_s=2.5e12, call_overhead_s=1.5e-5, dense_macs_per_s=5.0e12),
 }
 _calibrated: dict = {}
@@ -164,7 +186,6 @@ def calibrate(backend_name="torch", device=None, *, size=1024, repeat=5):
     small = b.random_normal((8,), seed=2, dtype="float32", device=device)
     t_call = best(lambda: small * 1.0)
     base = cost_model_for(backend_name, device)
-    model = replace(base, macs_per_s=size ** 3 / t_mm, bytes_per_s=2 * 4 * big.shape[0] / t_cp,
-                    call_overhead_s=t_call)
+    model = replace(base, macs_per_s=size**3 / t_mm, bytes_per_s=2 * 4 * big.shape[0] / t_cp, call_overhead_s=t_call)
     set_cost_model(backend_name, model, device)
     return model

@@ -6,6 +6,7 @@ broadcast multiply-add over contiguous channels. A step that sums taps loops ove
 (K per 1-D mode), slicing the padded activation with the stride and dilation: no window
 tensor is ever materialised.
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,15 +29,21 @@ class WeightProduct:
 
     def __init__(self, lhs, rhs, out, sizes):
         letters = dict(zip(dict.fromkeys(lhs + rhs), _POOL))
-        self.equation = ("".join(letters[i] for i in lhs) + "," + "".join(letters[i] for i in rhs) + "->"
-                         + "".join(letters[i] for i in out))
+        self.equation = (
+            "".join(letters[i] for i in lhs)
+            + ","
+            + "".join(letters[i] for i in rhs)
+            + "->"
+            + "".join(letters[i] for i in out)
+        )
         self.expr = None
         self.layout = None
         if set(lhs) | set(rhs) == set(out):
             self.layout = [self._broadcast_layout(ind, out, sizes) for ind in (lhs, rhs)]
         else:
-            self.expr = opt_einsum.contract_expression(self.equation, tuple(sizes[i] for i in lhs),
-                                                       tuple(sizes[i] for i in rhs))
+            self.expr = opt_einsum.contract_expression(
+                self.equation, tuple(sizes[i] for i in lhs), tuple(sizes[i] for i in rhs)
+            )
 
     @staticmethod
     def _broadcast_layout(ind, out, sizes):
@@ -77,8 +84,23 @@ class TapProgram:
     sizes : dict index name -> size
     """
 
-    def __init__(self, ch_a, w_ind, out_ch, tap_axes, grid_in, grid_out, batch, sizes, *, kernel_size, stride,
-                 dilation, padding, padding_mode):
+    def __init__(
+        self,
+        ch_a,
+        w_ind,
+        out_ch,
+        tap_axes,
+        grid_in,
+        grid_out,
+        batch,
+        sizes,
+        *,
+        kernel_size,
+        stride,
+        dilation,
+        padding,
+        padding_mode,
+    ):
         n = len(grid_in)
         self.n = n
         self.modes = tuple(sorted(tap_axes.values()))
@@ -98,8 +120,9 @@ class TapProgram:
             w_index = tuple(tap_of_mode[tap_axes[i]] if i in tap_axes else slice(None) for i in w_ind)
             self.taps.append((tuple(a_index), w_index))
         self._runs = {}
-        self.native = self._native_spec(ch_a, w_ind, w_ch, out_ch, tap_axes, sizes, kernel_size, stride, dilation,
-                                        padding)
+        self.native = self._native_spec(
+            ch_a, w_ind, w_ch, out_ch, tap_axes, sizes, kernel_size, stride, dilation, padding
+        )
         self.broadcast = set(w_ch) <= set(ch_a) and tuple(out_ch) == tuple(ch_a)
         if self.broadcast:
             # weight channels permuted into the activation's order, then shaped to broadcast
@@ -109,11 +132,22 @@ class TapProgram:
                 self.w_perm = None
             self.w_bshape = (1,) * (1 + n) + tuple(sizes[i] if i in w_ch else 1 for i in ch_a)
         else:
-            letters = dict(zip(("batch",) + tuple(f"y{m}" for m in range(n)) + tuple(
-                dict.fromkeys(ch_a + w_ch + tuple(out_ch))), _POOL))
+            letters = dict(
+                zip(
+                    ("batch",) + tuple(f"y{m}" for m in range(n)) + tuple(dict.fromkeys(ch_a + w_ch + tuple(out_ch))),
+                    _POOL,
+                )
+            )
             pos = letters["batch"] + "".join(letters[f"y{m}"] for m in range(n))
-            eq = (pos + "".join(letters[i] for i in ch_a) + "," + "".join(letters[i] for i in w_ch) + "->" + pos
-                  + "".join(letters[i] for i in out_ch))
+            eq = (
+                pos
+                + "".join(letters[i] for i in ch_a)
+                + ","
+                + "".join(letters[i] for i in w_ch)
+                + "->"
+                + pos
+                + "".join(letters[i] for i in out_ch)
+            )
             a_shape = (batch,) + tuple(grid_out) + tuple(sizes[i] for i in ch_a)
             w_shape = tuple(sizes[i] for i in w_ch)
             self.eq = eq
@@ -146,11 +180,16 @@ class TapProgram:
             n_sum *= sizes[i]
         ks = tuple(kernel_size[m] if m in self.modes else 1 for m in range(self.n))
         padding_native = tuple(padding[m] if m in self.modes else (0, 0) for m in range(self.n))
-        return dict(order=order, shape=(groups * n_new, n_sum) + ks, groups=groups,
-                    flat_in=len(ch_a) != 1, out_sizes=tuple(sizes[i] for i in out_ch) if len(out_ch) != 1 else None,
-                    stride=tuple(stride[m] if m in self.modes else 1 for m in range(self.n)),
-                    dilation=tuple(dilation[m] if m in self.modes else 1 for m in range(self.n)),
-                    padding=padding_native)
+        return dict(
+            order=order,
+            shape=(groups * n_new, n_sum) + ks,
+            groups=groups,
+            flat_in=len(ch_a) != 1,
+            out_sizes=tuple(sizes[i] for i in out_ch) if len(out_ch) != 1 else None,
+            stride=tuple(stride[m] if m in self.modes else 1 for m in range(self.n)),
+            dilation=tuple(dilation[m] if m in self.modes else 1 for m in range(self.n)),
+            padding=padding_native,
+        )
 
     def traceable(self, backend, act, weight):
         """The same step with plain array ops only (no opt_einsum, no in-place, no native conv):
@@ -161,13 +200,16 @@ class TapProgram:
         if native and self.native is not None and backend.native_conv_ok(act):
             spec = self.native
             # the channel count spelled out: a -1 cannot be inferred for an empty batch
-            x = backend.reshape(act, tuple(act.shape[:1 + self.n]) + (spec["shape"][1] * spec["groups"],)) \
-                if spec["flat_in"] else act
+            x = (
+                backend.reshape(act, tuple(act.shape[: 1 + self.n]) + (spec["shape"][1] * spec["groups"],))
+                if spec["flat_in"]
+                else act
+            )
             run = self._native_run(backend, tuple(x.shape))
             if run is not None:
                 out = run(x, backend.reshape(backend.permute(weight, spec["order"]), spec["shape"]))
                 if spec["out_sizes"] is not None:
-                    out = backend.reshape(out, tuple(out.shape[:1 + self.n]) + spec["out_sizes"])
+                    out = backend.reshape(out, tuple(out.shape[: 1 + self.n]) + spec["out_sizes"])
                 return out
         return self._tap_loop(backend, act, weight, traced=False)
 
@@ -176,9 +218,15 @@ class TapProgram:
         key = (backend.name, act_shape)
         if key not in self._runs:
             spec = self.native
-            self._runs[key] = backend.channels_last_conv(act_shape, spec["shape"], stride=spec["stride"],
-                                                         dilation=spec["dilation"], padding=spec["padding"],
-                                                         padding_mode=self.padding_mode, groups=spec["groups"])
+            self._runs[key] = backend.channels_last_conv(
+                act_shape,
+                spec["shape"],
+                stride=spec["stride"],
+                dilation=spec["dilation"],
+                padding=spec["padding"],
+                padding_mode=self.padding_mode,
+                groups=spec["groups"],
+            )
         return self._runs[key]
 
     def _tap_loop(self, backend, act, weight, traced):
@@ -223,8 +271,21 @@ def _dense_program(x_shape, w_shape, stride, dilation, groups):
     else:
         ch_a, w_ind, out_ch = ("g", "s"), ("g", "t", "s") + tuple(taps), ("g", "t")
         sizes = {"g": groups, "s": c // groups, "t": t // groups}
-    program = TapProgram(ch_a, w_ind, out_ch, taps, grid_in, grid_out, batch, sizes, kernel_size=kernel_size,
-                         stride=stride, dilation=dilation, padding=((0, 0),) * n, padding_mode="zeros")
+    program = TapProgram(
+        ch_a,
+        w_ind,
+        out_ch,
+        taps,
+        grid_in,
+        grid_out,
+        batch,
+        sizes,
+        kernel_size=kernel_size,
+        stride=stride,
+        dilation=dilation,
+        padding=((0, 0),) * n,
+        padding_mode="zeros",
+    )
     return program, sizes, grid_out
 
 

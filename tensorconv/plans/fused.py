@@ -29,6 +29,7 @@ Run on torch tensors that need gradients (not the default torch path, which comp
 tile runs under activation checkpointing: backward recomputes the tile's intermediates
 instead of keeping them, so peak memory stays at tile size.
 """
+
 from __future__ import annotations
 
 from .executor import TapProgram
@@ -99,9 +100,21 @@ class FusedRunner:
             grid_in = (rows_in if before else rows_out,) + tuple(step.in_grid[1:])
             grid_out = (rows_in if i < self.mode0_step else rows_out,) + tuple(step.out_grid[1:])
             taps = {t: st.taps.index(t) for t in step.rhs_indices if t in st.taps}
-            progs[i] = TapProgram(step.lhs_indices, step.rhs_indices, step.out_indices, taps, grid_in, grid_out, 1,
-                                  plan._sizes, kernel_size=g.kernel_size, stride=g.stride, dilation=g.dilation,
-                                  padding=padding, padding_mode=g.padding_mode)
+            progs[i] = TapProgram(
+                step.lhs_indices,
+                step.rhs_indices,
+                step.out_indices,
+                taps,
+                grid_in,
+                grid_out,
+                1,
+                plan._sizes,
+                kernel_size=g.kernel_size,
+                stride=g.stride,
+                dilation=g.dilation,
+                padding=padding,
+                padding_mode=g.padding_mode,
+            )
         self._programs[key] = progs
         return progs
 
@@ -111,11 +124,11 @@ class FusedRunner:
         size = g.in_spatial[0]
         lo = g.padding[0][0]
         first, last = p0 - lo, p1 - lo - 1
-        image = x[b:b + 1]
+        image = x[b : b + 1]
         if first >= 0 and last < size:
-            return image[:, :, first:last + 1]
+            return image[:, :, first : last + 1]
         if g.padding_mode == "zeros":
-            inner = image[:, :, max(first, 0):min(last, size - 1) + 1]
+            inner = image[:, :, max(first, 0) : min(last, size - 1) + 1]
             front, back = max(0, -first), max(0, last - size + 1)
             if inner.shape[2] == 0:
                 shape = list(image.shape)
@@ -201,8 +214,11 @@ class CompiledChain:
             if not CompiledChain._warned:
                 import warnings
 
-                warnings.warn(f"tensorconv: torch.compile failed ({type(exc).__name__}: {exc}); the fused "
-                              f"strategy runs unfused", RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"tensorconv: torch.compile failed ({type(exc).__name__}: {exc}); the fused strategy runs unfused",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
                 CompiledChain._warned = True
             return None
 
@@ -221,8 +237,12 @@ class PlaneChain:
         g = plan.geometry
         pad_lo = tuple(lo for lo, _ in g.padding) if g.padding_mode == "zeros" else (0,) * len(g.kernel_size)
         # the kernel's geometry, worked out once: a call at 16 channels takes ~0.3 ms
-        self._geometry = dict(out_spatial=as_3d(g.out_spatial, 1), stride=as_3d(g.stride, 1), pad_lo=as_3d(pad_lo, 0),
-                              dilation=as_3d(g.dilation, 1))
+        self._geometry = dict(
+            out_spatial=as_3d(g.out_spatial, 1),
+            stride=as_3d(g.stride, 1),
+            pad_lo=as_3d(pad_lo, 0),
+            dilation=as_3d(g.dilation, 1),
+        )
 
     @staticmethod
     def applies(structure):

@@ -1,4 +1,5 @@
 """``ConvPlan``: a convolution planned once per shape, then run on any backend."""
+
 from __future__ import annotations
 
 import functools
@@ -77,8 +78,10 @@ def _check_arrays(x, kernel, backend=None):
     for name, a in (("x", x), ("the kernel", ref)):
         if not backend.is_inexact(a):
             # integer products would wrap around silently (int8: 540000 -> 96); torch's conv refuses them too
-            raise TypeError(f"{name} has dtype {backend.dtype_name(a)}: convolutions need a floating (or complex) "
-                            f"dtype; convert it first, e.g. x.astype('float32') / x.float()")
+            raise TypeError(
+                f"{name} has dtype {backend.dtype_name(a)}: convolutions need a floating (or complex) "
+                f"dtype; convert it first, e.g. x.astype('float32') / x.float()"
+            )
     if backend.dtype(x) != backend.dtype(ref):
         raise TypeError(
             f"x has dtype {backend.dtype_name(x)} but the kernel has dtype {backend.dtype_name(ref)}; "
@@ -129,8 +132,20 @@ class ConvPlan:
         Cost-model seconds of each strategy considered.
     """
 
-    def __init__(self, structure, input_shape, geometry, *, batched, strategy, itemsize, backend_name="numpy",
-                 device=None, cost_model=None, plane_chunk=None):
+    def __init__(
+        self,
+        structure,
+        input_shape,
+        geometry,
+        *,
+        batched,
+        strategy,
+        itemsize,
+        backend_name="numpy",
+        device=None,
+        cost_model=None,
+        plane_chunk=None,
+    ):
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy={strategy!r} is not one of {STRATEGIES}")
         self.structure = structure
@@ -162,19 +177,20 @@ class ConvPlan:
             self._reconstruct_macs = reconstruct_macs(structure)
             self.estimates["factorized"] = sum(s.seconds for s in steps)
             self.estimates["reconstructed"] = self._dense_step.seconds + model.seconds(
-                self._reconstruct_macs, itemsize * _prod(structure.shape))
+                self._reconstruct_macs, itemsize * _prod(structure.shape)
+            )
             chosen = strategy
             self.order = "fewest-macs"
             if strategy == "auto":
                 # the fastest factorized order by the cost model may merge spatial factors (one
                 # multi-mode depthwise conv: more MACs, fewer passes over memory)
-                fast_steps, fast_path, _ = plan_steps(structure, geometry, batch, itemsize, model,
-                                                      objective="seconds")
+                fast_steps, fast_path, _ = plan_steps(structure, geometry, batch, itemsize, model, objective="seconds")
                 if fast_path != path:
                     self.estimates["factorized, fastest order"] = sum(s.seconds for s in fast_steps)
                 if plane_chunk is not None and PlaneChain.applies(structure) and model.plane_macs_per_s:
-                    self.estimates["fused (plane chain)"] = plane_chain_seconds(structure, geometry, batch, itemsize,
-                                                                               model, plane_chunk)
+                    self.estimates["fused (plane chain)"] = plane_chain_seconds(
+                        structure, geometry, batch, itemsize, model, plane_chunk
+                    )
                 chosen = min(self.estimates, key=lambda name: self.estimates[name] * _MARGIN.get(name, 1.0))
                 if chosen == "fused (plane chain)":
                     # the chain computes the fewest-MAC order, so the plan's steps (what describe()
@@ -203,13 +219,26 @@ class ConvPlan:
             self._programs = []
             for step in steps:
                 if step.kind == "weights":
-                    self._programs.append(("weights", WeightProduct(step.lhs_indices, step.rhs_indices,
-                                                                    step.out_indices, sizes)))
+                    self._programs.append(
+                        ("weights", WeightProduct(step.lhs_indices, step.rhs_indices, step.out_indices, sizes))
+                    )
                 else:
                     taps = {i: st.taps.index(i) for i in step.rhs_indices if i in st.taps}
-                    prog = TapProgram(step.lhs_indices, step.rhs_indices, step.out_indices, taps, step.in_grid,
-                                      step.out_grid, self.batch, sizes, kernel_size=g.kernel_size, stride=g.stride,
-                                      dilation=g.dilation, padding=g.padding, padding_mode=g.padding_mode)
+                    prog = TapProgram(
+                        step.lhs_indices,
+                        step.rhs_indices,
+                        step.out_indices,
+                        taps,
+                        step.in_grid,
+                        step.out_grid,
+                        self.batch,
+                        sizes,
+                        kernel_size=g.kernel_size,
+                        stride=g.stride,
+                        dilation=g.dilation,
+                        padding=g.padding,
+                        padding_mode=g.padding_mode,
+                    )
                     self._programs.append(("act", prog))
             final = steps[-1].out_indices
             self._final_perm = None
@@ -237,10 +266,18 @@ class ConvPlan:
                 shared = [i for i in st.act_out if i in st.act_in]
                 self._groups = _prod(sizes[i] for i in shared)
                 dense_ind = tuple(st.act_out) + tuple(i for i in st.act_in if i not in shared) + tuple(st.taps)
-                letters = {i: c for i, c in zip(dict.fromkeys([i for op in st.operands for i in op.indices]
-                                                               + list(dense_ind)), "abcdefghijklmnopqrstuvwxyz")}
-                eq = ",".join("".join(letters[i] for i in op.indices) for op in st.operands) + "->" + "".join(
-                    letters[i] for i in dense_ind)
+                letters = {
+                    i: c
+                    for i, c in zip(
+                        dict.fromkeys([i for op in st.operands for i in op.indices] + list(dense_ind)),
+                        "abcdefghijklmnopqrstuvwxyz",
+                    )
+                }
+                eq = (
+                    ",".join("".join(letters[i] for i in op.indices) for op in st.operands)
+                    + "->"
+                    + "".join(letters[i] for i in dense_ind)
+                )
                 self._reconstruct = opt_einsum.contract_expression(eq, *[op.shape for op in st.operands])
                 self._dense_shape = (st.out_channels, st.in_channels // self._groups) + tuple(g.kernel_size)
                 self.weight_macs = self._reconstruct_macs
@@ -280,10 +317,16 @@ class ConvPlan:
         backend = backend_for_name(self.backend_name)
         if self.plane_chain:
             shape = (self.batch, self.structure.in_channels) + as_3d(g.in_spatial, 1)
-            chain = backend.plane_chain_bytes(shape, self.structure.size_of["r"], self.itemsize,
-                                              out_channels=self.structure.out_channels,
-                                              out_spatial=as_3d(g.out_spatial, 1), kernel0=g.kernel_size[0],
-                                              dilation0=g.dilation[0], device=self.device)
+            chain = backend.plane_chain_bytes(
+                shape,
+                self.structure.size_of["r"],
+                self.itemsize,
+                out_channels=self.structure.out_channels,
+                out_spatial=as_3d(g.out_spatial, 1),
+                kernel0=g.kernel_size[0],
+                dilation0=g.dilation[0],
+                device=self.device,
+            )
             if chain is not None:
                 if g.padding_mode != "zeros":  # the input is padded by a copy first
                     chain += self.itemsize * self.batch * self.structure.in_channels * _prod(g.padded_spatial)
@@ -300,7 +343,8 @@ class ConvPlan:
             pads = [g.padding[m] for m in s.modes]
             if s.modes and any(p != (0, 0) for p in pads):
                 padded = self.batch * _prod(
-                    d + (sum(g.padding[m]) if m in s.modes else 0) for m, d in enumerate(s.in_grid))
+                    d + (sum(g.padding[m]) if m in s.modes else 0) for m, d in enumerate(s.in_grid)
+                )
                 # a native conv pads symmetric zeros itself; anything else is a padded copy first
                 copied = not native or g.padding_mode != "zeros" or any(lo != hi for lo, hi in pads)
                 live += ch_in * padded if copied else 0
@@ -319,7 +363,6 @@ class ConvPlan:
         if key != self.structure.key:
             raise ValueError(f"the kernel's structure {key} differs from the one planned for {self.structure.key}")
         return backend
-
 
     def __call__(self, x, kernel):
         return self._run(self._check_call(x, kernel), x, kernel)
@@ -345,8 +388,15 @@ class ConvPlan:
                 weight = backend.reshape(self._reconstruct(*arrays), self._dense_shape)
             else:
                 weight = kernel
-            out = backend.conv_dense(x, weight, stride=g.stride, dilation=g.dilation, groups=self._groups,
-                                     padding=g.padding, padding_mode=g.padding_mode)
+            out = backend.conv_dense(
+                x,
+                weight,
+                stride=g.stride,
+                dilation=g.dilation,
+                groups=self._groups,
+                padding=g.padding,
+                padding_mode=g.padding_mode,
+            )
         return out if self.batched else out[0]
 
     def activation(self, backend, x):
@@ -426,17 +476,22 @@ class ConvPlan:
         lines = [
             f"ConvPlan: {self.structure.kind} kernel {self.structure.shape}, input {self.input_shape} -> "
             f"output {self.output_shape}",
-            f"  strategy: {self.strategy}" + (f", {self.order} order" if self.order else "")
+            f"  strategy: {self.strategy}"
+            + (f", {self.order} order" if self.order else "")
             + f" (requested {self.requested})"
-            + (", estimates: " + ", ".join(f"{k} {v * 1e3:.3g} ms" for k, v in self.estimates.items())
-               if self.estimates else ""),
+            + (
+                ", estimates: " + ", ".join(f"{k} {v * 1e3:.3g} ms" for k, v in self.estimates.items())
+                if self.estimates
+                else ""
+            ),
             f"  geometry: stride={self.geometry.stride} padding={self.geometry.padding} "
             f"dilation={self.geometry.dilation} padding_mode={self.geometry.padding_mode}",
         ]
         if self.plane_chain:
             rest = "torch.compile of the steps below" if self._compiled is not None else "the steps below, unfused"
-            lines.append("  fused: on torch CPU one compiled plane-by-plane kernel (with gradients: stride 1); "
-                         f"otherwise {rest}")
+            lines.append(
+                f"  fused: on torch CPU one compiled plane-by-plane kernel (with gradients: stride 1); otherwise {rest}"
+            )
         lines += [
             "",
             f"  {'#':>2}  {'primitive':<10} {'operands':<22} {'modes':<8} {'summed':<14} {'output shape':<26} "
@@ -450,22 +505,36 @@ class ConvPlan:
                 ops = f"{ids[s.lhs]}, {ids[s.rhs]}"
             ids.append(f"#{k}")
             modes = ",".join(str(m) for m in s.modes) or "-"
-            lines.append(f"  {k:>2}  {s.kind:<10} {ops:<22} {modes:<8} {','.join(s.summed) or '-':<14} "
-                         f"{str(tuple(s.out_shape)):<26} {s.macs:>15,} {s.nbytes:>13,}")
+            lines.append(
+                f"  {k:>2}  {s.kind:<10} {ops:<22} {modes:<8} {','.join(s.summed) or '-':<14} "
+                f"{str(tuple(s.out_shape)):<26} {s.macs:>15,} {s.nbytes:>13,}"
+            )
         ratio = self.dense_macs / self.macs if self.macs else float("inf")
-        lines += [
-            "",
-            f"  activation MACs: {self.macs:,}   weight-only MACs: {self.weight_macs:,}",
-        ] + ([f"  fewest-MAC factorized order: {self.min_macs:,} activation MACs (this order merges "
-              f"factors: fewer passes over memory)"] if self.min_macs != self.macs and self.order else []) + [
-            f"  dense MACs: {self.dense_macs:,}   (dense / plan = {ratio:.2f}x)",
-            f"  peak intermediate bytes: {self.peak_bytes:,}",
-        ]
+        lines += (
+            [
+                "",
+                f"  activation MACs: {self.macs:,}   weight-only MACs: {self.weight_macs:,}",
+            ]
+            + (
+                [
+                    f"  fewest-MAC factorized order: {self.min_macs:,} activation MACs (this order merges "
+                    f"factors: fewer passes over memory)"
+                ]
+                if self.min_macs != self.macs and self.order
+                else []
+            )
+            + [
+                f"  dense MACs: {self.dense_macs:,}   (dense / plan = {ratio:.2f}x)",
+                f"  peak intermediate bytes: {self.peak_bytes:,}",
+            ]
+        )
         return "\n".join(lines)
 
     def __repr__(self):
-        return (f"ConvPlan(strategy={self.strategy!r}, input_shape={self.input_shape}, "
-                f"output_shape={self.output_shape}, macs={self.macs:,}, dense_macs={self.dense_macs:,})")
+        return (
+            f"ConvPlan(strategy={self.strategy!r}, input_shape={self.input_shape}, "
+            f"output_shape={self.output_shape}, macs={self.macs:,}, dense_macs={self.dense_macs:,})"
+        )
 
 
 def _split_input_shape(input_shape, structure):
@@ -494,13 +563,34 @@ def _split_input_shape(input_shape, structure):
 
 
 @functools.lru_cache(maxsize=512)
-def _cached_plan(structure, input_shape, stride, padding, dilation, padding_mode, strategy, itemsize,
-                 backend_name, cost_model, plane_chunk=None):
+def _cached_plan(
+    structure,
+    input_shape,
+    stride,
+    padding,
+    dilation,
+    padding_mode,
+    strategy,
+    itemsize,
+    backend_name,
+    cost_model,
+    plane_chunk=None,
+):
     batched, spatial = _split_input_shape(input_shape, structure)
-    geometry = make_geometry(spatial, structure.shape[2:], stride=stride, padding=padding, dilation=dilation,
-                             padding_mode=padding_mode)
-    return ConvPlan(structure, input_shape, geometry, batched=batched, strategy=strategy, itemsize=itemsize,
-                    backend_name=backend_name, cost_model=cost_model, plane_chunk=plane_chunk)
+    geometry = make_geometry(
+        spatial, structure.shape[2:], stride=stride, padding=padding, dilation=dilation, padding_mode=padding_mode
+    )
+    return ConvPlan(
+        structure,
+        input_shape,
+        geometry,
+        batched=batched,
+        strategy=strategy,
+        itemsize=itemsize,
+        backend_name=backend_name,
+        cost_model=cost_model,
+        plane_chunk=plane_chunk,
+    )
 
 
 def _hashable(value):
@@ -509,8 +599,20 @@ def _hashable(value):
     return value
 
 
-def plan_conv(kernel_or_shape, input_shape, *, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros",
-              strategy="auto", dtype=None, backend=None, device=None):
+def plan_conv(
+    kernel_or_shape,
+    input_shape,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    padding_mode="zeros",
+    strategy="auto",
+    dtype=None,
+    backend=None,
+    device=None,
+):
     """Plan a convolution once; the plan is reused for every call with these shapes.
 
     Parameters
@@ -558,9 +660,21 @@ def plan_conv(kernel_or_shape, input_shape, *, stride=1, padding=0, dilation=1, 
         # a compiled kernel the backend has ready (built before): auto weighs it in
         shape_3d = input_shape[:2] + as_3d(input_shape[2:], 1)
         plane_chunk = backend_for_name(backend_name).plane_chain_chunk(
-            shape_3d, structure.size_of["r"], _itemsize(dtype), device, out_channels=structure.out_channels)
-    return _cached_plan(structure, input_shape, _hashable(stride), _hashable(padding), _hashable(dilation),
-                        padding_mode, strategy, _itemsize(dtype), backend_name, model, plane_chunk)
+            shape_3d, structure.size_of["r"], _itemsize(dtype), device, out_channels=structure.out_channels
+        )
+    return _cached_plan(
+        structure,
+        input_shape,
+        _hashable(stride),
+        _hashable(padding),
+        _hashable(dilation),
+        padding_mode,
+        strategy,
+        _itemsize(dtype),
+        backend_name,
+        model,
+        plane_chunk,
+    )
 
 
 def conv(x, kernel, *, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros", strategy="auto"):
@@ -596,22 +710,45 @@ def conv(x, kernel, *, stride=1, padding=0, dilation=1, groups=1, padding_mode="
         # under torch.autocast a conv computes in the autocast dtype and returns it (nn.ConvNd does):
         # input and kernel are cast once, and every step then runs in that dtype
         if backend.dtype(x) != cast or backend.dtype(arrays[0]) != cast:
-            kernel = kernel.astype(cast) if isinstance(kernel, (KruskalKernel, TuckerKernel)) \
+            kernel = (
+                kernel.astype(cast)
+                if isinstance(kernel, (KruskalKernel, TuckerKernel))
                 else backend.astype(kernel, cast)
+            )
             x = backend.astype(x, cast)
         with backend.autocast_off(x):
-            return conv(x, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                        padding_mode=padding_mode, strategy=strategy)
+            return conv(
+                x,
+                kernel,
+                stride=stride,
+                padding=padding,
+                dilation=dilation,
+                groups=groups,
+                padding_mode=padding_mode,
+                strategy=strategy,
+            )
     _check_arrays(x, kernel, backend)
     if backend.is_tracing():
         # a plan is chosen per input shape in Python: a trace would freeze it to the traced shape
-        raise RuntimeError("tensorconv.conv cannot be recorded by torch.jit.trace (its plan depends on the input "
-                           "shape, which a trace freezes); trace the layers instead (KruskalConv, TuckerConv and "
-                           "HOCPBlock record shape-generic standard convs), or use torch.compile")
+        raise RuntimeError(
+            "tensorconv.conv cannot be recorded by torch.jit.trace (its plan depends on the input "
+            "shape, which a trace freezes); trace the layers instead (KruskalConv, TuckerConv and "
+            "HOCPBlock record shape-generic standard convs), or use torch.compile"
+        )
     structure = structure_of(kernel, groups)
-    plan = plan_conv(structure, tuple(int(s) for s in x.shape), stride=stride, padding=padding, dilation=dilation,
-                     groups=groups, padding_mode=padding_mode, strategy=strategy, dtype=backend.itemsize(x),
-                     backend=backend.name, device=backend.device(x))
+    plan = plan_conv(
+        structure,
+        tuple(int(s) for s in x.shape),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        padding_mode=padding_mode,
+        strategy=strategy,
+        dtype=backend.itemsize(x),
+        backend=backend.name,
+        device=backend.device(x),
+    )
     # the plan was looked up by this kernel's structure and x's shape, and the arrays were
     # checked above: nothing is left for the plan to re-check
     return plan._run(backend, x, kernel)

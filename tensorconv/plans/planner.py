@@ -8,6 +8,7 @@ that runs a dynamic programme over operand subsets with the *convolution's* cost
 sums taps costs ``out positions x channels involved x taps``, a channel step costs its
 positions x channels, and both are priced by the backend's roofline (MACs and bytes).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -89,12 +90,26 @@ class ConvPathOptimizer(opt_einsum.paths.PathOptimizer):
             union = list(ind_a) + [i for i in ind_b if i not in ind_a]
             out = tuple(i for i in union if i in open_s)
             macs = _prod(sizes[i] for i in union)
-            nbytes = self.itemsize * (_prod(sizes[i] for i in ind_a) + _prod(sizes[i] for i in ind_b)
-                                      + _prod(sizes[i] for i in out))
+            nbytes = self.itemsize * (
+                _prod(sizes[i] for i in ind_a) + _prod(sizes[i] for i in ind_b) + _prod(sizes[i] for i in out)
+            )
             secs = self.model.seconds(macs, nbytes)
-            return dict(kind="weights", lhs=a, rhs=b, lhs_indices=ind_a, rhs_indices=ind_b, out_indices=out,
-                        summed=tuple(i for i in union if i not in open_s), modes=(), macs=macs, nbytes=nbytes,
-                        seconds=secs, grid=None, in_grid=(), out_grid=())
+            return dict(
+                kind="weights",
+                lhs=a,
+                rhs=b,
+                lhs_indices=ind_a,
+                rhs_indices=ind_b,
+                out_indices=out,
+                summed=tuple(i for i in union if i not in open_s),
+                modes=(),
+                macs=macs,
+                nbytes=nbytes,
+                seconds=secs,
+                grid=None,
+                in_grid=(),
+                out_grid=(),
+            )
         # activation x weights: the weight side's taps are summed now
         tap_modes = tuple(sorted(self.tap_mode[i] for i in ind_b if i in taps))
         grid_out = list(grid_a)
@@ -124,11 +139,25 @@ class ConvPathOptimizer(opt_einsum.paths.PathOptimizer):
         per_pass = 2 if kind == "conv" and not native else 1
         nbytes = self.itemsize * (passes * per_pass * (in_slice + out_elems) + w_elems)
         secs = self.model.seconds(macs, nbytes, calls=passes, kind=kind)
-        out_ind = out_ch + tuple(self.tap_of[n] for n in range(len(grid_a))
-                                 if self.tap_of[n] in open_s and self.tap_of[n] in ind_a)
-        return dict(kind=kind, lhs=a, rhs=b, lhs_indices=ind_a, rhs_indices=ind_b, out_indices=out_ind,
-                    summed=summed + tuple(self.tap_of[n] for n in tap_modes), modes=tap_modes, macs=macs,
-                    nbytes=nbytes, seconds=secs, grid=grid_out, in_grid=grid_a, out_grid=grid_out)
+        out_ind = out_ch + tuple(
+            self.tap_of[n] for n in range(len(grid_a)) if self.tap_of[n] in open_s and self.tap_of[n] in ind_a
+        )
+        return dict(
+            kind=kind,
+            lhs=a,
+            rhs=b,
+            lhs_indices=ind_a,
+            rhs_indices=ind_b,
+            out_indices=out_ind,
+            summed=summed + tuple(self.tap_of[n] for n in tap_modes),
+            modes=tap_modes,
+            macs=macs,
+            nbytes=nbytes,
+            seconds=secs,
+            grid=grid_out,
+            in_grid=grid_a,
+            out_grid=grid_out,
+        )
 
     def search(self):
         st = self.structure
@@ -227,18 +256,27 @@ def _letters_for(indices):
 def plan_steps(structure, geometry: ConvGeometry, batch, itemsize, model, objective="macs"):
     """Run the optimizer through opt_einsum; returns (steps, linear path, optimizer)."""
     opt = ConvPathOptimizer(structure, geometry, batch, itemsize, model, objective)
-    all_indices = list(dict.fromkeys(
-        ["batch"] + [f"y{n}" for n in range(structure.n_spatial)] + list(structure.act_in) + list(structure.taps)
-        + [i for op in structure.operands for i in op.indices] + list(structure.act_out)))
+    all_indices = list(
+        dict.fromkeys(
+            ["batch"]
+            + [f"y{n}" for n in range(structure.n_spatial)]
+            + list(structure.act_in)
+            + list(structure.taps)
+            + [i for op in structure.operands for i in op.indices]
+            + list(structure.act_out)
+        )
+    )
     letters = _letters_for(all_indices)
     sizes = dict(structure.size_of)
     sizes.update({t: k for t, k in zip(structure.taps, geometry.kernel_size)})
     pos = tuple(f"y{n}" for n in range(structure.n_spatial))
     x_terms = ("batch",) + pos + tuple(structure.act_in) + tuple(structure.taps)
-    x_shape = (batch,) + tuple(geometry.out_spatial) + tuple(sizes[i] for i in structure.act_in) + tuple(
-        geometry.kernel_size)
-    terms = ["".join(letters[i] for i in x_terms)] + ["".join(letters[i] for i in op.indices)
-                                                    for op in structure.operands]
+    x_shape = (
+        (batch,) + tuple(geometry.out_spatial) + tuple(sizes[i] for i in structure.act_in) + tuple(geometry.kernel_size)
+    )
+    terms = ["".join(letters[i] for i in x_terms)] + [
+        "".join(letters[i] for i in op.indices) for op in structure.operands
+    ]
     out = "".join(letters[i] for i in ("batch",) + pos + tuple(structure.act_out))
     shapes = [x_shape] + [op.shape for op in structure.operands]
     path, _ = opt_einsum.contract_path(",".join(terms) + "->" + out, *shapes, shapes=True, optimize=opt)
@@ -269,13 +307,15 @@ def reconstruct_macs(structure):
     """MACs of contracting the kernel's factors into the dense kernel (opt_einsum's count)."""
     if structure.kind == "dense":
         return 0
-    letters = _letters_for([i for op in structure.operands for i in op.indices] + list(structure.act_in)
-                           + list(structure.act_out))
+    letters = _letters_for(
+        [i for op in structure.operands for i in op.indices] + list(structure.act_in) + list(structure.act_out)
+    )
     terms = ["".join(letters[i] for i in op.indices) for op in structure.operands]
     dense = "".join(letters[i] for i in structure.act_out + structure.act_in + structure.taps)
     try:
-        _, info = opt_einsum.contract_path(",".join(terms) + "->" + dense,
-                                           *[op.shape for op in structure.operands], shapes=True)
+        _, info = opt_einsum.contract_path(
+            ",".join(terms) + "->" + dense, *[op.shape for op in structure.operands], shapes=True
+        )
     except ValueError:
         return 0
     return int(info.opt_cost) // 2 if int(info.opt_cost) > 1 else int(info.opt_cost)
@@ -298,10 +338,22 @@ def dense_step(structure, geometry, batch, itemsize, model):
         passes, nbytes = taps, itemsize * (taps * positions * (c + 2 * t) + weights)
     rate = model.dense_rate(batch, c, geometry.in_spatial, groups, geometry.kernel_size)
     secs = model.seconds(macs, nbytes, calls=passes, rate=rate)
-    return Step(kind="dense", lhs=0, rhs=1, lhs_indices=("s",), rhs_indices=("t", "s") + structure.taps,
-                out_indices=("t",), summed=("s",) + structure.taps, modes=tuple(range(structure.n_spatial)),
-                out_shape=(batch, t) + tuple(out), macs=macs, nbytes=nbytes, seconds=secs,
-                in_grid=tuple(geometry.in_spatial), out_grid=tuple(out))
+    return Step(
+        kind="dense",
+        lhs=0,
+        rhs=1,
+        lhs_indices=("s",),
+        rhs_indices=("t", "s") + structure.taps,
+        out_indices=("t",),
+        summed=("s",) + structure.taps,
+        modes=tuple(range(structure.n_spatial)),
+        out_shape=(batch, t) + tuple(out),
+        macs=macs,
+        nbytes=nbytes,
+        seconds=secs,
+        in_grid=tuple(geometry.in_spatial),
+        out_grid=tuple(out),
+    )
 
 
 def plane_chain_seconds(structure, geometry, batch, itemsize, model, chunk_planes):

@@ -4,6 +4,7 @@ Conventions are torch's ``ConvNd``: cross-correlation, output size
 ``floor((D + pad_lo + pad_hi - dilation * (K - 1) - 1) / stride) + 1``, and ``padding="same"``
 puts the odd extra element on the high side.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,9 +26,7 @@ def normalize_int_tuple(value, n, name, *, minimum):
         except TypeError:
             raise TypeError(f"{name} must be an int or a tuple of {n} ints, got {value!r}") from None
         if len(values) != n:
-            raise ValueError(
-                f"{name}={value!r} has {len(values)} entries but the convolution has {n} spatial dims"
-            )
+            raise ValueError(f"{name}={value!r} has {len(values)} entries but the convolution has {n} spatial dims")
     for v in values:
         if isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"{name} must hold ints, got {value!r}")
@@ -102,8 +101,9 @@ class ConvGeometry:
     def out_spatial(self):
         return tuple(
             (d + lo + hi - dil * (k - 1) - 1) // s + 1
-            for d, (lo, hi), dil, k, s in zip(self.in_spatial, self.padding, self.dilation, self.kernel_size,
-                                              self.stride)
+            for d, (lo, hi), dil, k, s in zip(
+                self.in_spatial, self.padding, self.dilation, self.kernel_size, self.stride
+            )
         )
 
     @property

@@ -5,6 +5,7 @@ n, ``r`` the CP rank, ``g`` groups, ``o`` / ``i`` Tucker ranks, ``q<n>`` Tucker 
 The activation carries ``act_in`` channel indices (C split into them) and, virtually, every
 tap index; the output carries ``act_out`` (T split into them).
 """
+
 from __future__ import annotations
 
 import functools
@@ -89,8 +90,12 @@ def dense_structure(shape, groups=1):
 
 def _kruskal_structure(kernel: KruskalKernel):
     # built once per (shape, rank, modes, identity factors): conv() asks for it on every call
-    return _kruskal_structure_of(tuple(kernel.shape), int(kernel.rank), tuple(tuple(g) for g in kernel.modes),
-                                 tuple(f is None for f in kernel.factors))
+    return _kruskal_structure_of(
+        tuple(kernel.shape),
+        int(kernel.rank),
+        tuple(tuple(g) for g in kernel.modes),
+        tuple(f is None for f in kernel.factors),
+    )
 
 
 @functools.lru_cache(maxsize=256)
@@ -163,9 +168,7 @@ def structure_of(kernel, groups=1):
         return _kruskal_structure(kernel)
     if isinstance(kernel, TuckerKernel):
         if groups != 1:
-            raise ValueError(
-                f"groups={groups} applies to dense kernels only; give the TuckerKernel groups= instead"
-            )
+            raise ValueError(f"groups={groups} applies to dense kernels only; give the TuckerKernel groups= instead")
         return _tucker_structure(kernel)
     if isinstance(kernel, KernelStructure):
         return kernel
