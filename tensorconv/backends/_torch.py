@@ -141,8 +141,8 @@ class TorchBackend(ArrayBackend):
         return super().pad_axis(x, axis, low, high, mode)
 
     def native_conv_ok(self, x):
-        # oneDNN has no float64 kernels: ATen's CPU fallbacks measured 0.6-1.1 GMAC/s for
-        # depthwise convs, slower than a tap loop of elementwise multiply-adds
+        # oneDNN has no float64 kernels, and ATen's CPU fallback depthwise convs run slower than
+        # a tap loop of elementwise multiply-adds
         return x.is_cuda or x.dtype != self.xp.float64
 
     @staticmethod

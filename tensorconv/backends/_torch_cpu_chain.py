@@ -25,11 +25,9 @@ _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "cp_chain_cpu.cpp")
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]
 _state = {}
 #: target size of one chunk's widest intermediate (a chunk of input planes goes through one GEMM):
-#: small enough that a chunk's buffers stay in a core's cache. A chunk's fixed cost is now two
-#: barriers of the team of threads (0.6-1.5 us, ``benchmarks/plane_chain.py overhead``), so
-#: small chunks no longer need batching (the former rule: 256 KiB, and several planes to a chunk
-#: up to 1 MiB where a plane's GEMMs were small). 128 KiB was best or within noise of best at
-#: every point of ``benchmarks/plane_chain.py`` but batch 1, 16 channels (docs/benchmarks.md).
+#: small enough that a chunk's buffers stay in a core's cache. A chunk's fixed cost is the
+#: barriers of the team of threads (``benchmarks/plane_chain.py overhead``), small enough that
+#: small chunks need no batching; the size was chosen with ``benchmarks/plane_chain.py``.
 CHUNK_BYTES = 128 << 10
 log = logging.getLogger("tensorconv")
 

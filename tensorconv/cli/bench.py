@@ -46,7 +46,7 @@ def measure_many(entries, *, device=None, warmup=2, repeat=5, budget_s=None):
     """Like :func:`measure` for several functions, interleaved run by run, so that every
     candidate sees the same machine state (a 2-core VM drifts by tens of percent over seconds).
     The order is shuffled every round (seeded): a call right after a large one finds its input
-    evicted from cache (measured 1.3-1.5x slower for sub-millisecond convs), and no candidate
+    evicted from cache (a visible slow-down for sub-millisecond convs), and no candidate
     should always follow the same neighbour."""
     names = list(entries)
     for name in names:
@@ -491,7 +491,7 @@ def _import_tltorch():
     """tensorly-torch if installed. Importing it calls ``tensorly.set_backend("pytorch")`` for the
     whole process (a known trap); the caller's backend is put back at once, and the peers suite
     runs inside ``tensorly.backend_context("pytorch")`` instead (tensorconv does not read
-    tensorly's global backend; a context per call would cost tltorch ~0.1 ms per call)."""
+    tensorly's global backend; a context per call would add its own cost to every timed call)."""
     try:
         import tensorly
     except ImportError:

@@ -1,8 +1,9 @@
 """Cost model: MACs and bytes per step, turned into seconds by a per-backend roofline.
 
 ``time = max(MACs / macs_per_s, bytes / bytes_per_s) + calls * call_overhead_s``.
-Defaults were measured with ``benchmarks/calibrate.py`` (see docs/benchmarks.md);
-:func:`calibrate` re-measures on the running machine and replaces them for this process.
+The defaults are rates of the project's 2-core CPUs (``tensorconv bench roofline`` measures
+them, with the command and machine in docs/benchmarks.md); :func:`calibrate` re-measures on the
+running machine and replaces them for this process.
 """
 
 from __future__ import annotations
@@ -25,15 +26,16 @@ class CostModel:
     dense_slow_macs_per_s: float = 0.0  # torch CPU: dense convs that miss oneDNN (see dense_rate)
     plane_macs_per_s: float = 0.0  # depthwise MACs inside the compiled plane-by-plane kernel (0: none)
     plane_cache_bytes: int = 12 << 20  # its working set beyond which its passes run at bytes_per_s
-    plane_chunk_s: float = 1.0e-6  # its fixed cost per chunk of planes (benchmarks/plane_chain.py
-    # overhead: 0.6-0.95 us with two barriers per chunk on the AMD VM, 0.49 us with one on the Intel)
+    plane_chunk_s: float = 1.0e-6  # its fixed cost per chunk of planes (the team's barriers:
+    # `python benchmarks/plane_chain.py overhead`)
     float64: "CostModel | None" = None  # the model for float64 where it is not this one at half rate
 
     def dense_rate(self, batch, channels, in_spatial, groups, kernel_size=None):
         """MAC/s of the backend's dense conv. torch CPU sends small single-image groups=1 convs to
         its unfold kernel instead of oneDNN (ATen's use_mkldnn: batch 1, groups 1, a kernel of at
-        most 3 in one of its last two modes, and B*C*D_0*D_1 <= 20480); measured ~10x slower per
-        MAC. A conv whose last two kernel modes both exceed 3 (r3d_18's 3x7x7 stem) stays on oneDNN."""
+        most 3 in one of its last two modes, and B*C*D_0*D_1 <= 20480), which has none of
+        oneDNN's blocking. A conv whose last two kernel modes both exceed 3 (r3d_18's 3x7x7 stem)
+        stays on oneDNN."""
         ks = tuple(kernel_size or ())
         big_kernel = len(ks) >= 2 and ks[-1] > 3 and ks[-2] > 3
         if self.dense_slow_macs_per_s and batch == 1 and groups == 1 and not big_kernel:
@@ -46,8 +48,7 @@ class CostModel:
 
     def for_itemsize(self, itemsize):
         """The model for elements of ``itemsize`` bytes: the rates above are for float32; SIMD
-        units do half as many float64 multiply-adds per cycle (NumPy GEMMs measured 10-29 vs
-        31-79 GMAC/s on the CI CPU)."""
+        units do half as many float64 multiply-adds per cycle."""
         if itemsize <= 4:
             return self
         if itemsize == 8 and self.float64 is not None:
@@ -78,30 +79,23 @@ class CostModel:
 
 
 _DEFAULTS = {
-    # 2-core x86-64 CPU (the CI machine), float32
-    # (a conv step with full channel mixing over a few modes falls off oneDNN's fast paths on
-    # torch CPU: measured ~5x slower per MAC than a 1x1 conv at C=16. oneDNN's channels-last
-    # depthwise convs: a 3x3x3 one runs at 22-49 GMAC/s (falling with the channel count), 1-D
-    # ones are bandwidth-bound, so one 3x3x3 conv (27 MACs per voxel, one pass) is 1.0-2.0x
-    # faster than three 1-D ones (9 MACs, three passes) at batch 1 and 8, 16-192 channels:
-    # benchmarks/depthwise.py)
-    # (NumPy: a step that mixes channels over some taps is a GEMM per tap on a strided slice,
-    # measured 1.2-1.9x slower than the fewest-MAC chain from 16 channels up at the old
-    # 30 GMAC/s price; at 10 GMAC/s, and with its slice copies priced (planner), auto picks
-    # the faster plan at every point of benchmarks/auto_check.py)
+    # 2-core x86-64 CPU (the CI machine), float32.
+    # conv_macs_per_s: a step mixing channels over a few modes falls off oneDNN's fast paths on
+    # torch CPU, and on NumPy it is a GEMM per tap on a strided slice: both far below the
+    # matmul rate (benchmarks/auto_check.py checks that auto then picks the faster plan).
+    # depthwise_macs_per_s: oneDNN's channels-last depthwise convs reuse little per MAC; 1-D ones
+    # are bandwidth-bound, which is why one 3x3x3 pass can beat three 1-D passes with a third of
+    # the MACs (benchmarks/depthwise.py).
     "numpy": CostModel(
         macs_per_s=6.0e10, bytes_per_s=8.0e9, call_overhead_s=2.0e-5, dense_macs_per_s=3.0e10, conv_macs_per_s=1.0e10
     ),
-    # (torch CPU, the compiled plane-by-plane CP kernel (plans/fused.py, PlaneChain): its two
-    # GEMMs (its own AVX-512 ones; BLAS without) run at about the matmul rate; its depthwise passes, in cache, measured
-    # 14-26 GMAC/s including their share of the per-chunk overhead: benchmarks/plane_chain.py;
-    # with a working set of 20 MiB per chunk (R = 801, C = 64) they fell to memory speed, 2x
-    # slower than the dense conv, where 5-7 MiB ran in cache; each chunk of planes costs 0.6-1.5 us
-    # besides its arithmetic: `python benchmarks/plane_chain.py overhead`)
-    # (torch CPU float64: oneDNN has no float64, ATen's fallback convs ran at 0.6-1.1 GMAC/s
-    # (depthwise) and 3-20 GMAC/s (dense, 1x1; 17-20 from 32 channels up); so plans run
-    # float64 steps as tap loops of elementwise ops and GEMMs (TorchBackend.native_conv_ok),
-    # priced like NumPy's; the dense conv stays ATen's)
+    # plane_*: the compiled plane-by-plane CP kernel (plans/fused.py, PlaneChain). Its GEMMs run
+    # at about the matmul rate; its depthwise passes run at plane_macs_per_s while the working set
+    # of a chunk stays in cache and at memory speed beyond plane_cache_bytes
+    # (benchmarks/plane_chain.py).
+    # float64: oneDNN has no float64 kernels and ATen's fallback convs are slower than a tap loop
+    # of elementwise ops and GEMMs, so float64 steps run as tap loops (TorchBackend.native_conv_ok),
+    # priced like NumPy's; the dense conv stays ATen's.
     "torch": CostModel(
         macs_per_s=7.0e10,
         bytes_per_s=2.0e10,

@@ -37,8 +37,8 @@ from .spec import as_3d
 
 __all__ = ["FusedRunner", "CompiledChain", "PlaneChain", "TILE_BYTES"]
 
-#: target size of one tile's widest intermediate: 8 MiB (a quarter of the test machine's L3),
-#: fastest for NumPy among 0.25, 1, 4 and 8 MiB (benchmarks/tiling.py, docs/benchmarks.md)
+#: target size of one tile's widest intermediate: a fraction of a typical L3, so a tile's
+#: intermediates stay in cache between steps; chosen with benchmarks/tiling.py
 TILE_BYTES = 8 << 20
 
 
@@ -236,7 +236,8 @@ class PlaneChain:
         self.plan = plan
         g = plan.geometry
         pad_lo = tuple(lo for lo, _ in g.padding) if g.padding_mode == "zeros" else (0,) * len(g.kernel_size)
-        # the kernel's geometry, worked out once: a call at 16 channels takes ~0.3 ms
+        # the kernel's geometry, worked out once: at small channel counts a whole call is short
+        # enough for Python's per-call work to show
         self._geometry = dict(
             out_spatial=as_3d(g.out_spatial, 1),
             stride=as_3d(g.stride, 1),

@@ -134,7 +134,8 @@ class ConvPathOptimizer(opt_einsum.paths.PathOptimizer):
             kind = "pointwise" if summed or any(i not in ch_a for i in ch_b) else "scale"
         # a native conv streams its input and output once; a tap loop once per tap, and a
         # channel-mixing tap twice (the GEMM copies its strided slice, then the product is
-        # accumulated: measured 1.6-2.3x slower than priced otherwise, benchmarks/auto_check.py)
+        # accumulated; priced without that copy the tap loop looked faster than it runs:
+        # benchmarks/auto_check.py)
         passes = 1 if native else n_taps
         per_pass = 2 if kind == "conv" and not native else 1
         nbytes = self.itemsize * (passes * per_pass * (in_slice + out_elems) + w_elems)

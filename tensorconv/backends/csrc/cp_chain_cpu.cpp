@@ -265,9 +265,8 @@ inline std::vector<int64_t> last_needed_planes(const Axis& a0) {
 // mode-2 pass; the mode-0 pass and the GEMM R -> T): about 24 KiB of the R-channel rows, so that
 // they stay in L1 (32-48 KiB) between the pass that writes them and the one that reads them,
 // and at least 2^18 multiply-adds of the GEMM, so that its calls and edge tiles stay a small part
-// of a block. Measured (benchmarks/chain_ab.py, docs/benchmarks.md): blocks of 24 KiB alone ran
-// 1.08-1.17x slower at 16 channels, with the floor of 2^18 as fast as whole shares there, and
-// 0.96-0.97x at 32 and 128 channels, 0.72x at R = 768.
+// of a block (at 16 channels blocks sized by bytes alone were too small for that: the
+// comparison is `python benchmarks/chain_ab.py ab <rev>`, the figures in CHANGELOG.md).
 inline int64_t fused_block(int64_t row_positions, int64_t R, int64_t macs_per_position, size_t itemsize) {
   const int64_t by_bytes = (24 << 10) / std::max<int64_t>(1, row_positions * R * static_cast<int64_t>(itemsize));
   const int64_t by_macs = (1 << 18) / std::max<int64_t>(1, row_positions * macs_per_position);
@@ -605,7 +604,7 @@ torch::Tensor cp_chain_forward(torch::Tensor x, torch::Tensor uc, torch::Tensor 
 // The same from the CP factors as the kernel object holds them: lam (R,), ut (T, R), uc (C, R),
 // u0..u2 (K_n, R), any strides. Lambda is folded into U_0 and U_T transposed here, in two
 // loops over at most K0 x R and R x T values, where in Python the fold and the copies were
-// five dispatched ops, ~8 us of a 0.3 ms call at 16 channels.
+// five dispatched ops, a visible share of a call at small channel counts.
 torch::Tensor cp_chain_forward_kruskal(torch::Tensor x, torch::Tensor lam, torch::Tensor ut, torch::Tensor uc,
                                        torch::Tensor u0, torch::Tensor u1, torch::Tensor u2,
                                        std::vector<int64_t> out_size, std::vector<int64_t> stride,
