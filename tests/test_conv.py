@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from oracles import np_conv, reference_conv
 
 from tensorconv import KruskalKernel, TuckerKernel, conv, plan_conv
-from tensorconv.plans import CostModel, set_cost_model
+from tensorconv.plans import CostModel
 
 TOL = 1e-10
 STRATEGIES = ["factorized", "reconstructed", "auto"]
@@ -155,11 +155,17 @@ def test_plan_macs_equal_executed_work():
 
 
 def test_plan_is_reused_and_runs_on_several_backends():
+    """One plan runs any kernel of its structure, on any backend; conv() reuses its own plan."""
+    from tensorconv.plans.plan import _conv_plans
+
     k = KruskalKernel.random((4, 3, 3, 3), rank=2, seed=0)
     p1 = plan_conv(k, (2, 3, 6, 6), padding=1)
-    p2 = plan_conv(KruskalKernel.random((4, 3, 3, 3), rank=2, seed=5), (2, 3, 6, 6), padding=1)
-    assert p1 is p2
     x = np.random.default_rng(0).standard_normal((2, 3, 6, 6))
+    other = KruskalKernel.random((4, 3, 3, 3), rank=2, seed=5)
+    assert rel_err(p1(x, other), conv(x, other, padding=1)) < 1e-12
+    hits = _conv_plans.cache_info().hits
+    conv(x, k, padding=1)
+    assert _conv_plans.cache_info().hits == hits + 1  # the same structure and shape as `other`
     ref = p1(x, k)
     if torch is not None:
         got = p1(torch.from_numpy(x), k.to_backend("torch"))
@@ -202,16 +208,6 @@ _MERGING = CostModel(
 )
 
 
-@contextlib.contextmanager
-def _cost_model(model, backend):
-    name, device = backend
-    set_cost_model(name, model, device)
-    try:
-        yield
-    finally:
-        set_cost_model(name, None, device)
-
-
 @given(geo=geometries(), data=st.data())
 def test_fastest_order_with_merged_depthwise_matches_reference(backend, geo, data):
     """auto's "fastest" order (one depthwise step over several modes) is still the same conv."""
@@ -237,11 +233,11 @@ def test_fastest_order_with_merged_depthwise_matches_reference(backend, geo, dat
         dilation=geo["dilation"],
         padding_mode=geo["mode"],
     )
-    with _cost_model(_MERGING, backend):
-        plan = plan_conv(kernel, x.shape, backend=backend[0], device=backend[1], **kw)
-        got = conv(to_backend(x, backend), _to(kernel, backend), **kw)
-        with native_torch_convs():
-            got_native = conv(to_backend(x, backend), _to(kernel, backend), **kw)
+    # a model under which merging modes pays: the plan the caller holds takes that order
+    plan = plan_conv(kernel, x.shape, backend=backend[0], device=backend[1], cost_model=_MERGING, **kw)
+    got = plan(to_backend(x, backend), _to(kernel, backend))
+    with native_torch_convs():
+        got_native = plan(to_backend(x, backend), _to(kernel, backend))
     assert plan.strategy == "factorized"
     assert rel_err(got, expected) < TOL
     assert rel_err(got_native, expected) < TOL
@@ -253,8 +249,7 @@ def test_fastest_order_with_merged_depthwise_matches_reference(backend, geo, dat
 def test_fastest_order_merges_modes_and_min_macs_keep_the_closed_form(n):
     c, t, r, ks = 6, 5, 4, (3,) * n
     k = KruskalKernel.random((t, c) + ks, rank=r, seed=0)
-    with _cost_model(_MERGING, ("numpy", None)):
-        plan = plan_conv(k, (2, c) + (6,) * n, padding="same")
+    plan = plan_conv(k, (2, c) + (6,) * n, padding="same", cost_model=_MERGING)
     voxels = 2 * 6**n
     assert plan.order == "fastest"
     assert [len(s.modes) for s in plan.steps if s.kind == "depthwise"] == [n]  # one step over every mode
@@ -262,8 +257,7 @@ def test_fastest_order_merges_modes_and_min_macs_keep_the_closed_form(n):
     assert plan.min_macs == voxels * r * (c + t + sum(ks))  # the paper's count is still reported
     assert "fewest-MAC factorized order" in plan.describe()
     # the fewest-MAC order is what "factorized" runs, under any cost model
-    with _cost_model(_MERGING, ("numpy", None)):
-        fewest = plan_conv(k, (2, c) + (6,) * n, padding="same", strategy="factorized")
+    fewest = plan_conv(k, (2, c) + (6,) * n, padding="same", strategy="factorized", cost_model=_MERGING)
     assert fewest.order == "fewest-macs" and fewest.macs == plan.min_macs
     x = np.random.default_rng(0).standard_normal((2, c) + (6,) * n)
     assert rel_err(plan(x, k), fewest(x, k)) < TOL
@@ -290,15 +284,23 @@ def test_order_objective_must_be_known():
         ConvPathOptimizer(structure_of(k), geometry, 2, 8, cost_model_for("numpy"), objective="flops")
 
 
-def test_cost_models_are_part_of_the_plan_cache_key():
+def test_plans_are_held_by_their_caller_and_models_passed_not_set():
+    """plan_conv returns a new plan per call (what one caller's plan caches, no other sees), a
+    cost model is an argument, and conv()'s own cache is bounded and private."""
+    from tensorconv.plans.plan import _conv_plans
+
     k = KruskalKernel.random((4, 3, 3, 3), rank=2, seed=0)
-    default = plan_conv(k, (2, 3, 6, 6), padding=1)
-    with _cost_model(_MERGING, ("numpy", None)):
-        other = plan_conv(k, (2, 3, 6, 6), padding=1)
-        assert other.cost_model == _MERGING and other is not default
-    assert plan_conv(k, (2, 3, 6, 6), padding=1) is default  # set_cost_model(..., None) restored it
-    with pytest.raises(TypeError, match="model=.*not a CostModel"):
-        set_cost_model("numpy", {"macs_per_s": 1})
+    first, second = plan_conv(k, (2, 3, 6, 6), padding=1), plan_conv(k, (2, 3, 6, 6), padding=1)
+    assert first is not second and first.strategy == second.strategy
+    first._whole["numpy"] = lambda x, kernel: "tampered"  # a caller changing its own plan...
+    x = np.random.default_rng(0).standard_normal((2, 3, 6, 6))
+    assert first(x, k) == "tampered"
+    assert rel_err(second(x, k), conv(x, k, padding=1)) == 0.0  # ...changes nobody else's
+    other = plan_conv(k, (2, 3, 6, 6), padding=1, cost_model=_MERGING)
+    assert other.cost_model == _MERGING and plan_conv(k, (2, 3, 6, 6), padding=1).cost_model != _MERGING
+    assert _conv_plans.cache_info().maxsize == 512
+    with pytest.raises(TypeError, match="cost_model=.*not a CostModel"):
+        plan_conv(k, (2, 3, 6, 6), cost_model={"macs_per_s": 1})
 
 
 def test_errors_name_the_argument():
@@ -373,12 +375,11 @@ def test_gradcheck_fastest_order_with_merged_depthwise():
     for leaf in leaves:
         leaf.requires_grad_(True)
     x = torch.randn(2, 2, 5, 4, dtype=torch.float64, requires_grad=True)
-    with _cost_model(_MERGING, ("torch", "cpu")), native_torch_convs():
-        plan = plan_conv(k, x.shape, stride=(2, 1), padding=((1, 0), 1), backend="torch")
-        assert [len(s.modes) for s in plan.steps if s.kind == "depthwise"] == [2]
+    plan = plan_conv(k, x.shape, stride=(2, 1), padding=((1, 0), 1), backend="torch", cost_model=_MERGING)
+    assert [len(s.modes) for s in plan.steps if s.kind == "depthwise"] == [2]
+    with native_torch_convs():
         assert torch.autograd.gradcheck(
-            lambda x, *arrays: conv(x, KruskalKernel(arrays[0], list(arrays[1:])), stride=(2, 1), padding=((1, 0), 1)),
-            (x, *leaves),
+            lambda x, *arrays: plan(x, KruskalKernel(arrays[0], list(arrays[1:]))), (x, *leaves)
         )
 
 
@@ -420,6 +421,11 @@ def test_torch_compile_smoke():
     assert rel_err(got, fn(x)) < 1e-6
 
 
+def _same_plan(a, b):
+    """Two plans made from the same arguments (plan_conv returns a new object each time)."""
+    return (a.cost_model, a.itemsize, a.strategy, a.describe()) == (b.cost_model, b.itemsize, b.strategy, b.describe())
+
+
 @pytest.mark.skipif(torch is None, reason="torch is not installed")
 def test_plan_conv_prices_with_the_kernels_own_backend_and_dtype():
     from tensorconv.plans.cost import cost_model_for
@@ -427,7 +433,7 @@ def test_plan_conv_prices_with_the_kernels_own_backend_and_dtype():
     k = KruskalKernel.random((16, 16, 3, 3, 3), rank=16, seed=0)
     shape = (2, 16, 8, 16, 16)
     on_torch = plan_conv(k.to_backend("torch", dtype="float32"), shape, padding=1)
-    assert on_torch is plan_conv(k, shape, padding=1, backend="torch", dtype="float32")
+    assert _same_plan(on_torch, plan_conv(k, shape, padding=1, backend="torch", dtype="float32"))
     assert on_torch.cost_model == cost_model_for("torch") and on_torch.itemsize == 4
     on_numpy = plan_conv(k, shape, padding=1)
     assert on_numpy.cost_model == cost_model_for("numpy") and on_numpy.itemsize == 8
@@ -443,8 +449,9 @@ def test_device_selects_the_cost_model_however_it_is_named():
     k = KruskalKernel.random((8, 8, 3, 3), rank=4, seed=0)
     by_name = plan_conv(k, (1, 8, 16, 16), padding=1, backend="torch", device="cuda")
     by_object = plan_conv(k, (1, 8, 16, 16), padding=1, backend="torch", device=torch.device("cuda", 0))
-    assert by_name is by_object
+    assert _same_plan(by_name, by_object)
     assert by_name.cost_model == cost_model_for("torch", "cuda") != cost_model_for("torch", None)
-    assert plan_conv(k, (1, 8, 16, 16), padding=1, backend="torch", device="cpu") is plan_conv(
-        k, (1, 8, 16, 16), padding=1, backend="torch"
+    assert _same_plan(
+        plan_conv(k, (1, 8, 16, 16), padding=1, backend="torch", device="cpu"),
+        plan_conv(k, (1, 8, 16, 16), padding=1, backend="torch"),
     )

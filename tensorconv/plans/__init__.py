@@ -1,6 +1,6 @@
 """Convolution plans: geometry (spec), contraction order (planner), execution (executor)."""
 
-from .cost import CostModel, calibrate, cost_model_for, set_cost_model
+from .cost import CostModel, calibrate, cost_model_for
 from .plan import ConvPlan, conv, plan_conv
 from .planner import STRATEGIES, Step
 from .spec import ConvGeometry, make_geometry
@@ -16,5 +16,4 @@ __all__ = [
     "CostModel",
     "calibrate",
     "cost_model_for",
-    "set_cost_model",
 ]

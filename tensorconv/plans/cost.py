@@ -3,7 +3,7 @@
 ``time = max(MACs / macs_per_s, bytes / bytes_per_s) + calls * call_overhead_s``.
 The defaults are rates of the project's 2-core CPUs (``tensorconv bench roofline`` measures
 them, with the command and machine in docs/benchmarks.md); :func:`calibrate` re-measures on the
-running machine and replaces them for this process.
+running machine and returns a model that a caller passes to ``plan_conv(cost_model=...)``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 
-__all__ = ["CostModel", "cost_model_for", "calibrate", "set_cost_model"]
+__all__ = ["CostModel", "cost_model_for", "calibrate"]
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,6 @@ _DEFAULTS = {
     ),
     "cupy": CostModel(macs_per_s=2.5e13, bytes_per_s=2.5e12, call_overhead_s=1.5e-5, dense_macs_per_s=5.0e12),
 }
-_calibrated: dict = {}
 
 
 def _key(backend_name, device):
@@ -133,24 +132,15 @@ def _key(backend_name, device):
 
 def cost_model_for(backend_name, device=None) -> CostModel:
     key = _key(backend_name, device)
-    return _calibrated.get(key) or _DEFAULTS.get(key) or _DEFAULTS["numpy"]
-
-
-def set_cost_model(backend_name, model, device=None):
-    """Price new plans for this backend (and device) with ``model``; ``None`` restores the
-    defaults. Plans are cached per cost model, so plans made before keep theirs."""
-    if model is None:
-        _calibrated.pop(_key(backend_name, device), None)
-        return
-    if not isinstance(model, CostModel):
-        raise TypeError(f"model={model!r} is not a CostModel (or None to restore the defaults)")
-    _calibrated[_key(backend_name, device)] = model
+    return _DEFAULTS.get(key) or _DEFAULTS["numpy"]
 
 
 def calibrate(backend_name="torch", device=None, *, size=1024, repeat=5):
-    """Measure matmul throughput and copy bandwidth on a backend; use them for planning.
+    """Measure matmul throughput and copy bandwidth on a backend.
 
-    Returns the new :class:`CostModel` (also installed for this process).
+    Returns a :class:`CostModel` (the backend's default with those rates replaced): pass it to
+    ``plan_conv(..., cost_model=model)``. Nothing is installed globally: plans made by others,
+    and ``conv()``'s own, keep the defaults.
     """
     from ..backends import backend_for_name
 
@@ -180,6 +170,4 @@ def calibrate(backend_name="torch", device=None, *, size=1024, repeat=5):
     small = b.random_normal((8,), seed=2, dtype="float32", device=device)
     t_call = best(lambda: small * 1.0)
     base = cost_model_for(backend_name, device)
-    model = replace(base, macs_per_s=size**3 / t_mm, bytes_per_s=2 * 4 * big.shape[0] / t_cp, call_overhead_s=t_call)
-    set_cost_model(backend_name, model, device)
-    return model
+    return replace(base, macs_per_s=size**3 / t_mm, bytes_per_s=2 * 4 * big.shape[0] / t_cp, call_overhead_s=t_call)

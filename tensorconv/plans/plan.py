@@ -8,7 +8,7 @@ import opt_einsum
 
 from ..backends import backend_for_name, get_backend
 from ..kernels import KruskalKernel, TuckerKernel
-from .cost import cost_model_for
+from .cost import CostModel, cost_model_for
 from .executor import TapProgram, WeightProduct
 from .fused import CompiledChain, FusedRunner, PlaneChain
 from .planner import STRATEGIES, dense_step, plan_steps, plane_chain_seconds, reconstruct_macs
@@ -562,8 +562,7 @@ def _split_input_shape(input_shape, structure):
     return batched, spatial
 
 
-@functools.lru_cache(maxsize=512)
-def _cached_plan(
+def _new_plan(
     structure,
     input_shape,
     stride,
@@ -593,6 +592,10 @@ def _cached_plan(
     )
 
 
+#: conv()'s plans: bounded, and private to conv() (plan_conv hands out new plans)
+_conv_plans = functools.lru_cache(maxsize=512)(_new_plan)
+
+
 def _hashable(value):
     if isinstance(value, (list, tuple)):
         return tuple(_hashable(v) for v in value)
@@ -612,8 +615,15 @@ def plan_conv(
     dtype=None,
     backend=None,
     device=None,
+    cost_model=None,
 ):
-    """Plan a convolution once; the plan is reused for every call with these shapes.
+    """Plan a convolution once; the caller holds the plan and calls it for every input of
+    this shape (opt_einsum's ``contract_expression`` model).
+
+    Each call returns a new :class:`ConvPlan`: what one caller's plan compiles or caches (a
+    jitted program, a compiled chain, prepared native convs) is never seen by another.
+    :func:`conv` keeps its own bounded cache of plans (512 shapes, least recently used out),
+    which no caller can reach.
 
     Parameters
     ----------
@@ -631,6 +641,9 @@ def plan_conv(
         float32 for a kernel given by its shape
     backend, device : whose cost model prices the steps (the plan runs on any backend);
         default: the kernel's arrays' library and device, or NumPy for a shape
+    cost_model : CostModel, optional
+        Price the steps with this model (e.g. from :func:`tensorconv.plans.calibrate`) instead
+        of the backend's default. Nothing is set globally.
 
     Examples
     --------
@@ -640,6 +653,39 @@ def plan_conv(
     >>> plan.macs == 8 * 16 * 32 * 32 * 64 * (64 + 64 + 3 + 3 + 3)
     True
     """
+    return _new_plan(
+        *_plan_args(
+            kernel_or_shape,
+            input_shape,
+            stride,
+            padding,
+            dilation,
+            groups,
+            padding_mode,
+            strategy,
+            dtype,
+            backend,
+            device,
+            cost_model,
+        )
+    )
+
+
+def _plan_args(
+    kernel_or_shape,
+    input_shape,
+    stride,
+    padding,
+    dilation,
+    groups,
+    padding_mode,
+    strategy,
+    dtype,
+    backend,
+    device,
+    cost_model,
+):
+    """The normalised arguments of a plan (hashable: conv() caches plans by them)."""
     structure = structure_of(kernel_or_shape, groups)
     if not isinstance(strategy, str) or strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r} is not one of {STRATEGIES}")
@@ -651,9 +697,10 @@ def plan_conv(
         if dtype is None:
             dtype = owner.itemsize(arrays[0])
     backend_name = getattr(backend, "name", backend) or "numpy"
-    # the device only selects a cost model: one cache entry per model, whatever names the device
-    # (and a model installed by calibrate / set_cost_model takes effect for the next plan)
-    model = cost_model_for(backend_name, device)
+    if cost_model is not None and not isinstance(cost_model, CostModel):
+        raise TypeError(f"cost_model={cost_model!r} is not a CostModel (or None for the backend's default)")
+    # the device only selects a cost model
+    model = cost_model or cost_model_for(backend_name, device)
     input_shape = _check_shape(input_shape)
     plane_chunk = None
     if strategy == "auto" and PlaneChain.applies(structure) and len(input_shape) == 2 + structure.n_spatial:
@@ -662,7 +709,7 @@ def plan_conv(
         plane_chunk = backend_for_name(backend_name).plane_chain_chunk(
             shape_3d, structure.size_of["r"], _itemsize(dtype), device, out_channels=structure.out_channels
         )
-    return _cached_plan(
+    return (
         structure,
         input_shape,
         _hashable(stride),
@@ -736,18 +783,21 @@ def conv(x, kernel, *, stride=1, padding=0, dilation=1, groups=1, padding_mode="
             "HOCPBlock record shape-generic standard convs), or use torch.compile"
         )
     structure = structure_of(kernel, groups)
-    plan = plan_conv(
-        structure,
-        tuple(int(s) for s in x.shape),
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        groups=groups,
-        padding_mode=padding_mode,
-        strategy=strategy,
-        dtype=backend.itemsize(x),
-        backend=backend.name,
-        device=backend.device(x),
+    plan = _conv_plans(
+        *_plan_args(
+            structure,
+            tuple(int(s) for s in x.shape),
+            stride,
+            padding,
+            dilation,
+            groups,
+            padding_mode,
+            strategy,
+            backend.itemsize(x),
+            backend.name,
+            backend.device(x),
+            None,
+        )
     )
     # the plan was looked up by this kernel's structure and x's shape, and the arrays were
     # checked above: nothing is left for the plan to re-check
