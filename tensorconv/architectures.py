@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from .backends import backend_for_name, get_backend
 from .kernels import KruskalKernel, TuckerKernel
+from .plans.executor import dense_conv
 from .plans.plan import conv
 from .plans.spec import make_geometry, normalize_int_tuple, normalize_padding
 
@@ -92,7 +93,8 @@ def run_block(x, layers):
     backend = get_backend(x, *[layer.weight for layer in layers])
     for layer in layers:
         g = layer.geometry(tuple(x.shape[2:]))
-        x = backend.conv_dense(
+        x = dense_conv(
+            backend,
             x,
             layer.weight,
             stride=g.stride,

@@ -118,3 +118,21 @@ def test_package_ships_its_license_and_typing_marker():
         assert fh.readline().strip() == "BSD 3-Clause License"
     assert os.path.exists(os.path.join(os.path.dirname(tensorconv.__file__), "py.typed"))
     assert "py.typed" in project["tool"]["setuptools"]["package-data"]["tensorconv"]
+
+
+def test_backends_import_nothing_from_the_layers_above():
+    """Dependencies flow one way: backends <- core (kernels, plans) <- nn / cli. A backend that
+    imported plans/ would tie the array shims to the planner."""
+    import ast
+    import pathlib
+
+    import tensorconv.backends
+
+    above = ("plans", "kernels", "nn", "cli", "architectures", "decomposition", "metrics")
+    for path in pathlib.Path(tensorconv.backends.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level >= 2:
+                assert (node.module or "").split(".")[0] not in above, (path.name, node.module)
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                assert not any(n.startswith("tensorconv.") and n.split(".")[1] in above for n in names), path.name

@@ -300,13 +300,7 @@ class ArrayBackend:
         return False
 
     def conv_dense(self, x, weight, *, stride, dilation, groups=1, padding=None, padding_mode="zeros"):
-        """Dense N-D cross-correlation, channels first: x (B, C, *D), weight (T, C/g, *K).
-
-        ``padding`` is one (low, high) pair per spatial mode. The generic path loops over the
-        kernel's taps, each a matrix product over channels: no im2col buffer.
-        """
-        from ..plans.executor import dense_conv_by_taps
-
-        if padding is not None:
-            x = self.pad(x, {2 + m: p for m, p in enumerate(padding) if p != (0, 0)}, padding_mode)
-        return dense_conv_by_taps(self, x, weight, stride=stride, dilation=dilation, groups=groups)
+        """The library's own dense N-D cross-correlation, channels first: x (B, C, *D), weight
+        (T, C/g, *K), ``padding`` one (low, high) pair per spatial mode; None where it has none
+        (the plans then loop over the kernel's taps: ``plans.executor.dense_conv``)."""
+        return None

@@ -159,9 +159,7 @@ class TorchBackend(ArrayBackend):
     def conv_dense(self, x, weight, *, stride, dilation, groups=1, padding=None, padding_mode="zeros"):
         n = x.ndim - 2
         if not 1 <= n <= 3:
-            return super().conv_dense(
-                x, weight, stride=stride, dilation=dilation, groups=groups, padding=padding, padding_mode=padding_mode
-            )
+            return None  # torch has no conv4d: the plans loop over the taps
         pre_pad, native_pad = self._split_padding(padding, padding_mode, first_axis=2)
         if pre_pad is not None:
             x = self.pad(x, pre_pad, padding_mode)

@@ -14,7 +14,7 @@ import itertools
 
 import opt_einsum
 
-__all__ = ["TapProgram", "WeightProduct", "dense_conv_by_taps"]
+__all__ = ["TapProgram", "WeightProduct", "dense_conv", "dense_conv_by_taps"]
 
 _POOL = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -301,3 +301,16 @@ def dense_conv_by_taps(backend, x, weight, *, stride, dilation, groups=1):
     out = program(backend, act, weight)
     out = backend.reshape(out, (x_shape[0],) + tuple(grid_out) + (w_shape[0],))
     return backend.moveaxis(out, -1, 1)
+
+
+def dense_conv(backend, x, weight, *, stride, dilation, groups=1, padding=None, padding_mode="zeros"):
+    """Dense N-D cross-correlation, channels first: the backend's own conv where it has one,
+    else a loop over the kernel's taps, each a matrix product over channels (no im2col buffer)."""
+    out = backend.conv_dense(
+        x, weight, stride=stride, dilation=dilation, groups=groups, padding=padding, padding_mode=padding_mode
+    )
+    if out is not None:
+        return out
+    if padding is not None:
+        x = backend.pad(x, {2 + m: p for m, p in enumerate(padding) if p != (0, 0)}, padding_mode)
+    return dense_conv_by_taps(backend, x, weight, stride=tuple(stride), dilation=tuple(dilation), groups=groups)

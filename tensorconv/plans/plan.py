@@ -9,7 +9,7 @@ import opt_einsum
 from ..backends import backend_for_name, get_backend
 from ..kernels import KruskalKernel, TuckerKernel
 from .cost import CostModel, cost_model_for
-from .executor import TapProgram, WeightProduct
+from .executor import TapProgram, WeightProduct, dense_conv
 from .fused import CompiledChain, FusedRunner, PlaneChain
 from .planner import STRATEGIES, dense_step, plan_steps, plane_chain_seconds, reconstruct_macs
 from .spec import as_3d, make_geometry
@@ -388,7 +388,8 @@ class ConvPlan:
                 weight = backend.reshape(self._reconstruct(*arrays), self._dense_shape)
             else:
                 weight = kernel
-            out = backend.conv_dense(
+            out = dense_conv(
+                backend,
                 x,
                 weight,
                 stride=g.stride,
