@@ -14,6 +14,7 @@ The stopping test uses the fit computed from those products (no reconstruction):
 
 from __future__ import annotations
 
+from ._typing import Array
 from .backends import get_backend
 
 __all__ = ["cp_als", "partial_tucker_hooi"]
@@ -77,7 +78,16 @@ def _init_factor(b, unfolding_gram, rank, seed, like):
     return b.concat([lead, extra], 1)
 
 
-def cp_als(tensor, rank, *, n_iter_max=50, tol=1e-7, init="svd", random_state=0, return_errors=False):
+def cp_als(
+    tensor: Array,
+    rank: int,
+    *,
+    n_iter_max: int = 50,
+    tol: float = 1e-7,
+    init: str = "svd",
+    random_state: int = 0,
+    return_errors: bool = False,
+) -> tuple:
     """CP decomposition of a tensor with 3 or more modes (T, C, *spatial), by ALS.
 
     Parameters
@@ -198,7 +208,9 @@ def _normalize(b, f):
     return f / safe, norms
 
 
-def partial_tucker_hooi(tensor, rank, *, n_iter_max=5, tol=1e-7, random_state=0):
+def partial_tucker_hooi(
+    tensor: Array, rank: tuple[int, int], *, n_iter_max: int = 5, tol: float = 1e-7, random_state: int = 0
+) -> tuple:
     """Tucker over the channel modes of (T, C, *spatial): ``W ≈ core x_0 U_T x_1 U_C``, by higher-order
     orthogonal iteration from the truncated HOSVD.
 

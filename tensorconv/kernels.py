@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import string
+from collections.abc import Sequence
+from typing import Any
 
+from ._typing import Array
 from .backends import backend_for_name, get_backend, on_load
 
 __all__ = ["KruskalKernel", "TuckerKernel"]
@@ -104,7 +107,7 @@ class _FactorizedKernel:
     def _map_arrays(self, fn):
         raise NotImplementedError
 
-    def to_backend(self, backend, *, dtype=None, device=None):
+    def to_backend(self, backend: str, *, dtype: Any = None, device: Any = None):
         """The same kernel on another backend (and optionally dtype / device)."""
         target = backend_for_name(backend)
         source = self.backend
@@ -119,7 +122,7 @@ class _FactorizedKernel:
     def astype(self, dtype):
         return self._map_arrays(lambda x: self.backend.astype(x, dtype))
 
-    def relative_error(self, weight):
+    def relative_error(self, weight: Array) -> float:
         """``||W - to_dense()|| / ||W||`` against a dense kernel ``weight`` of the same shape."""
         b = get_backend(weight, self._reference_array())
         diff = b.to_numpy(weight - self._dense_shaped_as(_shape(weight)))
@@ -271,7 +274,7 @@ class KruskalKernel(_FactorizedKernel):
             operands.append(f)
         return terms, operands, _LETTERS[: len(self.shape)]
 
-    def to_dense(self):
+    def to_dense(self) -> Array:
         """The full (T, C, K_0, ..) kernel, contracted in the order opt_einsum picks."""
         import opt_einsum
 
@@ -280,7 +283,17 @@ class KruskalKernel(_FactorizedKernel):
 
     # -- constructors ----------------------------------------------------------------------------
     @classmethod
-    def random(cls, shape, rank, *, modes=None, backend="numpy", dtype=None, device=None, seed=None):
+    def random(
+        cls,
+        shape: tuple[int, ...],
+        rank: int,
+        *,
+        modes: Sequence[Sequence[int]] | None = None,
+        backend: str = "numpy",
+        dtype: Any = None,
+        device: Any = None,
+        seed: int | None = None,
+    ) -> KruskalKernel:
         """A kernel with standard-normal factors and weights (reproducible with ``seed``)."""
         shape = tuple(int(s) for s in shape)
         if len(shape) < 3:
@@ -301,7 +314,9 @@ class KruskalKernel(_FactorizedKernel):
         return cls(weights, factors, modes)
 
     @classmethod
-    def from_dense(cls, weight, rank, *, modes=None, method="als", **kwargs):
+    def from_dense(
+        cls, weight: Array, rank: int, *, modes: Sequence[Sequence[int]] | None = None, method: str = "als", **kwargs
+    ) -> KruskalKernel:
         """CP-decompose a dense kernel on the weight's own backend, dtype and device.
 
         ``method="als"`` (default): :func:`tensorconv.decomposition.cp_als`, alternating least
@@ -392,7 +407,7 @@ class KruskalKernel(_FactorizedKernel):
         return cls(weights, list(factors))
 
     # -- transduction (paper sec. 4, eq. 8) ------------------------------------------------------
-    def transduct(self, kernel_size, position=0, init="ones"):
+    def transduct(self, kernel_size: int, position: int = 0, init: str = "ones") -> KruskalKernel:
         """Add a spatial mode of size ``kernel_size`` at spatial ``position``.
 
         ``init="ones"``: the new factor is all ones, as in the paper — the (N+1)-D conv sums
@@ -577,7 +592,7 @@ class TuckerKernel(_FactorizedKernel):
                 out += lk[j]
         return terms, operands, out
 
-    def to_dense(self):
+    def to_dense(self) -> Array:
         """The full (T, C, *K) kernel (a grouped conv's blocks on the channel diagonal)."""
         if self.is_grouped_conv:
             g = self.groups
@@ -665,7 +680,7 @@ class TuckerKernel(_FactorizedKernel):
         return cls(core, factors, groups)
 
     @classmethod
-    def from_dense(cls, weight, rank, *, method="hooi", **kwargs):
+    def from_dense(cls, weight: Array, rank: int | tuple[int, int], *, method: str = "hooi", **kwargs) -> TuckerKernel:
         """Partial Tucker of a dense kernel over the channel modes, on the weight's backend.
 
         ``rank=(R_out, R_in)``; the spatial modes stay in the core (the ResNet bottleneck).

@@ -16,6 +16,9 @@ and the gradients there are finite (0), so one constant batch does not poison tr
 
 from __future__ import annotations
 
+from typing import Any
+
+from ._typing import Array
 from .backends import get_backend
 
 __all__ = ["rmse", "sagr", "pcc", "ccc", "affect_loss"]
@@ -51,7 +54,7 @@ def _moments(b, pred, target):
     return mp, mt, (dp * dp).mean(-1), (dt * dt).mean(-1), (dp * dt).mean(-1)
 
 
-def rmse(pred, target):
+def rmse(pred: Array, target: Array) -> Array:
     """Root mean square error ``sqrt(E[(y - y_hat)^2])`` over the last axis.
 
     Examples
@@ -67,7 +70,7 @@ def rmse(pred, target):
     return _where_positive(b, mse, b.xp.sqrt, 0.0)
 
 
-def sagr(pred, target):
+def sagr(pred: Array, target: Array) -> Array:
     """Sign agreement: the fraction of samples where ``sign(y) == sign(y_hat)`` (0 is its own sign).
 
     Not differentiable (a count); returned in the inputs' dtype.
@@ -83,7 +86,7 @@ def sagr(pred, target):
     return b.astype(agree, b.dtype(pred)).mean(-1)
 
 
-def pcc(pred, target):
+def pcc(pred: Array, target: Array) -> Array:
     """Pearson's correlation ``cov(y, y_hat) / (sigma_y sigma_y_hat)`` over the last axis
     (population moments, as the paper's expectations); 0 where either signal is constant.
 
@@ -98,7 +101,7 @@ def pcc(pred, target):
     return _where_positive(b, vp * vt, lambda den: cov / b.xp.sqrt(den), 0.0)
 
 
-def ccc(pred, target):
+def ccc(pred: Array, target: Array) -> Array:
     """Lin's concordance ``2 cov / (sigma_y^2 + sigma_y_hat^2 + (mu_y - mu_y_hat)^2)`` over the
     last axis (equal to the paper's ``2 sigma sigma PCC / (...)``); 1 where both signals are the
     same constant.
@@ -135,7 +138,9 @@ def _coefficients(b, like, generator, weights):
     return [float(v) for v in rng.random(3)]
 
 
-def affect_loss(pred, target, *, generator=None, weights=None):
+def affect_loss(
+    pred: Array, target: Array, *, generator: Any = None, weights: tuple[float, float, float] | None = None
+) -> Array:
     """The paper's regression loss over valence and arousal (sec. 5):
 
     ``(alpha L_RMSE + beta L_PCC + gamma L_CCC) / (alpha + beta + gamma)`` with

@@ -6,6 +6,9 @@ the rest in C order; ``mode_dot(x, M, n)`` computes ``P[.., i_n, ..] = sum_k x[.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from ._typing import Array
 from .backends import get_backend
 
 __all__ = ["mode_dot", "multi_mode_dot", "unfold", "fold"]
@@ -19,7 +22,7 @@ def _check_mode(x, mode, name="mode"):
     return mode % x.ndim
 
 
-def mode_dot(x, matrix, mode):
+def mode_dot(x: Array, matrix: Array, mode: int) -> Array:
     """n-mode product ``x ×_mode matrix``.
 
     Parameters
@@ -51,7 +54,9 @@ def mode_dot(x, matrix, mode):
     return backend.moveaxis(out, -1, mode)
 
 
-def multi_mode_dot(x, matrices, modes=None, skip=None):
+def multi_mode_dot(
+    x: Array, matrices: Sequence[Array], modes: Sequence[int] | None = None, skip: int | None = None
+) -> Array:
     """Chain of n-mode products, one per entry of ``matrices`` (mode ``modes[i]``)."""
     matrices = list(matrices)
     if modes is None:
@@ -68,14 +73,14 @@ def multi_mode_dot(x, matrices, modes=None, skip=None):
     return x
 
 
-def unfold(x, mode):
+def unfold(x: Array, mode: int) -> Array:
     """Mode-``mode`` matricisation: shape (I_mode, prod of the other dims)."""
     backend = get_backend(x)
     mode = _check_mode(x, mode)
     return backend.reshape(backend.moveaxis(x, mode, 0), (x.shape[mode], -1))
 
 
-def fold(unfolded, mode, shape):
+def fold(unfolded: Array, mode: int, shape: tuple[int, ...]) -> Array:
     """Inverse of :func:`unfold`."""
     backend = get_backend(unfolded)
     shape = tuple(int(s) for s in shape)

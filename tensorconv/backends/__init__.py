@@ -18,6 +18,8 @@ Primitive set (see :class:`tensorconv.backends._base.ArrayBackend`):
 
 from __future__ import annotations
 
+from typing import Any
+
 from ._base import PADDING_MODES, ArrayBackend
 
 __all__ = ["get_backend", "backend_for_name", "ArrayBackend", "BACKEND_NAMES", "PADDING_MODES", "available_backends"]
@@ -76,7 +78,7 @@ def _backend_of_type(cls) -> ArrayBackend | None:
     return backend
 
 
-def get_backend(*arrays) -> ArrayBackend:
+def get_backend(*arrays: Any) -> ArrayBackend:
     """The backend of ``arrays`` (``None`` entries are ignored).
 
     Raises

@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,7 +42,15 @@ def _eligible(module):
     return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and max(module.kernel_size) > 1
 
 
-def factorize(model, rank, *, factorization="cp", layers=None, inplace=False, **decomposition_kwargs):
+def factorize(
+    model: nn.Module,
+    rank: Any,
+    *,
+    factorization: str = "cp",
+    layers: Callable[[str, nn.Module], bool] | None = None,
+    inplace: bool = False,
+    **decomposition_kwargs,
+) -> nn.Module:
     """Replace every eligible convolution of ``model`` by a factorized one (``from_conv``).
 
     Eligible: an ``nn.Conv1d/2d/3d`` whose kernel is larger than 1 in some mode (a 1x1 conv is
@@ -168,7 +178,7 @@ def _fmt(n):
     return str(int(n))
 
 
-def summarize(model, input_shape=None):
+def summarize(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> str:
     """A table of the factorized layers of ``model``: name, kernel shape, rank, parameters
     (dense -> factorized), relative reconstruction error (layers made by ``from_conv`` /
     :func:`factorize`), and with ``input_shape`` (batch included) the multiply-adds of the dense

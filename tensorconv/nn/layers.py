@@ -8,10 +8,12 @@ Arguments and defaults follow ``torch.nn.ConvNd``. The number of spatial dims is
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
+from .._typing import IntOrTuple, Padding, Rank
 from ..backends import PADDING_MODES, backend_for_name
 from ..kernels import KruskalKernel, TuckerKernel
 from ..plans.plan import conv
@@ -395,22 +397,22 @@ class KruskalConv(_FactorizedConv):
 
     def __init__(
         self,
-        in_channels,
-        out_channels,
-        kernel_size,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups=1,
-        bias=True,
-        padding_mode="zeros",
-        device=None,
-        dtype=None,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntOrTuple,
+        stride: IntOrTuple = 1,
+        padding: Padding = 0,
+        dilation: IntOrTuple = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: Any = None,
+        dtype: Any = None,
         *,
-        rank="same",
-        strategy="auto",
-        n_spatial=None,
-    ):
+        rank: Rank | tuple[int, ...] = "same",
+        strategy: str = "auto",
+        n_spatial: int | None = None,
+    ) -> None:
         super().__init__()
         if groups != 1:
             raise ValueError(
@@ -455,7 +457,9 @@ class KruskalConv(_FactorizedConv):
         )
 
     @classmethod
-    def from_conv(cls, conv_module, rank, strategy="auto", **decomposition_kwargs):
+    def from_conv(
+        cls, conv_module: nn.Module, rank: Rank | tuple[int, ...], strategy: str = "auto", **decomposition_kwargs
+    ):
         """CP-decompose a trained ``nn.ConvNd`` (tensorly parafac on its device and dtype).
 
         Stride, padding, dilation, padding_mode and bias are kept; ``relative_error`` holds the
@@ -601,23 +605,23 @@ class TuckerConv(_FactorizedConv):
 
     def __init__(
         self,
-        in_channels,
-        out_channels,
-        kernel_size,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups=1,
-        bias=True,
-        padding_mode="zeros",
-        device=None,
-        dtype=None,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntOrTuple,
+        stride: IntOrTuple = 1,
+        padding: Padding = 0,
+        dilation: IntOrTuple = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: Any = None,
+        dtype: Any = None,
         *,
-        rank="same",
-        strategy="auto",
-        core_groups=1,
-        n_spatial=None,
-    ):
+        rank: Rank | tuple[int, ...] = "same",
+        strategy: str = "auto",
+        core_groups: int = 1,
+        n_spatial: int | None = None,
+    ) -> None:
         super().__init__()
         self._init_geometry(
             in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode, strategy, n_spatial
@@ -690,7 +694,9 @@ class TuckerConv(_FactorizedConv):
         return k.to_grouped_dense() if self.groups > 1 else k.to_dense()
 
     @classmethod
-    def from_conv(cls, conv_module, rank, strategy="auto", **decomposition_kwargs):
+    def from_conv(
+        cls, conv_module: nn.Module, rank: Rank | tuple[int, ...], strategy: str = "auto", **decomposition_kwargs
+    ):
         """Partial-Tucker-decompose a trained ``nn.ConvNd`` over its channel modes.
 
         A grouped conv (groups = G) is decomposed group by group into a layer with the same
@@ -733,23 +739,23 @@ class HOCPBlock(nn.Module):
 
     def __init__(
         self,
-        in_channels,
-        out_channels,
-        kernel_size,
-        stride=1,
-        padding="same",
-        dilation=1,
-        bias=False,
-        padding_mode="zeros",
-        device=None,
-        dtype=None,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntOrTuple,
+        stride: IntOrTuple = 1,
+        padding: Padding = "same",
+        dilation: IntOrTuple = 1,
+        bias: bool = False,
+        padding_mode: str = "zeros",
+        device: Any = None,
+        dtype: Any = None,
         *,
-        rank="same",
-        strategy="auto",
-        n_spatial=None,
-        nonlinearity="default",
-        skip=False,
-    ):
+        rank: Rank | tuple[int, ...] = "same",
+        strategy: str = "auto",
+        n_spatial: int | None = None,
+        nonlinearity: Any = "default",
+        skip: bool = False,
+    ) -> None:
         super().__init__()
         self.conv = KruskalConv(
             in_channels,

@@ -10,6 +10,7 @@ the modes transduction adds, so ``tensorconv.nn.transduct`` turns the whole 2-D 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -242,7 +243,16 @@ class HOCPResNet(nn.Module):
         return self.head(self.features(x))
 
 
-def hocp_resnet18(in_channels, num_outputs, *, n_spatial=2, rank="same", head="trl", stem="imagenet", **kwargs):
+def hocp_resnet18(
+    in_channels: int,
+    num_outputs: int,
+    *,
+    n_spatial: int = 2,
+    rank: Any = "same",
+    head: str = "trl",
+    stem: str = "imagenet",
+    **kwargs,
+) -> HOCPResNet:
     """ResNet-18 with every convolution an HO-CP convolution (paper sec. 5, eq. 7).
 
     Each 3x3 (and the 7x7 stem) conv is an :class:`HOCPBlock`: 1x1 (C -> R), Psi = BatchNorm +

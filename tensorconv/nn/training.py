@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ def factorized_layers(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, KruskalConv)]
 
 
-def lasso(model, gamma):
+def lasso(model: nn.Module, gamma: float) -> torch.Tensor:
     """``gamma * sum |lambda|`` over every CP layer: add it to the loss (paper sec. 4).
 
     The penalty is built from the live ``weights`` parameters, so it reaches their gradients.
@@ -28,7 +29,9 @@ def lasso(model, gamma):
     return gamma * sum(layer.weights.abs().sum() for _, layer in layers)
 
 
-def prune(model, threshold=None, *, relative=None, optimizer=None):
+def prune(
+    model: nn.Module, threshold: float | None = None, *, relative: float | None = None, optimizer: Any = None
+) -> dict[str, tuple[int, int]]:
     """Prune every CP layer; returns {name: (old rank, new rank)}.
 
     ``threshold``: drop components with |lambda| <= threshold (one cut for the whole model);
@@ -62,7 +65,16 @@ def _as_tuple(v, n):
     return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
 
 
-def transduct(model, kernel_size, position=0, padding="same", stride=1, dilation=1, init="ones", freeze=True):
+def transduct(
+    model: nn.Module,
+    kernel_size: int,
+    position: int = 0,
+    padding: Any = "same",
+    stride: int = 1,
+    dilation: int = 1,
+    init: str = "ones",
+    freeze: bool = True,
+) -> nn.Module:
     """Transduct every KruskalConv of ``model`` to one more spatial dim, in place.
 
     BatchNorm{1,2}d become BatchNorm{2,3}d (state copied: they are per-channel, so this is

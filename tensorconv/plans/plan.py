@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import opt_einsum
 
+from .._typing import Array, IntOrTuple, Padding
 from ..backends import backend_for_name, get_backend
 from ..kernels import KruskalKernel, TuckerKernel
 from .cost import CostModel, cost_model_for
@@ -604,20 +606,20 @@ def _hashable(value):
 
 
 def plan_conv(
-    kernel_or_shape,
-    input_shape,
+    kernel_or_shape: KruskalKernel | TuckerKernel | Array | tuple[int, ...],
+    input_shape: tuple[int, ...],
     *,
-    stride=1,
-    padding=0,
-    dilation=1,
-    groups=1,
-    padding_mode="zeros",
-    strategy="auto",
-    dtype=None,
-    backend=None,
-    device=None,
-    cost_model=None,
-):
+    stride: IntOrTuple = 1,
+    padding: Padding = 0,
+    dilation: IntOrTuple = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    strategy: str = "auto",
+    dtype: Any = None,
+    backend: str | None = None,
+    device: Any = None,
+    cost_model: CostModel | None = None,
+) -> ConvPlan:
     """Plan a convolution once; the caller holds the plan and calls it for every input of
     this shape (opt_einsum's ``contract_expression`` model).
 
@@ -725,7 +727,17 @@ def _plan_args(
     )
 
 
-def conv(x, kernel, *, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros", strategy="auto"):
+def conv(
+    x: Array,
+    kernel: KruskalKernel | TuckerKernel | Array,
+    *,
+    stride: IntOrTuple = 1,
+    padding: Padding = 0,
+    dilation: IntOrTuple = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    strategy: str = "auto",
+) -> Array:
     """N-D convolution (cross-correlation, as torch) of ``x`` with a dense or factorized kernel.
 
     Parameters
