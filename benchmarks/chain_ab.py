@@ -133,41 +133,53 @@ static inline double now_() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 """
-# the calls timed, each on the team's first thread: the phases and the barrier between them
+# the calls timed, each on the team's first thread: the phases and the barrier between them.
+# Anchors are code, compared without comments or surrounding blanks: editing a comment of the
+# kernel never moves a timer; editing one of these statements stops `phases` with a message
 _PHASES = [
-    (0, "        if (own_in) {  // positions (d, h, w) one stride apart: read in place"),
-    (1, "        mode2_pass(pa + r0 * W * R, t1 + rb * Wo * R, re - rb, a2, w2, R);  // (rows, W, R) -> (rows, Wo, R)"),
-    (5, "    team.sync();  // mode 1 reads the neighbouring rows"),
-    (
-        2,
-        "      mode1_pass(t1, g, p0, p1, [&](int64_t q) { return pring + ((d0 + q) % slots) * plane; }, Wo, a1, w1, R);",
-    ),
-    (3, "          taps_run(oq, R, at, R, w, n, R, qe - qb);"),
-    (4, "          if (own_out) {  // pointers only: tensor views per batch and thread cost ~1 us each"),
+    (0, "if (own_in) {"),
+    (1, "mode2_pass(pa + r0 * W * R, t1 + rb * Wo * R, re - rb, a2, w2, R);"),
+    (5, "team.sync();"),
+    (2, "mode1_pass(t1, g, p0, p1, [&](int64_t q) { return pring + ((d0 + q) % slots) * plane; }, Wo, a1, w1, R);"),
+    (3, "taps_run(oq, R, at, R, w, n, R, qe - qb);"),
+    (4, "if (own_out) {"),
 ]
+# team.sync() occurs more than once: its anchor is the one right after the mode-2 pass's loop
+_AFTER = {5: "mode2_pass(pa + r0 * W * R"}
 
 
-def _statement(text, first_line):
-    """The statement of ``text`` that starts with the line ``first_line`` (an if / else with its
-    braces, or one line), or None where that line is not found exactly once."""
-    if text.count(first_line + "\n") != 1:
+def _code(line):
+    """A C++ line without its // comment and surrounding blanks."""
+    return line.split("//", 1)[0].strip()
+
+
+def _statement(text, first_code, after=None):
+    """The statement of ``text`` whose first line's code is ``first_code`` (an if / else with its
+    braces, or one line), or None where no such line, or more than one, is found (the first one
+    after a line containing ``after``, where given)."""
+    lines = text.splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if _code(line) == first_code]
+    if after is not None:
+        first_after = next((i for i, line in enumerate(lines) if after in _code(line)), None)
+        starts = [i for i in starts if first_after is not None and i > first_after][:1]
+    if len(starts) != 1:
         return None
-    start = text.index(first_line + "\n")
-    depth, end = 0, start
-    for line in text[start:].splitlines(keepends=True):
-        depth += line.count("{") - line.count("}")
-        end += len(line)
+    depth, out = 0, []
+    for line in lines[starts[0] :]:
+        code = _code(line)
+        depth += code.count("{") - code.count("}")
+        out.append(line)
         if depth == 0:
-            return text[start : end - 1]
+            return "".join(out).rstrip("\n")
     return None
 
 
 def _instrumented(text):
     """This kernel with timers around its forward phases (text edits at fixed anchors)."""
-    for slot, first_line in _PHASES:
-        anchor = _statement(text, first_line)
+    for slot, first_code in _PHASES:
+        anchor = _statement(text, first_code, _AFTER.get(slot))
         if anchor is None:
-            raise SystemExit(f"the kernel changed: anchor not found once: {first_line.strip()}")
+            raise SystemExit(f"the kernel changed: anchor not found once: {first_code}")
         indent = anchor[: len(anchor) - len(anchor.lstrip())]
         text = text.replace(
             anchor,

@@ -490,8 +490,9 @@ def test_auto_reconstructs_where_the_plane_chain_leaves_the_cache(plane_kernel):
 
 
 def test_chain_phase_timers_still_fit_the_kernel_source():
-    """benchmarks/chain_ab.py instruments the kernel by text anchors: they must still match it
-    (a kernel edit that moves them makes `chain_ab.py phases` stop with a message, not lie)."""
+    """benchmarks/chain_ab.py instruments the kernel at code anchors: they must still match it (a
+    kernel edit that moves them makes `chain_ab.py phases` stop with a message, not lie), and
+    comments play no part (rewording one changes nothing)."""
     import importlib.util
     import pathlib
 
@@ -504,5 +505,7 @@ def test_chain_phase_timers_still_fit_the_kernel_source():
     timed = chain_ab._instrumented(source)
     assert timed.count("now_()") == source.count("now_()") + 13  # two clock reads per timed call + the definition
     assert "T_[4] +=" in timed and 'm.def("timers"' in timed
+    uncommented = "\n".join(line.split("//", 1)[0].rstrip() for line in source.splitlines())
+    assert chain_ab._instrumented(uncommented).count("now_()") == timed.count("now_()")
     with pytest.raises(SystemExit, match="anchor"):
-        chain_ab._instrumented(source.replace("team.sync();  // mode 1", "team.sync();  // mode one"))
+        chain_ab._instrumented(source.replace("taps_run(oq, R, at,", "taps_run(oq, R, at2,"))
