@@ -14,21 +14,27 @@ The stopping test uses the fit computed from those products (no reconstruction):
 
 from __future__ import annotations
 
+import math
+
 from ._typing import Array
 from .backends import get_backend
 
 __all__ = ["cp_als", "partial_tucker_hooi"]
 
 
-def _prod(values):
-    out = 1
-    for v in values:
-        out *= int(v)
-    return out
-
-
 def _gram(b, f):
+    """f^T f: the (R x R) Gram of a factor's columns."""
     return b.matmul(b.permute(f, (1, 0)), f)
+
+
+def _row_gram(b, m):
+    """m m^T: the Gram of an unfolding's rows, whose leading eigenvectors are its left singular vectors."""
+    return b.matmul(m, b.permute(m, (1, 0)))
+
+
+def _random_like(b, shape, seed, like):
+    """Seeded Gaussian values in ``like``'s dtype and device."""
+    return b.random_normal(shape, seed=seed, dtype=b.dtype_name(like), device=b.device(like))
 
 
 def _khatri_rao(b, factors):
@@ -60,11 +66,7 @@ def _init_factor(b, unfolding_gram, rank, seed, like):
         _, vecs = b.xp.linalg.eigh(unfolding_gram)
         lead = b.flip(vecs[:, dim - k :], 1)
     else:
-        omega = b.astype(
-            b.random_normal((dim, k + 10), seed=seed + 7919, dtype=b.dtype_name(like), device=b.device(like)),
-            b.dtype(like),
-        )
-        basis = omega
+        basis = _random_like(b, (dim, k + 10), seed + 7919, like)
         for _ in range(3):  # power iterations sharpen the leading subspace
             basis, _ = b.xp.linalg.qr(b.matmul(unfolding_gram, basis))
         small = b.matmul(b.permute(basis, (1, 0)), b.matmul(unfolding_gram, basis))
@@ -72,10 +74,7 @@ def _init_factor(b, unfolding_gram, rank, seed, like):
         lead = b.matmul(basis, b.flip(vecs[:, -k:], 1))
     if k == rank:
         return lead
-    extra = b.astype(
-        b.random_normal((dim, rank - k), seed=seed, dtype=b.dtype_name(like), device=b.device(like)), b.dtype(like)
-    )
-    return b.concat([lead, extra], 1)
+    return b.concat([lead, _random_like(b, (dim, rank - k), seed, like)], 1)
 
 
 def cp_als(
@@ -131,34 +130,27 @@ def cp_als(
         raise ValueError(f"init={init!r} is not one of ('svd', 'random')")
     shape = tuple(int(s) for s in tensor.shape)
     t, c, spatial = shape[0], shape[1], shape[2:]
-    s = _prod(spatial)
+    s = math.prod(spatial)
     w3 = b.reshape(b.contiguous(tensor), (t, c, s))
+    w_t = b.reshape(w3, (t, c * s))  # rows: T (the GEMM over T below, and T's unfolding)
     norm_sq = float(b.xp.sum(w3 * w3))
-    dtype = b.dtype_name(tensor)
 
     if init == "svd":
         # Grams of the unfoldings: (T x T) and (C x C) from (T, C*S); each spatial mode from its own unfolding
-        w_t = b.reshape(w3, (t, c * s))
-        factors = [_init_factor(b, b.matmul(w_t, b.permute(w_t, (1, 0))), rank, random_state, tensor)]
+        factors = [_init_factor(b, _row_gram(b, w_t), rank, random_state, tensor)]
         w_c = b.reshape(b.moveaxis(w3, 1, 0), (c, t * s))
-        factors.append(_init_factor(b, b.matmul(w_c, b.permute(w_c, (1, 0))), rank, random_state + 1, tensor))
+        factors.append(_init_factor(b, _row_gram(b, w_c), rank, random_state + 1, tensor))
         full = b.reshape(w3, shape)
         for m, d in enumerate(spatial):
             u = b.reshape(b.moveaxis(full, 2 + m, 0), (d, t * c * s // d))
-            factors.append(_init_factor(b, b.matmul(u, b.permute(u, (1, 0))), rank, random_state + 2 + m, tensor))
+            factors.append(_init_factor(b, _row_gram(b, u), rank, random_state + 2 + m, tensor))
     else:
-        factors = [
-            b.astype(
-                b.random_normal((d, rank), seed=random_state + i, dtype=dtype, device=b.device(tensor)), b.dtype(tensor)
-            )
-            for i, d in enumerate(shape)
-        ]
+        factors = [_random_like(b, (d, rank), random_state + i, tensor) for i, d in enumerate(shape)]
     weights = b.ones((rank,), like=factors[0])
     grams = [_gram(b, f) for f in factors]
     errors = []
     n = len(shape)
     w_tsc = b.contiguous(b.permute(w3, (0, 2, 1)))  # (T, S, C): GEMM over C
-    w_t = b.reshape(w3, (t, c * s))  # (T, C*S): GEMM over T
     letters = "abcdefgh"[: len(spatial)]
     for _ in range(n_iter_max):
         kr_s = _khatri_rao(b, factors[2:])  # (S, R)
@@ -229,31 +221,25 @@ def partial_tucker_hooi(
     r_out, r_in = rank
     shape = tuple(int(s) for s in tensor.shape)
     t, c, spatial = shape[0], shape[1], shape[2:]
-    s = _prod(spatial)
+    s = math.prod(spatial)
     w3 = b.reshape(b.contiguous(tensor), (t, c, s))
     w_t = b.reshape(w3, (t, c * s))  # rows: T
     w_cts = b.contiguous(b.permute(w3, (1, 0, 2)))  # (C, T, S)
     w_c = b.reshape(w_cts, (c, t * s))  # rows: C
 
-    def leading(gram, k, seed):
-        return _init_factor(b, gram, k, seed, tensor)
-
-    def gram(m):
-        return b.matmul(m, b.permute(m, (1, 0)))
-
-    u_t = leading(gram(w_t), r_out, random_state)
-    u_c = leading(gram(w_c), r_in, random_state + 1)
+    u_t = _init_factor(b, _row_gram(b, w_t), r_out, random_state, tensor)
+    u_c = _init_factor(b, _row_gram(b, w_c), r_in, random_state + 1, tensor)
     norm_sq = float(b.xp.sum(w3 * w3))
     previous = None
     for _ in range(n_iter_max):
         # U_C from W projected on U_T: (R_out, C, S) -> C x (R_out * S)
         proj_t = b.reshape(b.matmul(b.permute(u_t, (1, 0)), w_t), (r_out, c, s))
         m_c = b.reshape(b.moveaxis(proj_t, 1, 0), (c, r_out * s))
-        u_c = leading(gram(m_c), r_in, random_state + 1)
+        u_c = _init_factor(b, _row_gram(b, m_c), r_in, random_state + 1, tensor)
         # U_T from W projected on U_C: (R_in, T, S) -> T x (R_in * S)
         proj_c = b.reshape(b.matmul(b.permute(u_c, (1, 0)), w_c), (r_in, t, s))
         m_t = b.reshape(b.moveaxis(proj_c, 1, 0), (t, r_in * s))
-        u_t = leading(gram(m_t), r_out, random_state)
+        u_t = _init_factor(b, _row_gram(b, m_t), r_out, random_state, tensor)
         # ||W - W_hat||^2 = ||W||^2 - ||core||^2 for orthonormal factors
         core = b.matmul(b.permute(u_t, (1, 0)), m_t)  # (R_out, R_in * S)
         err = max(norm_sq - float(b.xp.sum(core * core)), 0.0) ** 0.5 / (norm_sq**0.5 if norm_sq else 1.0)
