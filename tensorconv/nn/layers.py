@@ -795,17 +795,8 @@ class HOCPBlock(nn.Module):
         keep = self.conv._components_to_keep(threshold, relative)
         self.conv._keep_components(keep, optimizer)
         rank = self.conv.rank
-        if isinstance(self.psi, _ChannelNormReLU):
-            norm = self.psi.norm
-            with torch.no_grad():
-                for p in (norm.weight, norm.bias):
-                    if p is not None:
-                        _shrink_parameter(p, 0, keep, optimizer)
-                for name in ("running_mean", "running_var"):
-                    buf = getattr(norm, name)
-                    if buf is not None:
-                        setattr(norm, name, buf.index_select(0, keep).clone())
-            norm.num_features = rank
+        if isinstance(self.psi, ChannelNorm):
+            self.psi.keep_channels(keep, optimizer)
         return rank
 
     def forward(self, x):
@@ -821,8 +812,9 @@ class HOCPBlock(nn.Module):
         return out
 
 
-class _ChannelNormReLU(nn.Module):
-    """BatchNorm over channel dim 1 for any number of spatial dims, then ReLU."""
+class ChannelNorm(nn.Module):
+    """BatchNorm over channel dim 1 of (B, C, *spatial) for any number of spatial dims (a
+    (B, C, prod spatial) view through ``nn.BatchNorm1d``), so transduction needs no new module."""
 
     works_for_any_n = True  # tensorconv.nn.transduct leaves it as it is
 
@@ -832,5 +824,25 @@ class _ChannelNormReLU(nn.Module):
 
     def forward(self, x):
         shape = x.shape
-        y = self.norm(x.reshape(shape[0], shape[1], -1)).reshape(shape)
-        return torch.relu(y)
+        return self.norm(x.reshape(shape[0], shape[1], -1)).reshape(shape)
+
+    def keep_channels(self, keep, optimizer=None):
+        """Keep channels ``keep`` (indices) of the affine parameters (same Parameter objects, and
+        the optimizer's state with them) and of the running statistics."""
+        norm = self.norm
+        with torch.no_grad():
+            for p in (norm.weight, norm.bias):
+                if p is not None:
+                    _shrink_parameter(p, 0, keep, optimizer)
+            for name in ("running_mean", "running_var"):
+                buf = getattr(norm, name)
+                if buf is not None:
+                    setattr(norm, name, buf.index_select(0, keep).clone())
+        norm.num_features = int(keep.numel())
+
+
+class _ChannelNormReLU(ChannelNorm):
+    """Psi of the HO-CP block: :class:`ChannelNorm`, then ReLU."""
+
+    def forward(self, x):
+        return torch.relu(super().forward(x))

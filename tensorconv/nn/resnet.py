@@ -15,26 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import HOCPBlock, KruskalConv
+from .layers import ChannelNorm, HOCPBlock, KruskalConv
 
 __all__ = ["hocp_resnet18", "HOCPResNet", "HOCPBasicBlock", "ChannelNorm", "TensorRegression"]
 
 _STAGES = ((64, 1), (128, 2), (256, 2), (512, 2))
-
-
-class ChannelNorm(nn.Module):
-    """BatchNorm over channel dim 1 of (B, C, *spatial) for any number of spatial dims (a
-    (B, C, prod spatial) view through ``nn.BatchNorm1d``), so transduction needs no new module."""
-
-    works_for_any_n = True  # tensorconv.nn.transduct leaves it as it is
-
-    def __init__(self, channels, device=None, dtype=None):
-        super().__init__()
-        self.norm = nn.BatchNorm1d(channels, device=device, dtype=dtype)
-
-    def forward(self, x):
-        shape = x.shape
-        return self.norm(x.reshape(shape[0], shape[1], -1)).reshape(shape)
 
 
 class _MaxPool(nn.Module):
