@@ -209,12 +209,8 @@ def summarize(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> s
         macs = "-"
         if name in shapes:
             plan = m.plan(shapes[name])
-            groups = getattr(m, "groups", 1)
-            dense_macs = (
-                plan.dense_macs // (groups if m.kernel.is_grouped_conv else 1)
-                if isinstance(m, TuckerConv)
-                else plan.dense_macs
-            )
+            # a TuckerConv with groups > 1 replaces a grouped conv (KruskalConv.groups is 1)
+            dense_macs = plan.dense_macs // m.groups
             mac_dense += dense_macs
             mac_plan += plan.macs
             macs = f"{_fmt(dense_macs)} -> {_fmt(plan.macs)}"
