@@ -4,7 +4,8 @@
 ``TuckerConv``, ``HOCPBlock``) are loaded on first access.
 """
 
-from .backends import available_backends, build_cpu_kernel, get_backend
+from . import accelerators
+from .backends import available_backends, get_backend
 from .kernels import KruskalKernel, TuckerKernel
 from .plans import ConvPlan, conv, plan_conv
 from .tenalg import fold, mode_dot, multi_mode_dot, unfold
@@ -19,7 +20,7 @@ __all__ = [
     "ConvPlan",
     "get_backend",
     "available_backends",
-    "build_cpu_kernel",
+    "accelerators",
     "mode_dot",
     "multi_mode_dot",
     "unfold",

@@ -233,8 +233,11 @@ def test_fastest_order_with_merged_depthwise_matches_reference(backend, geo, dat
         dilation=geo["dilation"],
         padding_mode=geo["mode"],
     )
-    # a model under which merging modes pays: the plan the caller holds takes that order
-    plan = plan_conv(kernel, x.shape, backend=backend[0], device=backend[1], cost_model=_MERGING, **kw)
+    # a model under which merging modes pays: the plan the caller holds takes that order (among
+    # the library's own orders: no accelerator)
+    plan = plan_conv(
+        kernel, x.shape, backend=backend[0], device=backend[1], cost_model=_MERGING, accelerators=(), **kw
+    )
     got = plan(to_backend(x, backend), _to(kernel, backend))
     with native_torch_convs():
         got_native = plan(to_backend(x, backend), _to(kernel, backend))
@@ -249,7 +252,7 @@ def test_fastest_order_with_merged_depthwise_matches_reference(backend, geo, dat
 def test_fastest_order_merges_modes_and_min_macs_keep_the_closed_form(n):
     c, t, r, ks = 6, 5, 4, (3,) * n
     k = KruskalKernel.random((t, c) + ks, rank=r, seed=0)
-    plan = plan_conv(k, (2, c) + (6,) * n, padding="same", cost_model=_MERGING)
+    plan = plan_conv(k, (2, c) + (6,) * n, padding="same", cost_model=_MERGING, accelerators=())
     voxels = 2 * 6**n
     assert plan.order == "fastest"
     assert [len(s.modes) for s in plan.steps if s.kind == "depthwise"] == [n]  # one step over every mode
@@ -375,7 +378,9 @@ def test_gradcheck_fastest_order_with_merged_depthwise():
     for leaf in leaves:
         leaf.requires_grad_(True)
     x = torch.randn(2, 2, 5, 4, dtype=torch.float64, requires_grad=True)
-    plan = plan_conv(k, x.shape, stride=(2, 1), padding=((1, 0), 1), backend="torch", cost_model=_MERGING)
+    plan = plan_conv(
+        k, x.shape, stride=(2, 1), padding=((1, 0), 1), backend="torch", cost_model=_MERGING, accelerators=()
+    )
     assert [len(s.modes) for s in plan.steps if s.kind == "depthwise"] == [2]
     with native_torch_convs():
         assert torch.autograd.gradcheck(
@@ -389,9 +394,9 @@ def test_torch_cpu_auto_runs_one_3x3x3_depthwise_conv_at_r_eq_c(monkeypatch):
     1-D ones at 16-128 channels, so the default torch CPU model merges the spatial factors in
     float32. In float64 (no oneDNN kernels) the steps are tap loops, and nothing is merged.
     (Without the compiled plane chain, which auto prefers once it is built: tests/test_fused.py.)"""
-    from tensorconv.backends import _torch_cpu_chain
+    from tensorconv.accelerators.plane_chain import _build
 
-    monkeypatch.setattr(_torch_cpu_chain, "_state", {"module": None})
+    monkeypatch.setattr(_build, "_state", {"module": None})
     for c in (16, 64, 128):
         k = KruskalKernel.random((c, c, 3, 3, 3), rank=c, seed=0)
         plan = plan_conv(k, (1, c, 16, 32, 32), padding=1, backend="torch", dtype="float32")

@@ -11,12 +11,8 @@ from hypothesis import strategies as st
 from test_conv import geometries
 
 from tensorconv import KruskalKernel, TuckerKernel, conv, plan_conv
+from tensorconv.accelerators.plane_chain import PLANE_CHAIN, PlaneChain
 from tensorconv.plans.fused import FusedRunner
-
-try:
-    from tensorconv.backends._torch import TorchBackend
-except ImportError:  # no torch
-    TorchBackend = None
 
 TOL = 1e-10
 
@@ -60,7 +56,7 @@ def _compile_works():
 @pytest.mark.skipif(not _compile_works(), reason="torch.compile does not work here (no torch or no C++ compiler)")
 @pytest.mark.parametrize("case", CASES, ids=["N1", "N2", "N3", "N4"])
 def test_compiled_fused_equals_unfused_torch(case, monkeypatch):
-    monkeypatch.setattr(TorchBackend, "cp_chain_3d", lambda self, *a, **kw: None)  # torch.compile's path, here
+    monkeypatch.setattr(PlaneChain, "run", lambda self, *a: None)  # torch.compile's path, here
     shape, rank, in_shape, geo = case
     k = KruskalKernel.random(shape, rank, backend="torch", seed=0)
     x = torch.randn(in_shape, dtype=torch.float64)
@@ -99,7 +95,7 @@ def test_fused_falls_back_when_compile_fails(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: broken)
     monkeypatch.setattr(fused_mod.CompiledChain, "_warned", False)
-    monkeypatch.setattr(TorchBackend, "cp_chain_3d", lambda self, *a, **kw: None)  # torch.compile's path
+    monkeypatch.setattr(PlaneChain, "run", lambda self, *a: None)  # torch.compile's path
     k = KruskalKernel.random((4, 3, 3, 3), 2, backend="torch", seed=7)
     x = torch.randn(1, 3, 7, 9, dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match="runs unfused"):
@@ -114,6 +110,12 @@ def plane_kernel():
     return _loaded_kernel()
 
 
+def _chain_forward():
+    from tensorconv.accelerators.plane_chain._ops import cp_chain_forward
+
+    return cp_chain_forward
+
+
 def _loaded_kernel():
     """The compiled kernel; skips where this machine cannot build one (no C++ compiler or
     ninja, or TENSORCONV_NO_CPU_KERNEL set), fails where it has the tools and the build broke
@@ -123,11 +125,11 @@ def _loaded_kernel():
     pytest.importorskip("torch")
     from torch.utils.cpp_extension import is_ninja_available
 
-    from tensorconv.backends import _torch_cpu_chain
+    from tensorconv.accelerators.plane_chain import _build
 
-    if _torch_cpu_chain.load() is not None:
-        return _torch_cpu_chain
-    if _torch_cpu_chain.disabled() or not is_ninja_available() or not shutil.which(os.environ.get("CXX", "c++")):
+    if _build.load() is not None:
+        return _build
+    if _build.disabled() or not is_ninja_available() or not shutil.which(os.environ.get("CXX", "c++")):
         pytest.skip("the CPU fused kernel cannot be built here (no C++ compiler / ninja, or disabled)")
     pytest.fail("a C++ compiler and ninja are here but the CPU fused kernel did not build (see the warning)")
 
@@ -135,14 +137,16 @@ def _loaded_kernel():
 @pytest.fixture
 def chain_calls(plane_kernel, monkeypatch):
     """Counts calls of the compiled kernel, so a test knows the plane chain ran (not a fallback)."""
+    from tensorconv.accelerators.plane_chain import _ops
+
     calls = []
-    real = plane_kernel.cp_chain_forward
+    real = _ops.cp_chain_forward
 
     def spy(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(plane_kernel, "cp_chain_forward", spy)
+    monkeypatch.setattr(_ops, "cp_chain_forward", spy)
     return calls
 
 
@@ -289,7 +293,7 @@ def test_plane_chain_chunks_of_planes(plane_kernel, planes, stride0):
     per_plane = 6 * 7 * 11 * 8
     out_d = (11 + 2 * 2 - 2 * 2 - 1) // stride0 + 1
     with torch.no_grad():
-        got = plane_kernel.cp_chain_forward(
+        got = _chain_forward()(
             x,
             lam,
             u_t,
@@ -318,7 +322,7 @@ def test_plane_chain_threads_share_an_image(plane_kernel, threads, batch, dims):
     torch.set_num_threads(threads)
     try:
         with torch.no_grad():
-            got = plane_kernel.cp_chain_forward(
+            got = _chain_forward()(
                 x,
                 lam,
                 u_t,
@@ -349,7 +353,7 @@ def test_plane_chain_blocks_of_the_fused_passes(plane_kernel, threads, c, r, t):
     torch.set_num_threads(threads)
     try:
         with torch.no_grad():
-            got = plane_kernel.cp_chain_forward(
+            got = _chain_forward()(
                 x,
                 lam,
                 u_t,
@@ -423,31 +427,25 @@ def test_plane_chain_with_gradients_needs_stride_1(chain_calls, monkeypatch):
     assert len(chain_calls) == 1
 
 
-def test_plane_chain_can_be_disabled(plane_kernel, monkeypatch):
+def test_plane_chain_can_be_disabled(plane_kernel, chain_calls, monkeypatch):
     monkeypatch.setattr(plane_kernel, "_state", {})
     monkeypatch.setenv("TENSORCONV_NO_CPU_KERNEL", "1")
     assert plane_kernel.load() is None
+    assert "TENSORCONV_NO_CPU_KERNEL" in PLANE_CHAIN.status()
     k = KruskalKernel.random((3, 2, 3, 3, 3), 2, backend="torch", seed=0)
     x = torch.randn(1, 2, 5, 5, 5, dtype=torch.float64)
-    assert (
-        TorchBackend().cp_chain_3d(
-            x,
-            k.weights,
-            k.factors[0],
-            k.factors[1],
-            k.factors[2:],
-            out_spatial=(3, 3, 3),
-            stride=(1, 1, 1),
-            pad_lo=(0, 0, 0),
-            dilation=(1, 1, 1),
-        )
-        is None
-    )
+    lam, u_t, u_c, *spatial = [k.weights] + list(k.factors)
+    geo = dict(out_spatial=(3, 3, 3), stride=(1, 1, 1), pad_lo=(0, 0, 0), dilation=(1, 1, 1))
+    assert _chain_forward()(x, lam, u_t, u_c, spatial, **geo) is None
+    monkeypatch.setattr("tensorconv.plans.fused.CompiledChain.__call__", lambda self, *a: None)  # unfused, quickly
+    with torch.no_grad():
+        got = conv(x, k, strategy="fused")
+    assert rel_err(got, conv(x, k.to_dense())) < TOL and len(chain_calls) == 2  # asked, declined
 
 
 def test_auto_runs_the_plane_chain_once_built_and_never_compiles(chain_calls, monkeypatch):
     """R = C at 64 channels: the plane chain is the cheapest plan (measured 1.0-1.2x faster than
-    the unfused order, benchmarks/plane_chain.py); with gradients it runs its own backward."""
+    the unfused order, `tensorconv bench plane-chain`); with gradients it runs its own backward."""
 
     def no_compiler(*args, **kwargs):
         raise AssertionError("auto must not call torch.compile")
@@ -487,25 +485,3 @@ def test_auto_reconstructs_where_the_plane_chain_leaves_the_cache(plane_kernel):
         k = KruskalKernel.random((64, 64, 3, 3, 3), 801, backend="torch", dtype=dtype, seed=0)
         plan = plan_conv(k, (1, 64, 16, 32, 32), padding=1)
         assert plan.strategy == "reconstructed", plan.estimates
-
-
-def test_chain_phase_timers_still_fit_the_kernel_source():
-    """benchmarks/chain_ab.py instruments the kernel at code anchors: they must still match it (a
-    kernel edit that moves them makes `chain_ab.py phases` stop with a message, not lie), and
-    comments play no part (rewording one changes nothing)."""
-    import importlib.util
-    import pathlib
-
-    pytest.importorskip("torch")
-    root = pathlib.Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("chain_ab", root / "benchmarks" / "chain_ab.py")
-    chain_ab = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(chain_ab)
-    source = (root / chain_ab.SOURCE).read_text()
-    timed = chain_ab._instrumented(source)
-    assert timed.count("now_()") == source.count("now_()") + 13  # two clock reads per timed call + the definition
-    assert "T_[4] +=" in timed and 'm.def("timers"' in timed
-    uncommented = "\n".join(line.split("//", 1)[0].rstrip() for line in source.splitlines())
-    assert chain_ab._instrumented(uncommented).count("now_()") == timed.count("now_()")
-    with pytest.raises(SystemExit, match="anchor"):
-        chain_ab._instrumented(source.replace("taps_run(oq, R, at,", "taps_run(oq, R, at2,"))

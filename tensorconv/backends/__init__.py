@@ -141,17 +141,3 @@ def available_backends(include_gpu: bool = True) -> list[str]:
         except Exception:  # no driver / no device: cupy is importable but unusable
             pass
     return names
-
-
-def build_cpu_kernel() -> bool:
-    """Build (once per machine) or load the compiled CPU kernel of ``strategy="fused"`` for CP
-    convolutions (1-3 spatial modes) on torch; True if it is usable here.
-
-    ``strategy="fused"`` builds it on first use; ``strategy="auto"`` weighs it in only once it
-    is built (a conv call never waits for the compiler), so call this once after installing to
-    let ``auto`` use it. Needs torch, a C++ compiler and ninja; ``TENSORCONV_NO_CPU_KERNEL=1``
-    turns it off.
-    """
-    from . import _torch_cpu_chain
-
-    return _torch_cpu_chain.load() is not None

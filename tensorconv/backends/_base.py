@@ -274,26 +274,6 @@ class ArrayBackend:
         static shapes, as ``run(act, weight)``; None if unsupported (the plans loop over taps)."""
         return None
 
-    def cp_chain_3d(self, x, lam, u_t, u_c, spatial, *, out_spatial, stride, pad_lo, dilation):
-        """A whole 3-D CP convolution in one compiled kernel, plane by plane (``strategy="fused"``):
-        x (B, C, D, H, W) -> (B, D', H', W', T) channels-last; zero padding ``pad_lo`` on the low
-        side (the high side follows from ``out_spatial``). None where the backend has no such
-        kernel, or where it does not apply (gradients needed with stride > 1): the caller runs
-        its own path."""
-        return None
-
-    def plane_chain_chunk(self, input_shape, rank, itemsize, device=None, out_channels=None):
-        """Input planes per chunk of :meth:`cp_chain_3d` for this input (B, C, D, H, W), or None
-        where the kernel is not ready to run without building it (``auto`` plans then leave it out)."""
-        return None
-
-    def plane_chain_bytes(
-        self, input_shape, rank, itemsize, *, out_channels, out_spatial, kernel0, dilation0, device=None
-    ):
-        """Bytes :meth:`cp_chain_3d` allocates for this input (B, C, D, H, W), or None where the
-        backend has no such kernel (the plan's steps run and are counted instead)."""
-        return None
-
     def native_conv_expected(self, itemsize, device=None):
         """Whether plan steps will run as native convs (:meth:`native_conv_ok`) for this dtype
         size and device: decided before any array exists, to count what a plan allocates."""

@@ -166,52 +166,6 @@ class TorchBackend(ArrayBackend):
         conv = (self.F.conv1d, self.F.conv2d, self.F.conv3d)[n - 1]
         return conv(x, weight, None, tuple(stride), native_pad, tuple(dilation), groups)
 
-    def cp_chain_3d(self, x, lam, u_t, u_c, spatial, *, out_spatial, stride, pad_lo, dilation):
-        torch = self.xp
-        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
-            return None
-        if torch._C._are_functorch_transforms_active() or torch.jit.is_tracing():
-            # torch.func (grad, vmap, jacrev) and jit tracing see through plain torch ops only
-            return None
-        if (
-            torch.is_grad_enabled()
-            and any(t.requires_grad for t in (x, lam, u_t, u_c, *spatial))
-            and any(s != 1 for s in stride)
-        ):
-            return None  # its backward is written for stride 1: autograd goes through the plan's steps
-        from ._torch_cpu_chain import cp_chain_forward
-
-        return cp_chain_forward(
-            x, lam, u_t, u_c, spatial, out_spatial=out_spatial, stride=stride, pad_lo=pad_lo, dilation=dilation
-        )
-
-    def plane_chain_chunk(self, input_shape, rank, itemsize, device=None, out_channels=None):
-        if device is not None and str(getattr(device, "type", device)) != "cpu":
-            return None
-        from . import _torch_cpu_chain
-
-        if not _torch_cpu_chain.available():
-            return None
-        return _torch_cpu_chain.planes_per_chunk(input_shape, rank, itemsize, out_channels=out_channels)
-
-    def plane_chain_bytes(
-        self, input_shape, rank, itemsize, *, out_channels, out_spatial, kernel0, dilation0, device=None
-    ):
-        if device is not None and str(getattr(device, "type", device)) != "cpu":
-            return None
-        from ._torch_cpu_chain import forward_bytes
-
-        return forward_bytes(
-            input_shape,
-            rank,
-            itemsize,
-            out_channels=out_channels,
-            out_spatial=out_spatial,
-            kernel0=kernel0,
-            dilation0=dilation0,
-            threads=self.xp.get_num_threads(),
-        )
-
     def native_conv_expected(self, itemsize, device=None):
         on_gpu = device is not None and str(getattr(device, "type", device)) != "cpu"
         return on_gpu or itemsize != 8  # as native_conv_ok: no oneDNN kernels for float64

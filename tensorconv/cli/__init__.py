@@ -69,15 +69,17 @@ def main(argv=None):
         bench.add_arguments(p_bench)
     sub.add_parser(
         "build-kernel",
-        help="build the compiled CPU kernel of strategy='fused' (torch, CP kernels), so that strategy='auto' uses it",
+        help="build (or load) the registered accelerators' compiled kernels, so that strategy='auto' weighs them",
     )
     args = parser.parse_args(argv)
     if args.command == "build-kernel":
-        from ..backends import _torch_cpu_chain, build_cpu_kernel
+        from .. import accelerators
 
-        ok = build_cpu_kernel()
-        why = "TENSORCONV_NO_CPU_KERNEL is set" if _torch_cpu_chain.disabled() else "see the warning above"
-        print("tensorconv: the CPU kernel is " + ("ready" if ok else f"not available here ({why})"))
+        ok = True
+        for acc in accelerators.registered():
+            built = acc.build()
+            ok = ok and built
+            print(f"tensorconv: accelerator {acc.name}: {acc.status()}")
         return 0 if ok else 1
     if args.command == "verify":
         return verify.main(args)

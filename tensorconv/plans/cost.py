@@ -24,10 +24,6 @@ class CostModel:
     native_steps: bool = False  # steps run as one native conv call (torch), not one call per tap
     depthwise_macs_per_s: float = 0.0  # native depthwise convs (little reuse per MAC; 0: = macs_per_s)
     dense_slow_macs_per_s: float = 0.0  # torch CPU: dense convs that miss oneDNN (see dense_rate)
-    plane_macs_per_s: float = 0.0  # depthwise MACs inside the compiled plane-by-plane kernel (0: none)
-    plane_cache_bytes: int = 12 << 20  # its working set beyond which its passes run at bytes_per_s
-    plane_chunk_s: float = 1.0e-6  # its fixed cost per chunk of planes (the team's barriers:
-    # `python benchmarks/plane_chain.py overhead`)
     float64: "CostModel | None" = None  # the model for float64 where it is not this one at half rate
 
     def dense_rate(self, batch, channels, in_spatial, groups, kernel_size=None):
@@ -60,7 +56,6 @@ class CostModel:
             "conv_macs_per_s",
             "depthwise_macs_per_s",
             "dense_slow_macs_per_s",
-            "plane_macs_per_s",
         )
         return replace(self, **{name: getattr(self, name) * scale for name in rates})
 
@@ -89,10 +84,6 @@ _DEFAULTS = {
     "numpy": CostModel(
         macs_per_s=6.0e10, bytes_per_s=8.0e9, call_overhead_s=2.0e-5, dense_macs_per_s=3.0e10, conv_macs_per_s=1.0e10
     ),
-    # plane_*: the compiled plane-by-plane CP kernel (plans/fused.py, PlaneChain). Its GEMMs run
-    # at about the matmul rate; its depthwise passes run at plane_macs_per_s while the working set
-    # of a chunk stays in cache and at memory speed beyond plane_cache_bytes
-    # (benchmarks/plane_chain.py).
     # float64: oneDNN has no float64 kernels and ATen's fallback convs are slower than a tap loop
     # of elementwise ops and GEMMs, so float64 steps run as tap loops (TorchBackend.native_conv_ok),
     # priced like NumPy's; the dense conv stays ATen's.
@@ -105,14 +96,12 @@ _DEFAULTS = {
         native_steps=True,
         dense_slow_macs_per_s=8.0e9,
         depthwise_macs_per_s=3.5e10,
-        plane_macs_per_s=2.0e10,
         float64=CostModel(
             macs_per_s=3.0e10,
             bytes_per_s=1.5e10,
             call_overhead_s=2.0e-5,
             dense_macs_per_s=2.0e10,
             conv_macs_per_s=3.0e9,
-            plane_macs_per_s=1.0e10,
         ),
     ),
     # a datacenter GPU (H100 class)

@@ -1,19 +1,17 @@
-"""Fused execution of a factorized plan.
+"""The fused strategy's own runners, behind the accelerator interface
+(:mod:`tensorconv.accelerators`), which ``strategy="fused"`` asks in registry order after any
+compiled kernel that applies (e.g. the plane chain):
 
-Three mechanisms, measured in docs/benchmarks.md:
-
-- torch CPU, CP kernels of 1-3 spatial modes: :class:`PlaneChain` calls the backend's
-  compiled kernel (``cp_chain_3d``; C++ built on first use), which runs the whole chain plane
-  by plane along spatial mode 0 with a ring of planes for the mode-0 taps: only the input and
-  the output touch main memory.
 - torch: :class:`CompiledChain` hands the plan's steps, written as shifted multiply-adds and
   matrix products (no opaque convolution calls), to ``torch.compile``; inductor fuses the
   padding and the depthwise stages into loops over the (cache-resident) 1x1 outputs, and
   autograd's backward is compiled the same way. One compilation per plan (tens of seconds on
   CPU); if compiling fails the plan runs unfused, with a warning.
-- any backend: :class:`FusedRunner` runs the steps tile by tile (below). With torch ops it
-  was measured slower than the unfused plan (per-op overhead on small tiles), so it serves
-  NumPy and CuPy.
+- any other backend: :class:`FusedRunner` runs the steps tile by tile (below). With torch ops
+  it was measured slower than the unfused plan (per-op overhead on small tiles), so it serves
+  NumPy, CuPy and JAX.
+
+Neither has a cost: ``auto`` never picks them (it never waits for a compiler).
 
 Tiles:
 
@@ -32,10 +30,10 @@ instead of keeping them, so peak memory stays at tile size.
 
 from __future__ import annotations
 
+from ..accelerators import Accelerator, register
 from .executor import TapProgram
-from .spec import as_3d
 
-__all__ = ["FusedRunner", "CompiledChain", "PlaneChain", "TILE_BYTES"]
+__all__ = ["FusedRunner", "CompiledChain", "TorchCompileRunner", "TiledRunner", "TILE_BYTES"]
 
 #: target size of one tile's widest intermediate: a fraction of a typical L3, so a tile's
 #: intermediates stay in cache between steps; chosen with benchmarks/tiling.py
@@ -223,48 +221,51 @@ class CompiledChain:
             return None
 
 
-class PlaneChain:
-    """A CP plan handed whole to the backend's compiled plane-by-plane kernel, if it has one.
+class TorchCompileRunner(Accelerator):
+    """``strategy="fused"`` on torch: the plan's activation steps under ``torch.compile``."""
 
-    Applies to plain CP kernels (one factor per mode, none identity) with 1 to 3 spatial modes
-    (fewer than 3 run with unit modes inserted, see :func:`as_3d`); padding other than zeros
-    is applied to the input first. Returns None (the caller's other fused mechanisms run)
-    where the backend has no kernel, or for a strided call that needs gradients.
-    """
+    name = "torch_compile"
+    serves = ("fused",)
+    priority = 100
+    summary = "torch.compile of the steps below"
 
-    def __init__(self, plan):
-        self.plan = plan
-        g = plan.geometry
-        pad_lo = tuple(lo for lo, _ in g.padding) if g.padding_mode == "zeros" else (0,) * len(g.kernel_size)
-        # the kernel's geometry, worked out once: at small channel counts a whole call is short
-        # enough for Python's per-call work to show
-        self._geometry = dict(
-            out_spatial=as_3d(g.out_spatial, 1),
-            stride=as_3d(g.stride, 1),
-            pad_lo=as_3d(pad_lo, 0),
-            dilation=as_3d(g.dilation, 1),
-        )
+    def applies(self, structure, geometry=None):
+        return True
 
-    @staticmethod
-    def applies(structure):
-        n = structure.n_spatial
-        if structure.kind != "kruskal" or not 1 <= n <= 3:
-            return False
-        _, _, _, modes, none_mask = structure.key
-        if any(k > 64 for k in structure.shape[2:]):  # the kernel's tap tables hold 64
-            return False
-        return modes == tuple((m,) for m in range(2 + n)) and not any(none_mask)
+    def runner(self, plan):
+        chain = CompiledChain(plan)
 
-    def __call__(self, backend, x, arrays):
-        g = self.plan.geometry
-        n = len(g.kernel_size)
-        lam, u_t, u_c, *spatial = arrays
-        if g.padding_mode != "zeros":
-            x = backend.pad(x, {2 + m: p for m, p in enumerate(g.padding) if p != (0, 0)}, g.padding_mode)
-        if n < 3:
-            x = backend.reshape(x, tuple(x.shape[:2]) + as_3d(x.shape[2:], 1))
-            spatial = as_3d(spatial, backend.ones((1, int(lam.shape[0])), like=lam))
-        out = backend.cp_chain_3d(x, lam, u_t, u_c, spatial, **self._geometry)
-        if out is not None and n < 3:
-            out = backend.reshape(out, (out.shape[0],) + tuple(g.out_spatial) + (out.shape[-1],))
-        return out
+        def run(backend, x, arrays):
+            if backend.name != "torch":
+                return None
+            out = chain(backend, plan.activation(backend, x), list(arrays))
+            return None if out is None else plan._finish(backend, out)
+
+        return run
+
+
+class TiledRunner(Accelerator):
+    """``strategy="fused"`` on the other backends: the plan's steps in cache-sized tiles."""
+
+    name = "tiles"
+    serves = ("fused",)
+    priority = 101
+    summary = "elsewhere, the steps below in cache-sized tiles"
+
+    def applies(self, structure, geometry=None):
+        return True
+
+    def runner(self, plan):
+        tiles = FusedRunner(plan)
+
+        def run(backend, x, arrays):
+            if backend.name == "torch":
+                return None  # per-op overhead on small tiles made it slower than the unfused plan there
+            out = tiles(backend, x, [None] + list(arrays))
+            return None if out is None else plan._finish(backend, out)
+
+        return run
+
+
+register(TorchCompileRunner())
+register(TiledRunner())

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Sequence
 
 import opt_einsum
 
 from .._typing import Array, IntOrTuple, Padding
+from ..accelerators import registered as registered_accelerators
 from ..backends import backend_for_name, get_backend
 from ..kernels import KruskalKernel, TuckerKernel
 from .cost import CostModel, cost_model_for
 from .executor import TapProgram, WeightProduct, dense_conv
-from .fused import CompiledChain, FusedRunner, PlaneChain
-from .planner import STRATEGIES, dense_step, plan_steps, plane_chain_seconds, reconstruct_macs
-from .spec import as_3d, make_geometry
+from .planner import STRATEGIES, dense_step, plan_steps, reconstruct_macs
+from .spec import make_geometry
 from .structure import KernelStructure, structure_of, weight_arrays
 
 __all__ = ["ConvPlan", "plan_conv", "conv"]
@@ -92,11 +92,11 @@ def _check_arrays(x, kernel, backend=None):
     return backend
 
 
-#: auto takes the merged-depthwise order or the plane chain only where the model puts it clearly
-#: ahead of the paper's plain order: their rates were fitted on 16x32x32 planes, and on r3d_18's
-#: deep layers (thousands of rank components, 7x7 planes) both ran slower than the plain order that
-#: the model had put just behind them (`tensorconv bench r3d18`)
-_MARGIN = {"factorized, fastest order": 1.07, "fused (plane chain)": 1.07}
+#: auto takes the merged-depthwise order only where the model puts it clearly ahead of the
+#: paper's plain order: its rates were fitted on 16x32x32 planes, and on r3d_18's deep layers
+#: (thousands of rank components, 7x7 planes) it ran slower than the plain order that the model
+#: had put just behind it (`tensorconv bench r3d18`). Accelerators carry their own margin.
+_FASTEST_ORDER_MARGIN = 1.07
 
 
 class ConvPlan:
@@ -111,10 +111,13 @@ class ConvPlan:
         Factorized plans: ``"fewest-macs"`` (the paper's separable chain; what ``"factorized"``
         and ``"fused"`` run) or ``"fastest"`` (``"auto"`` only: the cost model's fastest
         factorized order, which may merge spatial factors into one multi-mode depthwise step).
-    plane_chain : bool
-        Fused plans of CP kernels (1-3 spatial modes): calls on torch CPU run the compiled
-        plane-by-plane kernel (``tensorconv.build_cpu_kernel``) instead of ``steps``, with its
-        own backward at stride 1 (strided calls that need gradients run ``steps``).
+    accelerators : tuple of str
+        Fused plans: the accelerators (:mod:`tensorconv.accelerators`) asked in turn for each
+        call, e.g. ``("plane_chain", "torch_compile", "tiles")``; the first that takes the call
+        runs it, and where none does the plan runs ``steps``. ``auto`` lists only the one whose
+        cost it chose.
+    accelerator : str or None
+        The first of ``accelerators`` (None for plans that run their steps).
     steps : list of :class:`~tensorconv.plans.planner.Step`
     path : list of tuples
         The contraction order in opt_einsum's linear format (factorized plans).
@@ -146,7 +149,7 @@ class ConvPlan:
         backend_name="numpy",
         device=None,
         cost_model=None,
-        plane_chunk=None,
+        ready_accelerators=(),
     ):
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy={strategy!r} is not one of {STRATEGIES}")
@@ -168,6 +171,7 @@ class ConvPlan:
         #: backend name -> this plan compiled whole by that backend (or None): one entry per library
         self._whole = {}
         self._factorized = None
+        self._accelerators = None  # None: all that serve "fused" (asked for by name)
         self.order = None
         self.min_macs = self.dense_macs
         if structure.kind == "dense":
@@ -189,14 +193,20 @@ class ConvPlan:
                 fast_steps, fast_path, _ = plan_steps(structure, geometry, batch, itemsize, model, objective="seconds")
                 if fast_path != path:
                     self.estimates["factorized, fastest order"] = sum(s.seconds for s in fast_steps)
-                if plane_chunk is not None and PlaneChain.applies(structure) and model.plane_macs_per_s:
-                    self.estimates["fused (plane chain)"] = plane_chain_seconds(
-                        structure, geometry, batch, itemsize, model, plane_chunk
-                    )
-                chosen = min(self.estimates, key=lambda name: self.estimates[name] * _MARGIN.get(name, 1.0))
-                if chosen == "fused (plane chain)":
-                    # the chain computes the fewest-MAC order, so the plan's steps (what describe()
-                    # counts, and what runs where the kernel does not apply) are that order
+                margins = {"factorized, fastest order": _FASTEST_ORDER_MARGIN}
+                candidates = {}
+                for acc in registered_accelerators():
+                    if acc.name in ready_accelerators and acc.applies(structure, geometry):
+                        secs = acc.seconds(structure, geometry, batch, itemsize, model)
+                        if secs is not None:
+                            label = f"fused ({acc.label or acc.name})"
+                            self.estimates[label], margins[label], candidates[label] = secs, acc.margin, acc
+                chosen = min(self.estimates, key=lambda name: self.estimates[name] * margins.get(name, 1.0))
+                self._accelerators = []
+                if chosen in candidates:
+                    # an accelerator computes the fewest-MAC order, so the plan's steps (what describe()
+                    # counts, and what runs where it declines a call) are that order
+                    self._accelerators = [candidates[chosen]]
                     chosen = "fused"
                 if chosen == "factorized, fastest order":
                     chosen, self.order = "factorized", "fastest"
@@ -249,16 +259,20 @@ class ConvPlan:
                 self._final_perm = tuple(range(1 + n)) + tuple(1 + n + final.index(i) for i in st.act_out)
             self.macs = sum(s.macs for s in steps if s.kind != "weights")
             self.weight_macs = sum(s.macs for s in steps if s.kind == "weights")
-            # asked for by name, fused also compiles (torch) or tiles (elsewhere) what the plane chain
-            # does not take; auto never waits for a compiler, so its fallback is the unfused plan
-            asked = self.strategy == "fused" and self.requested == "fused"
-            self._fused = FusedRunner(self) if asked else None
-            self._compiled = CompiledChain(self) if asked else None
-            self._plane_chain = PlaneChain(self) if self.strategy == "fused" and PlaneChain.applies(st) else None
-            self.plane_chain = self._plane_chain is not None
+            # asked for by name, fused asks every accelerator that serves it (compiled kernels, then
+            # torch.compile or tiles); auto never waits for a compiler: only the one it priced, if any
+            accs = self._accelerators
+            if self.strategy != "fused":
+                accs = []
+            elif accs is None:
+                accs = [a for a in registered_accelerators() if "fused" in a.serves and a.applies(st, g)]
+            self._accelerators = accs
+            self._runners = [a.runner(self) for a in accs]
+            self.accelerators = tuple(a.name for a in accs)
+            self.accelerator = self.accelerators[0] if accs else None
             self.peak_bytes = self._peak_factorized(steps)
         else:
-            self.plane_chain = False
+            self._accelerators, self._runners, self.accelerators, self.accelerator = [], [], (), None
             self.path = []
             self.steps = [self._dense_step]
             self.macs = self.dense_macs
@@ -314,25 +328,13 @@ class ConvPlan:
 
     def _peak_factorized(self, steps):
         """Bytes the runner allocates at its peak: one step's input, output and copies (each
-        intermediate is freed after the one step that reads it), or the plane chain's buffers."""
+        intermediate is freed after the one step that reads it), or the first accelerator's buffers."""
         g = self.geometry
         backend = backend_for_name(self.backend_name)
-        if self.plane_chain:
-            shape = (self.batch, self.structure.in_channels) + as_3d(g.in_spatial, 1)
-            chain = backend.plane_chain_bytes(
-                shape,
-                self.structure.size_of["r"],
-                self.itemsize,
-                out_channels=self.structure.out_channels,
-                out_spatial=as_3d(g.out_spatial, 1),
-                kernel0=g.kernel_size[0],
-                dilation0=g.dilation[0],
-                device=self.device,
-            )
-            if chain is not None:
-                if g.padding_mode != "zeros":  # the input is padded by a copy first
-                    chain += self.itemsize * self.batch * self.structure.in_channels * _prod(g.padded_spatial)
-                return chain
+        for acc in self._accelerators[:1]:
+            counted = acc.peak_bytes(self.structure, g, self.batch, self.itemsize, self.backend_name, self.device)
+            if counted is not None:
+                return counted
         native = backend.native_conv_expected(self.itemsize, self.device)
         weights = sum(_prod(op.shape) for op in self.structure.operands)
         peak = 0
@@ -427,18 +429,15 @@ class ConvPlan:
         return tensors[-1]
 
     def _run_factorized(self, backend, x, arrays):
+        for run in self._runners:
+            out = run(backend, x, arrays)
+            if out is not None:
+                return out
+        return self._finish(backend, self._run_steps(backend, x, arrays))
+
+    def _finish(self, backend, out):
+        """The last step's output (B, *D', its indices) as the conv's (B, T, *D')."""
         st = self.structure
-        if self._plane_chain is not None:
-            out = self._plane_chain(backend, x, arrays)
-            if out is not None:  # (B, *D', T) from one compiled kernel
-                return backend.moveaxis(out, -1, 1)
-        out = None
-        if self._compiled is not None and backend.name == "torch":
-            out = self._compiled(backend, self.activation(backend, x), list(arrays))
-        elif self._fused is not None:
-            out = self._fused(backend, x, [None] + list(arrays))
-        if out is None:  # unfused, or compiling failed
-            out = self._run_steps(backend, x, arrays)
         if self._final_perm is not None:
             out = backend.permute(out, self._final_perm)
         n = st.n_spatial
@@ -490,11 +489,9 @@ class ConvPlan:
             f"  geometry: stride={self.geometry.stride} padding={self.geometry.padding} "
             f"dilation={self.geometry.dilation} padding_mode={self.geometry.padding_mode}",
         ]
-        if self.plane_chain:
-            rest = "torch.compile of the steps below" if self._compiled is not None else "the steps below, unfused"
-            lines.append(
-                f"  fused: on torch CPU one compiled plane-by-plane kernel (with gradients: stride 1); otherwise {rest}"
-            )
+        if self._accelerators:
+            said = "; ".join(f"{a.name}: {a.summary}" if a.summary else a.name for a in self._accelerators)
+            lines.append(f"  fused: {said}; otherwise the steps below, unfused")
         lines += [
             "",
             f"  {'#':>2}  {'primitive':<10} {'operands':<22} {'modes':<8} {'summed':<14} {'output shape':<26} "
@@ -576,7 +573,7 @@ def _new_plan(
     itemsize,
     backend_name,
     cost_model,
-    plane_chunk=None,
+    ready_accelerators=(),
 ):
     batched, spatial = _split_input_shape(input_shape, structure)
     geometry = make_geometry(
@@ -591,7 +588,7 @@ def _new_plan(
         itemsize=itemsize,
         backend_name=backend_name,
         cost_model=cost_model,
-        plane_chunk=plane_chunk,
+        ready_accelerators=ready_accelerators,
     )
 
 
@@ -619,6 +616,7 @@ def plan_conv(
     backend: str | None = None,
     device: Any = None,
     cost_model: CostModel | None = None,
+    accelerators: Sequence[str] | None = None,
 ) -> ConvPlan:
     """Plan a convolution once; the caller holds the plan and calls it for every input of
     this shape (opt_einsum's ``contract_expression`` model).
@@ -647,6 +645,10 @@ def plan_conv(
     cost_model : CostModel, optional
         Price the steps with this model (e.g. from :func:`tensorconv.plans.calibrate`) instead
         of the backend's default. Nothing is set globally.
+    accelerators : sequence of str, optional
+        Which registered accelerators (:mod:`tensorconv.accelerators`) ``auto`` may weigh, by
+        name; default: every one that is ready here (built before); ``()``: none, the plan is
+        chosen among the library's own orders. ``strategy="fused"`` asks all that apply.
 
     Examples
     --------
@@ -670,6 +672,7 @@ def plan_conv(
             backend,
             device,
             cost_model,
+            accelerators,
         )
     )
 
@@ -687,6 +690,7 @@ def _plan_args(
     backend,
     device,
     cost_model,
+    accelerators=None,
 ):
     """The normalised arguments of a plan (hashable: conv() caches plans by them)."""
     structure = structure_of(kernel_or_shape, groups)
@@ -705,12 +709,25 @@ def _plan_args(
     # the device only selects a cost model
     model = cost_model or cost_model_for(backend_name, device)
     input_shape = _check_shape(input_shape)
-    plane_chunk = None
-    if strategy == "auto" and PlaneChain.applies(structure) and len(input_shape) == 2 + structure.n_spatial:
-        # a compiled kernel the backend has ready (built before): auto weighs it in
-        shape_3d = input_shape[:2] + as_3d(input_shape[2:], 1)
-        plane_chunk = backend_for_name(backend_name).plane_chain_chunk(
-            shape_3d, structure.size_of["r"], _itemsize(dtype), device, out_channels=structure.out_channels
+    itemsize = _itemsize(dtype)
+    if accelerators is not None:
+        if isinstance(accelerators, str):
+            raise TypeError(f"accelerators={accelerators!r} must be a sequence of names, e.g. ({accelerators!r},)")
+        known = [a.name for a in registered_accelerators()]
+        unknown = [a for a in accelerators if a not in known]
+        if unknown:
+            raise ValueError(f"accelerators={tuple(accelerators)!r}: {unknown} not registered; registered: {known}")
+    ready = ()
+    if strategy == "auto" and structure.kind != "dense" and len(input_shape) == 2 + structure.n_spatial:
+        # accelerators ready here (built before, never now): auto weighs them in. Part of the
+        # plan's key: building one later changes what conv() plans next
+        ready = tuple(
+            a.name
+            for a in registered_accelerators()
+            if (accelerators is None or a.name in accelerators)
+            and "auto" in a.serves
+            and a.applies(structure)
+            and a.ready(backend_name, device, itemsize)
         )
     return (
         structure,
@@ -720,10 +737,10 @@ def _plan_args(
         _hashable(dilation),
         padding_mode,
         strategy,
-        _itemsize(dtype),
+        itemsize,
         backend_name,
         model,
-        plane_chunk,
+        ready,
     )
 
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import opt_einsum
 
-from .spec import ConvGeometry, as_3d
+from .spec import ConvGeometry
 
-__all__ = ["Step", "ConvPathOptimizer", "plan_steps", "plane_chain_seconds", "STRATEGIES"]
+__all__ = ["Step", "ConvPathOptimizer", "plan_steps", "STRATEGIES"]
 
 STRATEGIES = ("auto", "factorized", "reconstructed", "fused")
 #: what the order search minimises: multiply-adds (the paper's count; ties broken by the cost
@@ -355,26 +355,3 @@ def dense_step(structure, geometry, batch, itemsize, model):
         in_grid=tuple(geometry.in_spatial),
         out_grid=tuple(out),
     )
-
-
-def plane_chain_seconds(structure, geometry, batch, itemsize, model, chunk_planes):
-    """Cost-model seconds of a CP conv (1-3 spatial modes) run plane by plane in one compiled kernel
-    (``PlaneChain``): its two GEMMs at the matmul rate over the input and output alone (the
-    intermediates stay in cache), its depthwise passes at ``plane_macs_per_s``, one call, and
-    ``plane_chunk_s`` per chunk of ``chunk_planes`` input planes (barriers inside the kernel)."""
-    sizes = structure.size_of
-    c, r, t = sizes["s"], sizes["r"], sizes["t"]
-    (d, h, w), (do, ho, wo) = as_3d(geometry.in_spatial, 1), as_3d(geometry.out_spatial, 1)
-    k0, k1, k2 = as_3d(geometry.kernel_size, 1)
-    gemm_macs = batch * (d * h * w * c * r + do * ho * wo * r * t)
-    depthwise_macs = batch * r * (d * h * wo * k2 + d * ho * wo * k1 + do * ho * wo * k0)
-    nbytes = itemsize * batch * (d * h * w * c + do * ho * wo * t)
-    chunks = batch * -(-d // chunk_planes)
-    passes = depthwise_macs / model.plane_macs_per_s
-    span = (k0 - 1) * geometry.dilation[0] + 1
-    if itemsize * chunk_planes * h * w * r * (4 + span) > model.plane_cache_bytes:
-        # a chunk's planes (GEMM output, two passes, the ring, the GEMM input) no longer fit in
-        # cache: each pass streams them (about 5 reads / writes per input voxel, K0 + 2 per output)
-        pass_bytes = itemsize * batch * r * (5 * d * h * w + (k0 + 2) * do * ho * wo)
-        passes = max(passes, pass_bytes / model.bytes_per_s)
-    return model.seconds(gemm_macs, nbytes, calls=1) + chunks * model.plane_chunk_s + passes

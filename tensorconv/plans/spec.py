@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ..backends import PADDING_MODES
 
-__all__ = ["ConvGeometry", "make_geometry", "normalize_int_tuple", "normalize_padding", "as_3d"]
+__all__ = ["ConvGeometry", "make_geometry", "normalize_int_tuple", "normalize_padding"]
 
 
 def normalize_int_tuple(value, n, name, *, minimum):
@@ -153,10 +153,3 @@ def make_geometry(in_spatial, kernel_size, *, stride=1, padding=0, dilation=1, p
                 f"and padding ({lo}, {hi})"
             )
     return ConvGeometry(in_spatial, kernel_size, stride, pads, dilation, padding_mode)
-
-
-def as_3d(values, fill):
-    """Per-mode values of a 1-, 2- or 3-D conv as the plane kernel's three modes: N = 2 runs
-    (mode 0, unit mode, mode 1), so the rows of mode 0 are its planes; N = 1 (mode 0, unit, unit)."""
-    values = tuple(values)
-    return values if len(values) == 3 else (values[0], fill, values[1] if len(values) == 2 else fill)

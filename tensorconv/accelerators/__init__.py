@@ -1,0 +1,145 @@
+"""Accelerators: optional kernels that run a whole factorized plan, behind one small interface.
+
+The plans never name an accelerator. A plan asks the registry which accelerators can run it
+(:meth:`Accelerator.applies`), which are usable now without building anything
+(:meth:`Accelerator.ready`), what each would cost (:meth:`Accelerator.seconds`) and allocate
+(:meth:`Accelerator.peak_bytes`), and, where it runs one, for a runner
+(:meth:`Accelerator.runner`). ``strategy="auto"`` weighs an accelerator only once it is ready
+(a conv call never waits for a compiler); ``strategy="fused"`` asks for one by name of the
+strategy, and builds it on first use.
+
+The built-in one is :mod:`tensorconv.accelerators.plane_chain` (a compiled CPU kernel for CP
+convolutions on torch). The torch.compile and tiled runners of ``strategy="fused"``
+(:mod:`tensorconv.plans.fused`) implement the same interface, without a cost (they are never
+chosen by ``auto``). A third party adds one with :func:`register`.
+
+Examples
+--------
+>>> from tensorconv import accelerators
+>>> [a.name for a in accelerators.registered()][:1]
+['plane_chain']
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+__all__ = ["Accelerator", "register", "unregister", "registered", "build"]
+
+#: modules whose import registers the accelerators that ship with tensorconv (imported on the
+#: first look-up, so that ``import tensorconv`` stays light)
+_BUILTIN = ("tensorconv.accelerators.plane_chain", "tensorconv.plans.fused")
+
+
+class Accelerator:
+    """What a plan asks of an accelerator. Subclass it and :func:`register` an instance.
+
+    Every method but :meth:`runner` and :meth:`build` is answered from shapes alone (no
+    arrays): plans are made before any array exists.
+    """
+
+    #: unique, used in ``plan.accelerator`` and by :func:`unregister`
+    name: str = ""
+    #: the label of its estimate in ``plan.estimates`` (``"fused (<label>)"``)
+    label: str = ""
+    #: ``auto`` takes it only where its estimate times this margin beats every other plan
+    #: (a cost model fitted on a few shapes must be clearly ahead to replace a plain plan)
+    margin: float = 1.0
+    #: which requests it serves: ``"auto"`` (chosen by its cost, only when :meth:`seconds` is
+    #: not None) and / or ``"fused"`` (asked for by name; runs whenever it applies)
+    serves: tuple[str, ...] = ("auto", "fused")
+    #: plans ask accelerators in this order (lowest first; ties in registration order): compiled
+    #: kernels before the generic runners of ``strategy="fused"`` (100)
+    priority: int = 50
+    #: one line for ``plan.describe()``
+    summary: str = ""
+
+    def applies(self, structure: Any, geometry: Any = None) -> bool:
+        """Whether it can run a kernel of this structure (a
+        :class:`~tensorconv.plans.structure.KernelStructure`) with this geometry at all;
+        ``geometry`` is None where the input shape is not known yet."""
+        raise NotImplementedError
+
+    def ready(self, backend_name: str, device: Any, itemsize: int) -> bool:
+        """Whether it runs on this backend / device / dtype now, without building anything."""
+        return False
+
+    def seconds(self, structure: Any, geometry: Any, batch: int, itemsize: int, model: Any) -> float | None:
+        """Estimated seconds of one call (``model``: the plan's :class:`~tensorconv.plans.CostModel`),
+        or None (``auto`` never picks it)."""
+        return None
+
+    def peak_bytes(
+        self, structure: Any, geometry: Any, batch: int, itemsize: int, backend_name: str, device: Any
+    ) -> int | None:
+        """Bytes one call allocates on this backend / device, or None (the plan counts its own
+        steps instead)."""
+        return None
+
+    def runner(self, plan: Any) -> Callable[..., Any]:
+        """``run(backend, x, arrays)`` for this plan: x channels first (B, C, *D), ``arrays``
+        the kernel's arrays in the plan's order; returns the output channels first (B, T, *D'),
+        or None where it declines this call (the plan's own steps run)."""
+        raise NotImplementedError
+
+    def build(self) -> bool:
+        """Build (or load) whatever it needs now; True if it is usable here."""
+        return True
+
+    def status(self) -> str:
+        """One line on whether it is usable here, and if not why."""
+        return "ready"
+
+    def __repr__(self) -> str:
+        return f"<accelerator {self.name}>"
+
+
+_registry: dict[str, Accelerator] = {}
+_loaded = []
+
+
+def _load_builtin() -> None:
+    if not _loaded:
+        _loaded.append(True)
+        for module in _BUILTIN:
+            importlib.import_module(module)
+
+
+def register(accelerator: Accelerator) -> Accelerator:
+    """Add ``accelerator`` to the registry (plans made from then on ask it).
+
+    Plans ask accelerators by :attr:`~Accelerator.priority`: the first whose runner takes a
+    call runs it."""
+    if not isinstance(accelerator, Accelerator):
+        raise TypeError(f"accelerator={accelerator!r} is not an instance of tensorconv.accelerators.Accelerator")
+    if not accelerator.name:
+        raise ValueError("an accelerator needs a non-empty name")
+    if accelerator.name in _registry and _registry[accelerator.name] is not accelerator:
+        raise ValueError(f"an accelerator named {accelerator.name!r} is registered already; unregister it first")
+    _registry[accelerator.name] = accelerator
+    return accelerator
+
+
+def unregister(name: str) -> Accelerator:
+    """Remove the accelerator called ``name`` and return it."""
+    _load_builtin()
+    if name not in _registry:
+        raise ValueError(f"no accelerator named {name!r}; registered: {sorted(_registry)}")
+    return _registry.pop(name)
+
+
+def registered() -> tuple[Accelerator, ...]:
+    """The registered accelerators, in the order plans ask them."""
+    _load_builtin()
+    return tuple(sorted(_registry.values(), key=lambda a: a.priority))
+
+
+def build() -> dict[str, str]:
+    """Build (or load) every registered accelerator now, so that ``strategy="auto"`` may use
+    them; returns each one's :meth:`~Accelerator.status`. ``tensorconv build-kernel`` calls it."""
+    out = {}
+    for acc in registered():
+        acc.build()
+        out[acc.name] = acc.status()
+    return out

@@ -1,0 +1,177 @@
+"""The plane chain: a compiled CPU kernel for CP convolutions on torch (see README.md here).
+
+It runs a whole CP convolution of 1-3 spatial modes plane by plane along spatial mode 0 (GEMM
+C -> R, the depthwise passes with a ring of planes for the mode-0 taps, GEMM R -> T), so the
+R-channel intermediates stay in cache and only the input and the output touch main memory; its
+backward (stride 1) runs the same way. 1-D and 2-D convs run with unit modes inserted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import Accelerator, register
+from . import _build
+from ._geometry import as_3d, forward_bytes, planes_per_chunk
+
+__all__ = ["PlaneChain", "PLANE_CHAIN", "ChainRates"]
+
+
+@dataclass(frozen=True)
+class ChainRates:
+    """The kernel's own rates (float32; float64 has its own), next to the plan's cost model."""
+
+    depthwise_macs_per_s: float  # its depthwise passes while a chunk's planes stay in cache
+    cache_bytes: int = 12 << 20  # a chunk's working set beyond which its passes stream memory
+    chunk_s: float = 1.0e-6  # fixed cost per chunk of planes (the team of threads' barriers)
+
+
+#: measured on the project's 2-core x86-64 CPUs (``tensorconv bench plane-chain``)
+RATES = {4: ChainRates(depthwise_macs_per_s=2.0e10), 8: ChainRates(depthwise_macs_per_s=1.0e10)}
+
+
+def _on_torch_cpu(backend_name, device):
+    return backend_name == "torch" and (device is None or str(getattr(device, "type", device)) == "cpu")
+
+
+class PlaneChain(Accelerator):
+    """CP kernels (one factor per mode, none identity, taps <= 64 per mode), 1-3 spatial modes,
+    torch CPU tensors of float32 / float64. ``auto`` weighs it once the library is built."""
+
+    name = "plane_chain"
+    label = "plane chain"
+    # its rates were fitted on 16x32x32 planes; on r3d_18's deep layers (thousands of rank
+    # components, 7x7 planes) it ran slower than the plain order the model had put just behind it
+    margin = 1.07
+    priority = 10
+    summary = "on torch CPU one compiled plane-by-plane kernel (with gradients: stride 1)"
+
+    def applies(self, structure, geometry=None):
+        n = structure.n_spatial
+        if structure.kind != "kruskal" or not 1 <= n <= 3:
+            return False
+        _, _, _, modes, none_mask = structure.key
+        if any(k > 64 for k in structure.shape[2:]):  # the kernel's tap tables hold 64
+            return False
+        return modes == tuple((m,) for m in range(2 + n)) and not any(none_mask)
+
+    def ready(self, backend_name, device, itemsize):
+        return _on_torch_cpu(backend_name, device) and itemsize in RATES and _build.available()
+
+    def _shape(self, structure, geometry, batch):
+        return (batch, structure.in_channels) + as_3d(geometry.in_spatial, 1)
+
+    def seconds(self, structure, geometry, batch, itemsize, model):
+        """Its two GEMMs at the model's matmul rate over the input and output alone (the
+        intermediates stay in cache), its depthwise passes at its own rate, one call, and a
+        fixed cost per chunk of planes."""
+        rates = RATES.get(itemsize)
+        if rates is None:
+            return None
+        sizes = structure.size_of
+        c, r, t = sizes["s"], sizes["r"], sizes["t"]
+        (d, h, w), (do, ho, wo) = as_3d(geometry.in_spatial, 1), as_3d(geometry.out_spatial, 1)
+        k0, k1, k2 = as_3d(geometry.kernel_size, 1)
+        chunk_planes = planes_per_chunk(self._shape(structure, geometry, batch), r, itemsize, out_channels=t)
+        gemm_macs = batch * (d * h * w * c * r + do * ho * wo * r * t)
+        depthwise_macs = batch * r * (d * h * wo * k2 + d * ho * wo * k1 + do * ho * wo * k0)
+        nbytes = itemsize * batch * (d * h * w * c + do * ho * wo * t)
+        chunks = batch * -(-d // chunk_planes)
+        passes = depthwise_macs / rates.depthwise_macs_per_s
+        span = (k0 - 1) * geometry.dilation[0] + 1
+        if itemsize * chunk_planes * h * w * r * (4 + span) > rates.cache_bytes:
+            # a chunk's planes (GEMM output, two passes, the ring, the GEMM input) no longer fit in
+            # cache: each pass streams them (about 5 reads / writes per input voxel, K0 + 2 per output)
+            pass_bytes = itemsize * batch * r * (5 * d * h * w + (k0 + 2) * do * ho * wo)
+            passes = max(passes, pass_bytes / model.bytes_per_s)
+        return model.seconds(gemm_macs, nbytes, calls=1) + chunks * rates.chunk_s + passes
+
+    def peak_bytes(self, structure, geometry, batch, itemsize, backend_name, device):
+        if not _on_torch_cpu(backend_name, device):
+            return None
+        import torch
+
+        out = forward_bytes(
+            self._shape(structure, geometry, batch),
+            structure.size_of["r"],
+            itemsize,
+            out_channels=structure.out_channels,
+            out_spatial=as_3d(geometry.out_spatial, 1),
+            kernel0=geometry.kernel_size[0],
+            dilation0=geometry.dilation[0],
+            threads=torch.get_num_threads(),
+        )
+        if geometry.padding_mode != "zeros":  # the input is padded by a copy first
+            padded = 1
+            for v in geometry.padded_spatial:
+                padded *= v
+            out += itemsize * batch * structure.in_channels * padded
+        return out
+
+    def spec(self, geometry):
+        """The kernel's geometry as constants (what :meth:`run` needs besides the arrays)."""
+        g = geometry
+        pad_lo = tuple(lo for lo, _ in g.padding) if g.padding_mode == "zeros" else (0,) * len(g.kernel_size)
+        pre_pad = (
+            None
+            if g.padding_mode == "zeros"
+            else tuple((2 + m, lo, hi) for m, (lo, hi) in enumerate(g.padding) if (lo, hi) != (0, 0))
+        )
+        return (
+            len(g.kernel_size),
+            tuple(g.out_spatial),
+            as_3d(g.out_spatial, 1),
+            as_3d(g.stride, 1),
+            as_3d(pad_lo, 0),
+            as_3d(g.dilation, 1),
+            g.padding_mode,
+            pre_pad,
+        )
+
+    def runner(self, plan):
+        spec = self.spec(plan.geometry)
+        return lambda backend, x, arrays: self.run(spec, backend, x, arrays)
+
+    def run(self, spec, backend, x, arrays):
+        """One call, or None where it declines: not torch CPU float32/64, under torch.func
+        transforms or jit tracing (they see through plain torch ops only), or gradients needed
+        at a stride other than 1 (its backward is written for stride 1)."""
+        if backend.name != "torch":
+            return None
+        torch = backend.xp
+        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+            return None
+        if torch._C._are_functorch_transforms_active() or torch.jit.is_tracing():
+            return None
+        n, out_spatial, out3, stride, pad_lo, dilation, padding_mode, pre_pad = spec
+        lam, u_t, u_c, *spatial = arrays
+        if any(s != 1 for s in stride) and torch.is_grad_enabled() and any(t.requires_grad for t in (x, *arrays)):
+            return None
+        from ._ops import cp_chain_forward
+
+        if pre_pad is not None:
+            x = backend.pad(x, {axis: (lo, hi) for axis, lo, hi in pre_pad}, padding_mode)
+        if n < 3:
+            x = x.reshape(tuple(x.shape[:2]) + as_3d(x.shape[2:], 1))
+            spatial = as_3d(spatial, lam.new_ones((1, lam.shape[0])))
+        out = cp_chain_forward(
+            x, lam, u_t, u_c, spatial, out_spatial=out3, stride=stride, pad_lo=pad_lo, dilation=dilation
+        )
+        if out is None:
+            return None
+        if n < 3:
+            out = out.reshape((out.shape[0],) + out_spatial + (out.shape[-1],))
+        return out.movedim(-1, 1)
+
+    def build(self):
+        return _build.load() is not None
+
+    def status(self):
+        if _build.disabled():
+            return "off (TENSORCONV_NO_CPU_KERNEL is set)"
+        if "module" in _build._state:
+            return "ready" if _build._state["module"] is not None else "not available here (see the warning above)"
+        return "built, loads on first use" if _build.available() else "not built (tensorconv build-kernel builds it)"
+
+
+PLANE_CHAIN = register(PlaneChain())
