@@ -235,9 +235,7 @@ def test_fastest_order_with_merged_depthwise_matches_reference(backend, geo, dat
     )
     # a model under which merging modes pays: the plan the caller holds takes that order (among
     # the library's own orders: no accelerator)
-    plan = plan_conv(
-        kernel, x.shape, backend=backend[0], device=backend[1], cost_model=_MERGING, accelerators=(), **kw
-    )
+    plan = plan_conv(kernel, x.shape, backend=backend[0], device=backend[1], cost_model=_MERGING, accelerators=(), **kw)
     got = plan(to_backend(x, backend), _to(kernel, backend))
     with native_torch_convs():
         got_native = plan(to_backend(x, backend), _to(kernel, backend))

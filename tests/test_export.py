@@ -113,3 +113,131 @@ def test_onnx_export_runs_in_onnxruntime_with_standard_ops(n, tmp_path):
         with torch.no_grad():
             want = model(x).numpy()
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())  # float32: stated 1e-4
+
+
+# -- the plane chain as one opaque op: torch.library custom op with a fake kernel and autograd --------------------
+def _chain_model(n, dtype=torch.float64):
+    """CP layers the plane chain takes (stride 1 with gradients; strided without), every padding mode."""
+    torch.manual_seed(10 + n)
+    k = (3,) * n
+    asym = ((1, 2),) + ((1, 0),) * (n - 1)
+    return torch.nn.Sequential(
+        KruskalConv(3, 8, k, rank=6, padding=asym),
+        torch.nn.ReLU(),
+        KruskalConv(8, 8, k, rank=5, padding="same", padding_mode="reflect", strategy="fused"),
+        KruskalConv(
+            8, 6, k, rank=4, dilation=(2,) + (1,) * (n - 1), padding=(2,) + (1,) * (n - 1), padding_mode="circular"
+        ),
+    ).to(dtype)
+
+
+def _capturing(targets):
+    """A torch.compile backend that records the graph's ops, then compiles it with aot_eager
+    (AOT autograd: fake kernels for the forward, the registered backward)."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    def backend(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    return backend
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_compile_runs_the_plane_chain_as_one_op_forward_and_backward_equal_eager(n):
+    from test_fused import _loaded_kernel
+
+    _loaded_kernel()
+    model = _chain_model(n)
+    x = _input(n).requires_grad_(True)
+    targets = []
+    compiled = torch.compile(model, fullgraph=True, backend=_capturing(targets))
+    got, want = compiled(x), model(x)
+    assert sum("tensorconv.cp_chain" in t for t in targets) == 3, targets  # each layer: one op, nothing traced into
+    assert rel_err(got.detach(), want.detach()) < 1e-10
+    params = [x] + list(model.parameters())
+    g1 = torch.autograd.grad(got.square().sum(), params)
+    g2 = torch.autograd.grad(want.square().sum(), params)
+    assert rel_err(torch.cat([g.flatten() for g in g1]), torch.cat([g.flatten() for g in g2])) < 1e-10
+    # the oracle: standard convs on the rebuilt dense kernels
+    from oracles import torch_conv
+
+    from tensorconv.plans.spec import normalize_padding
+
+    with torch.no_grad():
+        dense = x.detach()
+        for layer in model:
+            if isinstance(layer, KruskalConv):
+                pads = normalize_padding(layer.padding, layer.kernel_size, layer.stride, layer.dilation)
+                w = layer.kernel.to_dense().numpy()
+                out = torch_conv(dense.numpy(), w, layer.stride, pads, layer.dilation, 1, layer.padding_mode)
+                dense = torch.from_numpy(out) + layer.bias.reshape((-1,) + (1,) * n)
+            else:
+                dense = layer(dense)
+    assert rel_err(got.detach(), dense) < 1e-10
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_export_records_the_plane_chain_op_for_any_batch(n):
+    from test_fused import _loaded_kernel
+
+    _loaded_kernel()
+    model = _chain_model(n).eval()
+    exported = torch.export.export(model, (_input(n),), dynamic_shapes=({0: torch.export.Dim("batch", max=64)},))
+    ops = [str(node.target) for node in exported.graph.nodes if node.op == "call_function"]
+    assert any("tensorconv.cp_chain" in t for t in ops), ops
+    for b in (1, 4):
+        x = _input(n, b)
+        with torch.no_grad():
+            assert rel_err(exported.module()(x), model(x)) < 1e-10
+
+
+def test_the_plane_chain_ops_pass_torch_library_opcheck():
+    """torch.library.opcheck: schema, fake kernel vs the real one (shapes, strides), autograd
+    registration, and AOT dispatch with static and dynamic shapes."""
+    from test_fused import _loaded_kernel
+
+    _loaded_kernel()
+    import tensorconv.accelerators.plane_chain._ops  # noqa: F401  (registers the ops)
+
+    g = torch.Generator().manual_seed(0)
+    c, r, t = 3, 4, 5
+    x = torch.randn(2, c, 5, 6, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    lam, u_t, u_c = (
+        torch.randn(s, dtype=torch.float64, generator=g, requires_grad=True) for s in ((r,), (t, r), (c, r))
+    )
+    spatial = [torch.randn(3, r, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(3)]
+    geo = ([5, 6, 4], [1, 1, 1], [1, 1, 1], [1, 1, 1], 0)
+    torch.library.opcheck(torch.ops.tensorconv.cp_chain.default, (x, lam, u_t, u_c, *spatial, *geo))
+    strided = ([3, 6, 2], [2, 1, 2], [1, 1, 1], [1, 1, 1], 0)
+    with torch.no_grad():
+        plain = [v.detach() for v in (x, lam, u_t, u_c, *spatial)]
+        torch.library.opcheck(torch.ops.tensorconv.cp_chain.default, (*plain, *strided))
+    grad = torch.randn(2, 5, 6, 4, t, dtype=torch.float64, generator=g)
+    wt = (u_t * lam).t().contiguous().detach()
+    for need_gx in (True, False):
+        torch.library.opcheck(
+            torch.ops.tensorconv.cp_chain_backward.default,
+            (plain[0], plain[3], *plain[4:], wt, grad, [1, 1, 1], [1, 1, 1], need_gx),
+        )
+
+
+def test_compile_with_symbolic_sizes_still_records_the_plane_chain():
+    """dynamic=True (as dynamo's automatic dynamic shapes after a recompile): no plan can be made
+    for symbolic sizes, so the layer records the chain wherever it applies; equal to eager at
+    sizes the trace did not see."""
+    from test_fused import _loaded_kernel
+
+    _loaded_kernel()
+    model = _chain_model(2)
+    targets = []
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=_capturing(targets))
+    for shape in ((2, 3, 9, 9), (3, 3, 7, 11)):
+        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        got, want = compiled(x), model(x)
+        assert rel_err(got.detach(), want.detach()) < 1e-10
+        (g1,) = torch.autograd.grad(got.square().sum(), x)
+        (g2,) = torch.autograd.grad(want.square().sum(), x)
+        assert rel_err(g1, g2) < 1e-10
+    chains = sum("tensorconv.cp_chain" in t for t in targets)
+    assert chains and chains % 3 == 0, targets  # three per graph (a size guard may add a graph)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable
 
-__all__ = ["Accelerator", "register", "unregister", "registered", "build"]
+__all__ = ["Accelerator", "register", "unregister", "registered", "get", "build"]
 
 #: modules whose import registers the accelerators that ship with tensorconv (imported on the
 #: first look-up, so that ``import tensorconv`` stays light)
@@ -54,6 +54,10 @@ class Accelerator:
     priority: int = 50
     #: one line for ``plan.describe()``
     summary: str = ""
+    #: whether ``run(spec, ...)`` may be recorded by ``torch.compile`` / ``torch.export`` (its
+    #: spec holds constants, or sizes that may be symbolic, and it calls ops that a tracer keeps
+    #: opaque: ``torch.library`` custom ops with fake kernels)
+    recordable: bool = False
 
     def applies(self, structure: Any, geometry: Any = None) -> bool:
         """Whether it can run a kernel of this structure (a
@@ -80,7 +84,19 @@ class Accelerator:
     def runner(self, plan: Any) -> Callable[..., Any]:
         """``run(backend, x, arrays)`` for this plan: x channels first (B, C, *D), ``arrays``
         the kernel's arrays in the plan's order; returns the output channels first (B, T, *D'),
-        or None where it declines this call (the plan's own steps run)."""
+        or None where it declines this call (the plan's own steps run). By default
+        ``run(spec(plan), backend, x, arrays)``."""
+        spec = self.spec(plan)
+        return lambda backend, x, arrays: self.run(spec, backend, x, arrays)
+
+    def spec(self, plan: Any) -> Any:
+        """What :meth:`run` needs of this plan as constants (ints, strings, tuples), or None
+        where it has no such form. Layers traced by ``torch.compile`` / ``torch.export`` choose
+        a plan once, outside the trace, and record ``run(spec, ...)`` (see ``tensorconv.nn``)."""
+        return None
+
+    def run(self, spec: Any, backend: Any, x: Any, arrays: Any) -> Any:
+        """One call from a :meth:`spec` (same contract as the runner's)."""
         raise NotImplementedError
 
     def build(self) -> bool:
@@ -127,6 +143,15 @@ def unregister(name: str) -> Accelerator:
     if name not in _registry:
         raise ValueError(f"no accelerator named {name!r}; registered: {sorted(_registry)}")
     return _registry.pop(name)
+
+
+def get(name: str) -> Accelerator:
+    """The registered accelerator called ``name``."""
+    _load_builtin()
+    try:
+        return _registry[name]
+    except KeyError:
+        raise ValueError(f"no accelerator named {name!r}; registered: {sorted(_registry)}") from None
 
 
 def registered() -> tuple[Accelerator, ...]:

@@ -44,6 +44,7 @@ class PlaneChain(Accelerator):
     # components, 7x7 planes) it ran slower than the plain order the model had put just behind it
     margin = 1.07
     priority = 10
+    recordable = True
     summary = "on torch CPU one compiled plane-by-plane kernel (with gradients: stride 1)"
 
     def applies(self, structure, geometry=None):
@@ -108,9 +109,9 @@ class PlaneChain(Accelerator):
             out += itemsize * batch * structure.in_channels * padded
         return out
 
-    def spec(self, geometry):
-        """The kernel's geometry as constants (what :meth:`run` needs besides the arrays)."""
-        g = geometry
+    def spec(self, plan):
+        """The kernel's geometry as constants."""
+        g = plan.geometry
         pad_lo = tuple(lo for lo, _ in g.padding) if g.padding_mode == "zeros" else (0,) * len(g.kernel_size)
         pre_pad = (
             None
@@ -127,10 +128,6 @@ class PlaneChain(Accelerator):
             g.padding_mode,
             pre_pad,
         )
-
-    def runner(self, plan):
-        spec = self.spec(plan.geometry)
-        return lambda backend, x, arrays: self.run(spec, backend, x, arrays)
 
     def run(self, spec, backend, x, arrays):
         """One call, or None where it declines: not torch CPU float32/64, under torch.func

@@ -176,5 +176,3 @@ def available():
         # upgrade makes auto leave the kernel out until it is built (never a compile inside a conv call)
         _state["built"] = not disabled() and os.path.exists(_library_path())
     return _state["built"]
-
-

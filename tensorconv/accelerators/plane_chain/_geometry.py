@@ -44,5 +44,3 @@ def forward_bytes(shape, rank, itemsize, *, out_channels, out_spatial, kernel0, 
     scratch = rank * (g * h * w + (2 if team else 1) * g * h * wo + slots * ho * wo + ho * wo + threads)
     sets = threads if per_image_threads else 1
     return itemsize * (b * do * ho * wo * out_channels + sets * scratch)
-
-

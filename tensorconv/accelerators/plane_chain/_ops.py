@@ -82,7 +82,14 @@ def cp_chain_backward(
 def _cp_chain_backward_fake(x, u_c, u0, u1, u2, wt, grad, pad_lo, dilation, need_gx):
     b, c, d, h, w = x.shape
     gx = x.new_empty((b, d, h, w, c)) if need_gx else x.new_empty((0,))
-    return gx, torch.empty_like(u_c), torch.empty_like(u0), torch.empty_like(u1), torch.empty_like(u2), torch.empty_like(wt)
+    return (
+        gx,
+        torch.empty_like(u_c),
+        torch.empty_like(u0),
+        torch.empty_like(u1),
+        torch.empty_like(u2),
+        torch.empty_like(wt),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -95,7 +102,9 @@ def _backward(ctx, grad):
     x, lam, u_t, u_c, u0, u1, u2 = ctx.saved_tensors
     _, stride, pad_lo, dilation = ctx.geo
     if any(s != 1 for s in stride):
-        raise RuntimeError("the plane chain's backward needs stride 1 (the plans send strided calls with gradients elsewhere)")
+        raise RuntimeError(
+            "the plane chain's backward needs stride 1 (the plans send strided calls with gradients elsewhere)"
+        )
     needs = ctx.needs_input_grad[:7]
     if torch.is_grad_enabled():
         # backward(create_graph=True): higher-order gradients through the same chain in plain torch ops
