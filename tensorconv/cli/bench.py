@@ -21,7 +21,9 @@ from ..plans.cost import calibrate
 from ..plans.plan import conv, plan_conv
 from . import check_writable, positive_int
 
-SUITES = ("fig6", "backends", "peers", "roofline", "targets", "r3d18", "models", "decompose")
+#: suites in tensorconv/cli/bench_kernels.py (inside a plan, torch CPU)
+_KERNEL_SUITES = ("plane_chain", "depthwise", "auto", "memory", "layers")
+SUITES = ("fig6", "backends", "peers", "roofline", "targets", "r3d18", "models", "decompose") + _KERNEL_SUITES
 
 
 # -- timing ---------------------------------------------------------------------------------------------------
@@ -508,8 +510,8 @@ def _import_tltorch():
 
 def _picked(plan):
     """What an auto plan runs, e.g. 'factorized (fastest order: depthwise over modes 0,1,2)'."""
-    if plan.plane_chain:
-        return "fused (plane chain)"
+    if plan.accelerator:
+        return f"fused ({plan.accelerator})"
     if plan.order != "fastest":
         return plan.strategy
     merged = [",".join(map(str, s.modes)) for s in plan.steps if len(s.modes) > 1]
@@ -918,7 +920,8 @@ def suite_r3d18(args, targets):
             candidates = {
                 s: (lambda s=s: conv(x, k, strategy=s, **geo)) for s in ("auto", "factorized", "reconstructed")
             }
-            if plan_conv(k, shape, strategy="fused", **geo).plane_chain and getattr(args, "cpu_kernel", False):
+            fused = plan_conv(k, shape, strategy="fused", **geo)
+            if fused.accelerator == "plane_chain" and getattr(args, "cpu_kernel", False):
                 candidates["fused"] = lambda: conv(x, k, strategy="fused", **geo)
             import torch  # torch targets only
 
@@ -1000,6 +1003,14 @@ def plot_fig6(rows, path):
     plt.close(fig)
 
 
+def _suite_function(name):
+    if name in _KERNEL_SUITES:
+        from . import bench_kernels
+
+        return getattr(bench_kernels, f"suite_{name}")
+    return globals()[f"suite_{name}"]
+
+
 def add_arguments(parser):
     parser.add_argument(
         "suites", nargs="*", choices=[*SUITES, []], default=None, help=f"suites to run (default: all of {SUITES})"
@@ -1041,14 +1052,14 @@ def main(args):
         args.allocator_note = "glibc default"
     targets = _targets(args)
     if any(b == "torch" and str(d).startswith("cpu") for b, d in targets):
-        # built (or loaded) before anything is timed, so that auto weighs it and fused never builds mid-run
-        from ..backends import build_cpu_kernel
+        # built (or loaded) before anything is timed, so that auto weighs them and fused never builds mid-run
+        from .. import accelerators
 
-        args.cpu_kernel = build_cpu_kernel()
+        args.cpu_kernel = all(acc.build() for acc in accelerators.registered())
     t0 = time.perf_counter()
     rows = []
     for suite in suites:
-        rows += globals()[f"suite_{suite}"](args, targets)
+        rows += _suite_function(suite)(args, targets)
     env = environment(args)
     env["seconds"] = round(time.perf_counter() - t0, 1)
     env["command"] = "tensorconv bench " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else [])

@@ -124,10 +124,12 @@ class ConvPathOptimizer(opt_einsum.paths.PathOptimizer):
         n_taps = _prod(self.geometry.kernel_size[n] for n in tap_modes)
         positions = self.batch * _prod(grid_out)
         macs = positions * _prod(sizes[i] for i in union) * n_taps
-        in_slice = positions * _prod(sizes[i] for i in ch_a)
+        native = self.model.native_steps and (len(self.geometry.kernel_size) <= 3 or len(tap_modes) <= 1)
+        # a native conv reads its whole input once (for a strided or wide-kernel step more than
+        # its output grid); a tap loop reads one output-sized slice per tap
+        in_slice = (positions if not native else self.batch * _prod(grid_a)) * _prod(sizes[i] for i in ch_a)
         out_elems = positions * _prod(sizes[i] for i in out_ch)
         w_elems = _prod(sizes[i] for i in ind_b)
-        native = self.model.native_steps and (len(self.geometry.kernel_size) <= 3 or len(tap_modes) <= 1)
         if tap_modes:
             kind = "conv" if summed or any(i not in ch_a for i in ch_b) else "depthwise"
         else:

@@ -8,6 +8,9 @@ backward (stride 1) runs the same way. 1-D and 2-D convs run with unit modes ins
 
 from __future__ import annotations
 
+import functools
+import glob
+import os
 from dataclasses import dataclass
 
 from .. import Accelerator, register
@@ -22,12 +25,47 @@ class ChainRates:
     """The kernel's own rates (float32; float64 has its own), next to the plan's cost model."""
 
     depthwise_macs_per_s: float  # its depthwise passes while a chunk's planes stay in cache
-    cache_bytes: int = 12 << 20  # a chunk's working set beyond which its passes stream memory
+    # passes of more than 3 taps leave its unrolled 3-tap loops for a generic one (a 7x7 stem)
+    long_depthwise_macs_per_s: float = 0.0
+    # a chunk's working set beyond which its passes stream memory; None: a share of this
+    # machine's last-level cache (_cache_bytes)
+    cache_bytes: int | None = None
     chunk_s: float = 1.0e-6  # fixed cost per chunk of planes (the team of threads' barriers)
+    # its GEMMs run one chunk of planes at a time: with fewer rows (positions) than this their
+    # blocking falls apart (small late-layer planes at high rank), and the GEMM rate drops in
+    # proportion; fitted on r3d_18's layers (`tensorconv bench layers`)
+    gemm_full_rows: int = 400
 
 
 #: measured on the project's 2-core x86-64 CPUs (``tensorconv bench plane-chain``)
-RATES = {4: ChainRates(depthwise_macs_per_s=2.0e10), 8: ChainRates(depthwise_macs_per_s=1.0e10)}
+RATES = {
+    4: ChainRates(depthwise_macs_per_s=2.0e10, long_depthwise_macs_per_s=3.5e9),
+    8: ChainRates(depthwise_macs_per_s=1.0e10, long_depthwise_macs_per_s=1.75e9),
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _cache_bytes():
+    """The share of the last-level cache a chunk's planes may fill and stay there: 3/8 of it
+    (the rest is the input and output streaming past, and the other core), at most 32 MiB (no
+    larger working set was measured); 12 MiB where the size cannot be read (Linux sysfs)."""
+    sizes = []
+    for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
+        try:
+            with open(os.path.join(index, "level")) as f:
+                level = int(f.read())
+            with open(os.path.join(index, "size")) as f:
+                text = f.read().strip()
+        except (OSError, ValueError):
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            sizes.append((level, int(text.rstrip("KMG")) * scale))
+        except ValueError:
+            continue
+    if not sizes:
+        return 12 << 20
+    return min(32 << 20, 3 * max(sizes)[1] // 8)
 
 
 def _on_torch_cpu(backend_name, device):
@@ -74,13 +112,23 @@ class PlaneChain(Accelerator):
         (d, h, w), (do, ho, wo) = as_3d(geometry.in_spatial, 1), as_3d(geometry.out_spatial, 1)
         k0, k1, k2 = as_3d(geometry.kernel_size, 1)
         chunk_planes = planes_per_chunk(self._shape(structure, geometry, batch), r, itemsize, out_channels=t)
-        gemm_macs = batch * (d * h * w * c * r + do * ho * wo * r * t)
-        depthwise_macs = batch * r * (d * h * wo * k2 + d * ho * wo * k1 + do * ho * wo * k0)
+        out_planes = max(1, chunk_planes // geometry.stride[0])
+        in_rows, out_rows = (
+            min(1.0, chunk_planes * h * w / rates.gemm_full_rows),
+            min(1.0, out_planes * ho * wo / rates.gemm_full_rows),
+        )
+        # the GEMMs' MACs weighted by how far below full rate their row blocks run
+        gemm_macs = batch * (d * h * w * c * r / in_rows + do * ho * wo * r * t / out_rows)
+        per_pass = (d * h * wo * k2, d * ho * wo * k1, do * ho * wo * k0)
+        depthwise_macs = batch * r * sum(p for p, k in zip(per_pass, (k2, k1, k0)) if k <= 3)
+        long_macs = batch * r * sum(p for p, k in zip(per_pass, (k2, k1, k0)) if k > 3)
         nbytes = itemsize * batch * (d * h * w * c + do * ho * wo * t)
         chunks = batch * -(-d // chunk_planes)
         passes = depthwise_macs / rates.depthwise_macs_per_s
+        if long_macs:
+            passes += long_macs / (rates.long_depthwise_macs_per_s or rates.depthwise_macs_per_s)
         span = (k0 - 1) * geometry.dilation[0] + 1
-        if itemsize * chunk_planes * h * w * r * (4 + span) > rates.cache_bytes:
+        if itemsize * chunk_planes * h * w * r * (4 + span) > (rates.cache_bytes or _cache_bytes()):
             # a chunk's planes (GEMM output, two passes, the ring, the GEMM input) no longer fit in
             # cache: each pass streams them (about 5 reads / writes per input voxel, K0 + 2 per output)
             pass_bytes = itemsize * batch * r * (5 * d * h * w + (k0 + 2) * do * ho * wo)
