@@ -388,7 +388,7 @@ def test_gradcheck_fastest_order_with_merged_depthwise():
 
 @pytest.mark.skipif(torch is None, reason="torch is not installed")
 def test_torch_cpu_auto_runs_one_3x3x3_depthwise_conv_at_r_eq_c(monkeypatch):
-    """Measured (benchmarks/depthwise.py): oneDNN's channels-last 3x3x3 depthwise conv beats three
+    """Measured (`tensorconv bench depthwise`): oneDNN's channels-last 3x3x3 depthwise conv beats three
     1-D ones at 16-128 channels, so the default torch CPU model merges the spatial factors in
     float32. In float64 (no oneDNN kernels) the steps are tap loops, and nothing is merged.
     (Without the compiled plane chain, which auto prefers once it is built: tests/test_fused.py.)"""

@@ -22,7 +22,7 @@ from ..plans.plan import conv, plan_conv
 from . import check_writable, positive_int
 
 #: suites in tensorconv/cli/bench_kernels.py (inside a plan, torch CPU)
-_KERNEL_SUITES = ("plane_chain", "depthwise", "auto", "memory", "layers")
+_KERNEL_SUITES = ("accelerators", "depthwise", "auto", "memory", "layers")
 SUITES = ("fig6", "backends", "peers", "roofline", "targets", "r3d18", "models", "decompose") + _KERNEL_SUITES
 
 
@@ -921,7 +921,7 @@ def suite_r3d18(args, targets):
                 s: (lambda s=s: conv(x, k, strategy=s, **geo)) for s in ("auto", "factorized", "reconstructed")
             }
             fused = plan_conv(k, shape, strategy="fused", **geo)
-            if fused.accelerator == "plane_chain" and getattr(args, "cpu_kernel", False):
+            if _priced_accelerator(fused) and getattr(args, "cpu_kernel", False):
                 candidates["fused"] = lambda: conv(x, k, strategy="fused", **geo)
             import torch  # torch targets only
 
@@ -1001,6 +1001,14 @@ def plot_fig6(rows, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _priced_accelerator(plan):
+    """Whether the plan's first accelerator is one ``auto`` weighs (a compiled kernel, not the
+    torch.compile / tiled runners of ``fused``)."""
+    from .. import accelerators
+
+    return plan.accelerator is not None and "auto" in accelerators.get(plan.accelerator).serves
 
 
 def _suite_function(name):

@@ -1,4 +1,4 @@
-"""``tensorconv bench`` suites that look inside a plan on torch CPU: the plane chain against the
+"""``tensorconv bench`` suites that look inside a plan on torch CPU: each accelerator against the
 unfused plan and dense convolution, depthwise stages merged or not, whether ``auto`` picks the
 faster plan, peak memory of a training step, and per-layer times of a factorized r3d_18.
 
@@ -17,7 +17,7 @@ from ..kernels import KruskalKernel
 from ..plans.plan import conv, plan_conv
 from .bench import _Progress, _r3d18, measure_many
 
-__all__ = ["suite_plane_chain", "suite_depthwise", "suite_auto", "suite_memory", "suite_layers"]
+__all__ = ["suite_accelerators", "suite_depthwise", "suite_auto", "suite_memory", "suite_layers"]
 
 
 def _torch_cpu(targets):
@@ -28,91 +28,77 @@ def _ms(t, name):
     return round(t[name]["median_ms"], 2)
 
 
-def suite_plane_chain(args, targets):
-    """The plane chain (``strategy="fused"`` on torch CPU), forward and forward+backward:
-    (B, C, 16, 32, 32), CP C -> C, 3x3x3, rank R, padding 1, float32, against dense Conv3d and
-    the plan ``auto`` makes without any accelerator (``plan_conv(accelerators=())``)."""
+def _ratio(t, a, b):
+    return round(t[a]["median_ms"] / t[b]["median_ms"], 2)
+
+
+def suite_accelerators(args, targets):
+    """Each registered accelerator that ``auto`` weighs (the plane chain on torch CPU), forward
+    and forward+backward: (B, C, 16, 32, 32), CP C -> C, 3x3x3, rank R, padding 1, float32,
+    against dense Conv3d and the plan ``auto`` makes without any accelerator
+    (``plan_conv(accelerators=())``); "auto runs" is what ``auto`` picks with them."""
     import torch
+
+    from .. import accelerators
 
     if not _torch_cpu(targets):
         return []
-    from ..accelerators import get
-
-    if not get("plane_chain").build():
-        print("plane_chain: the kernel is not available here; suite skipped", file=sys.stderr)
-        return []
+    accs = [a for a in accelerators.registered() if "auto" in a.serves]
     points = [(1, 32, 32), (8, 32, 96)] if args.quick else [(1, 16, 16), (1, 64, 64), (1, 128, 128), (8, 32, 32)]
     points += [] if args.quick else [(8, 32, 96), (8, 32, 192), (8, 128, 128)]
     rows = []
-    prog = _Progress(2 * len(points), "plane_chain")
-    for b, c, r in points:
-        shape = (b, c, 16, 32, 32)
-        k = KruskalKernel.random((c, c, 3, 3, 3), r, backend="torch", dtype="float32", seed=1)
-        w = torch.randn(c, c, 3, 3, 3)
-        x = torch.randn(shape)
-        unfused = plan_conv(k, shape, padding=1, accelerators=())
-        auto = plan_conv(k, shape, padding=1)
-        with torch.no_grad():
-            t = measure_many(
-                {
-                    "dense": lambda: torch.nn.functional.conv3d(x, w, padding=1),
-                    "unfused": lambda: unfused(x, k),
-                    "chain": lambda: conv(x, k, padding=1, strategy="fused"),
-                },
-                repeat=args.repeat,
-                budget_s=args.budget,
-            )
-        rows.append(
-            dict(
-                suite="plane_chain",
-                pass_="forward",
-                B=b,
-                C=c,
-                R=r,
-                **{
-                    "dense ms": _ms(t, "dense"),
-                    "unfused auto ms": _ms(t, "unfused"),
-                    "chain ms": _ms(t, "chain"),
-                    "auto runs": auto.accelerator or auto.strategy,
-                    "unfused / chain": round(t["unfused"]["median_ms"] / t["chain"]["median_ms"], 2),
-                    "dense / chain": round(t["dense"]["median_ms"] / t["chain"]["median_ms"], 2),
-                },
-            )
-        )
-        prog.step(f"forward B={b} C={c} R={r}")
-        xg = x.clone().requires_grad_(True)
-        wg = w.clone().requires_grad_(True)
-        kg = KruskalKernel.random((c, c, 3, 3, 3), r, backend="torch", dtype="float32", seed=1)
-        for leaf in [kg.weights] + list(kg.factors):
-            leaf.requires_grad_(True)
-        unfused_g = plan_conv(kg, shape, padding=1, strategy="factorized")
-        t = measure_many(
-            {
-                "dense": lambda: torch.nn.functional.conv3d(xg, wg, padding=1).sum().backward(),
-                "unfused": lambda: unfused_g(xg, kg).sum().backward(),
-                "chain": lambda: conv(xg, kg, padding=1, strategy="fused").sum().backward(),
-            },
-            repeat=max(3, args.repeat // 2),
-            budget_s=args.budget,
-        )
-        rows.append(
-            dict(
-                suite="plane_chain",
-                pass_="forward+backward",
-                B=b,
-                C=c,
-                R=r,
-                **{
-                    "dense ms": _ms(t, "dense"),
-                    "unfused auto ms": _ms(t, "unfused"),
-                    "chain ms": _ms(t, "chain"),
-                    "auto runs": "-",
-                    "unfused / chain": round(t["unfused"]["median_ms"] / t["chain"]["median_ms"], 2),
-                    "dense / chain": round(t["dense"]["median_ms"] / t["chain"]["median_ms"], 2),
-                },
-            )
-        )
-        prog.step(f"backward B={b} C={c} R={r}")
+    prog = _Progress(2 * len(points) * len(accs), "accelerators")
+    for acc in accs:
+        if not acc.build():
+            print(f"accelerators: {acc.name} is not available here ({acc.status()}); skipped", file=sys.stderr)
+            continue
+        for b, c, r in points:
+            shape = (b, c, 16, 32, 32)
+            w = torch.randn(c, c, 3, 3, 3)
+            x = torch.randn(shape)
+            for grad in (False, True):
+                k = KruskalKernel.random((c, c, 3, 3, 3), r, backend="torch", dtype="float32", seed=1)
+                xx, ww = (x.clone().requires_grad_(True), w.clone().requires_grad_(True)) if grad else (x, w)
+                for leaf in [k.weights] + list(k.factors):
+                    leaf.requires_grad_(grad)
+                unfused = plan_conv(k, shape, padding=1, accelerators=())
+                mine = plan_conv(k, shape, padding=1, strategy="fused", accelerators=(acc.name,))
+                auto = plan_conv(k, shape, padding=1)
+
+                def run(fn, grad=grad):
+                    out = fn()
+                    if grad:
+                        out.sum().backward()
+                    return out
+
+                entries = {
+                    "dense": lambda: run(lambda: torch.nn.functional.conv3d(xx, ww, padding=1)),
+                    "unfused": lambda: run(lambda: unfused(xx, k)),
+                    "accelerator": lambda: run(lambda: mine(xx, k)),
+                }
+                with torch.set_grad_enabled(grad):
+                    t = measure_many(entries, repeat=max(3, args.repeat // (2 if grad else 1)), budget_s=args.budget)
+                rows.append(
+                    dict(
+                        suite="accelerators",
+                        accelerator=acc.name,
+                        pass_="forward+backward" if grad else "forward",
+                        B=b,
+                        C=c,
+                        R=r,
+                        **{
+                            "dense ms": _ms(t, "dense"),
+                            "unfused auto ms": _ms(t, "unfused"),
+                            "accelerator ms": _ms(t, "accelerator"),
+                            "auto runs": "-" if grad else (auto.accelerator or auto.strategy),
+                            "unfused / accelerator": round(
+                                t["unfused"]["median_ms"] / t["accelerator"]["median_ms"], 2
+                            ),
+                            "dense / accelerator": round(t["dense"]["median_ms"] / t["accelerator"]["median_ms"], 2),
+                        },
+                    )
+                )
+                prog.step(f"{acc.name} {'fwd+bwd' if grad else 'fwd'} B={b} C={c} R={r}")
     prog.close()
     return rows
 
@@ -214,7 +200,7 @@ def suite_auto(args, targets):
 
 
 _MEMORY = r"""
-import json, resource, sys
+import json, sys
 import torch
 from tensorconv import KruskalKernel, conv
 from tensorconv.cli.bench import _set_malloc_no_trim
@@ -229,18 +215,24 @@ for t in [k.weights] + list(k.factors):
 def step():
     y = torch.nn.functional.conv3d(x, w, padding=1) if how == "dense" else conv(x, k, padding=1, strategy=how)
     y.sum().backward()
+def rss():
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
 conv(torch.randn(1, c, 4, 4, 4), k, padding=1, strategy="fused")  # the kernel's library loaded first
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts from here
+base, _ = rss()
 step()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"mib": (peak - base) / 1024}))
+_, peak = rss()
+print(json.dumps({"mib": (peak - base) / 2**20}))
 """
 
 
 def suite_memory(args, targets):
     """Peak memory of one forward+backward (torch CPU, float32, (B, C, 16, 32, 32), 3x3x3, rank
     R): dense Conv3d, the unfused CP plan, and ``fused`` (the plane chain and its backward, which
-    keeps only the input and the factors). Each in a fresh process: its peak RSS over the step."""
+    keeps only the input and the factors). Each in a fresh process (Linux): its peak resident
+    set (VmHWM, reset just before the step) minus its resident set then."""
     if not _torch_cpu(targets):
         return []
     points = [(8, 32, 1)] if args.quick else [(8, 32, 1), (8, 32, 3), (8, 64, 1)]

@@ -77,10 +77,10 @@ _DEFAULTS = {
     # 2-core x86-64 CPU (the CI machine), float32.
     # conv_macs_per_s: a step mixing channels over a few modes falls off oneDNN's fast paths on
     # torch CPU, and on NumPy it is a GEMM per tap on a strided slice: both far below the
-    # matmul rate (benchmarks/auto_check.py checks that auto then picks the faster plan).
+    # matmul rate (`tensorconv bench auto` checks that auto then picks the faster plan).
     # depthwise_macs_per_s: oneDNN's channels-last depthwise convs reuse little per MAC; 1-D ones
     # are bandwidth-bound, which is why one 3x3x3 pass can beat three 1-D passes with a third of
-    # the MACs (benchmarks/depthwise.py).
+    # the MACs (`tensorconv bench depthwise`).
     "numpy": CostModel(
         macs_per_s=6.0e10, bytes_per_s=8.0e9, call_overhead_s=2.0e-5, dense_macs_per_s=3.0e10, conv_macs_per_s=1.0e10
     ),

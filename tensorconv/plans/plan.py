@@ -113,7 +113,7 @@ class ConvPlan:
         factorized order, which may merge spatial factors into one multi-mode depthwise step).
     accelerators : tuple of str
         Fused plans: the accelerators (:mod:`tensorconv.accelerators`) asked in turn for each
-        call, e.g. ``("plane_chain", "torch_compile", "tiles")``; the first that takes the call
+        call, e.g. ``("torch_compile", "tiles")`` after any compiled kernel; the first that takes the call
         runs it, and where none does the plan runs ``steps``. ``auto`` lists only the one whose
         cost it chose.
     accelerator : str or None
@@ -150,6 +150,7 @@ class ConvPlan:
         device=None,
         cost_model=None,
         ready_accelerators=(),
+        allowed_accelerators=None,
     ):
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy={strategy!r} is not one of {STRATEGIES}")
@@ -172,6 +173,7 @@ class ConvPlan:
         self._whole = {}
         self._factorized = None
         self._accelerators = None  # None: all that serve "fused" (asked for by name)
+        self._allowed = allowed_accelerators
         self.order = None
         self.min_macs = self.dense_macs
         if structure.kind == "dense":
@@ -265,7 +267,11 @@ class ConvPlan:
             if self.strategy != "fused":
                 accs = []
             elif accs is None:
-                accs = [a for a in registered_accelerators() if "fused" in a.serves and a.applies(st, g)]
+                accs = [
+                    a
+                    for a in registered_accelerators()
+                    if "fused" in a.serves and a.applies(st, g) and (self._allowed is None or a.name in self._allowed)
+                ]
             self._accelerators = accs
             self._runners = [a.runner(self) for a in accs]
             self.accelerators = tuple(a.name for a in accs)
@@ -574,6 +580,7 @@ def _new_plan(
     backend_name,
     cost_model,
     ready_accelerators=(),
+    allowed_accelerators=None,
 ):
     batched, spatial = _split_input_shape(input_shape, structure)
     geometry = make_geometry(
@@ -589,6 +596,7 @@ def _new_plan(
         backend_name=backend_name,
         cost_model=cost_model,
         ready_accelerators=ready_accelerators,
+        allowed_accelerators=allowed_accelerators,
     )
 
 
@@ -646,9 +654,10 @@ def plan_conv(
         Price the steps with this model (e.g. from :func:`tensorconv.plans.calibrate`) instead
         of the backend's default. Nothing is set globally.
     accelerators : sequence of str, optional
-        Which registered accelerators (:mod:`tensorconv.accelerators`) ``auto`` may weigh, by
-        name; default: every one that is ready here (built before); ``()``: none, the plan is
-        chosen among the library's own orders. ``strategy="fused"`` asks all that apply.
+        Which registered accelerators (:mod:`tensorconv.accelerators`) the plan may use, by
+        name; default: all. ``auto`` weighs those that are ready here (built before);
+        ``strategy="fused"`` asks those that apply, in priority order. ``()``: none (``auto``
+        chooses among the library's own orders; ``fused`` runs the steps unfused).
 
     Examples
     --------
@@ -741,6 +750,7 @@ def _plan_args(
         backend_name,
         model,
         ready,
+        None if accelerators is None else tuple(accelerators),
     )
 
 

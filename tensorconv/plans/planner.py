@@ -137,7 +137,7 @@ class ConvPathOptimizer(opt_einsum.paths.PathOptimizer):
         # a native conv streams its input and output once; a tap loop once per tap, and a
         # channel-mixing tap twice (the GEMM copies its strided slice, then the product is
         # accumulated; priced without that copy the tap loop looked faster than it runs:
-        # benchmarks/auto_check.py)
+        # `tensorconv bench auto`)
         passes = 1 if native else n_taps
         per_pass = 2 if kind == "conv" and not native else 1
         nbytes = self.itemsize * (passes * per_pass * (in_slice + out_elems) + w_elems)
