@@ -261,10 +261,13 @@ def main(path, before=None):
             )
         print(before_after(data["rows"], prev["rows"]))
         print()
-    for suite, cols in COLUMNS.items():
+    # suites without a column list print every key of their rows, in the order the suite wrote them
+    others = [s for s in dict.fromkeys(r["suite"] for r in data["rows"]) if s not in COLUMNS]
+    for suite, cols in list(COLUMNS.items()) + [(s, None) for s in others]:
         rows = [r for r in data["rows"] if r["suite"] == suite]
         if not rows:
             continue
+        cols = cols or [k for k in rows[0] if k not in ("suite", "runs")]
         print(f"### {suite}\n")
         print("| " + " | ".join(cols) + " |")
         print("|" + "---|" * len(cols))
