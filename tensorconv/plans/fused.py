@@ -222,50 +222,63 @@ class CompiledChain:
             return None
 
 
-class TorchCompileRunner(Accelerator):
+class _StepsRunner(Accelerator):
+    """A runner of ``strategy="fused"`` that runs the plan's own steps its way, for the
+    backends it ``takes``: it applies to any plan, asked by name only (no cost: auto never
+    waits for a compiler)."""
+
+    serves = ("fused",)
+
+    def applies(self, structure, geometry=None):
+        return True
+
+    def takes(self, backend):
+        raise NotImplementedError
+
+    def make(self, plan):
+        """``run(backend, x, arrays)`` -> the last step's output (or None: unfused)."""
+        raise NotImplementedError
+
+    def runner(self, plan):
+        impl = self.make(plan)
+
+        def run(backend, x, arrays):
+            if not self.takes(backend):
+                return None
+            out = impl(backend, x, arrays)
+            return None if out is None else plan._finish(backend, out)
+
+        return run
+
+
+class TorchCompileRunner(_StepsRunner):
     """``strategy="fused"`` on torch: the plan's activation steps under ``torch.compile``."""
 
     name = "torch_compile"
-    serves = ("fused",)
     priority = 100
     summary = "torch.compile of the steps below"
 
-    def applies(self, structure, geometry=None):
-        return True
+    def takes(self, backend):
+        return backend.name == "torch"
 
-    def runner(self, plan):
+    def make(self, plan):
         chain = CompiledChain(plan)
-
-        def run(backend, x, arrays):
-            if backend.name != "torch":
-                return None
-            out = chain(backend, plan.activation(backend, x), list(arrays))
-            return None if out is None else plan._finish(backend, out)
-
-        return run
+        return lambda backend, x, arrays: chain(backend, plan.activation(backend, x), list(arrays))
 
 
-class TiledRunner(Accelerator):
+class TiledRunner(_StepsRunner):
     """``strategy="fused"`` on the other backends: the plan's steps in cache-sized tiles."""
 
     name = "tiles"
-    serves = ("fused",)
     priority = 101
     summary = "elsewhere, the steps below in cache-sized tiles"
 
-    def applies(self, structure, geometry=None):
-        return True
+    def takes(self, backend):
+        return backend.name != "torch"  # per-op overhead on small tiles made it slower than the unfused plan there
 
-    def runner(self, plan):
+    def make(self, plan):
         tiles = FusedRunner(plan)
-
-        def run(backend, x, arrays):
-            if backend.name == "torch":
-                return None  # per-op overhead on small tiles made it slower than the unfused plan there
-            out = tiles(backend, x, [None] + list(arrays))
-            return None if out is None else plan._finish(backend, out)
-
-        return run
+        return lambda backend, x, arrays: tiles(backend, x, [None] + list(arrays))
 
 
 register(TorchCompileRunner())
