@@ -36,7 +36,6 @@ class _Doubling(accelerators.Accelerator):
 
     name = "toy"
     label = "toy"
-    recordable = False
 
     def __init__(self, decline=False):
         self.calls = []

@@ -1,8 +1,10 @@
 """Compile and export models with factorized layers, N = 1..3: torch.compile(fullgraph=True),
 torch.export and torch.onnx.export (run by onnxruntime), each against the eager model.
 
-Under tracing the layers record standard convs (a CP layer: 1x1 -> one depthwise conv per mode
--> 1x1; Tucker: 1x1 -> core conv -> 1x1), so the exported graphs hold standard ops only.
+Under torch.compile / torch.export a CP layer on CPU records its plan as one custom op
+(tensorconv::cp_conv); everything else, and every layer under ONNX export, records standard
+convs (a CP layer: 1x1 -> one depthwise conv per mode -> 1x1; Tucker: 1x1 -> core conv -> 1x1),
+so the ONNX graphs hold standard ops only.
 onnx, onnxruntime and onnxscript are test extras: CI runs the ONNX test (no skip there).
 """
 
@@ -143,62 +145,86 @@ def _capturing(targets):
     return backend
 
 
-@pytest.mark.parametrize("n", [1, 2, 3])
-def test_compile_runs_the_plane_chain_as_one_op_forward_and_backward_equal_eager(n):
+@pytest.fixture
+def chain_runs(monkeypatch):
+    """Counts calls of the plane chain (built here, or the test skips / fails as in test_fused)."""
     from test_fused import _loaded_kernel
 
+    from tensorconv.accelerators.plane_chain import _ops
+
     _loaded_kernel()
-    model = _chain_model(n)
-    x = _input(n).requires_grad_(True)
-    targets = []
-    compiled = torch.compile(model, fullgraph=True, backend=_capturing(targets))
-    got, want = compiled(x), model(x)
-    assert sum("tensorconv.cp_chain" in t for t in targets) == 3, targets  # each layer: one op, nothing traced into
-    assert rel_err(got.detach(), want.detach()) < 1e-10
-    params = [x] + list(model.parameters())
-    g1 = torch.autograd.grad(got.square().sum(), params)
-    g2 = torch.autograd.grad(want.square().sum(), params)
-    assert rel_err(torch.cat([g.flatten() for g in g1]), torch.cat([g.flatten() for g in g2])) < 1e-10
-    # the oracle: standard convs on the rebuilt dense kernels
+    calls = []
+    real = _ops.cp_chain_forward
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_ops, "cp_chain_forward", spy)
+    return calls
+
+
+def _dense_oracle(model, x, n):
+    """Standard convs (F.pad + F.convNd) on the rebuilt dense kernels, layer by layer."""
     from oracles import torch_conv
 
     from tensorconv.plans.spec import normalize_padding
 
     with torch.no_grad():
-        dense = x.detach()
+        out = x.detach()
         for layer in model:
             if isinstance(layer, KruskalConv):
                 pads = normalize_padding(layer.padding, layer.kernel_size, layer.stride, layer.dilation)
                 w = layer.kernel.to_dense().numpy()
-                out = torch_conv(dense.numpy(), w, layer.stride, pads, layer.dilation, 1, layer.padding_mode)
-                dense = torch.from_numpy(out) + layer.bias.reshape((-1,) + (1,) * n)
+                y = torch_conv(out.numpy(), w, layer.stride, pads, layer.dilation, 1, layer.padding_mode)
+                out = torch.from_numpy(y) + layer.bias.reshape((-1,) + (1,) * n)
             else:
-                dense = layer(dense)
-    assert rel_err(got.detach(), dense) < 1e-10
+                out = layer(out)
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_compile_records_each_cp_layer_as_one_op_that_runs_the_plane_chain(n, chain_runs):
+    model = _chain_model(n)
+    x = _input(n).requires_grad_(True)
+    targets = []
+    compiled = torch.compile(model, fullgraph=True, backend=_capturing(targets))
+    got = compiled(x)
+    ran = len(chain_runs)
+    want = model(x)
+    # one opaque op per CP layer, nothing traced into it; the plan inside runs the chain
+    assert sum(t.startswith("tensorconv.cp_conv") for t in targets) == 3, targets
+    assert not any("cp_chain" in t or "conv3d" in t or "conv2d" in t or "conv1d" in t for t in targets), targets
+    assert ran >= 3, "the compiled model did not run the plane chain"
+    assert rel_err(got.detach(), want.detach()) < 1e-10
+    params = [x] + list(model.parameters())
+    g1 = torch.autograd.grad(got.square().sum(), params)
+    g2 = torch.autograd.grad(want.square().sum(), params)
+    assert rel_err(torch.cat([g.flatten() for g in g1]), torch.cat([g.flatten() for g in g2])) < 1e-10
+    assert rel_err(got.detach(), _dense_oracle(model, x, n)) < 1e-10
 
 
 @pytest.mark.parametrize("n", [1, 3])
-def test_export_records_the_plane_chain_op_for_any_batch(n):
-    from test_fused import _loaded_kernel
-
-    _loaded_kernel()
+def test_export_records_the_cp_op_for_any_batch(n, chain_runs):
     model = _chain_model(n).eval()
     exported = torch.export.export(model, (_input(n),), dynamic_shapes=({0: torch.export.Dim("batch", max=64)},))
     ops = [str(node.target) for node in exported.graph.nodes if node.op == "call_function"]
-    assert any("tensorconv.cp_chain" in t for t in ops), ops
+    assert sum(t.startswith("tensorconv.cp_conv") for t in ops) == 3, ops
     for b in (1, 4):
         x = _input(n, b)
+        before = len(chain_runs)
         with torch.no_grad():
-            assert rel_err(exported.module()(x), model(x)) < 1e-10
+            got = exported.module()(x)
+        assert len(chain_runs) > before
+        assert rel_err(got, model(x)) < 1e-10
+        assert rel_err(got, _dense_oracle(model, x, n)) < 1e-10
 
 
-def test_the_plane_chain_ops_pass_torch_library_opcheck():
-    """torch.library.opcheck: schema, fake kernel vs the real one (shapes, strides), autograd
-    registration, and AOT dispatch with static and dynamic shapes."""
-    from test_fused import _loaded_kernel
-
-    _loaded_kernel()
+def test_the_custom_ops_pass_torch_library_opcheck(chain_runs):
+    """torch.library.opcheck on the four ops: schema, fake kernel vs the real one (shapes,
+    strides), autograd registration, and AOT dispatch with static and dynamic shapes."""
     import tensorconv.accelerators.plane_chain._ops  # noqa: F401  (registers the ops)
+    import tensorconv.nn._ops  # noqa: F401
 
     g = torch.Generator().manual_seed(0)
     c, r, t = 3, 4, 5
@@ -220,15 +246,26 @@ def test_the_plane_chain_ops_pass_torch_library_opcheck():
             torch.ops.tensorconv.cp_chain_backward.default,
             (plain[0], plain[3], *plain[4:], wt, grad, [1, 1, 1], [1, 1, 1], need_gx),
         )
+    for stride, padding, mode, with_u_c in (
+        ([1, 1, 1], [1, 1, 1, 1, 1, 1], "zeros", True),
+        ([2, 1, 2], [1, 2, 0, 1, 1, 0], "reflect", True),
+        ([1, 1, 1], [1, 1, 1, 1, 1, 1], "zeros", False),
+    ):
+        inp = x if with_u_c else torch.randn(2, r, 5, 6, 4, dtype=torch.float64, generator=g, requires_grad=True)
+        args = (inp, lam, u_t, u_c if with_u_c else None, spatial, stride, padding, [1, 1, 1], mode, "auto")
+        torch.library.opcheck(torch.ops.tensorconv.cp_conv.default, args)
+        out = torch.ops.tensorconv.cp_conv(*args)
+        # the backward op has no derivative of its own (higher-order gradients are eager only)
+        plain_args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+        plain_args[4] = [u.detach() for u in spatial]
+        torch.library.opcheck(
+            torch.ops.tensorconv.cp_conv_backward.default, (torch.randn_like(out).detach(), *plain_args)
+        )
 
 
-def test_compile_with_symbolic_sizes_still_records_the_plane_chain():
-    """dynamic=True (as dynamo's automatic dynamic shapes after a recompile): no plan can be made
-    for symbolic sizes, so the layer records the chain wherever it applies; equal to eager at
-    sizes the trace did not see."""
-    from test_fused import _loaded_kernel
-
-    _loaded_kernel()
+def test_compile_with_symbolic_sizes_runs_the_plan_of_each_shape(chain_runs):
+    """dynamic=True (as dynamo's automatic dynamic shapes after a recompile): the op is planned
+    when it runs, so sizes the trace never saw get their own plan; equal to eager."""
     model = _chain_model(2)
     targets = []
     compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=_capturing(targets))
@@ -239,5 +276,5 @@ def test_compile_with_symbolic_sizes_still_records_the_plane_chain():
         (g1,) = torch.autograd.grad(got.square().sum(), x)
         (g2,) = torch.autograd.grad(want.square().sum(), x)
         assert rel_err(g1, g2) < 1e-10
-    chains = sum("tensorconv.cp_chain" in t for t in targets)
-    assert chains and chains % 3 == 0, targets  # three per graph (a size guard may add a graph)
+    ops = sum(t.startswith("tensorconv.cp_conv") for t in targets)
+    assert ops and ops % 3 == 0, targets  # three per graph (a size guard may add a graph)

@@ -54,10 +54,6 @@ class Accelerator:
     priority: int = 50
     #: one line for ``plan.describe()``
     summary: str = ""
-    #: whether ``run(spec, ...)`` may be recorded by ``torch.compile`` / ``torch.export`` (its
-    #: spec holds constants, or sizes that may be symbolic, and it calls ops that a tracer keeps
-    #: opaque: ``torch.library`` custom ops with fake kernels)
-    recordable: bool = False
 
     def applies(self, structure: Any, geometry: Any = None) -> bool:
         """Whether it can run a kernel of this structure (a
@@ -90,9 +86,9 @@ class Accelerator:
         return lambda backend, x, arrays: self.run(spec, backend, x, arrays)
 
     def spec(self, plan: Any) -> Any:
-        """What :meth:`run` needs of this plan as constants (ints, strings, tuples), or None
-        where it has no such form. Layers traced by ``torch.compile`` / ``torch.export`` choose
-        a plan once, outside the trace, and record ``run(spec, ...)`` (see ``tensorconv.nn``)."""
+        """What :meth:`run` needs of this plan, worked out once per plan (a call at small
+        channel counts is short enough for per-call Python to show), e.g. its geometry as
+        constants."""
         return None
 
     def run(self, spec: Any, backend: Any, x: Any, arrays: Any) -> Any:

@@ -7,19 +7,17 @@ Arguments and defaults follow ``torch.nn.ConvNd``. The number of spatial dims is
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from .. import accelerators
 from .._typing import IntOrTuple, Padding, Rank
 from ..backends import PADDING_MODES, backend_for_name
 from ..kernels import KruskalKernel, TuckerKernel
 from ..plans.plan import conv, plan_conv
-from ..plans.spec import make_geometry, normalize_int_tuple, normalize_padding
+from ..plans.spec import normalize_int_tuple, normalize_padding
 
 __all__ = ["KruskalConv", "TuckerConv", "HOCPBlock", "cp_rank_for", "tucker_rank_for"]
 
@@ -110,10 +108,9 @@ def tucker_rank_for(rank, in_channels, out_channels, kernel_size, groups=1, *, g
     return rank
 
 
-#: looked up once at import: a tracer must not see the backend and accelerator registries filled
-#: in the middle of a trace (dynamo guards on what it reads)
+#: looked up once at import: a tracer must not see the backend registry filled in the middle of
+#: a trace (dynamo guards on what it reads)
 _TORCH = backend_for_name("torch")
-accelerators.registered()
 
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
 
@@ -127,8 +124,8 @@ def _run_conv(x, parts, bias, layer):
     Under autocast it computes in the autocast dtype as ``nn.ConvNd`` does (``conv`` would cast
     the rest, the bias is cast here); traced or compiled it records standard convs (a plan is
     chosen per input shape in Python, which a trace would freeze to one shape, and which a
-    compiler would have to trace through), or, under torch.compile / torch.export, the
-    accelerator the plan chose as one opaque op (:func:`_traced_accelerator`)."""
+    compiler would have to trace through), or, under torch.compile / torch.export on CPU, the
+    plan as one opaque op (:func:`_traced_plan`)."""
     kind, tensors, groups, block = parts
     torch_backend = _TORCH
     cast = torch_backend.autocast_dtype(x)
@@ -140,8 +137,8 @@ def _run_conv(x, parts, bias, layer):
             return _run_conv(x.to(cast), (kind, tensors, groups, block), None if bias is None else bias.to(cast), layer)
     if torch.jit.is_tracing() or torch.compiler.is_compiling():
         # a tracer (jit.trace, torch.compile, torch.export) records standard ops, not the Python
-        # planning: shape-generic, and quick to compile; or the plan's accelerator as one custom op
-        out = _traced_accelerator(x, parts, layer)
+        # planning: shape-generic, and quick to compile; or, on CPU, the plan as one custom op
+        out = _traced_plan(x, parts, layer)
         if out is None:
             out = _graph_conv(x, parts, layer)
     else:
@@ -161,125 +158,33 @@ def _run_conv(x, parts, bias, layer):
     return out
 
 
-def _kruskal_structure(kernel_shape, rank):
-    from ..plans.structure import _kruskal_structure_of
-
-    n = len(kernel_shape) - 2
-    return _kruskal_structure_of(kernel_shape, rank, tuple((m,) for m in range(n + 2)), (False,) * (n + 2))
-
-
-@torch.compiler.assume_constant_result
-def _traced_choice(kernel_shape, rank, input_shape, stride, padding, dilation, padding_mode, strategy, dtype):
-    """(accelerator name, its spec) where the plan for these static shapes runs a recordable
-    accelerator, else None. Called once per trace with constants, outside the trace (the
-    planner's Python would take minutes to trace); its answer is recorded as a constant."""
-    return _plan_choice(kernel_shape, rank, input_shape, stride, padding, dilation, padding_mode, strategy, dtype)
-
-
-@functools.lru_cache(maxsize=256)
-def _plan_choice(kernel_shape, rank, input_shape, stride, padding, dilation, padding_mode, strategy, dtype):
-    plan = plan_conv(
-        _kruskal_structure(kernel_shape, rank),
-        input_shape,
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        padding_mode=padding_mode,
-        strategy=strategy,
-        dtype=dtype,
-        backend="torch",
-        device="cpu",
-    )
-    for name in plan.accelerators:
-        acc = accelerators.get(name)
-        if acc.recordable:
-            if strategy == "fused":
-                acc.build()  # as an eager fused call would on first use
-            return name, acc.spec(plan)
-    return None
-
-
-@torch.compiler.assume_constant_result
-def _ready_accelerator(kernel_shape, rank, strategy, dtype):
-    """The first recordable accelerator that runs this kernel here (ready, or built now for
-    ``"fused"``), chosen without the input's shape: dynamo may hand a layer symbolic sizes
-    (a dynamic batch, or its automatic dynamic shapes after a recompile), which no plan takes."""
-    structure = _kruskal_structure(kernel_shape, rank)
-    itemsize = {"float32": 4, "float64": 8}.get(dtype)
-    for acc in accelerators.registered():
-        if not (acc.recordable and strategy in acc.serves and acc.applies(structure)) or itemsize is None:
-            continue
-        if strategy == "fused":
-            acc.build()
-        if acc.ready("torch", "cpu", itemsize):
-            return acc.name
-    return None
-
-
-class _Traced:
-    """What an accelerator's spec() reads of a plan, for a layer traced with symbolic sizes."""
-
-    def __init__(self, structure, geometry):
-        self.structure, self.geometry = structure, geometry
-
-
-def _traced_accelerator(x, parts, layer):
+def _traced_plan(x, parts, layer):
     """Under torch.compile / torch.export (not jit.trace, not ONNX export, which need standard
-    ops), a CP layer whose plan runs a recordable accelerator records that accelerator's call:
-    for the plane chain, the custom op ``tensorconv::cp_chain`` (fake kernel and autograd
-    registered), so the compiled model runs the same kernel as eager. None: standard ops.
-
-    With static sizes (torch.export; torch.compile until a shape changes) the plan for the
-    input decides, as in eager. With symbolic sizes (a dynamic batch; dynamo's automatic dynamic
-    shapes) no plan can: the layer records the accelerator wherever it applies and is ready."""
+    ops), a CP layer on CPU records one opaque op, ``tensorconv::cp_conv``, which runs the
+    layer's plan for the shapes it meets when it runs (the compiled plane chain where ``auto``
+    picks it), with its fake kernel and autograd registered (:mod:`tensorconv.nn._ops`): the
+    compiled model runs what eager runs, for any input shape. None: record standard ops."""
     kind, tensors, _, _ = parts
-    if kind != "cp" or layer.strategy not in ("auto", "fused") or torch.onnx.is_in_onnx_export():
+    if kind != "cp" or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return None
-    if x.device.type != "cpu" or x.ndim != len(layer.kernel_size) + 2 or tensors[2] is None:
-        # (no U_C: a block that applied it before, e.g. HOCPBlock, runs the rest as standard ops)
+    if x.device.type != "cpu" or x.ndim != len(layer.kernel_size) + 2:
         return None
-    lam, u_t = tensors[0], tensors[1]
-    kernel_shape = (int(u_t.shape[0]), int(layer.in_channels)) + _ints(layer.kernel_size)
-    rank, dtype = int(lam.shape[0]), str(x.dtype).replace("torch.", "")
-    padding = layer.padding if isinstance(layer.padding, str) else tuple(_ints(p) for p in layer.padding)
-    # dynamo hides whether a size is symbolic (isinstance says int): only outside dynamo are
-    # the sizes known to be static
-    static = not torch.compiler.is_dynamo_compiling() and not any(isinstance(v, torch.SymInt) for v in x.shape)
-    if static:
-        choice = _traced_choice(
-            kernel_shape,
-            rank,
-            _ints(x.shape),
-            _ints(layer.stride),
-            padding,
-            _ints(layer.dilation),
-            layer.padding_mode,
-            layer.strategy,
-            dtype,
-        )
-        if choice is None:
-            return None
-        name, spec = choice
-    else:
-        name = _ready_accelerator(kernel_shape, rank, layer.strategy, dtype)
-        if name is None:
-            return None
-        geometry = make_geometry(
-            tuple(x.shape[2:]),
-            tuple(layer.kernel_size),
-            stride=layer.stride,
-            padding=layer.padding,
-            dilation=layer.dilation,
-            padding_mode=layer.padding_mode,
-        )
-        spec = accelerators.get(name).spec(_Traced(_kruskal_structure(kernel_shape, rank), geometry))
-    return accelerators.get(name).run(spec, _TORCH, x, tensors)
+    from ._ops import cp_conv
 
-
-def _ints(values):
-    """Python ints: a module's int attributes that changed between compiles reach a trace as
-    symbolic ints (dynamo's automatic dynamic), and the plan needs them as constants."""
-    return tuple(int(v) for v in values)
+    lam, u_t, u_c, *spatial = tensors
+    pads = normalize_padding(layer.padding, layer.kernel_size, layer.stride, layer.dilation)
+    return cp_conv(
+        x,
+        lam,
+        u_t,
+        u_c,
+        list(spatial),
+        list(layer.stride),
+        [p for pair in pads for p in pair],
+        list(layer.dilation),
+        layer.padding_mode,
+        layer.strategy,
+    )
 
 
 def _graph_conv(x, parts, layer):
@@ -417,7 +322,6 @@ class _FactorizedConv(nn.Module):
 
     def plan(self, input_shape):
         """The :class:`~tensorconv.ConvPlan` this layer runs for ``input_shape``."""
-        from ..plans.plan import plan_conv
 
         p = next(self.parameters())
         return plan_conv(

@@ -82,7 +82,6 @@ class PlaneChain(Accelerator):
     # components, 7x7 planes) it ran slower than the plain order the model had put just behind it
     margin = 1.07
     priority = 10
-    recordable = True
     summary = "on torch CPU one compiled plane-by-plane kernel (with gradients: stride 1)"
 
     def applies(self, structure, geometry=None):
