@@ -122,3 +122,44 @@ def native_torch_convs():
         yield
     finally:
         TorchBackend.native_conv_ok = saved
+
+
+# -- the plane chain (tests/test_fused.py, test_export.py, test_reliability.py) ---------------------------
+@pytest.fixture(scope="module")
+def plane_kernel():
+    pytest.importorskip("torch")
+    return _loaded_kernel()
+
+
+def _loaded_kernel():
+    """The compiled kernel; skips where this machine cannot build one (no C++ compiler or
+    ninja, or TENSORCONV_NO_CPU_KERNEL set), fails where it has the tools and the build broke
+    (a source that does not compile must not pass as 'skipped')."""
+    import shutil
+
+    pytest.importorskip("torch")
+    from torch.utils.cpp_extension import is_ninja_available
+
+    from tensorconv.accelerators.plane_chain import _build
+
+    if _build.load() is not None:
+        return _build
+    if _build.disabled() or not is_ninja_available() or not shutil.which(os.environ.get("CXX", "c++")):
+        pytest.skip("the CPU fused kernel cannot be built here (no C++ compiler / ninja, or disabled)")
+    pytest.fail("a C++ compiler and ninja are here but the CPU fused kernel did not build (see the warning)")
+
+
+@pytest.fixture
+def chain_calls(plane_kernel, monkeypatch):
+    """Counts calls of the compiled kernel, so a test knows the plane chain ran (not a fallback)."""
+    from tensorconv.accelerators.plane_chain import _ops
+
+    calls = []
+    real = _ops.cp_chain_forward
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_ops, "cp_chain_forward", spy)
+    return calls

@@ -145,25 +145,6 @@ def _capturing(targets):
     return backend
 
 
-@pytest.fixture
-def chain_runs(monkeypatch):
-    """Counts calls of the plane chain (built here, or the test skips / fails as in test_fused)."""
-    from test_fused import _loaded_kernel
-
-    from tensorconv.accelerators.plane_chain import _ops
-
-    _loaded_kernel()
-    calls = []
-    real = _ops.cp_chain_forward
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(_ops, "cp_chain_forward", spy)
-    return calls
-
-
 def _dense_oracle(model, x, n):
     """Standard convs (F.pad + F.convNd) on the rebuilt dense kernels, layer by layer."""
     from oracles import torch_conv
@@ -184,13 +165,13 @@ def _dense_oracle(model, x, n):
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])
-def test_compile_records_each_cp_layer_as_one_op_that_runs_the_plane_chain(n, chain_runs):
+def test_compile_records_each_cp_layer_as_one_op_that_runs_the_plane_chain(n, chain_calls):
     model = _chain_model(n)
     x = _input(n).requires_grad_(True)
     targets = []
     compiled = torch.compile(model, fullgraph=True, backend=_capturing(targets))
     got = compiled(x)
-    ran = len(chain_runs)
+    ran = len(chain_calls)
     want = model(x)
     # one opaque op per CP layer, nothing traced into it; the plan inside runs the chain
     assert sum(t.startswith("tensorconv.cp_conv") for t in targets) == 3, targets
@@ -205,22 +186,22 @@ def test_compile_records_each_cp_layer_as_one_op_that_runs_the_plane_chain(n, ch
 
 
 @pytest.mark.parametrize("n", [1, 3])
-def test_export_records_the_cp_op_for_any_batch(n, chain_runs):
+def test_export_records_the_cp_op_for_any_batch(n, chain_calls):
     model = _chain_model(n).eval()
     exported = torch.export.export(model, (_input(n),), dynamic_shapes=({0: torch.export.Dim("batch", max=64)},))
     ops = [str(node.target) for node in exported.graph.nodes if node.op == "call_function"]
     assert sum(t.startswith("tensorconv.cp_conv") for t in ops) == 3, ops
     for b in (1, 4):
         x = _input(n, b)
-        before = len(chain_runs)
+        before = len(chain_calls)
         with torch.no_grad():
             got = exported.module()(x)
-        assert len(chain_runs) > before
+        assert len(chain_calls) > before
         assert rel_err(got, model(x)) < 1e-10
         assert rel_err(got, _dense_oracle(model, x, n)) < 1e-10
 
 
-def test_the_custom_ops_pass_torch_library_opcheck(chain_runs):
+def test_the_custom_ops_pass_torch_library_opcheck(chain_calls):
     """torch.library.opcheck on the four ops: schema, fake kernel vs the real one (shapes,
     strides), autograd registration, and AOT dispatch with static and dynamic shapes."""
     import tensorconv.accelerators.plane_chain._ops  # noqa: F401  (registers the ops)
@@ -263,7 +244,7 @@ def test_the_custom_ops_pass_torch_library_opcheck(chain_runs):
         )
 
 
-def test_compile_with_symbolic_sizes_runs_the_plan_of_each_shape(chain_runs):
+def test_compile_with_symbolic_sizes_runs_the_plan_of_each_shape(chain_calls):
     """dynamic=True (as dynamo's automatic dynamic shapes after a recompile): the op is planned
     when it runs, so sizes the trace never saw get their own plan; equal to eager."""
     model = _chain_model(2)

@@ -1,11 +1,9 @@
 """The fused strategy equals the unfused plan: tiles (NumPy / CuPy), torch.compile (torch) and the
 compiled plane-by-plane CPU kernel (torch, 3-D CP kernels, no gradients)."""
 
-import os
-
 import numpy as np
 import pytest
-from conftest import rel_err, torch
+from conftest import _loaded_kernel, rel_err, torch
 from hypothesis import given
 from hypothesis import strategies as st
 from test_conv import geometries
@@ -104,50 +102,10 @@ def test_fused_falls_back_when_compile_fails(monkeypatch):
 
 
 # -- the compiled plane-by-plane CPU kernel (torch, 3-D CP kernels, forward without gradients) --------------
-@pytest.fixture(scope="module")
-def plane_kernel():
-    pytest.importorskip("torch")
-    return _loaded_kernel()
-
-
 def _chain_forward():
     from tensorconv.accelerators.plane_chain._ops import cp_chain_forward
 
     return cp_chain_forward
-
-
-def _loaded_kernel():
-    """The compiled kernel; skips where this machine cannot build one (no C++ compiler or
-    ninja, or TENSORCONV_NO_CPU_KERNEL set), fails where it has the tools and the build broke
-    (a source that does not compile must not pass as 'skipped')."""
-    import shutil
-
-    pytest.importorskip("torch")
-    from torch.utils.cpp_extension import is_ninja_available
-
-    from tensorconv.accelerators.plane_chain import _build
-
-    if _build.load() is not None:
-        return _build
-    if _build.disabled() or not is_ninja_available() or not shutil.which(os.environ.get("CXX", "c++")):
-        pytest.skip("the CPU fused kernel cannot be built here (no C++ compiler / ninja, or disabled)")
-    pytest.fail("a C++ compiler and ninja are here but the CPU fused kernel did not build (see the warning)")
-
-
-@pytest.fixture
-def chain_calls(plane_kernel, monkeypatch):
-    """Counts calls of the compiled kernel, so a test knows the plane chain ran (not a fallback)."""
-    from tensorconv.accelerators.plane_chain import _ops
-
-    calls = []
-    real = _ops.cp_chain_forward
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(_ops, "cp_chain_forward", spy)
-    return calls
 
 
 RANKS = st.sampled_from([1, 2, 3, 5, 8, 11, 16, 19])
@@ -445,7 +403,7 @@ def test_plane_chain_can_be_disabled(plane_kernel, chain_calls, monkeypatch):
 
 def test_auto_runs_the_plane_chain_once_built_and_never_compiles(chain_calls, monkeypatch):
     """R = C at 64 channels: the plane chain is the cheapest plan (measured 1.0-1.2x faster than
-    the unfused order, `tensorconv bench plane-chain`); with gradients it runs its own backward."""
+    the unfused order, `tensorconv bench accelerators`); with gradients it runs its own backward."""
 
     def no_compiler(*args, **kwargs):
         raise AssertionError("auto must not call torch.compile")

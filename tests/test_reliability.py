@@ -279,7 +279,7 @@ def test_a_built_library_is_imported_without_a_compiler(tmp_path, monkeypatch):
     """An upgrade that leaves the source's content as it was (newer mtime) imports the library;
     one that changes it leaves the kernel out of auto until built: neither compiles in a call."""
     chain = _kernel_module()
-    from test_fused import _loaded_kernel
+    from conftest import _loaded_kernel
 
     built = _loaded_kernel()._library_path()
 
@@ -379,7 +379,7 @@ def test_integer_inputs_are_refused():
 # -- 12. higher-order gradients with the compiled kernel ---------------------------------------------------------------
 @needs_torch
 def test_double_backward_and_torch_func_through_the_plane_chain():
-    from test_fused import _loaded_kernel
+    from conftest import _loaded_kernel
 
     _loaded_kernel()
     k = KruskalKernel.random((4, 3, 3, 3, 3), 3, backend="torch", seed=0)
@@ -615,7 +615,7 @@ print((peak - base) / plan.peak_bytes, plan.accelerator == "plane_chain")
 def test_peak_bytes_is_what_the_runner_allocates(args):
     """Measured peak RSS of one call over plan.peak_bytes, in a fresh process. The band allows for
     the allocator (freed blocks it keeps) and library scratch the estimate does not model."""
-    from test_fused import _loaded_kernel
+    from conftest import _loaded_kernel
 
     if args[0] == "fused":
         _loaded_kernel()

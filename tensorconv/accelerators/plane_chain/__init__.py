@@ -37,7 +37,7 @@ class ChainRates:
     gemm_full_rows: int = 400
 
 
-#: measured on the project's 2-core x86-64 CPUs (``tensorconv bench plane-chain``)
+#: measured on the project's 2-core x86-64 CPUs (``tensorconv bench accelerators`` and ``layers``)
 RATES = {
     4: ChainRates(depthwise_macs_per_s=2.0e10, long_depthwise_macs_per_s=3.5e9),
     8: ChainRates(depthwise_macs_per_s=1.0e10, long_depthwise_macs_per_s=1.75e9),
