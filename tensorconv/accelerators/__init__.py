@@ -109,6 +109,12 @@ class Accelerator:
 
 _registry: dict[str, Accelerator] = {}
 _loaded = []
+#: the registry in priority order, kept beside it: conv() asks for it on every auto call
+_ordered: list[tuple[Accelerator, ...]] = [()]
+
+
+def _reorder() -> None:
+    _ordered[0] = tuple(sorted(_registry.values(), key=lambda a: a.priority))
 
 
 def _load_builtin() -> None:
@@ -130,6 +136,7 @@ def register(accelerator: Accelerator) -> Accelerator:
     if accelerator.name in _registry and _registry[accelerator.name] is not accelerator:
         raise ValueError(f"an accelerator named {accelerator.name!r} is registered already; unregister it first")
     _registry[accelerator.name] = accelerator
+    _reorder()
     return accelerator
 
 
@@ -138,7 +145,9 @@ def unregister(name: str) -> Accelerator:
     _load_builtin()
     if name not in _registry:
         raise ValueError(f"no accelerator named {name!r}; registered: {sorted(_registry)}")
-    return _registry.pop(name)
+    accelerator = _registry.pop(name)
+    _reorder()
+    return accelerator
 
 
 def get(name: str) -> Accelerator:
@@ -153,14 +162,11 @@ def get(name: str) -> Accelerator:
 def registered() -> tuple[Accelerator, ...]:
     """The registered accelerators, in the order plans ask them."""
     _load_builtin()
-    return tuple(sorted(_registry.values(), key=lambda a: a.priority))
+    return _ordered[0]
 
 
-def build() -> dict[str, str]:
+def build() -> dict[str, bool]:
     """Build (or load) every registered accelerator now, so that ``strategy="auto"`` may use
-    them; returns each one's :meth:`~Accelerator.status`. ``tensorconv build-kernel`` calls it."""
-    out = {}
-    for acc in registered():
-        acc.build()
-        out[acc.name] = acc.status()
-    return out
+    them; returns whether each one is usable here (its :meth:`~Accelerator.status` says why
+    not). ``tensorconv build-kernel`` and ``tensorconv bench`` call it."""
+    return {acc.name: acc.build() for acc in registered()}

@@ -75,12 +75,10 @@ def main(argv=None):
     if args.command == "build-kernel":
         from .. import accelerators
 
-        ok = True
-        for acc in accelerators.registered():
-            built = acc.build()
-            ok = ok and built
-            print(f"tensorconv: accelerator {acc.name}: {acc.status()}")
-        return 0 if ok else 1
+        built = accelerators.build()
+        for name in built:
+            print(f"tensorconv: accelerator {name}: {accelerators.get(name).status()}")
+        return 0 if all(built.values()) else 1
     if args.command == "verify":
         return verify.main(args)
     return bench.main(args)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import math
 import os
 from dataclasses import dataclass
 
@@ -112,10 +113,8 @@ class PlaneChain(Accelerator):
         k0, k1, k2 = as_3d(geometry.kernel_size, 1)
         chunk_planes = planes_per_chunk(self._shape(structure, geometry, batch), r, itemsize, out_channels=t)
         out_planes = max(1, chunk_planes // geometry.stride[0])
-        in_rows, out_rows = (
-            min(1.0, chunk_planes * h * w / rates.gemm_full_rows),
-            min(1.0, out_planes * ho * wo / rates.gemm_full_rows),
-        )
+        in_rows = min(1.0, chunk_planes * h * w / rates.gemm_full_rows)
+        out_rows = min(1.0, out_planes * ho * wo / rates.gemm_full_rows)
         # the GEMMs' MACs weighted by how far below full rate their row blocks run
         gemm_macs = batch * (d * h * w * c * r / in_rows + do * ho * wo * r * t / out_rows)
         per_pass = (d * h * wo * k2, d * ho * wo * k1, do * ho * wo * k0)
@@ -150,10 +149,7 @@ class PlaneChain(Accelerator):
             threads=torch.get_num_threads(),
         )
         if geometry.padding_mode != "zeros":  # the input is padded by a copy first
-            padded = 1
-            for v in geometry.padded_spatial:
-                padded *= v
-            out += itemsize * batch * structure.in_channels * padded
+            out += itemsize * batch * structure.in_channels * math.prod(geometry.padded_spatial)
         return out
 
     def spec(self, plan):
