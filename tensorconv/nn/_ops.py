@@ -29,6 +29,17 @@ def _pairs(flat):
     return tuple((int(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2))
 
 
+def _flat(x, lam, u_t, u_c, spatial):
+    """The op's tensors as one list (U_C left out where it is None), the order of its gradients."""
+    return [x, lam, u_t] + ([] if u_c is None else [u_c]) + list(spatial)
+
+
+def _unflat(tensors, has_u_c):
+    """(x, lam, U_T, U_C or None, [U_n]) from :func:`_flat`'s list."""
+    x, lam, u_t = tensors[:3]
+    return x, lam, u_t, (tensors[3] if has_u_c else None), list(tensors[4 if has_u_c else 3 :])
+
+
 def _run(x, lam, u_t, u_c, spatial, stride, padding, dilation, padding_mode, strategy):
     kernel = KruskalKernel(lam, [u_t, u_c, *spatial])
     return conv(
@@ -104,41 +115,30 @@ def cp_conv_backward(
 ) -> list[Tensor]:
     """The gradients of :func:`cp_conv` for x, lam, U_T, U_C (if any) and each U_n, in that
     order: its forward recomputed under autograd (the plan's own backward, e.g. the chain's)."""
-    leaves = [t.detach().requires_grad_(True) for t in (x, lam, u_t) + ((u_c,) if u_c is not None else ())]
-    spatial_leaves = [u.detach().requires_grad_(True) for u in spatial]
-    x_, lam_, u_t_ = leaves[:3]
-    u_c_ = leaves[3] if u_c is not None else None
+    leaves = [t.detach().requires_grad_(True) for t in _flat(x, lam, u_t, u_c, spatial)]
     with _autograd_inside_an_op(), torch.enable_grad():
-        out = _run(x_, lam_, u_t_, u_c_, spatial_leaves, stride, padding, dilation, padding_mode, strategy)
-        grads = torch.autograd.grad(out, leaves + spatial_leaves, grad, allow_unused=True)
+        out = _run(*_unflat(leaves, u_c is not None), stride, padding, dilation, padding_mode, strategy)
+        grads = torch.autograd.grad(out, leaves, grad, allow_unused=True)
     # contiguous, as the fake kernel promises (the input's gradient may come back channels-last)
-    return [torch.zeros_like(t) if g is None else g.contiguous() for g, t in zip(grads, leaves + spatial_leaves)]
+    return [torch.zeros_like(t) if g is None else g.contiguous() for g, t in zip(grads, leaves)]
 
 
 @cp_conv_backward.register_fake
 def _cp_conv_backward_fake(grad, x, lam, u_t, u_c, spatial, stride, padding, dilation, padding_mode, strategy):
-    tensors = [x, lam, u_t] + ([u_c] if u_c is not None else []) + list(spatial)
-    return [torch.empty_like(t) for t in tensors]
+    return [torch.empty_like(t) for t in _flat(x, lam, u_t, u_c, spatial)]
 
 
 def _setup_context(ctx, inputs, output):
     x, lam, u_t, u_c, spatial, *geometry = inputs
     ctx.geometry = geometry
     ctx.has_u_c = u_c is not None
-    ctx.n_spatial = len(spatial)
-    ctx.save_for_backward(x, lam, u_t, *(() if u_c is None else (u_c,)), *spatial)
+    ctx.save_for_backward(*_flat(x, lam, u_t, u_c, spatial))
 
 
 def _backward(ctx, grad):
-    saved = ctx.saved_tensors
-    x, lam, u_t = saved[:3]
-    u_c = saved[3] if ctx.has_u_c else None
-    spatial = list(saved[4 if ctx.has_u_c else 3 :])
-    grads = cp_conv_backward(grad.contiguous(), x, lam, u_t, u_c, spatial, *ctx.geometry)
-    gx, glam, gu_t = grads[:3]
-    gu_c = grads[3] if ctx.has_u_c else None
-    gspatial = list(grads[4 if ctx.has_u_c else 3 :])
-    return gx, glam, gu_t, gu_c, gspatial, None, None, None, None, None
+    inputs = _unflat(ctx.saved_tensors, ctx.has_u_c)
+    grads = cp_conv_backward(grad.contiguous(), *inputs, *ctx.geometry)
+    return (*_unflat(grads, ctx.has_u_c), None, None, None, None, None)
 
 
 cp_conv.register_autograd(_backward, setup_context=_setup_context)
