@@ -259,3 +259,70 @@ def test_compile_with_symbolic_sizes_runs_the_plan_of_each_shape(chain_calls):
         assert rel_err(g1, g2) < 1e-10
     ops = sum(t.startswith("tensorconv.cp_conv") for t in targets)
     assert ops and ops % 3 == 0, targets  # three per graph (a size guard may add a graph)
+
+
+def _block(n, dtype=torch.float64):
+    """A factorized real block: CP conv (strided) -> BN -> ReLU -> CP conv -> Tucker conv (strided)."""
+    torch.manual_seed(10 + n)
+    k = (3,) * n
+    bn = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)[n - 1]
+    return torch.nn.Sequential(
+        KruskalConv(3, 8, k, 2, 1, rank=6),
+        bn(8),
+        torch.nn.ReLU(),
+        KruskalConv(8, 8, k, 1, 1, rank=5),
+        torch.nn.ReLU(),
+        TuckerConv(8, 4, k, 2, 1, rank=(3, 4)),
+    ).to(dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_compiled_training_with_the_default_backend_equals_eager(n):
+    """What users run: torch.compile's default backend (inductor), forward, backward and one
+    optimizer step on a stacked block, against the same steps eagerly (float64, rel 1e-9: inductor
+    may reorder the batch-norm reductions)."""
+    import copy
+
+    # a fresh dynamo: recompiling the same layers at another N would mark sizes dynamic, and
+    # inductor fails to lower strided 3-D convs with symbolic sizes (dense nn.Conv3d too)
+    torch._dynamo.reset()
+    eager = _block(n)
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (eager, compiled_model)]
+    g = torch.Generator().manual_seed(n)
+    for _ in range(2):
+        x = torch.randn((2, 3) + (9,) * n, dtype=torch.float64, generator=g)
+        losses = []
+        for model, run, opt in ((eager, eager, opts[0]), (compiled_model, compiled, opts[1])):
+            opt.zero_grad()
+            loss = run(x).square().mean()
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        assert rel_err(losses[1], losses[0]) < 1e-9
+    for p, q in zip(eager.parameters(), compiled_model.parameters()):
+        assert rel_err(q.detach(), p.detach()) < 1e-9
+
+
+def test_cp_conv_ops_pass_opcheck_with_channels_last_inputs():
+    """The layout one CP layer hands the next (channels-last strides): the fake kernels must
+    promise the strides the real ops return, for the forward and the backward op."""
+    import tensorconv.nn._ops  # noqa: F401  (registers the ops)
+
+    g = torch.Generator().manual_seed(1)
+    c, r, t = 4, 5, 6
+    for n in (1, 2, 3):
+        x = torch.randn((2, c) + (6,) * n, dtype=torch.float64, generator=g)
+        for layout in ("contiguous", "channels-last"):
+            inp = x if layout == "contiguous" else x.movedim(1, -1).contiguous().movedim(-1, 1)
+            params = [torch.randn(s, dtype=torch.float64, generator=g) for s in ((r,), (t, r), (c, r))]
+            spatial = [torch.randn(3, r, dtype=torch.float64, generator=g) for _ in range(n)]
+            geo = ([1] * n, [1, 1] * n, [1] * n, "zeros", "auto")
+            args = (inp.requires_grad_(True), *[p.requires_grad_(True) for p in params], spatial, *geo)
+            torch.library.opcheck(torch.ops.tensorconv.cp_conv.default, args)
+            out = torch.ops.tensorconv.cp_conv(*args)
+            plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+            for grad in (torch.randn_like(out), torch.randn(out.shape, dtype=out.dtype)):
+                torch.library.opcheck(torch.ops.tensorconv.cp_conv_backward.default, (grad, *plain))

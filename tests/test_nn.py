@@ -350,3 +350,29 @@ def test_positional_arguments_are_nn_convnds():
         KruskalConv(4, 8, (3, 3), 1, 1, 1, 2)
     with pytest.raises(TypeError):
         KruskalConv(3, 8, (3, 3), 2, 1, 1, 1, True, "zeros", None, None, 4)  # a 12th positional: no rank there
+
+
+@pytest.mark.parametrize("strategy", ["auto", "factorized", "reconstructed"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda s: KruskalConv(4, 6, (3, 3), 2, rank=1, strategy=s),
+        lambda s: TuckerConv(4, 6, (3, 3), 2, rank=(1, 2), strategy=s),
+        lambda s: KruskalConv(4, 1, (3, 3), (2, 1), rank=2, strategy=s),
+    ],
+    ids=["cp-rank1", "tucker-rout1", "one-output-channel"],
+)
+def test_float32_backward_with_one_channel_steps_batch_one_and_stride(make, strategy):
+    """A step with one output channel, batch 1 and stride 2 (ATen's slow_conv2d backward): the
+    gradients equal those of F.conv2d with the layer's dense kernel (float32, rel 1e-5)."""
+    torch.manual_seed(0)
+    layer = make(strategy)
+    x = torch.randn(1, 4, 7, 6, requires_grad=True)
+    out = layer(x)
+    params = [x] + list(layer.parameters())
+    got = torch.autograd.grad(out.square().sum(), params)
+    dense = F.conv2d(x, layer.kernel.to_dense(), layer.bias, layer.stride)
+    want = torch.autograd.grad(dense.square().sum(), params)
+    assert rel_err(out.detach(), dense.detach()) < 1e-5
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-5

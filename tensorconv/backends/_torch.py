@@ -6,6 +6,14 @@ from ._base import ArrayBackend
 _DTYPES = {"float16", "bfloat16", "float32", "float64", "complex64", "complex128"}
 
 
+def _contiguous_weight(weight):
+    """A conv weight as ATen's CPU fallback kernels need it for their backward: slow_conv2d
+    allocates its weight gradient in the weight's memory format and then insists on a contiguous
+    one, so a strided view of a factor (an ambiguous layout where a mode has size 1) fails there.
+    Weights are small next to activations: the copy is cheap, and a no-op when already contiguous."""
+    return weight if weight.is_contiguous() else weight.contiguous()
+
+
 class TorchBackend(ArrayBackend):
     name = "torch"
 
@@ -164,7 +172,7 @@ class TorchBackend(ArrayBackend):
         if pre_pad is not None:
             x = self.pad(x, pre_pad, padding_mode)
         conv = (self.F.conv1d, self.F.conv2d, self.F.conv3d)[n - 1]
-        return conv(x, weight, None, tuple(stride), native_pad, tuple(dilation), groups)
+        return conv(x, _contiguous_weight(weight), None, tuple(stride), native_pad, tuple(dilation), groups)
 
     def native_conv_expected(self, itemsize, device=None):
         on_gpu = device is not None and str(getattr(device, "type", device)) != "cpu"
@@ -235,7 +243,7 @@ class TorchBackend(ArrayBackend):
 
             def run(act, weight):
                 x = prepare(act).contiguous().movedim(-1, 1)
-                return conv(x, weight, None, stride, native_pad, dilation, groups).movedim(1, -1)
+                return conv(x, _contiguous_weight(weight), None, stride, native_pad, dilation, groups).movedim(1, -1)
 
             return run
         m = active[0] if active else 0

@@ -125,7 +125,9 @@ def cp_conv_backward(
 
 @cp_conv_backward.register_fake
 def _cp_conv_backward_fake(grad, x, lam, u_t, u_c, spatial, stride, padding, dilation, padding_mode, strategy):
-    return [torch.empty_like(t) for t in _flat(x, lam, u_t, u_c, spatial)]
+    # contiguous whatever the inputs' layout, as the real op returns (empty_like would keep a
+    # channels-last x's strides, and a compiler would then read the real gradient wrongly)
+    return [t.new_empty(t.shape) for t in _flat(x, lam, u_t, u_c, spatial)]
 
 
 def _setup_context(ctx, inputs, output):
