@@ -11,11 +11,14 @@ Constant signals have no correlation to measure; instead of NaN (0 / 0):
 - ``ccc`` is 1 where both signals are the same constant (perfect agreement), and follows
   its formula otherwise (0 where exactly one signal is constant);
 
-and the gradients there are finite (0), so one constant batch does not poison training.
+and the gradients there are finite (0), so one constant batch does not poison training. Those
+are the only values filled in: a NaN in either signal gives NaN (as NumPy and SciPy do), so a
+diverged model never scores as a perfect one.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ._typing import Array
@@ -40,12 +43,15 @@ def _pair(pred, target):
 
 
 def _where_positive(b, den, fn, fill):
-    """``fn(den)`` where den > 0 and ``fill`` elsewhere, with finite gradients everywhere (fn is
-    evaluated on 1 where den <= 0, so no 0 / 0 or sqrt'(0) enters the backward pass)."""
+    """``fn(den)`` where den > 0, ``fill`` where den is 0 (a constant signal), and NaN where den
+    is NaN, with finite gradients wherever den is finite (fn is evaluated on 1 where den <= 0,
+    so no 0 / 0 or sqrt'(0) enters the backward pass)."""
     xp = b.xp
     ok = den > 0
     value = fn(xp.where(ok, den, b.ones(tuple(den.shape), like=den)))
-    return xp.where(ok, value, b.zeros(tuple(den.shape), like=den) + fill)
+    filled = b.zeros(tuple(den.shape), like=den) + fill
+    # den != den only for NaN: the comparison above is False there, and the fill would hide it
+    return xp.where(ok, value, xp.where(den != den, den, filled))
 
 
 def _moments(b, pred, target):
@@ -82,8 +88,11 @@ def sagr(pred: Array, target: Array) -> Array:
     0.75
     """
     b = _pair(pred, target)
-    agree = b.xp.sign(pred) == b.xp.sign(target)
-    return b.astype(agree, b.dtype(pred)).mean(-1)
+    xp = b.xp
+    agree = b.astype(xp.sign(pred) == xp.sign(target), b.dtype(pred)).mean(-1)
+    # a NaN has no sign: it would count as a disagreement and hide that the signal is broken
+    missing = (xp.isnan(pred) | xp.isnan(target)).any(-1)
+    return xp.where(missing, agree + math.nan, agree)
 
 
 def pcc(pred: Array, target: Array) -> Array:
@@ -119,11 +128,13 @@ def ccc(pred: Array, target: Array) -> Array:
 
 def _coefficients(b, like, generator, weights):
     if weights is not None:
-        if len(weights) != 3 or any(float(w) < 0 for w in weights) or sum(float(w) for w in weights) <= 0:
+        values = [float(w) for w in weights] if len(weights) == 3 else []
+        if len(values) != 3 or not all(math.isfinite(w) and w >= 0 for w in values) or sum(values) <= 0:
             raise ValueError(
-                f"weights={weights!r}: expected three non-negative numbers (alpha, beta, gamma) with a positive sum"
+                f"weights={weights!r}: expected three finite non-negative numbers (alpha, beta, gamma) "
+                f"with a positive sum"
             )
-        return [float(w) for w in weights]
+        return values
     if b.name == "torch":
         import torch
 

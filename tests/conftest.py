@@ -90,8 +90,8 @@ def to_backend(a, backend, dtype=None):
 
 
 def to_numpy(x):
-    if isinstance(x, np.ndarray):
-        return x
+    if isinstance(x, (np.ndarray, np.generic)):  # numpy reductions return scalars
+        return np.asarray(x)
     if torch is not None and isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
     if jax is not None and isinstance(x, jax.Array):

@@ -108,3 +108,28 @@ def test_bad_inputs_are_clear_errors():
         affect_loss(y, y, weights=(1, -1, 0))
     with pytest.raises(TypeError, match="generator"):
         affect_loss(y, y, generator=42)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_nan_gives_nan_never_a_perfect_score(backend):
+    """NaN in, NaN out, as numpy and scipy: rmse([1, nan, 3], [1, 2, 3]) is not 0, ccc not 1.
+    Only the rows with a NaN are NaN; the constant-signal fills stay where there is no NaN."""
+    nan = float("nan")
+    p = to_backend([[1.0, nan, 3.0], [1.0, 2.0, 3.0], [2.0, 2.0, 2.0]], backend)
+    y = to_backend([[1.0, 2.0, 3.0], [1.0, nan, 3.0], [2.0, 2.0, 2.0]], backend)
+    for f in (rmse, sagr, pcc, ccc):
+        got = to_numpy(f(p, y))
+        assert np.isnan(got[:2]).all(), (f.__name__, got)
+        assert not np.isnan(got[2]), (f.__name__, got)
+    assert to_numpy(ccc(p, y))[2] == 1.0 and to_numpy(pcc(p, y))[2] == 0.0
+    v = to_backend([[0.1, nan], [0.4, 0.3], [-0.5, 0.6], [0.2, 0.0]], backend)
+    w = to_backend([[0.1, 0.2], [0.4, 0.3], [-0.5, 0.6], [0.2, 0.0]], backend)
+    assert np.isnan(to_numpy(affect_loss(v, w, weights=(1, 1, 1))))
+    assert np.isnan(to_numpy(affect_loss(w, v, weights=(0, 0, 1))))
+
+
+def test_affect_loss_refuses_non_finite_weights():
+    y = np.array([[0.1, -0.2], [0.4, 0.3], [-0.5, 0.6]])
+    for weights in ((float("nan"), 1, 1), (1, float("inf"), 1), (1, 1), (-1, 1, 1)):
+        with pytest.raises(ValueError, match="weights="):
+            affect_loss(y, y, weights=weights)
