@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+from ._checks import as_int
 from ._typing import Array
 from .backends import get_backend
 
@@ -122,13 +123,17 @@ def cp_als(
     b = get_backend(tensor)
     if tensor.ndim < 3:
         raise ValueError(f"cp_als needs a tensor with at least 3 modes, got shape {tuple(tensor.shape)}")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be an int >= 1, got {rank!r}")
-    if isinstance(n_iter_max, bool) or not isinstance(n_iter_max, int) or n_iter_max < 0:
-        raise ValueError(f"n_iter_max must be an int >= 0, got {n_iter_max!r}")
+    rank = as_int(rank, "rank", minimum=1)
+    n_iter_max = as_int(n_iter_max, "n_iter_max", minimum=0)
+    _check_tol(tol)
     if init not in ("svd", "random"):
         raise ValueError(f"init={init!r} is not one of ('svd', 'random')")
     shape = tuple(int(s) for s in tensor.shape)
+    tensor, scale = _unit_scaled(b, tensor)
+    if scale == 0:  # the zero tensor is exactly representable: lambda = 0, unit-norm factors
+        factors = [_normalize(b, _random_like(b, (d, rank), random_state + i, tensor))[0] for i, d in enumerate(shape)]
+        out = (b.zeros((rank,), like=factors[0]), factors)
+        return out + ([0.0],) if return_errors else out
     t, c, spatial = shape[0], shape[1], shape[2:]
     s = math.prod(spatial)
     w3 = b.reshape(b.contiguous(tensor), (t, c, s))
@@ -180,8 +185,26 @@ def cp_als(
         errors.append(err)
         if len(errors) > 1 and abs(errors[-2] - errors[-1]) < tol:
             break
-    out = (weights, factors)
+    out = (weights * scale if scale != 1 else weights, factors)
     return out + (errors,) if return_errors else out
+
+
+def _unit_scaled(b, tensor):
+    """(tensor / s, s) with s the power of two nearest its largest magnitude (0 for a zero tensor),
+    so that the solvers' Grams neither overflow nor underflow (float32 near 1e-30 or 1e20, float64
+    near 1e-200). A power of two scales exactly: unit-sized tensors are returned as they are."""
+    peak = float(b.xp.abs(tensor).max()) if math.prod(tensor.shape) else 0.0
+    if peak == 0:
+        return tensor, 0.0
+    scale = 2.0 ** round(math.log2(peak))
+    if 2.0**-16 <= scale <= 2.0**16:
+        return tensor, 1.0
+    return tensor / scale, scale
+
+
+def _check_tol(tol):
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+        raise ValueError(f"tol={tol!r}: expected a number >= 0")
 
 
 def _hadamard(b, grams, skip):
@@ -218,8 +241,13 @@ def partial_tucker_hooi(
     b = get_backend(tensor)
     if tensor.ndim < 3:
         raise ValueError(f"partial_tucker_hooi needs a tensor with at least 3 modes, got shape {tuple(tensor.shape)}")
-    r_out, r_in = rank
+    if len(rank) != 2:
+        raise ValueError(f"rank={rank!r}: expected (R_out, R_in)")
+    r_out, r_in = (as_int(r, "rank", minimum=1) for r in rank)
+    n_iter_max = as_int(n_iter_max, "n_iter_max", minimum=0)
+    _check_tol(tol)
     shape = tuple(int(s) for s in tensor.shape)
+    tensor, scale = _unit_scaled(b, tensor)
     t, c, spatial = shape[0], shape[1], shape[2:]
     s = math.prod(spatial)
     w3 = b.reshape(b.contiguous(tensor), (t, c, s))
@@ -249,4 +277,5 @@ def partial_tucker_hooi(
     if n_iter_max == 0:
         proj_c = b.reshape(b.matmul(b.permute(u_c, (1, 0)), w_c), (r_in, t, s))
         core = b.matmul(b.permute(u_t, (1, 0)), b.reshape(b.moveaxis(proj_c, 1, 0), (t, r_in * s)))
-    return b.reshape(core, (r_out, r_in) + spatial), [u_t, u_c]
+    core = b.reshape(core, (r_out, r_in) + spatial)
+    return (core * scale if scale != 1 else core), [u_t, u_c]

@@ -12,6 +12,7 @@ import string
 from collections.abc import Sequence
 from typing import Any
 
+from ._checks import as_int, is_integral
 from ._typing import Array
 from .backends import backend_for_name, get_backend, on_load
 
@@ -122,15 +123,35 @@ class _FactorizedKernel:
     def astype(self, dtype):
         return self._map_arrays(lambda x: self.backend.astype(x, dtype))
 
+    def _contract(self):
+        """The einsum of :meth:`einsum_operands`, in the order opt_einsum picks, in the kernel's
+        own dtype: inside torch.autocast the products it casts (matmul) and those it leaves alone
+        (tensordot) would otherwise meet with different dtypes."""
+        import opt_einsum
+
+        terms, operands, out = self.einsum_operands()
+        with self.backend.autocast_off(self._reference_array()):
+            return opt_einsum.contract(",".join(terms) + "->" + out, *operands)
+
     def relative_error(self, weight: Array) -> float:
         """``||W - to_dense()|| / ||W||`` against a dense kernel ``weight`` of the same shape."""
         b = get_backend(weight, self._reference_array())
-        diff = b.to_numpy(weight - self._dense_shaped_as(_shape(weight)))
+        dense = self._dense_shaped_as(_shape(weight))
+        if _half_precision(b, weight) or _half_precision(b, dense):  # numpy has no bfloat16 of its own
+            weight, dense = b.astype(weight, "float32"), b.astype(dense, "float32")
+        diff = b.to_numpy(weight - dense)
         ref = b.to_numpy(weight)
         import numpy as np
 
-        denom = np.linalg.norm(ref.ravel())
-        return float(np.linalg.norm(diff.ravel()) / denom) if denom else float(np.linalg.norm(diff.ravel()))
+        # in float64 and scaled by the largest magnitude: the norms of tiny or huge kernels
+        # neither underflow to 0 nor overflow to inf
+        diff, ref = diff.astype(np.float64).ravel(), ref.astype(np.float64).ravel()
+        peak = max(float(np.abs(diff).max(initial=0)), float(np.abs(ref).max(initial=0)))
+        if peak == 0:
+            return 0.0
+        denom = np.linalg.norm(ref / peak)
+        num = np.linalg.norm(diff / peak)
+        return float(num / denom) if denom else float(num * peak)
 
     def _dense_shaped_as(self, shape):
         """The dense kernel to compare with a weight of ``shape``."""
@@ -276,10 +297,7 @@ class KruskalKernel(_FactorizedKernel):
 
     def to_dense(self) -> Array:
         """The full (T, C, K_0, ..) kernel, contracted in the order opt_einsum picks."""
-        import opt_einsum
-
-        terms, operands, out = self.einsum_operands()
-        return opt_einsum.contract(",".join(terms) + "->" + out, *operands)
+        return self._contract()
 
     # -- constructors ----------------------------------------------------------------------------
     @classmethod
@@ -298,8 +316,7 @@ class KruskalKernel(_FactorizedKernel):
         shape = tuple(int(s) for s in shape)
         if len(shape) < 3:
             raise ValueError(f"shape must be (T, C, K_0, ...), got {shape}")
-        if not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+        rank = as_int(rank, "rank", minimum=1)
         b = backend_for_name(backend)
         if modes is None:
             modes = [(i,) for i in range(len(shape))]
@@ -338,8 +355,13 @@ class KruskalKernel(_FactorizedKernel):
         backend = get_backend(weight)
         if weight.ndim < 3:
             raise ValueError(f"weight must have shape (T, C, K_0, ...), got {_shape(weight)}")
-        if not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+        rank = as_int(rank, "rank", minimum=1)
+        check_decomposition_keywords(cls, dict(kwargs, method=method), "KruskalKernel.from_dense")
+        half = _half_precision(backend, weight)
+        if half:
+            return cls.from_dense(backend.astype(weight, "float32"), rank, modes=modes, method=method, **kwargs).astype(
+                half
+            )
         if method not in ("als", "tensorly"):
             raise ValueError(f"method={method!r} is not one of ('als', 'tensorly')")
         _check_finite(backend, weight, "weight")
@@ -602,10 +624,7 @@ class TuckerKernel(_FactorizedKernel):
                     self.to_grouped_dense(), (g, self.shape[0] // g, self.shape[1] // g) + self.shape[2:]
                 ),
             )
-        import opt_einsum
-
-        terms, operands, out = self.einsum_operands()
-        return opt_einsum.contract(",".join(terms) + "->" + out, *operands)
+        return self._contract()
 
     def _dense_shaped_as(self, shape):
         # a grouped conv's kernel is also compared with the grouped conv's own (T, C / groups, *K) weight
@@ -621,10 +640,7 @@ class TuckerKernel(_FactorizedKernel):
                 "to_grouped_dense needs block-diagonal channel factors (a grouped conv's kernel); "
                 "this kernel mixes all channels: use to_dense()"
             )
-        import opt_einsum
-
-        terms, operands, out = self.einsum_operands()
-        w = opt_einsum.contract(",".join(terms) + "->" + out, *operands)
+        w = self._contract()
         return self.backend.reshape(w, (self.shape[0], self.shape[1] // self.groups) + self.shape[2:])
 
     @classmethod
@@ -694,11 +710,16 @@ class TuckerKernel(_FactorizedKernel):
         backend = get_backend(weight)
         if weight.ndim < 3:
             raise ValueError(f"weight must have shape (T, C, K_0, ...), got {_shape(weight)}")
-        rank = (rank, rank) if isinstance(rank, int) else tuple(rank)
-        if len(rank) != 2 or min(rank) < 1:
-            raise ValueError(f"rank must be (R_out, R_in) with entries >= 1, got {rank!r}")
+        rank = (rank, rank) if is_integral(rank) else tuple(rank)
+        if len(rank) != 2:
+            raise ValueError(f"rank={rank!r}: expected an int or (R_out, R_in)")
+        rank = tuple(as_int(r, "rank", minimum=1) for r in rank)
+        check_decomposition_keywords(cls, dict(kwargs, method=method), "TuckerKernel.from_dense")
         if rank[0] > weight.shape[0] or rank[1] > weight.shape[1]:
             raise ValueError(f"rank={rank} exceeds the weight's channels {(weight.shape[0], weight.shape[1])}")
+        half = _half_precision(backend, weight)
+        if half:
+            return cls.from_dense(backend.astype(weight, "float32"), rank, method=method, **kwargs).astype(half)
         _check_finite(backend, weight, "weight")
         if method == "hooi":
             from .decomposition import partial_tucker_hooi
@@ -736,7 +757,36 @@ class TuckerKernel(_FactorizedKernel):
         return cls(core, list(factors))
 
 
-def _register_jax_pytrees(backend):
+def check_decomposition_keywords(kernel_class, kwargs: dict, who: str) -> None:
+    """A ``TypeError`` naming the valid keywords where ``kwargs`` has one that
+    ``kernel_class.from_dense`` would pass to a solver that does not take it (tensorly's own
+    solvers, ``method="tensorly"``, check their keywords themselves)."""
+    import inspect
+
+    from .decomposition import cp_als, partial_tucker_hooi
+
+    own = {"method"} | ({"modes"} if kernel_class is KruskalKernel else set())
+    default, solver = ("als", cp_als) if kernel_class is KruskalKernel else ("hooi", partial_tucker_hooi)
+    if kwargs.get("method", default) != default:
+        return
+    valid = own | set(list(inspect.signature(solver).parameters)[2:]) - {"return_errors"}
+    unknown = sorted(set(kwargs) - valid)
+    if unknown:
+        raise TypeError(
+            f"{who}: unknown keyword(s) {', '.join(map(repr, unknown))} for the {kernel_class.__name__} "
+            f"decomposition ({solver.__name__}); valid: {', '.join(sorted(valid))}"
+        )
+
+
+def _half_precision(backend, weight):
+    """The weight's dtype name where it is float16 / bfloat16, else None: the solvers run in
+    float32 there (no half-precision eigh or solve on CPU, and too few digits for ALS to converge),
+    and the kernel is stored back in the weight's dtype."""
+    name = backend.dtype_name(weight)
+    return name if name in ("float16", "bfloat16") else None
+
+
+def _register_jax_pytrees(_jax_backend):
     """Kernels become JAX pytrees: ``jax.grad`` of a loss wrt a kernel returns a kernel of
     gradients, and kernels pass through ``jax.jit`` / ``jax.vmap`` as arguments.
 
@@ -744,27 +794,38 @@ def _register_jax_pytrees(backend):
     sentinels) where no array exists, so the static metadata travels as aux data."""
     from jax import tree_util
 
+    from .backends import _backend_of_type
+
+    def own_backend(children, name):
+        """The backend of the leaves where they are arrays (a tree_map may change the library),
+        else the one the kernel had: JAX unflattens with placeholders (None, sentinels) too."""
+        for leaf in tree_util.tree_leaves(children):
+            found = _backend_of_type(type(leaf))
+            if found is not None:
+                return found
+        return backend_for_name(name)
+
     def kruskal_flatten(k):
-        return (k.weights, k.factors), (tuple(k.modes), k.shape, k.rank)
+        return (k.weights, k.factors), (tuple(k.modes), k.shape, k.rank, k.backend.name)
 
     def kruskal_unflatten(aux, children):
         k = object.__new__(KruskalKernel)
-        k.backend = backend
+        modes, k.shape, k.rank, name = aux
+        k.backend = own_backend(children, name)
         k.weights, factors = children
         k.factors = list(factors)
-        modes, k.shape, k.rank = aux
         k.modes = list(modes)
         return k
 
     def tucker_flatten(k):
-        return (k.core, k.factors), (k.groups, k.shape, k.block_diagonal)
+        return (k.core, k.factors), (k.groups, k.shape, k.block_diagonal, k.backend.name)
 
     def tucker_unflatten(aux, children):
         k = object.__new__(TuckerKernel)
-        k.backend = backend
+        k.groups, k.shape, k.block_diagonal, name = aux
+        k.backend = own_backend(children, name)
         k.core, factors = children
         k.factors = list(factors)
-        k.groups, k.shape, k.block_diagonal = aux
         return k
 
     tree_util.register_pytree_node(KruskalKernel, kruskal_flatten, kruskal_unflatten)

@@ -136,3 +136,29 @@ def test_backends_import_nothing_from_the_layers_above():
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
                 assert not any(n.startswith("tensorconv.") and n.split(".")[1] in above for n in names), path.name
+
+
+@pytest.mark.parametrize("name", ["numpy", "jax"])
+def test_bfloat16_of_ml_dtypes_is_a_floating_dtype(name):
+    """jax's bfloat16 (and numpy's, through ml_dtypes) is a floating dtype: a conv runs in it and
+    agrees with float32 to bfloat16's precision (8 bits of mantissa: rel 3e-2)."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from tensorconv import KruskalKernel, conv
+
+    if name == "jax":
+        jnp = pytest.importorskip("jax.numpy")
+        as_array = lambda a, dtype: jnp.asarray(a, dtype=dtype)  # noqa: E731
+    else:
+        as_array = lambda a, dtype: np.asarray(a, dtype=dtype)  # noqa: E731
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 3, 6, 6)).astype(np.float32)
+    k32 = KruskalKernel.random((4, 3, 3, 3), 2, dtype="float32", seed=0)
+    kb = KruskalKernel(
+        as_array(k32.weights, ml_dtypes.bfloat16), [as_array(f, ml_dtypes.bfloat16) for f in k32.factors]
+    )
+    xb = as_array(x, ml_dtypes.bfloat16)
+    assert backend_for_name(name).is_floating(xb)
+    got = conv(xb, kb, padding=1)
+    assert str(got.dtype) == "bfloat16"
+    want = conv(x, k32, padding=1)
+    assert rel_err(np.asarray(got, dtype=np.float32), want) < 3e-2

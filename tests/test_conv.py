@@ -458,3 +458,13 @@ def test_device_selects_the_cost_model_however_it_is_named():
         plan_conv(k, (1, 8, 16, 16), padding=1, backend="torch", device="cpu"),
         plan_conv(k, (1, 8, 16, 16), padding=1, backend="torch"),
     )
+
+
+@pytest.mark.parametrize("strategy", ["auto", "factorized", "reconstructed", "fused"])
+def test_torch_func_vmap_over_conv_equals_a_loop(strategy):
+    torch = pytest.importorskip("torch")
+    k = KruskalKernel.random((4, 3, 3, 3), 2, backend="torch", seed=0)
+    xs = torch.randn(5, 2, 3, 6, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    got = torch.func.vmap(lambda x: conv(x, k, padding=1, strategy=strategy))(xs)
+    want = torch.stack([torch.nn.functional.conv2d(x, k.to_dense(), padding=1) for x in xs])
+    assert rel_err(got, want) < 1e-10

@@ -61,7 +61,7 @@ def test_hooi_matches_tensorlys_partial_tucker():
 
 
 def test_bad_arguments_are_clear_errors():
-    with pytest.raises(ValueError, match="rank must be an int >= 1"):
+    with pytest.raises(ValueError, match="rank=0: expected an int >= 1"):
         cp_als(np.zeros((3, 3, 3)), 0)
     with pytest.raises(ValueError, match="init='qr'"):
         cp_als(np.ones((3, 3, 3)), 2, init="qr")
@@ -107,3 +107,49 @@ def test_large_conv3d_decomposes_in_bounded_time_and_memory():
         assert r["seconds"] < 60, (name, r)
         assert r["extra_bytes"] < 2 * 1024**3, (name, r)
         assert 0 < r["error"] < 1, (name, r)  # a random init's weight is far from low rank; the fit is real
+
+
+@pytest.mark.parametrize("init", ["svd", "random"])
+def test_zero_kernel_decomposes_to_exactly_zero(backend, init):
+    """A zero-initialised conv: the zero tensor is representable, so it comes back exactly (CP:
+    lambda = 0 with unit-norm factors; Tucker: a zero core), no singular solve."""
+    zero = to_backend(np.zeros((4, 3, 3, 3)), backend)
+    k = KruskalKernel.from_dense(zero, 3, init=init)
+    assert np.all(to_numpy(k.weights) == 0) and np.all(to_numpy(k.to_dense()) == 0)
+    for f in k.factors:
+        assert np.allclose(np.linalg.norm(to_numpy(f), axis=0), 1.0)
+    t = TuckerKernel.from_dense(zero, (2, 2))
+    assert np.all(to_numpy(t.to_dense()) == 0)
+
+
+@pytest.mark.parametrize(
+    "dtype, scales", [("float64", (1e-200, 1e200)), ("float32", (1e-30, 1e20))], ids=["float64", "float32"]
+)
+def test_extreme_scales_fit_as_well_as_unit_scale(dtype, scales):
+    """The solvers see unit-sized numbers: at 1e-200 or 1e200 (float64), 1e-30 or 1e20 (float32)
+    the relative error equals the unit-scale fit's and the weights carry the scale."""
+    w = np.random.default_rng(3).standard_normal((6, 5, 3, 3)).astype(dtype)
+    base_cp = KruskalKernel.from_dense(w, 4).relative_error(w)
+    base_tucker = TuckerKernel.from_dense(w, (3, 3)).relative_error(w)
+    tol = 1e-9 if dtype == "float64" else 1e-4
+    for s in scales:
+        scaled = (w * s).astype(dtype)
+        cp = KruskalKernel.from_dense(scaled, 4)
+        assert np.isfinite(to_numpy(cp.weights)).all()
+        assert abs(cp.relative_error(scaled) - base_cp) < tol
+        assert abs(TuckerKernel.from_dense(scaled, (3, 3)).relative_error(scaled) - base_tucker) < tol
+
+
+def test_solver_arguments_are_validated():
+    w = np.random.default_rng(0).standard_normal((4, 4, 3, 3))
+    with pytest.raises(ValueError, match="n_iter_max=-1"):
+        TuckerKernel.from_dense(w, (2, 2), n_iter_max=-1)
+    with pytest.raises(ValueError, match="n_iter_max=-1"):
+        KruskalKernel.from_dense(w, 2, n_iter_max=-1)
+    with pytest.raises(ValueError, match="tol=nan"):
+        cp_als(w, 2, tol=float("nan"))
+    with pytest.raises(TypeError, match="rank=2.5"):
+        partial_tucker_hooi(w, (2.5, 2))
+    # any integral rank: numpy integers and 0-d integer tensors
+    assert KruskalKernel.from_dense(w, np.int64(2), n_iter_max=3).rank == 2
+    assert TuckerKernel.from_dense(w, (np.int32(2), 3)).rank[:2] == (2, 3)

@@ -200,3 +200,22 @@ def test_verify_runs_every_derivation_on_jax(capsys):
     table = capsys.readouterr().out
     assert "jax" in table and "FAIL" not in table
     assert "tucker" in table and "r2plus1d" in table
+
+
+def test_tree_map_keeps_each_kernels_own_backend():
+    """Once the jax backend is loaded, kernels of other libraries stay theirs through
+    jax.tree_util (a kernel of torch tensors is not relabelled jax), and a tree_map that converts
+    the leaves gives a kernel of the new library."""
+    import tensorconv.backends as backends
+
+    backends.backend_for_name("jax")  # registers the pytrees
+    kernels = [KruskalKernel.random((4, 3, 3, 3), 2, seed=0)]
+    if torch is not None:
+        kernels.append(KruskalKernel.random((4, 3, 3, 3), 2, backend="torch", seed=0))
+        kernels.append(TuckerKernel(torch.randn(2, 2, 3), [torch.randn(4, 2), torch.randn(3, 2)]))
+    for k in kernels:
+        copied = jax.tree_util.tree_map(lambda a: a + 0, k)
+        assert copied.backend.name == k.backend.name
+        assert rel_err(copied.astype("float32").to_dense(), k.to_dense()) < 1e-6
+    moved = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a)), kernels[0])
+    assert moved.backend.name == "jax" and isinstance(moved.to_dense(), jax.Array)

@@ -161,7 +161,7 @@ def test_validation_errors_name_the_argument():
         KruskalKernel(np.ones(3), u, modes=[(0,), (0,), (2,)])
     with pytest.raises(TypeError, match="float32"):
         KruskalKernel(np.ones(3, dtype=np.float32), u)
-    with pytest.raises(ValueError, match="rank must be an int >= 1"):
+    with pytest.raises(ValueError, match="rank=0: expected an int >= 1"):
         KruskalKernel.random((3, 3, 3), 0)
     with pytest.raises(ValueError, match=r"factors\[1\] must have shape \(dim, 2\)"):
         TuckerKernel(np.zeros((2, 2, 3)), [np.zeros((4, 2)), np.zeros((5, 3))])
@@ -199,3 +199,46 @@ def test_repr_and_properties():
     t = TuckerKernel.random((8, 4, 3, 3), (4, 2), groups=2, seed=0)
     assert "groups=2" in repr(t) and t.rank == (4, 2, 3, 3)
     assert copy.deepcopy(k).shape == k.shape
+
+
+@pytest.mark.skipif(torch is None, reason="torch is not installed")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_weights_decompose_in_float32_and_keep_their_dtype(dtype):
+    """No half-precision eigh / solve on CPU: the solvers run in float32, the kernel comes back in
+    the weight's dtype and fits as the float32 decomposition does (to the half dtype's rounding)."""
+    w32 = torch.randn(6, 5, 3, 3, generator=torch.Generator().manual_seed(0))
+    w = w32.to(getattr(torch, dtype))
+    for cls, rank in ((KruskalKernel, 4), (TuckerKernel, (3, 3))):
+        k = cls.from_dense(w, rank)
+        assert k.dtype == w.dtype
+        ref = cls.from_dense(w.float(), rank).relative_error(w.float())
+        assert abs(k.relative_error(w) - ref) < 0.02
+
+
+@pytest.mark.skipif(torch is None, reason="torch is not installed")
+def test_to_dense_inside_autocast_is_the_kernels_own_product():
+    rng = np.random.default_rng(1)
+    core, u_t, u_c = rng.standard_normal((2, 3, 3, 3)), rng.standard_normal((4, 2)), rng.standard_normal((5, 3))
+    lam, *cp_factors = [rng.standard_normal(s) for s in ((3,), (4, 3), (5, 3), (3, 3), (3, 3))]
+    cases = [
+        (TuckerKernel(*_f32(core), _f32(u_t, u_c)), np.einsum("abkl,ta,cb->tckl", core, u_t, u_c)),
+        (KruskalKernel(*_f32(lam), _f32(*cp_factors)), np.einsum("r,tr,cr,kr,lr->tckl", lam, *cp_factors)),
+    ]
+    for k, want in cases:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = k.to_dense()
+        assert got.dtype == torch.float32
+        assert rel_err(got, want) < 1e-6  # float32
+
+
+def _f32(*arrays):
+    return [torch.tensor(a, dtype=torch.float32) for a in arrays]
+
+
+def test_integral_ranks_of_any_library_are_accepted():
+    assert KruskalKernel.random((4, 3, 3), np.int64(2), seed=0).rank == 2
+    if torch is not None:
+        assert KruskalKernel.random((4, 3, 3), torch.tensor(3), seed=0).rank == 3
+    for bad, error in ((2.0, TypeError), (True, TypeError), (0, ValueError)):
+        with pytest.raises(error, match="rank="):
+            KruskalKernel.random((4, 3, 3), bad, seed=0)

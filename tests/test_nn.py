@@ -376,3 +376,14 @@ def test_float32_backward_with_one_channel_steps_batch_one_and_stride(make, stra
     assert rel_err(out.detach(), dense.detach()) < 1e-5
     for g, w in zip(got, want):
         assert rel_err(g, w) < 1e-5
+
+
+def test_meta_device_layers_infer_shapes():
+    """Deferred init / shape inference on the meta device (no autocast there): the output shape
+    is the dense conv's."""
+    for cls in (KruskalConv, TuckerConv):
+        layer = cls(4, 6, (3, 3), 2, 1, rank=2, device="meta")
+        dense = torch.nn.Conv2d(4, 6, 3, 2, 1, device="meta")
+        x = torch.empty(2, 4, 9, 8, device="meta")
+        assert layer(x).shape == dense(x).shape and layer(x).device.type == "meta"
+        assert layer.kernel.to_dense().shape == dense.weight.shape

@@ -416,26 +416,6 @@ def test_verify_seed_is_reproducible_across_processes():
     assert outs[0].stdout == outs[1].stdout and outs[0].stdout.strip()
 
 
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["verify", "--seed", "-1"], "--seed: must be an int >= 0"),
-        (["verify", "--cases", "0"], "--cases: must be an int >= 1"),
-        (["verify", "--json", "/nonexistent-dir/rows.json"], "does not exist or is not writable"),
-        (["bench", "--batch", "0"], "--batch: must be an int >= 1"),
-        (["bench", "--repeat", "-2"], "--repeat: must be an int >= 1"),
-        (["bench", "--out", "/proc/tensorconv-results"], "cannot create that folder"),
-    ],
-)
-def test_cli_flags_are_checked_before_the_run(argv, message, capsys):
-    from tensorconv.cli import main
-
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    said = str(info.value.code) + capsys.readouterr().err
-    assert message in said and info.value.code != 0
-
-
 # -- 16. validation ----------------------------------------------------------------------------------------------------
 def test_plan_conv_validates_shapes_and_dtypes():
     k = KruskalKernel.random((4, 3, 3, 3), 2, seed=0)

@@ -10,6 +10,10 @@ from __future__ import annotations
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
+#: floating dtypes that ml_dtypes adds to numpy (jax's bfloat16): not subtypes of numpy.floating
+_EXTENSION_FLOATS = ("bfloat16",)
+
+
 class ArrayBackend:
     """Primitives the plans are built from. One instance per array library.
 
@@ -76,13 +80,13 @@ class ArrayBackend:
     def is_floating(self, x):
         import numpy
 
-        return numpy.issubdtype(x.dtype, numpy.floating)
+        return numpy.issubdtype(x.dtype, numpy.floating) or x.dtype.name in _EXTENSION_FLOATS
 
     def is_inexact(self, x):
         """Floating or complex: a dtype a convolution can be computed in without wrapping around."""
         import numpy
 
-        return numpy.issubdtype(x.dtype, numpy.inexact)
+        return numpy.issubdtype(x.dtype, numpy.inexact) or x.dtype.name in _EXTENSION_FLOATS
 
     def autocast_dtype(self, x):
         """The dtype a mixed-precision region (torch.autocast) asks convs on ``x`` to compute in,

@@ -75,14 +75,23 @@ class TorchBackend(ArrayBackend):
     def is_inexact(self, x):
         return x.is_floating_point() or x.is_complex()
 
+    def _has_autocast(self, device_type):
+        # the meta device (shape inference, deferred init) has no autocast: asking raises there
+        available = getattr(self.xp.amp, "is_autocast_available", None)
+        return available(device_type) if available is not None else device_type in ("cpu", "cuda")
+
     def autocast_dtype(self, x):
         torch = self.xp
         dev = x.device.type
+        if not self._has_autocast(dev):
+            return None
         if torch.is_autocast_enabled(dev) and x.is_floating_point() and x.dtype != torch.float64:
             return torch.get_autocast_dtype(dev)  # autocast leaves float64 alone, as here
         return None
 
     def autocast_off(self, x):
+        if not self._has_autocast(x.device.type):
+            return super().autocast_off(x)
         return self.xp.autocast(x.device.type, enabled=False)
 
     def is_tracing(self):
@@ -105,6 +114,10 @@ class TorchBackend(ArrayBackend):
 
     def permute(self, x, axes):
         return x.permute(*axes)
+
+    def moveaxis(self, x, source, destination):
+        # movedim, not torch.moveaxis: only movedim has a batching rule (torch.func.vmap)
+        return x.movedim(source, destination)
 
     def concat(self, arrays, axis):
         return self.xp.cat(arrays, dim=axis)

@@ -6,27 +6,37 @@ import argparse
 import sys
 
 
-def check_writable(path, *, directory=False, flag):
-    """Exit with a message now (not after the run) if ``path`` cannot be written: a file whose
-    folder exists and is writable, or a folder that exists writable or can be made."""
+def open_output(path, *, flag, directory=False, filename=None):
+    """Open the output file for writing now, before the run, so that a bad path costs nothing
+    (``os.access`` is not enough: as root it passes for files that no write reaches). ``path``
+    is the file, or with ``directory=True`` a folder (made if need be) to hold ``filename``.
+    The file is opened for appending, so an existing one is not emptied until
+    :func:`write_output` replaces its contents; exits with a message naming ``flag`` otherwise."""
     import os
 
-    target = os.path.abspath(path)
+    target = path
     if directory:
         try:
-            os.makedirs(target, exist_ok=True)
+            os.makedirs(path, exist_ok=True)
         except OSError as exc:
             raise SystemExit(f"{flag} {path}: cannot create that folder ({exc.strerror})") from None
-        if not os.access(target, os.W_OK | os.X_OK):
-            raise SystemExit(f"{flag} {path}: that folder is not writable")
-        return
-    parent = os.path.dirname(target)
-    if os.path.isdir(target):
+        target = os.path.join(path, filename)
+    elif os.path.isdir(path):
         raise SystemExit(f"{flag} {path}: is a folder; give a file path")
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise SystemExit(f"{flag} {path}: folder {parent} does not exist or is not writable")
-    if os.path.exists(target) and not os.access(target, os.W_OK):
-        raise SystemExit(f"{flag} {path}: the file exists and is not writable")
+    try:
+        return open(target, "a")
+    except OSError as exc:
+        raise SystemExit(f"{flag} {path}: cannot write {target} ({exc.strerror})") from None
+
+
+def write_output(handle, text, *, flag):
+    """Replace the contents of a file opened by :func:`open_output` with ``text``."""
+    try:
+        with handle:
+            handle.truncate(0)
+            handle.write(text)
+    except OSError as exc:
+        raise SystemExit(f"{flag} {handle.name}: writing failed ({exc.strerror})") from None
 
 
 def non_negative_int(text):

@@ -19,7 +19,7 @@ from ..backends import available_backends, backend_for_name
 from ..kernels import KruskalKernel, TuckerKernel
 from ..plans.cost import calibrate
 from ..plans.plan import conv, plan_conv
-from . import check_writable, positive_int
+from . import open_output, positive_int, write_output
 
 #: suites in tensorconv/cli/bench_kernels.py (inside a plan, torch CPU)
 _KERNEL_SUITES = ("accelerators", "depthwise", "auto", "memory", "layers")
@@ -1049,8 +1049,7 @@ def main(args):
     args.budget = 2.0 if args.quick else 20.0
     if args.batch < 1 or args.repeat < 1:
         raise SystemExit("--batch and --repeat must be >= 1")
-    if args.out:
-        check_writable(args.out, directory=True, flag="--out")
+    output = open_output(args.out, directory=True, filename="results.json", flag="--out") if args.out else None
     if args.allocator == "no-trim":
         ok = _set_malloc_no_trim()
         args.allocator_note = (
@@ -1073,10 +1072,8 @@ def main(args):
     env["command"] = "tensorconv bench " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else [])
     print(format_rows(rows))
     print(f"\n(ran in {env['seconds']} s; allocator: {env['allocator']})")
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "results.json"), "w") as fh:
-            json.dump({"environment": env, "rows": rows}, fh, indent=1)
+    if output is not None:
+        write_output(output, json.dumps({"environment": env, "rows": rows}, indent=1), flag="--out")
         fig_rows = [r for r in rows if r["suite"] == "fig6"]
         if fig_rows:
             try:

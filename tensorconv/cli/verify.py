@@ -13,7 +13,7 @@ from ..architectures import DERIVATIONS, PAPER_NAMES, block_macs, derivation_lab
 from ..backends import available_backends, backend_for_name
 from ..plans.plan import conv, plan_conv
 from ..tenalg import mode_dot
-from . import check_writable, enable_jax_x64, non_negative_int, positive_int
+from . import enable_jax_x64, non_negative_int, open_output, positive_int, write_output
 
 TOLERANCE = {"float64": 1e-10, "float32": 1e-4}
 
@@ -147,6 +147,9 @@ def run(backends=None, dtypes=("float64",), cases=10, seed=0, derivations=None, 
                 rows.append(
                     dict(
                         derivation=dname,
+                        # the paper's short name (bottleneck for tucker) and the table's label
+                        paper_name=derivation_label(dname).split("/")[-1],
+                        label=derivation_label(dname),
                         backend=backend,
                         dtype=dtype,
                         cases=cases,
@@ -209,8 +212,7 @@ def add_arguments(parser):
 def main(args):
     if args.cases < 1:
         raise SystemExit(f"--cases must be >= 1, got {args.cases}")
-    if args.json:
-        check_writable(args.json, flag="--json")
+    output = open_output(args.json, flag="--json") if args.json else None
     found = available_backends()
     backends = args.backend or found
     missing = [b for b in backends if b not in found]
@@ -233,7 +235,6 @@ def main(args):
     print(format_table(rows))
     failed = [r for r in rows if not r["passed"]]
     print(f"\n{len(rows) - len(failed)} passed, {len(failed)} failed")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=2)
+    if output is not None:
+        write_output(output, json.dumps(rows, indent=2), flag="--json")
     return 1 if failed else 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -12,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import is_integral
+from ..kernels import check_decomposition_keywords
 from .layers import KruskalConv, TuckerConv, _FactorizedConv
 
 __all__ = ["factorize", "summarize"]
@@ -29,11 +32,14 @@ def _check_rank(rank):
                 f"(name, module) -> rank"
             )
         return
-    if isinstance(rank, bool) or not isinstance(rank, (int, float, tuple, list)):
+    if not (is_integral(rank) or isinstance(rank, (float, tuple, list))) or isinstance(rank, bool):
         raise TypeError(f"rank={rank!r}: expected an int >= 1, a float fraction > 0, 'same' or a callable")
     values = rank if isinstance(rank, (tuple, list)) else (rank,)
     for v in values:
-        if isinstance(v, bool) or (isinstance(v, int) and v < 1) or (isinstance(v, float) and not 0 < v < math.inf):
+        if is_integral(v):
+            if operator.index(v) < 1:
+                raise ValueError(f"rank={rank!r}: an int rank must be >= 1")
+        elif not isinstance(v, float) or not 0 < v < math.inf:
             raise ValueError(f"rank={rank!r}: an int rank must be >= 1 and a fraction > 0 and finite")
 
 
@@ -55,14 +61,19 @@ def factorize(
 
     Eligible: an ``nn.Conv1d/2d/3d`` whose kernel is larger than 1 in some mode (a 1x1 conv is
     already a matrix product). Stride, padding (``"same"`` and asymmetric included),
-    padding_mode, dilation, bias, device and dtype are kept; Tucker keeps ``groups`` too.
+    padding_mode, dilation, bias, device and dtype are kept; Tucker keeps ``groups`` too. So is
+    what the conv was besides its weights: ``requires_grad`` (a frozen conv stays frozen), the
+    training flag, and its forward / backward hooks (shared with the new module; state-dict hooks
+    cannot be, and are named in a warning). A conv used in several places (one module object)
+    becomes one factorized module used in the same places: tied weights stay tied.
 
     Parameters
     ----------
     model : nn.Module
     rank : int, float, "same" or callable
         Per layer, as ``KruskalConv``/``TuckerConv``'s ``rank`` (a float is a fraction of that
-        layer's dense parameters), or ``rank(name, module)`` returning one of those.
+        layer's dense parameters), or ``rank(name, module)`` returning one of those, or None to
+        leave that layer dense.
     factorization : "cp" or "tucker"
     layers : callable, optional
         ``layers(name, module) -> bool`` chooses among the eligible convs (default: all).
@@ -70,20 +81,27 @@ def factorize(
         Replace the layers of ``model`` itself; by default a deep copy is changed and ``model``
         is left untouched.
     **decomposition_kwargs
-        Passed to ``from_conv`` (e.g. ``n_iter_max=``, ``init=``).
+        Passed to ``from_conv`` (e.g. ``n_iter_max=``, ``init=``); an unknown keyword is a
+        ``TypeError`` naming the valid ones, raised before any layer is decomposed.
 
     Returns
     -------
     nn.Module
-        The factorized model. Convs that cannot be converted exactly are left dense and named
-        in one warning with the reason: a CP factorization of a grouped conv (a CP kernel mixes
-        all channels: use ``factorization="tucker"``), and subclasses of ``nn.ConvNd`` with their
-        own ``forward`` (timm's ``Conv2dSame``), whose attributes do not say what they compute.
+        The factorized model. Convs that are not converted are left dense and named in one
+        warning with the reason: a CP factorization of a grouped conv (a CP kernel mixes all
+        channels: use ``factorization="tucker"``); subclasses of ``nn.ConvNd`` with their own
+        ``forward`` (timm's ``Conv2dSame``), whose attributes do not say what they compute; a rank
+        that does not fit the layer (a tuple not divisible by its groups); and layers whose
+        factorized form would not have fewer parameters than the dense conv at the asked rank
+        (a depthwise conv at most ranks; ``"same"`` and fractions >= 1 ask for as many and are
+        kept).
 
     Raises
     ------
     ValueError
         An unknown ``factorization``, a bad ``rank``, or a model with no eligible convolution.
+    TypeError
+        A keyword that the decomposition does not take.
 
     Examples
     --------
@@ -103,67 +121,166 @@ def factorize(
     if layers is not None and not callable(layers):
         raise TypeError(f"layers must be a callable (name, module) -> bool, got {type(layers).__name__}")
     cls = FACTORIZATIONS[factorization]
-    target = model if inplace else copy.deepcopy(model)
-    if _eligible(target):
+    check_decomposition_keywords(cls.kernel_class, decomposition_kwargs, "factorize")
+    if _eligible(model):
         raise ValueError("factorize: the model is itself one conv; use KruskalConv.from_conv / TuckerConv.from_conv")
-    from .._conv_modules import check_plain_conv
-
-    candidates = [
-        (f"{parent}.{child}" if parent else child, module, child, conv)
-        for parent, module in target.named_modules()
-        for child, conv in module.named_children()
-        if _eligible(conv)
+    target = model if inplace else copy.deepcopy(model)
+    # every use of every eligible conv: named_children() lists a module once per parent, so a
+    # conv used twice in one Sequential would keep its second use dense
+    uses = [
+        (f"{parent_name}.{child}" if parent_name else child, parent, child, conv)
+        for parent_name, parent in target.named_modules()
+        for child, conv in parent._modules.items()
+        if conv is not None and _eligible(conv)
     ]
-    chosen = [c for c in candidates if layers is None or layers(c[0], c[3])]
+    first_use = {}
+    for name, _, _, conv in uses:
+        first_use.setdefault(id(conv), (name, conv))
+    chosen = [(name, conv) for name, conv in first_use.values() if layers is None or layers(name, conv)]
     if not chosen:
-        what = "no conv with a kernel larger than 1" if not candidates else "none chosen by `layers`"
+        what = "no conv with a kernel larger than 1" if not uses else "none chosen by `layers`"
         raise ValueError(
             f"factorize: the model has no eligible convolution ({what}; eligible: nn.Conv1d/2d/3d "
             f"with kernel_size > 1 in some mode)"
         )
-    skipped = {}
-    replaced = 0
-    for name, parent, child, conv in chosen:
-        try:
-            check_plain_conv(conv, "factorize")
-        except TypeError as exc:
-            skipped[name] = str(exc).split(";")[0]
-            continue
-        if factorization == "cp" and conv.groups != 1:
-            skipped[name] = f"groups={conv.groups}: a CP kernel mixes all channels; factorization='tucker' keeps groups"
-            continue
+    skipped, replacements = {}, {}
+    for name, conv in chosen:
         layer_rank = rank(name, conv) if callable(rank) and not isinstance(rank, str) else rank
+        if layer_rank is None:  # the callable keeps this layer dense
+            continue
         _check_rank(layer_rank)
+        reason = _why_not(cls, conv, layer_rank, factorization)
+        if reason is not None:
+            skipped[name] = reason
+            continue
         with torch.no_grad():
-            setattr(parent, child, cls.from_conv(conv, layer_rank, **decomposition_kwargs))
-        replaced += 1
+            layer = cls.from_conv(conv, layer_rank, **decomposition_kwargs)
+        replacements[id(conv)] = _carry_state(conv, layer, name)
+    for _, parent, child, conv in uses:
+        if id(conv) in replacements:  # a shared conv: one factorized module wherever it was used
+            setattr(parent, child, replacements[id(conv)])
     if skipped:
         lines = "\n".join(f"  {n}: {why}" for n, why in skipped.items())
         warnings.warn(f"factorize left {len(skipped)} conv(s) dense:\n{lines}", stacklevel=2)
-    if not replaced:
+    if not replacements and skipped:
         raise ValueError(f"factorize: no convolution could be factorized; left dense: {skipped}")
     return target
 
 
-def _input_shapes(model, input_shape):
-    """Each factorized layer's input shape, from one forward pass of zeros (hooks, eval mode)."""
+def _why_not(cls, conv, rank, factorization):
+    """Why ``conv`` stays dense at ``rank`` (a sentence), or None where it is factorized."""
+    from .._conv_modules import check_plain_conv
+
+    try:
+        check_plain_conv(conv, "factorize")
+    except TypeError as exc:
+        return str(exc).split(";")[0]
+    if factorization == "cp" and conv.groups != 1:
+        return f"groups={conv.groups}: a CP kernel mixes all channels; factorization='tucker' keeps groups"
+    try:
+        skeleton = cls.skeleton(conv, rank, device="meta")  # parameters counted without memory
+    except ValueError as exc:
+        return f"rank={rank!r} does not fit this layer: {exc}"
+    dense = conv.weight.numel()
+    # "same" and fractions >= 1 ask for as many parameters as the dense conv (the paper's
+    # setting): only a smaller budget is a request to compress
+    compress = not (rank == "same" or (isinstance(rank, float) and rank >= 1))
+    if compress and skeleton.n_params >= dense:
+        return (
+            f"at rank={skeleton.rank} the factorized layer has {skeleton.n_params} parameters, not fewer than "
+            f"the dense conv's {dense}"
+        )
+    return None
+
+
+#: the hook tables torch's Module.__call__ runs: shared with the factorized module, so a hook (and
+#: its handle's remove()) works on the module that replaced the conv
+_CALL_HOOKS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+)
+#: hooks on a module's state-dict keys, which the factorized module does not have
+_STATE_HOOKS = (
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+def _carry_state(conv, layer, name):
+    """What the conv was besides its weights: frozen or trainable, training or eval mode, its hooks."""
+    layer.train(conv.training)
+    for p in layer.parameters():
+        p.requires_grad_(conv.weight.requires_grad)
+    if layer.bias is not None:
+        layer.bias.requires_grad_(conv.bias.requires_grad)
+    for attr in _CALL_HOOKS:
+        table = getattr(conv, attr, None)
+        if table:
+            setattr(layer, attr, table)
+    if getattr(conv, "_is_full_backward_hook", None) is not None:
+        layer._is_full_backward_hook = conv._is_full_backward_hook
+    lost = [attr.strip("_") for attr in _STATE_HOOKS if getattr(conv, attr, None)]
+    if lost:
+        warnings.warn(
+            f"factorize: {name} had {', '.join(lost)} hooks, which refer to nn.Conv's state-dict keys "
+            f"(weight, bias); they are not carried to the factorized layer: register them again there",
+            stacklevel=3,
+        )
+    return layer
+
+
+def _example_inputs(model, inputs):
+    """The model's positional inputs from a shape (one input), a tuple of shapes (one each), or
+    example tensors (one, or a tuple of them): zeros in the model's dtype and device for shapes."""
+    p = next(model.parameters())
+
+    def one(item, where):
+        if isinstance(item, torch.Tensor):
+            return item
+        if isinstance(item, (tuple, list, torch.Size)) and all(is_integral(d) and int(d) >= 0 for d in item):
+            return torch.zeros(tuple(int(d) for d in item), device=p.device, dtype=p.dtype)
+        raise TypeError(
+            f"summarize: input_shape{where}={item!r}: expected a shape (a tuple of ints, batch included), "
+            f"a tuple of shapes for a model with several inputs, or example tensors"
+        )
+
+    if isinstance(inputs, torch.Tensor) or (
+        isinstance(inputs, (tuple, list, torch.Size)) and all(is_integral(d) for d in inputs)
+    ):
+        return (one(inputs, ""),)
+    if isinstance(inputs, (tuple, list)) and inputs:
+        return tuple(one(item, f"[{i}]") for i, item in enumerate(inputs))
+    return (one(inputs, ""),)
+
+
+def _traced_shapes(model, inputs):
+    """Each factorized layer's and dense conv's (input shape, output shape), from one forward pass
+    (hooks, eval mode, no gradients)."""
     shapes = {}
 
     def record(name):
-        def hook(module, args):
-            shapes.setdefault(name, tuple(args[0].shape))  # returns None: the inputs go on unchanged
+        def hook(module, args, output):
+            shapes.setdefault(name, (tuple(args[0].shape), tuple(output.shape)))  # returns None: output unchanged
 
         return hook
 
     hooks = [
-        m.register_forward_pre_hook(record(name)) for name, m in model.named_modules() if isinstance(m, _FactorizedConv)
+        m.register_forward_hook(record(name))
+        for name, m in model.named_modules()
+        if isinstance(m, _FactorizedConv) or _eligible(m)
     ]
-    p = next(model.parameters())
     was_training = model.training
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.zeros(input_shape, device=p.device, dtype=p.dtype))
+            model(*_example_inputs(model, inputs))
     finally:
         model.train(was_training)
         for h in hooks:
@@ -178,11 +295,15 @@ def _fmt(n):
     return str(int(n))
 
 
-def summarize(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> str:
-    """A table of the factorized layers of ``model``: name, kernel shape, rank, parameters
-    (dense -> factorized), relative reconstruction error (layers made by ``from_conv`` /
-    :func:`factorize`), and with ``input_shape`` (batch included) the multiply-adds of the dense
-    conv and of the plan each layer runs; then the totals.
+def summarize(model: nn.Module, input_shape: Any = None) -> str:
+    """A table of the factorized layers of ``model`` and of the convs :func:`factorize` kept dense
+    (rank ``dense``): name, kernel shape, rank, parameters (dense -> factorized), relative
+    reconstruction error (layers made by ``from_conv`` / :func:`factorize`), and with
+    ``input_shape`` the multiply-adds of the dense conv and of the plan each layer runs; then the
+    totals over all those convs.
+
+    ``input_shape``: the input's shape, batch included; for a model with several inputs a tuple
+    of shapes, one per input; or example tensors (one, or a tuple of them).
 
     Examples
     --------
@@ -194,27 +315,36 @@ def summarize(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> s
     0      (8, 3, 3, 3)       4     216 -> 72 (3.0x fewer)      -           13.82k -> 4.35k
     total                           216 -> 72 (3.0x fewer)                  13.82k -> 4.35k
     """
-    rows = [(name, m) for name, m in model.named_modules() if isinstance(m, _FactorizedConv)]
-    if not rows:
+    rows = [(name, m) for name, m in model.named_modules() if isinstance(m, _FactorizedConv) or _eligible(m)]
+    if not any(isinstance(m, _FactorizedConv) for _, m in rows):
         raise ValueError("summarize: the model has no factorized layer (KruskalConv / TuckerConv); see factorize()")
-    shapes = _input_shapes(model, input_shape) if input_shape is not None else {}
+    shapes = _traced_shapes(model, input_shape) if input_shape is not None else {}
     table = [("layer", "kernel (T, C, *K)", "rank", "params dense -> factorized", "rel. error", "MACs dense -> plan")]
     tot_dense = tot_fact = mac_dense = mac_plan = 0
     for name, m in rows:
-        dense, fact = m.dense_params, m.n_params
+        factorized = isinstance(m, _FactorizedConv)
+        dense = m.dense_params if factorized else m.weight.numel()
+        fact = m.n_params if factorized else dense
         tot_dense += dense
         tot_fact += fact
         ratio = f"{dense / fact:.1f}x fewer" if fact <= dense else f"{fact / dense:.1f}x more"
         err = getattr(m, "relative_error", None)
         macs = "-"
         if name in shapes:
-            plan = m.plan(shapes[name])
-            # a TuckerConv with groups > 1 replaces a grouped conv (KruskalConv.groups is 1)
-            dense_macs = plan.dense_macs // m.groups
+            if factorized:
+                plan = m.plan(shapes[name][0])
+                # a TuckerConv with groups > 1 replaces a grouped conv (KruskalConv.groups is 1)
+                dense_macs, plan_macs = plan.dense_macs // m.groups, plan.macs
+            else:  # kept dense: each output element reads C / groups * prod(K) inputs
+                dense_macs = plan_macs = math.prod(shapes[name][1]) * dense // m.out_channels
             mac_dense += dense_macs
-            mac_plan += plan.macs
-            macs = f"{_fmt(dense_macs)} -> {_fmt(plan.macs)}"
-        rank = m.rank if isinstance(m.rank, int) else "x".join(str(r) for r in m.rank)
+            mac_plan += plan_macs
+            macs = f"{_fmt(dense_macs)} -> {_fmt(plan_macs)}"
+        if not factorized:
+            rank = "dense"
+            ratio = "kept"
+        else:
+            rank = m.rank if isinstance(m.rank, int) else "x".join(str(r) for r in m.rank)
         table.append(
             (
                 name,

@@ -8,11 +8,13 @@ Arguments and defaults follow ``torch.nn.ConvNd``. The number of spatial dims is
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import torch
 from torch import nn
 
+from .._checks import is_integral
 from .._typing import IntOrTuple, Padding, Rank
 from ..backends import PADDING_MODES, backend_for_name
 from ..kernels import KruskalKernel, TuckerKernel
@@ -50,9 +52,9 @@ def cp_rank_for(rank, in_channels, out_channels, kernel_size):
         if not 0 < rank < math.inf:
             raise ValueError(f"rank={rank} as a fraction of the dense parameter count must be finite and > 0")
         return max(1, int(round(rank * dense / per_rank)))
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    if not is_integral(rank) or operator.index(rank) < 1:
         raise ValueError(f"rank must be an int >= 1, a float > 0 or 'same', got {rank!r}")
-    return rank
+    return operator.index(rank)
 
 
 def tucker_rank_for(rank, in_channels, out_channels, kernel_size, groups=1, *, grouped_conv=False):
@@ -96,13 +98,14 @@ def tucker_rank_for(rank, in_channels, out_channels, kernel_size, groups=1, *, g
                 break
             best = (r_out, r_in)
         return best
-    rank = (rank, rank) if isinstance(rank, int) and not isinstance(rank, bool) else rank
+    rank = (rank, rank) if is_integral(rank) else rank
     try:
         rank = tuple(rank)
     except TypeError:
         raise ValueError(f"rank must be an int, (R_out, R_in), a float or 'same', got {rank!r}") from None
-    if len(rank) != 2 or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in rank):
+    if len(rank) != 2 or any(not is_integral(r) or operator.index(r) < 1 for r in rank):
         raise ValueError(f"rank must be (R_out, R_in) ints >= 1, got {rank!r}")
+    rank = tuple(operator.index(r) for r in rank)
     if rank[0] % groups or rank[1] % groups:
         raise ValueError(f"rank={rank} must be divisible by groups={groups}")
     return rank
@@ -430,6 +433,8 @@ class KruskalConv(_FactorizedConv):
     torch.Size([2, 32, 5, 6, 7, 8])
     """
 
+    kernel_class = KruskalKernel  # what from_conv decomposes into
+
     def __init__(
         self,
         in_channels: int,
@@ -495,28 +500,16 @@ class KruskalConv(_FactorizedConv):
     def from_conv(
         cls, conv_module: nn.Module, rank: Rank | tuple[int, ...], strategy: str = "auto", **decomposition_kwargs
     ):
-        """CP-decompose a trained ``nn.ConvNd`` (tensorly parafac on its device and dtype).
+        """CP-decompose a trained ``nn.ConvNd`` on its device and dtype (:func:`KruskalKernel.from_dense`:
+        tensorconv's own ALS by default; float16 / bfloat16 weights are decomposed in float32).
 
         Stride, padding, dilation, padding_mode and bias are kept; ``relative_error`` holds the
-        decomposition's relative reconstruction error.
+        decomposition's relative reconstruction error. ``decomposition_kwargs`` go to
+        ``from_dense`` (``n_iter_max=``, ``tol=``, ``init=``, ``random_state=``, ``method=``).
         """
-        geo = cls._conv_geometry(conv_module)
-        if conv_module.groups != 1:
-            raise ValueError(
-                f"KruskalConv.from_conv: groups={conv_module.groups} is not supported (a CP kernel mixes "
-                f"all channels); use TuckerConv.from_conv, which keeps groups"
-            )
+        layer = cls.skeleton(conv_module, rank, strategy)
         weight = conv_module.weight.detach()
-        rank = cp_rank_for(rank, conv_module.in_channels, conv_module.out_channels, tuple(weight.shape[2:]))
-        kernel = KruskalKernel.from_dense(weight, rank, **decomposition_kwargs)
-        layer = cls(
-            conv_module.in_channels,
-            conv_module.out_channels,
-            tuple(weight.shape[2:]),
-            rank=rank,
-            strategy=strategy,
-            **geo,
-        )
+        kernel = KruskalKernel.from_dense(weight, layer.rank, **decomposition_kwargs)
         with torch.no_grad():
             layer.weights.copy_(kernel.weights)
             for p, f in zip(layer.factors, kernel.factors):
@@ -525,6 +518,23 @@ class KruskalConv(_FactorizedConv):
                 layer.bias.copy_(conv_module.bias)
         layer.relative_error = kernel.relative_error(weight)
         return layer
+
+    @classmethod
+    def skeleton(cls, conv_module: nn.Module, rank: Rank | tuple[int, ...], strategy: str = "auto", device=None):
+        """The layer :meth:`from_conv` fills, freshly initialised, without decomposing: the conv's
+        geometry, bias flag, dtype and device (or ``device``, e.g. ``"meta"`` to count parameters
+        for free), at the rank ``rank`` resolves to. Load a compressed model's checkpoint into it."""
+        geo = cls._conv_geometry(conv_module)
+        if device is not None:
+            geo["device"] = device
+        if conv_module.groups != 1:
+            raise ValueError(
+                f"KruskalConv.from_conv: groups={conv_module.groups} is not supported (a CP kernel mixes "
+                f"all channels); use TuckerConv.from_conv, which keeps groups"
+            )
+        ks = tuple(conv_module.weight.shape[2:])
+        rank = cp_rank_for(rank, conv_module.in_channels, conv_module.out_channels, ks)
+        return cls(conv_module.in_channels, conv_module.out_channels, ks, rank=rank, strategy=strategy, **geo)
 
     # -- transduction (paper sec. 4, eq. 8) ---------------------------------------------------------------
     def transduct(self, kernel_size, position=0, padding="same", stride=1, dilation=1, init="ones", freeze=True):
@@ -638,6 +648,8 @@ class TuckerConv(_FactorizedConv):
     dense 1x1s around a core grouped ``core_groups`` ways (a conv that mixes all channels).
     """
 
+    kernel_class = TuckerKernel  # what from_conv decomposes into
+
     def __init__(
         self,
         in_channels: int,
@@ -738,15 +750,11 @@ class TuckerConv(_FactorizedConv):
         ``groups``: block-diagonal factors stored by their blocks, a grouped core, ranks and
         the ``rank`` budget per group; the output is exact up to the ranks.
         """
-        geo = cls._conv_geometry(conv_module)
+        layer = cls.skeleton(conv_module, rank, strategy)
         g = conv_module.groups
         weight = conv_module.weight.detach()
-        t, c = conv_module.out_channels, conv_module.in_channels
-        ks = tuple(weight.shape[2:])
-        r_out, r_in = tucker_rank_for(rank, c, t, ks, g, grouped_conv=True)
-        if r_out > t or r_in > c:
-            raise ValueError(f"rank=({r_out}, {r_in}) exceeds the conv's channels ({t}, {c})")
-        layer = cls(c, t, ks, rank=(r_out, r_in), strategy=strategy, groups=g, **geo)
+        t = conv_module.out_channels
+        r_out, r_in = layer.rank
         tg, og, ig = t // g, r_out // g, r_in // g
         cores, u_t, u_c = [], [], []
         for j in range(g):
@@ -762,6 +770,21 @@ class TuckerConv(_FactorizedConv):
                 layer.bias.copy_(conv_module.bias)
         layer.relative_error = layer.kernel.relative_error(weight)  # the grouped conv's weight, if grouped
         return layer
+
+    @classmethod
+    def skeleton(cls, conv_module: nn.Module, rank: Rank | tuple[int, ...], strategy: str = "auto", device=None):
+        """The layer :meth:`from_conv` fills, freshly initialised, without decomposing (see
+        :meth:`KruskalConv.skeleton`); a grouped conv keeps its groups."""
+        geo = cls._conv_geometry(conv_module)
+        if device is not None:
+            geo["device"] = device
+        g = conv_module.groups
+        t, c = conv_module.out_channels, conv_module.in_channels
+        ks = tuple(conv_module.weight.shape[2:])
+        r_out, r_in = tucker_rank_for(rank, c, t, ks, g, grouped_conv=True)
+        if r_out > t or r_in > c:
+            raise ValueError(f"rank=({r_out}, {r_in}) exceeds the conv's channels ({t}, {c})")
+        return cls(c, t, ks, rank=(r_out, r_in), strategy=strategy, groups=g, **geo)
 
 
 class HOCPBlock(nn.Module):

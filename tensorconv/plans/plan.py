@@ -600,8 +600,12 @@ def _new_plan(
     )
 
 
-#: conv()'s plans: bounded, and private to conv() (plan_conv hands out new plans)
-_conv_plans = functools.lru_cache(maxsize=512)(_new_plan)
+@functools.lru_cache(maxsize=512)
+def _conv_plans(registry, *args):
+    """conv()'s plans: bounded, and private to conv() (plan_conv hands out new plans). The
+    accelerator registry (a tuple of the registered objects) is part of the key, so a plan cached
+    before ``accelerators.unregister`` (or a re-registration under the same name) is not reused."""
+    return _new_plan(*args)
 
 
 def _hashable(value):
@@ -824,6 +828,7 @@ def conv(
         )
     structure = structure_of(kernel, groups)
     plan = _conv_plans(
+        registered_accelerators(),
         *_plan_args(
             structure,
             tuple(int(s) for s in x.shape),
@@ -837,7 +842,7 @@ def conv(
             backend.name,
             backend.device(x),
             None,
-        )
+        ),
     )
     # the plan was looked up by this kernel's structure and x's shape, and the arrays were
     # checked above: nothing is left for the plan to re-check

@@ -7,8 +7,10 @@ puts the odd extra element on the high side.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
+from .._checks import is_integral
 from ..backends import PADDING_MODES
 
 __all__ = ["ConvGeometry", "make_geometry", "normalize_int_tuple", "normalize_padding"]
@@ -18,7 +20,7 @@ def normalize_int_tuple(value, n, name, *, minimum):
     """``value`` (int or length-``n`` sequence) -> tuple of ``n`` ints >= ``minimum``."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int or a tuple of {n} ints, got {value!r}")
-    if isinstance(value, int):
+    if is_integral(value):
         values = (value,) * n
     else:
         try:
@@ -28,11 +30,11 @@ def normalize_int_tuple(value, n, name, *, minimum):
         if len(values) != n:
             raise ValueError(f"{name}={value!r} has {len(values)} entries but the convolution has {n} spatial dims")
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, int):
+        if not is_integral(v):
             raise TypeError(f"{name} must hold ints, got {value!r}")
-        if v < minimum:
+        if operator.index(v) < minimum:
             raise ValueError(f"{name}={value!r}: every entry must be >= {minimum}")
-    return tuple(int(v) for v in values)
+    return tuple(operator.index(v) for v in values)
 
 
 def normalize_padding(padding, kernel_size, stride, dilation):

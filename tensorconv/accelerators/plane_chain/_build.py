@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import warnings
 
 __all__ = ["load", "available", "disabled", "UnsafeBuildDirectory"]
@@ -95,6 +96,31 @@ def _import_library(name, path):
 
 
 _STALE_BUILD_S = 3600
+#: written into each build folder as it is made: only folders holding it are ever removed
+_MARKER = ".tensorconv-build"
+_BUILD_FOLDER = re.compile(r"tensorconv_cp_chain_[0-9a-f]{12}\.build-[A-Za-z0-9_]+")
+
+
+def _remove_stale_builds(root):
+    """Remove the folders of this library's builds that were killed long ago (torch leaves a
+    lock file in them). Only what tensorconv made: a folder named as :func:`_build` names them,
+    owned by this user, holding the marker file it writes; anything else in ``root`` (which a user
+    may point at a folder of their own) is never touched."""
+    import shutil
+    import time
+
+    for entry in os.listdir(root):
+        path = os.path.join(root, entry)
+        if not _BUILD_FOLDER.fullmatch(entry) or os.path.islink(path) or not os.path.isdir(path):
+            continue
+        marker = os.path.join(path, _MARKER)
+        try:
+            owned = os.stat(path).st_uid == (os.getuid() if hasattr(os, "getuid") else os.stat(path).st_uid)
+            stale = time.time() - os.path.getmtime(path) > _STALE_BUILD_S
+        except OSError:
+            continue
+        if owned and stale and os.path.isfile(marker) and not os.path.islink(marker):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _build(name, root):
@@ -108,12 +134,11 @@ def _build(name, root):
 
     from torch.utils.cpp_extension import load as build
 
-    for old in os.listdir(root):  # folders of builds killed long ago
-        path = os.path.join(root, old)
-        if ".build-" in old and time.time() - os.path.getmtime(path) > _STALE_BUILD_S:
-            shutil.rmtree(path, ignore_errors=True)
+    _remove_stale_builds(root)
     work = tempfile.mkdtemp(prefix=f"{name}.build-", dir=root)  # mode 0700
     try:
+        with open(os.path.join(work, _MARKER), "w") as f:
+            f.write(f"a build of tensorconv's plane chain, started {time.ctime()}\n")
         log.info("tensorconv: building the CPU fused kernel (once per machine) in %s", work)
         module = build(
             name=name,
@@ -148,7 +173,19 @@ def load():
         if os.path.exists(path):
             _check_private(os.path.dirname(path), "build folder")
             _check_private(path, "library")
-            module = _import_library(name, path)
+            try:
+                module = _import_library(name, path)
+            except (ImportError, OSError) as exc:
+                # a truncated or foreign file under this library's own name (a killed copy, a
+                # cache shared with another architecture): it is tensorconv's file, so rebuild it
+                warnings.warn(
+                    f"tensorconv: the cached CPU fused kernel {path} could not be loaded "
+                    f"({type(exc).__name__}: {str(exc)[:200]}); rebuilding it",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                os.remove(path)
+                module = _build(name, root)
         else:
             module = _build(name, root)
     except UnsafeBuildDirectory as exc:
@@ -157,7 +194,8 @@ def load():
     except Exception as exc:  # no compiler or ninja, a failed build: the portable path runs instead
         warnings.warn(
             f"tensorconv: the CPU fused kernel could not be built ({type(exc).__name__}: "
-            f"{str(exc)[:200]}); strategy='fused' uses torch.compile instead",
+            f"{str(exc)[:200]}); strategy='fused' uses torch.compile instead. Its build folder is "
+            f"{_build_root()} (TENSORCONV_BUILD_DIR); deleting {_module_name()}/ there forces a fresh build",
             RuntimeWarning,
             stacklevel=3,
         )
