@@ -18,8 +18,8 @@ torch = pytest.importorskip("torch")
 from conftest import rel_err  # noqa: E402
 from torch import nn  # noqa: E402
 
-from tensorconv.cli._torchvision import torchvision_models  # noqa: E402
 from tensorconv import TuckerKernel  # noqa: E402
+from tensorconv.cli._torchvision import torchvision_models  # noqa: E402
 from tensorconv.nn import KruskalConv, TuckerConv, factorize, summarize  # noqa: E402
 
 
