@@ -55,3 +55,19 @@ def test_importing_the_peer_leaves_tensorly_backend_alone():
     if _import_tltorch() is None:
         pytest.skip("tensorly-torch is not installed (optional benchmark peer)")
     assert tensorly.get_backend() == before
+
+
+def test_quick_without_suites_runs_the_quick_set_and_times_each_suite(tmp_path, monkeypatch, capsys):
+    """`tensorconv bench --quick` is the minute-long smoke run: the headline suites only (each
+    other suite still takes --quick when named), with every suite's seconds in the JSON."""
+    import tensorconv.cli.bench as bench
+
+    ran = []
+    monkeypatch.setattr(bench, "_suite_function", lambda name: lambda args, targets: ran.append(name) or [])
+    assert cli_main(["bench", "--quick", "--backend", "numpy", "--allocator", "default", "--out", str(tmp_path)]) == 0
+    assert tuple(ran) == bench.QUICK_SUITES and set(bench.QUICK_SUITES) < set(bench.SUITES)
+    env = json.loads((tmp_path / "results.json").read_text())["environment"]
+    assert list(env["suite_seconds"]) == list(bench.QUICK_SUITES)
+    ran.clear()
+    assert cli_main(["bench", "decompose", "--quick", "--backend", "numpy", "--allocator", "default"]) == 0
+    assert ran == ["decompose"]

@@ -24,6 +24,8 @@ from . import open_output, positive_int, write_output
 #: suites in tensorconv/cli/bench_kernels.py (inside a plan, torch CPU)
 _KERNEL_SUITES = ("accelerators", "depthwise", "auto", "memory", "layers")
 SUITES = ("fig6", "backends", "peers", "roofline", "targets", "r3d18", "models", "decompose") + _KERNEL_SUITES
+#: what ``--quick`` runs when no suite is named: the headline comparisons, in about a minute
+QUICK_SUITES = ("fig6", "backends", "peers", "models", "accelerators", "auto")
 
 
 # -- timing ---------------------------------------------------------------------------------------------------
@@ -205,7 +207,7 @@ def _params_matched_rank(c, t, ks):
 # -- suites -----------------------------------------------------------------------------------------------------
 def suite_fig6(args, targets):
     """Paper Figure 6: input 16x32x32, 3x3x3 kernel, C = T, dense 3-D conv vs CP at R = 6C and R = 3C."""
-    channels = (16, 32, 64) if args.quick else (16, 32, 64, 128, 256)
+    channels = (16, 64) if args.quick else (16, 32, 64, 128, 256)
     rows = []
     prog = _Progress(len(channels) * len(targets) * 3, "fig6")
     for c in channels:
@@ -396,7 +398,7 @@ def _suite_peers(args, targets):
     import torch
 
     tltorch = _import_tltorch()
-    channels = (16, 64) if args.quick else (16, 32, 64, 128)
+    channels = (16, 32) if args.quick else (16, 32, 64, 128)
     devices = [d for b, d in targets if b == "torch"]
     rows = []
     prog = _Progress(len(channels) * 2 * len(devices), "peers")
@@ -819,7 +821,8 @@ def hwm():
     with open("/proc/self/status") as f:
         return int(f.read().split("VmHWM:")[1].split()[0]) * 1024
 torch.manual_seed(0)
-conv = torch.nn.Conv3d(512, 1024, 3, bias=False)
+c, t, r, r_out, r_in = (int(v) for v in sys.argv[3].split(","))
+conv = torch.nn.Conv3d(c, t, 3, bias=False)
 who = sys.argv[1]
 if who == "tltorch":
     import tensorly
@@ -829,14 +832,14 @@ base = hwm()
 t0 = time.perf_counter()
 if who == "tensorconv-cp":
     from tensorconv.nn import KruskalConv
-    layer = KruskalConv.from_conv(conv, 256)
+    layer = KruskalConv.from_conv(conv, r)
     err = layer.relative_error
 elif who == "tensorconv-tucker":
     from tensorconv.nn import TuckerConv
-    layer = TuckerConv.from_conv(conv, (256, 128))
+    layer = TuckerConv.from_conv(conv, (r_out, r_in))
     err = layer.relative_error
 else:
-    layer = tltorch.FactorizedConv.from_conv(conv, rank=256, factorization="cp")
+    layer = tltorch.FactorizedConv.from_conv(conv, rank=r, factorization="cp")
     w = conv.weight.detach()
     err = float((layer.weight.to_tensor() - w).norm() / w.norm())
 print(json.dumps(dict(seconds=time.perf_counter() - t0, extra_bytes=hwm() - base, error=err)))
@@ -847,13 +850,16 @@ def suite_decompose(args, targets):
     """Decomposing one large layer, Conv3d(512, 1024, 3): tensorconv's CP (rank 256) and Tucker
     ((256, 128)) against tensorly-torch's ``FactorizedConv.from_conv`` (CP, rank 256); time and
     peak memory above the process's baseline, each in its own process (the peer with a time and
-    address-space limit, so that it cannot take the machine down)."""
+    address-space limit, so that it cannot take the machine down). ``--quick``: Conv3d(64, 128, 3)
+    at an eighth of those ranks, 20 s at most each."""
     import resource
     import subprocess
 
     rows = []
     threads = 2
-    limit_s = 120 if args.quick else 600
+    limit_s = 20 if args.quick else 600
+    # (C, T, CP rank, Tucker R_out, R_in)
+    sizes = (64, 128, 32, 32, 16) if args.quick else (512, 1024, 256, 256, 128)
     whos = ("tensorconv-cp", "tensorconv-tucker", "tltorch")
     prog = _Progress(len(whos), "decompose")
     for who in whos:
@@ -864,13 +870,13 @@ def suite_decompose(args, targets):
         row = dict(
             suite="decompose",
             method=who,
-            layer="Conv3d(512, 1024, 3)",
-            rank="(256, 128)" if who.endswith("tucker") else "256",
+            layer=f"Conv3d({sizes[0]}, {sizes[1]}, 3)",
+            rank=f"({sizes[3]}, {sizes[4]})" if who.endswith("tucker") else str(sizes[2]),
             threads=threads,
         )
         try:
             done = subprocess.run(
-                [sys.executable, "-c", _DECOMPOSE, who, str(threads)],
+                [sys.executable, "-c", _DECOMPOSE, who, str(threads), ",".join(map(str, sizes))],
                 capture_output=True,
                 text=True,
                 timeout=limit_s,
@@ -1023,7 +1029,12 @@ def add_arguments(parser):
     parser.add_argument(
         "suites", nargs="*", choices=[*SUITES, []], default=None, help=f"suites to run (default: all of {SUITES})"
     )
-    parser.add_argument("--quick", action="store_true", help="small sizes, < 2 minutes on a 2-core CPU")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"small sizes and short timings; with no suite named, only {', '.join(QUICK_SUITES)}: "
+        f"under a minute on a 2-core CPU",
+    )
     parser.add_argument("--out", metavar="DIR", help="write results.json (and fig6.png) there")
     parser.add_argument(
         "--backend",
@@ -1032,7 +1043,7 @@ def add_arguments(parser):
         help="backend (repeatable; default: every one found)",
     )
     parser.add_argument("--batch", type=positive_int, default=None, help="batch size (default 1, quick 1)")
-    parser.add_argument("--repeat", type=positive_int, default=None, help="timed runs per point (default 7, quick 5)")
+    parser.add_argument("--repeat", type=positive_int, default=None, help="timed runs per point (default 7, quick 3)")
     parser.add_argument(
         "--allocator",
         choices=["default", "no-trim"],
@@ -1043,10 +1054,12 @@ def add_arguments(parser):
 
 
 def main(args):
-    suites = args.suites or list(SUITES)
+    suites = args.suites or list(QUICK_SUITES if args.quick else SUITES)
     args.batch = 1 if args.batch is None else args.batch
-    args.repeat = (5 if args.quick else 7) if args.repeat is None else args.repeat
-    args.budget = 2.0 if args.quick else 20.0
+    # quick: every suite at its small sizes, each point timed for about half a second (a smoke
+    # run of the harness in about a minute); the full suites take as long as they need
+    args.repeat = (3 if args.quick else 7) if args.repeat is None else args.repeat
+    args.budget = 0.5 if args.quick else 20.0
     if args.batch < 1 or args.repeat < 1:
         raise SystemExit("--batch and --repeat must be >= 1")
     output = open_output(args.out, directory=True, filename="results.json", flag="--out") if args.out else None
@@ -1065,9 +1078,13 @@ def main(args):
         args.cpu_kernel = all(accelerators.build().values())
     t0 = time.perf_counter()
     rows = []
+    suite_seconds = {}
     for suite in suites:
+        start = time.perf_counter()
         rows += _suite_function(suite)(args, targets)
+        suite_seconds[suite] = round(time.perf_counter() - start, 1)
     env = environment(args)
+    env["suite_seconds"] = suite_seconds
     env["seconds"] = round(time.perf_counter() - t0, 1)
     env["command"] = "tensorconv bench " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else [])
     print(format_rows(rows))
