@@ -1,7 +1,14 @@
 import contextlib
 import os
+import tempfile
 
-import numpy as np
+# torch.compile's on-disk caches (inductor's FX graph cache) key a graph by its ops, not by a
+# custom op's fake kernel: a cache left by an earlier run of other code would replay stale
+# strides. Each test session compiles afresh, as a new user's machine does (unless the
+# developer points TORCHINDUCTOR_CACHE_DIR somewhere on purpose).
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="tensorconv-inductor-"))
+
+import numpy as np  # noqa: E402
 import pytest
 from hypothesis import HealthCheck, settings
 
