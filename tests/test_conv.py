@@ -163,9 +163,9 @@ def test_plan_is_reused_and_runs_on_several_backends():
     x = np.random.default_rng(0).standard_normal((2, 3, 6, 6))
     other = KruskalKernel.random((4, 3, 3, 3), rank=2, seed=5)
     assert rel_err(p1(x, other), conv(x, other, padding=1)) < 1e-12
-    hits = _conv_plans.cache_info().hits
+    hits = _conv_plans.hits
     conv(x, k, padding=1)
-    assert _conv_plans.cache_info().hits == hits + 1  # the same structure and shape as `other`
+    assert _conv_plans.hits == hits + 1  # the same structure and shape as `other`
     ref = p1(x, k)
     if torch is not None:
         got = p1(torch.from_numpy(x), k.to_backend("torch"))
@@ -299,7 +299,7 @@ def test_plans_are_held_by_their_caller_and_models_passed_not_set():
     assert rel_err(second(x, k), conv(x, k, padding=1)) == 0.0  # ...changes nobody else's
     other = plan_conv(k, (2, 3, 6, 6), padding=1, cost_model=_MERGING)
     assert other.cost_model == _MERGING and plan_conv(k, (2, 3, 6, 6), padding=1).cost_model != _MERGING
-    assert _conv_plans.cache_info().maxsize == 512
+    assert (_conv_plans.per_group, _conv_plans.total) == (256, 4096)
     with pytest.raises(TypeError, match="cost_model=.*not a CostModel"):
         plan_conv(k, (2, 3, 6, 6), cost_model={"macs_per_s": 1})
 
@@ -468,3 +468,60 @@ def test_torch_func_vmap_over_conv_equals_a_loop(strategy):
     got = torch.func.vmap(lambda x: conv(x, k, padding=1, strategy=strategy))(xs)
     want = torch.stack([torch.nn.functional.conv2d(x, k.to_dense(), padding=1) for x in xs])
     assert rel_err(got, want) < 1e-10
+
+
+def test_plan_cache_bounds_each_structure_and_the_total():
+    """One structure fed endless shapes keeps only its most recent ones and cannot evict the
+    plans of the others (a layer's plans survive a neighbour's variable-length inputs)."""
+    from tensorconv.plans.cache import PlanCache
+
+    made = []
+    cache = PlanCache(lambda *rest: made.append(rest) or rest, per_group=3, total=5)
+    cache.get("a", (1,))
+    cache.get("b", (1,))
+    for n in range(10):  # "a" fed ten shapes: it keeps its last three, "b" keeps its one
+        cache.get("a", (n,))
+    assert len(cache) == 4 and cache.get("b", (1,)) == (1,) and cache.hits == 2  # a: (1,) again; b: (1,)
+    before = len(made)
+    assert cache.get("a", (9,)) == (9,) and cache.get("a", (7,)) == (7,) and len(made) == before
+    cache.get("a", (0,))  # evicted long ago: made again
+    assert len(made) == before + 1
+    for n in range(3):  # a third group: the total bound takes the least recently used group's oldest
+        cache.get("c", (n,))
+    assert len(cache) <= 5
+    with pytest.raises(ValueError, match="per_group=4, total=2"):
+        PlanCache(lambda: None, per_group=4, total=2)
+
+
+def test_a_new_size_in_a_searched_bucket_prices_the_known_tree():
+    """Shapes of one power-of-two size bucket share the order searched for the first: the plan
+    for a new size costs one priced step per contraction instead of the search over subsets,
+    and (the order being the same here) equals a fresh search's plan."""
+    from tensorconv.plans import planner
+
+    k = KruskalKernel.random((16, 12, 3, 3), rank=6, seed=1)
+    planner._TREES.clear()
+    calls = []
+    original = planner.ConvPathOptimizer._step
+
+    def counting(self, *args):
+        calls.append(1)
+        return original(self, *args)
+
+    planner.ConvPathOptimizer._step = counting
+    try:
+        plan_conv(k, (4, 12, 40, 36), padding=1, backend="torch", dtype="float32")
+        searched = len(calls)
+        calls.clear()
+        reused = plan_conv(k, (4, 12, 44, 33), padding=1, backend="torch", dtype="float32")
+        priced = len(calls)
+    finally:
+        planner.ConvPathOptimizer._step = original
+    n_steps = len([s for s in reused.steps])
+    assert priced <= 2 * n_steps < searched  # two objectives (auto), one step each
+    planner._TREES.clear()
+    fresh = plan_conv(k, (4, 12, 44, 33), padding=1, backend="torch", dtype="float32")
+    assert [(s.kind, s.macs, s.out_shape) for s in reused.steps] == [(s.kind, s.macs, s.out_shape) for s in fresh.steps]
+    assert reused.strategy == fresh.strategy and reused.estimates == fresh.estimates
+    x = np.random.default_rng(1).standard_normal((4, 12, 44, 33))
+    assert rel_err(reused(x, k), conv(x, k.to_dense(), padding=1)) < 1e-10

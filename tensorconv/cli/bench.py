@@ -22,7 +22,7 @@ from ..plans.plan import conv, plan_conv
 from . import open_output, positive_int, write_output
 
 #: suites in tensorconv/cli/bench_kernels.py (inside a plan, torch CPU)
-_KERNEL_SUITES = ("accelerators", "depthwise", "auto", "memory", "layers")
+_KERNEL_SUITES = ("accelerators", "depthwise", "auto", "memory", "layers", "varlen")
 SUITES = ("fig6", "backends", "peers", "roofline", "targets", "r3d18", "models", "decompose") + _KERNEL_SUITES
 #: what ``--quick`` runs when no suite is named: the headline comparisons, in about a minute
 QUICK_SUITES = ("fig6", "backends", "peers", "models", "accelerators", "auto")

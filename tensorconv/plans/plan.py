@@ -11,6 +11,7 @@ from .._typing import Array, IntOrTuple, Padding
 from ..accelerators import registered as registered_accelerators
 from ..backends import backend_for_name, get_backend
 from ..kernels import KruskalKernel, TuckerKernel
+from .cache import PlanCache
 from .cost import CostModel, cost_model_for
 from .executor import TapProgram, WeightProduct, dense_conv
 from .planner import STRATEGIES, dense_step, plan_steps, reconstruct_macs
@@ -600,12 +601,10 @@ def _new_plan(
     )
 
 
-@functools.lru_cache(maxsize=512)
-def _conv_plans(registry, *args):
-    """conv()'s plans: bounded, and private to conv() (plan_conv hands out new plans). The
-    accelerator registry (a tuple of the registered objects) is part of the key, so a plan cached
-    before ``accelerators.unregister`` (or a re-registration under the same name) is not reused."""
-    return _new_plan(*args)
+#: conv()'s plans, private to conv() (plan_conv hands out new plans). A group is the accelerator
+#: registry (a tuple of the registered objects: a plan cached before ``accelerators.unregister``,
+#: or a re-registration under the same name, is not reused) and the kernel's structure.
+_conv_plans = PlanCache(_new_plan)
 
 
 def _hashable(value):
@@ -635,8 +634,8 @@ def plan_conv(
 
     Each call returns a new :class:`ConvPlan`: what one caller's plan compiles or caches (a
     jitted program, a compiled chain, prepared native convs) is never seen by another.
-    :func:`conv` keeps its own bounded cache of plans (512 shapes, least recently used out),
-    which no caller can reach.
+    :func:`conv` keeps its own bounded cache of plans (per kernel structure its 256 most recent
+    shapes, 4096 in all), which no caller can reach.
 
     Parameters
     ----------
@@ -827,23 +826,21 @@ def conv(
             "HOCPBlock record shape-generic standard convs), or use torch.compile"
         )
     structure = structure_of(kernel, groups)
-    plan = _conv_plans(
-        registered_accelerators(),
-        *_plan_args(
-            structure,
-            tuple(int(s) for s in x.shape),
-            stride,
-            padding,
-            dilation,
-            groups,
-            padding_mode,
-            strategy,
-            backend.itemsize(x),
-            backend.name,
-            backend.device(x),
-            None,
-        ),
+    args = _plan_args(
+        structure,
+        tuple(int(s) for s in x.shape),
+        stride,
+        padding,
+        dilation,
+        groups,
+        padding_mode,
+        strategy,
+        backend.itemsize(x),
+        backend.name,
+        backend.device(x),
+        None,
     )
+    plan = _conv_plans.get((registered_accelerators(), args[0]), args)
     # the plan was looked up by this kernel's structure and x's shape, and the arrays were
     # checked above: nothing is left for the plan to re-check
     return plan._run(backend, x, kernel)

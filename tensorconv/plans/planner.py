@@ -11,6 +11,8 @@ positions x channels, and both are priced by the backend's roofline (MACs and by
 
 from __future__ import annotations
 
+import functools
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import opt_einsum
@@ -189,11 +191,19 @@ class ConvPathOptimizer(opt_einsum.paths.PathOptimizer):
                             seen.append(i)
             return tuple(seen)
 
+        leaves = {
+            1 << pos: (inputs[pos], pos == 0, tuple(self.geometry.in_spatial) if pos == 0 else None) for pos in range(n)
+        }
+        tree_key = self._tree_key()
+        tree = _TREES.get(tree_key)
+        if tree is not None:  # a shape of a bucket searched before: its tree, priced for this shape
+            _TREES.move_to_end(tree_key)
+            self.ordered = self._price_tree(tree, leaves, open_indices)
+            return self.ordered
         # best[mask] = (seconds, macs, info, tree, step, objective key)
         best = {}
-        for pos in range(n):
-            grid = tuple(self.geometry.in_spatial) if pos == 0 else None
-            best[1 << pos] = (0.0, 0, (inputs[pos], pos == 0, grid), pos, None, None)
+        for mask, info in leaves.items():
+            best[mask] = (0.0, 0, info, mask.bit_length() - 1, None, None)
         masks = sorted(range(1, full + 1), key=lambda m: bin(m).count("1"))
         # a factorized plan never contracts every factor into the dense kernel (that is the
         # "reconstructed" strategy), unless that kernel mixes no channels (a depthwise kernel)
@@ -235,8 +245,29 @@ class ConvPathOptimizer(opt_einsum.paths.PathOptimizer):
             order.append((mask, entry[4]))
 
         walk(full)
-        self.best = best
+        _TREES[tree_key] = tuple((mask, best[mask][3]) for mask, _ in order)
+        if len(_TREES) > _TREES_MAX:
+            _TREES.popitem(last=False)
         self.ordered = order
+        return order
+
+    def _tree_key(self):
+        """What the best tree depends on, with the sizes that scale the costs (batch, spatial)
+        by power-of-two bucket: shapes of one bucket share the tree searched for the first."""
+        g = self.geometry
+        buckets = (int(self.batch).bit_length(),) + tuple(int(d).bit_length() for d in g.in_spatial)
+        geometry = (g.kernel_size, g.stride, g.padding, g.dilation, g.padding_mode)
+        return (self.structure, geometry, buckets, self.itemsize, self.model, self.objective)
+
+    def _price_tree(self, tree, leaves, open_indices):
+        """The steps of ``tree`` ((mask, (sub, other)) children first) with this shape's costs:
+        one step per contraction instead of the search over every subset."""
+        info = dict(leaves)
+        order = []
+        for mask, (sub, other) in tree:
+            step = self._step(sub, other, info[sub], info[other], set(open_indices(mask)))
+            info[mask] = (step["out_indices"], bool(mask & 1), step["grid"])
+            order.append((mask, step))
         return order
 
     def __call__(self, inputs, output, size_dict, memory_limit=None):
@@ -251,41 +282,31 @@ class ConvPathOptimizer(opt_einsum.paths.PathOptimizer):
         return opt_einsum.paths.ssa_to_linear(ssa_path)
 
 
+#: searched trees by :meth:`ConvPathOptimizer._tree_key`, least recently used out: a model fed
+#: inputs of many sizes (variable-length sequences) searches once per size bucket, not per size
+_TREES: OrderedDict = OrderedDict()
+_TREES_MAX = 4096
+
+
 def _letters_for(indices):
     pool = iter("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
     return {i: next(pool) for i in indices}
 
 
 def plan_steps(structure, geometry: ConvGeometry, batch, itemsize, model, objective="macs"):
-    """Run the optimizer through opt_einsum; returns (steps, linear path, optimizer)."""
+    """Run the optimizer; returns (steps, linear path, optimizer).
+
+    The optimizer is an opt_einsum ``PathOptimizer`` (``opt_einsum.contract_path(...,
+    optimize=opt)`` gives the same path); it reads the structure itself, so it is called directly
+    here: parsing the equation again for every shape cost more than pricing a known tree."""
     opt = ConvPathOptimizer(structure, geometry, batch, itemsize, model, objective)
-    all_indices = list(
-        dict.fromkeys(
-            ["batch"]
-            + [f"y{n}" for n in range(structure.n_spatial)]
-            + list(structure.act_in)
-            + list(structure.taps)
-            + [i for op in structure.operands for i in op.indices]
-            + list(structure.act_out)
-        )
-    )
-    letters = _letters_for(all_indices)
+    path = opt(None, None, None)
     sizes = dict(structure.size_of)
     sizes.update({t: k for t, k in zip(structure.taps, geometry.kernel_size)})
-    pos = tuple(f"y{n}" for n in range(structure.n_spatial))
-    x_terms = ("batch",) + pos + tuple(structure.act_in) + tuple(structure.taps)
-    x_shape = (
-        (batch,) + tuple(geometry.out_spatial) + tuple(sizes[i] for i in structure.act_in) + tuple(geometry.kernel_size)
-    )
-    terms = ["".join(letters[i] for i in x_terms)] + [
-        "".join(letters[i] for i in op.indices) for op in structure.operands
-    ]
-    out = "".join(letters[i] for i in ("batch",) + pos + tuple(structure.act_out))
-    shapes = [x_shape] + [op.shape for op in structure.operands]
-    path, _ = opt_einsum.contract_path(",".join(terms) + "->" + out, *shapes, shapes=True, optimize=opt)
+    n_inputs = 1 + len(structure.operands)
     steps = []
-    ids = {1 << p: p for p in range(len(shapes))}
-    next_id = len(shapes)
+    ids = {1 << p: p for p in range(n_inputs)}
+    next_id = n_inputs
     for mask, s in opt.ordered:
         s.pop("grid")
         a, b = ids[s.pop("lhs")], ids[s.pop("rhs")]
@@ -306,6 +327,7 @@ def _out_shape(s, sizes, batch):
     return (batch,) + tuple(s["out_grid"]) + tuple(sizes[i] for i in s["out_indices"])
 
 
+@functools.lru_cache(maxsize=1024)
 def reconstruct_macs(structure):
     """MACs of contracting the kernel's factors into the dense kernel (opt_einsum's count)."""
     if structure.kind == "dense":
