@@ -1,0 +1,54 @@
+"""The `tensorconv bench varlen` case as a script that times whichever tensorconv is imported, so
+that two checkouts compare in one sitting (the suite exists only in the newer one):
+
+    PYTHONPATH=/path/to/before python benchmarks/varlen_ab.py
+    PYTHONPATH=/path/to/after  python benchmarks/varlen_ab.py
+
+A 6-layer Conv1d model (kernel 3, 32 -> 128 channels, batch 8), dense and factorize(0.25), fed
+150 lengths (100..249) in turn, and one length (175) 150 times; milliseconds per forward,
+medians of 7 sweeps in a shuffled order after 2 warm-up sweeps.
+"""
+
+import json
+import random
+import time
+
+import torch
+
+import tensorconv
+from tensorconv.nn import factorize
+
+torch.set_num_threads(2)
+torch.manual_seed(0)
+layers = []
+widths = [32, 48, 64, 80, 96, 112, 128]
+for c, t in zip(widths, widths[1:]):
+    layers += [torch.nn.Conv1d(c, t, 3, padding=1), torch.nn.ReLU()]
+dense = torch.nn.Sequential(*layers).eval()
+fact = factorize(dense, 0.25, n_iter_max=10).eval()
+inputs = [torch.randn(8, 32, n) for n in range(100, 250)]
+fixed = [torch.randn(8, 32, 175)] * 150
+entries = {
+    "dense varlen": (dense, inputs),
+    "fact varlen": (fact, inputs),
+    "dense fixed": (dense, fixed),
+    "fact fixed": (fact, fixed),
+}
+times = {k: [] for k in entries}
+with torch.no_grad():
+    for _ in range(2):
+        for m, xs in entries.values():
+            for x in xs:
+                m(x)
+    order = list(entries)
+    for r in range(7):
+        random.Random(r).shuffle(order)
+        for k in order:
+            m, xs = entries[k]
+            t0 = time.perf_counter()
+            for x in xs:
+                m(x)
+            times[k].append((time.perf_counter() - t0) / len(xs) * 1e3)
+med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+print(tensorconv.__file__, json.dumps({k: round(v, 3) for k, v in med.items()}))
+print(f"factorized: 150 lengths / one = {med['fact varlen'] / med['fact fixed']:.2f}")
