@@ -20,7 +20,6 @@ from tensorconv.nn import HOCPBlock, KruskalConv, TuckerConv  # noqa: E402
 
 STANDARD_ONNX_OPS = {
     "Conv",
-    "ConvTranspose",
     "Pad",
     "Add",
     "Relu",

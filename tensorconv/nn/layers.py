@@ -220,12 +220,9 @@ def _graph_conv(x, parts, layer):
     if kind == "cp":
         lam, u_t, u_c, *spatial = tensors
         rank = int(lam.shape[0])
-        # a 1x1 transposed conv takes U_C (C, R) as its weight as it is stored: no transposed copy
-        h = (
-            x
-            if u_c is None
-            else (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[n - 1](x, u_c[(...,) + unit])
-        )
+        # a 1x1 conv with U_C^T (R, C) as its weight, a transposed view: exported graphs hold a plain
+        # Conv (ONNX Runtime's CPU kernels are tuned for Conv, not for a 1x1 ConvTranspose)
+        h = x if u_c is None else convnd(x, u_c.t()[(...,) + unit])
         h = pad(h)
         for m, u in enumerate(spatial):
             if m == n - 1:
