@@ -9,9 +9,12 @@ _DTYPES = {"float16", "bfloat16", "float32", "float64", "complex64", "complex128
 def _contiguous_weight(weight):
     """A conv weight as ATen's CPU fallback kernels need it for their backward: slow_conv2d
     allocates its weight gradient in the weight's memory format and then insists on a contiguous
-    one, so a strided view of a factor (an ambiguous layout where a mode has size 1) fails there.
-    Weights are small next to activations: the copy is cheap, and a no-op when already contiguous."""
-    return weight if weight.is_contiguous() else weight.contiguous()
+    one, which fails for a strided view with one output channel (its layout is ambiguous: CP rank
+    1, Tucker R_out = 1, T = 1). Only those are copied: other views keep the layout that oneDNN
+    reads without a reorder."""
+    if weight.shape[0] == 1 and not weight.is_contiguous():
+        return weight.contiguous()
+    return weight
 
 
 class TorchBackend(ArrayBackend):
