@@ -170,3 +170,19 @@ def chain_calls(plane_kernel, monkeypatch):
 
     monkeypatch.setattr(_ops, "cp_chain_forward", spy)
     return calls
+
+
+@pytest.fixture(scope="module")
+def tv():
+    """torchvision.models, importable beside the CPU torch wheel (see
+    tensorconv.cli._torchvision). torchvision is a test extra: CI fails without it (no skip
+    there); a local run without it skips with the reason."""
+    pytest.importorskip("torch")
+    from tensorconv.cli._torchvision import torchvision_models
+
+    try:
+        return torchvision_models()
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("torchvision is not installed (a test extra)")

@@ -8,7 +8,6 @@ torch of the README's command); if it is missing, CI fails here (no skip), and a
 without it skips with the reason.
 """
 
-import os
 import warnings
 
 import numpy as np
@@ -19,18 +18,7 @@ from conftest import rel_err  # noqa: E402
 from torch import nn  # noqa: E402
 
 from tensorconv import TuckerKernel  # noqa: E402
-from tensorconv.cli._torchvision import torchvision_models  # noqa: E402
 from tensorconv.nn import KruskalConv, TuckerConv, factorize, summarize  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tv():
-    try:
-        return torchvision_models()
-    except ImportError:
-        if os.environ.get("CI"):
-            raise  # a test extra: CI must have it
-        pytest.skip("torchvision is not installed (a test extra)")
 
 
 def test_factorize_a_torchvision_r3d_18_keeps_geometry_and_leaves_the_original(tv):

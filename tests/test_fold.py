@@ -2,15 +2,12 @@
 computes (eval mode, float64 1e-10), on hand-made graphs and torchvision's resnet18, and the
 exported ONNX graph loses its BatchNormalization nodes."""
 
-import os
-
 import pytest
 
 torch = pytest.importorskip("torch")
 from conftest import rel_err  # noqa: E402
 from torch import nn  # noqa: E402
 
-from tensorconv.cli._torchvision import torchvision_models  # noqa: E402
 from tensorconv.nn import KruskalConv, TuckerConv, factorize, fold_batchnorm  # noqa: E402
 
 
@@ -63,16 +60,6 @@ def test_folded_model_equals_the_model_with_its_batchnorms():
 def test_training_mode_is_refused():
     with pytest.raises(ValueError, match="training mode.*model.eval"):
         fold_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
-
-
-@pytest.fixture(scope="module")
-def tv():
-    try:
-        return torchvision_models()
-    except ImportError:
-        if os.environ.get("CI"):
-            raise  # a test extra: CI must have it
-        pytest.skip("torchvision is not installed (a test extra)")
 
 
 @pytest.mark.slow
