@@ -1,7 +1,7 @@
 """PyTorch modules (imported on first use: ``import tensorconv`` does not import torch)."""
 
+from .batchnorm import fold_batchnorm, recalibrate_batchnorm
 from .compress import factorize, summarize
-from .fold import fold_batchnorm
 from .layers import HOCPBlock, KruskalConv, TuckerConv, cp_rank_for, tucker_rank_for
 from .resnet import HOCPResNet, TensorRegression, hocp_resnet18
 from .training import factorized_layers, lasso, prune, transduct
@@ -22,4 +22,5 @@ __all__ = [
     "factorize",
     "summarize",
     "fold_batchnorm",
+    "recalibrate_batchnorm",
 ]

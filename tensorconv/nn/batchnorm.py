@@ -1,5 +1,6 @@
-"""Fold eval-mode BatchNorm into the convolution before it: one op less per conv at inference
-(what ONNX Runtime and TensorRT do for dense convs, done here for factorized ones too)."""
+"""BatchNorm around compression: fold eval-mode BatchNorms into the convolution before them (one
+op less per conv at inference: what ONNX Runtime and TensorRT do for dense convs, done here for
+factorized ones too), and recompute running statistics after the convolutions changed."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from torch import nn
 
 from .layers import _FactorizedConv
 
-__all__ = ["fold_batchnorm"]
+__all__ = ["fold_batchnorm", "recalibrate_batchnorm"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, _FactorizedConv)
 
@@ -129,3 +130,59 @@ def _replace(root, qualname, module):
     parent_name, _, child = qualname.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)
+
+
+def recalibrate_batchnorm(model: nn.Module, batches) -> nn.Module:
+    """Recompute every BatchNorm's running statistics from ``batches``, in place.
+
+    After :func:`~tensorconv.nn.factorize` the activations a BatchNorm sees are not those its
+    running mean and variance describe; forwarding a few batches of real inputs through the
+    compressed model (no gradients, nothing else trained) recomputes them. Each BatchNorm's
+    statistics are reset and accumulated as the plain average over the batches (momentum None
+    for the pass: equal-sized batches give the mean over all samples, and the average of the
+    batches' unbiased variances); the momentum, the training flags and the parameters are
+    restored afterwards.
+
+    Parameters
+    ----------
+    model : nn.Module
+    batches : iterable
+        Model inputs: tensors, or tuples of positional inputs (e.g. a DataLoader's inputs).
+
+    Returns
+    -------
+    nn.Module
+        ``model``.
+
+    Raises
+    ------
+    ValueError
+        No batch, or no BatchNorm that tracks running statistics.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        raise ValueError("recalibrate_batchnorm: the model has no BatchNorm that tracks running statistics")
+    modes = {m: m.training for m in model.modules()}
+    momenta = {bn: bn.momentum for bn in norms}
+    seen = 0
+    try:
+        model.eval()
+        for bn in norms:
+            bn.reset_running_stats()
+            bn.momentum = None  # a cumulative average over the batches
+            bn.train()
+        with torch.no_grad():
+            for batch in batches:
+                if isinstance(batch, (tuple, list)):
+                    model(*batch)
+                else:
+                    model(batch)
+                seen += 1
+    finally:
+        for bn, momentum in momenta.items():
+            bn.momentum = momentum
+        for m, training in modes.items():
+            m.train(training)
+    if not seen:
+        raise ValueError("recalibrate_batchnorm: batches gave no batch; pass a few batches of real inputs")
+    return model

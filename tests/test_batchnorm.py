@@ -1,6 +1,7 @@
 """tensorconv.nn.fold_batchnorm: the folded model computes what the model with its BatchNorms
 computes (eval mode, float64 1e-10), on hand-made graphs and torchvision's resnet18, and the
-exported ONNX graph loses its BatchNormalization nodes."""
+exported ONNX graph loses its BatchNormalization nodes. recalibrate_batchnorm: the running
+statistics equal those computed directly from the BatchNorm's inputs."""
 
 import pytest
 
@@ -8,7 +9,7 @@ torch = pytest.importorskip("torch")
 from conftest import rel_err  # noqa: E402
 from torch import nn  # noqa: E402
 
-from tensorconv.nn import KruskalConv, TuckerConv, factorize, fold_batchnorm  # noqa: E402
+from tensorconv.nn import KruskalConv, TuckerConv, factorize, fold_batchnorm, recalibrate_batchnorm  # noqa: E402
 
 
 def _randomise(bn, g):
@@ -89,3 +90,31 @@ def test_factorized_resnet18_folds_every_batchnorm_and_exports_without_them(tv, 
     with torch.no_grad():
         ref = small(x32).numpy()
     assert rel_err(got, ref) < 1e-4  # float32: stated 1e-4
+
+
+def test_recalibrate_batchnorm_equals_statistics_of_the_inputs_it_sees():
+    """Oracle: the BatchNorm inputs recorded by a hook, their mean over all samples and the
+    average of the batches' unbiased variances (PyTorch's cumulative average)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        KruskalConv(3, 6, (3, 3), rank=4, padding=1), nn.BatchNorm2d(6, momentum=0.3), nn.ReLU(), nn.Conv2d(6, 4, 3)
+    ).double()
+    model.train()
+    model[1].running_mean.fill_(5.0)  # stale statistics
+    seen = []
+    hook = model[1].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(4, 3, 8, 8, dtype=torch.float64, generator=g) for _ in range(3)]
+    weights_before = [p.detach().clone() for p in model.parameters()]
+    assert recalibrate_batchnorm(model, batches) is model
+    hook.remove()
+    per_channel = [b.transpose(0, 1).reshape(6, -1) for b in seen]
+    mean = torch.stack([c.mean(1) for c in per_channel]).mean(0)
+    var = torch.stack([c.var(1, unbiased=True) for c in per_channel]).mean(0)
+    assert rel_err(model[1].running_mean, mean) < 1e-10 and rel_err(model[1].running_var, var) < 1e-10
+    assert model.training and model[1].momentum == 0.3  # restored
+    assert all(torch.equal(a, b) for a, b in zip(weights_before, model.parameters()))  # nothing trained
+    with pytest.raises(ValueError, match="no batch"):
+        recalibrate_batchnorm(model, [])
+    with pytest.raises(ValueError, match="no BatchNorm"):
+        recalibrate_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3)), batches)
