@@ -225,3 +225,23 @@ def test_summarize_a_model_with_two_inputs():
     assert by_shapes == by_tensors and "7.78k" in by_shapes  # 8 * 6 * 6 outputs * 27
     with pytest.raises(TypeError, match=r"input_shape\[1\]='x'"):
         summarize(model, ((1, 3, 8, 8), "x"))
+
+
+def test_a_compressed_checkpoint_loads_into_the_skeleton_built_without_decomposing():
+    """factorize(..., decompose=False) builds the same layers (ranks, left-dense convs, biases)
+    without decomposing: the compressed model's state_dict loads strictly and the outputs match."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 16, 3, bias=False)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the depthwise conv stays dense under Tucker (named in a warning)
+        for factorization in ("cp", "tucker"):
+            compressed = factorize(net, 0.3, factorization=factorization, n_iter_max=5)
+            torch.manual_seed(1)
+            skeleton = factorize(net, 0.3, factorization=factorization, decompose=False)
+            assert [type(m).__name__ for m in skeleton] == [type(m).__name__ for m in compressed]
+            x = torch.randn(1, 3, 12, 12)
+            assert rel_err(skeleton(x).detach(), compressed(x).detach()) > 1e-3  # not decomposed: differs
+            skeleton.load_state_dict(compressed.state_dict(), strict=True)
+            assert rel_err(skeleton(x).detach(), compressed(x).detach()) < 1e-6  # float32

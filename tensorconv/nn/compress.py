@@ -55,6 +55,7 @@ def factorize(
     factorization: str = "cp",
     layers: Callable[[str, nn.Module], bool] | None = None,
     inplace: bool = False,
+    decompose: bool = True,
     **decomposition_kwargs,
 ) -> nn.Module:
     """Replace every eligible convolution of ``model`` by a factorized one (``from_conv``).
@@ -80,6 +81,10 @@ def factorize(
     inplace : bool
         Replace the layers of ``model`` itself; by default a deep copy is changed and ``model``
         is left untouched.
+    decompose : bool
+        ``False``: build the factorized layers without decomposing (:meth:`KruskalConv.skeleton`:
+        the same layers, ranks and left-dense convs, freshly initialised, in seconds), to load
+        the ``state_dict`` of a model that ``factorize`` compressed with the same arguments.
     **decomposition_kwargs
         Passed to ``from_conv`` (e.g. ``n_iter_max=``, ``init=``); an unknown keyword is a
         ``TypeError`` naming the valid ones, raised before any layer is decomposed.
@@ -154,7 +159,10 @@ def factorize(
             skipped[name] = reason
             continue
         with torch.no_grad():
-            layer = cls.from_conv(conv, layer_rank, **decomposition_kwargs)
+            if decompose:
+                layer = cls.from_conv(conv, layer_rank, **decomposition_kwargs)
+            else:
+                layer = cls.skeleton(conv, layer_rank)
         replacements[id(conv)] = _carry_state(conv, layer, name)
     for _, parent, child, conv in uses:
         if id(conv) in replacements:  # a shared conv: one factorized module wherever it was used
