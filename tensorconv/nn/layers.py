@@ -394,7 +394,9 @@ class _FactorizedConv(nn.Module):
         return self.kernel.to_dense()
 
     @staticmethod
-    def _conv_geometry(conv_module):
+    def _conv_geometry(conv_module, device=None):
+        """The constructor arguments that copy ``conv_module``'s geometry, bias flag, dtype and
+        device (or ``device``)."""
         from .._conv_modules import check_plain_conv
 
         check_plain_conv(conv_module, "from_conv")
@@ -405,7 +407,7 @@ class _FactorizedConv(nn.Module):
             dilation=tuple(conv_module.dilation),
             padding_mode=conv_module.padding_mode,
             bias=conv_module.bias is not None,
-            device=conv_module.weight.device,
+            device=conv_module.weight.device if device is None else device,
             dtype=conv_module.weight.dtype,
         )
 
@@ -521,9 +523,7 @@ class KruskalConv(_FactorizedConv):
         """The layer :meth:`from_conv` fills, freshly initialised, without decomposing: the conv's
         geometry, bias flag, dtype and device (or ``device``, e.g. ``"meta"`` to count parameters
         for free), at the rank ``rank`` resolves to. Load a compressed model's checkpoint into it."""
-        geo = cls._conv_geometry(conv_module)
-        if device is not None:
-            geo["device"] = device
+        geo = cls._conv_geometry(conv_module, device)
         if conv_module.groups != 1:
             raise ValueError(
                 f"KruskalConv.from_conv: groups={conv_module.groups} is not supported (a CP kernel mixes "
@@ -772,9 +772,7 @@ class TuckerConv(_FactorizedConv):
     def skeleton(cls, conv_module: nn.Module, rank: Rank | tuple[int, ...], strategy: str = "auto", device=None):
         """The layer :meth:`from_conv` fills, freshly initialised, without decomposing (see
         :meth:`KruskalConv.skeleton`); a grouped conv keeps its groups."""
-        geo = cls._conv_geometry(conv_module)
-        if device is not None:
-            geo["device"] = device
+        geo = cls._conv_geometry(conv_module, device)
         g = conv_module.groups
         t, c = conv_module.out_channels, conv_module.in_channels
         ks = tuple(conv_module.weight.shape[2:])

@@ -32,7 +32,6 @@ class PlanCache:
         self._groups: OrderedDict[Any, OrderedDict[Any, Any]] = OrderedDict()
         self._size = 0
         self.hits = 0
-        self.misses = 0
 
     def __len__(self) -> int:
         return self._size
@@ -47,7 +46,6 @@ class PlanCache:
                 plans.move_to_end(rest)
                 self.hits += 1
                 return plan
-        self.misses += 1
         plan = self._make(*rest)
         if plans is None:
             plans = self._groups[group] = OrderedDict()
@@ -64,7 +62,3 @@ class PlanCache:
             if not victims:
                 del self._groups[oldest]
         return plan
-
-    def clear(self) -> None:
-        self._groups.clear()
-        self._size = 0

@@ -115,10 +115,11 @@ def _remove_stale_builds(root):
             continue
         marker = os.path.join(path, _MARKER)
         try:
-            owned = os.stat(path).st_uid == (os.getuid() if hasattr(os, "getuid") else os.stat(path).st_uid)
-            stale = time.time() - os.path.getmtime(path) > _STALE_BUILD_S
+            st = os.stat(path)
         except OSError:
             continue
+        owned = not hasattr(os, "getuid") or st.st_uid == os.getuid()
+        stale = time.time() - st.st_mtime > _STALE_BUILD_S
         if owned and stale and os.path.isfile(marker) and not os.path.islink(marker):
             shutil.rmtree(path, ignore_errors=True)
 
