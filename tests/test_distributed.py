@@ -46,20 +46,27 @@ def _step(model, opt, x, y, penalty_model):
     opt.step()
 
 
+def _train(rank, world, out_dir):
+    net = _net()
+    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    x, y = _data()
+    half = x.shape[0] // world
+    xs, ys = x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]
+    for _ in range(STEPS):
+        _step(ddp, opt, xs, ys, net)  # the lasso reads the wrapped module's lambdas
+    torch.save({k: v.detach().clone() for k, v in net.state_dict().items()}, os.path.join(out_dir, f"{rank}.pt"))
+    dist.barrier()
+
+
 def _worker(rank, world, port, out_dir):
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        net = _net()
-        ddp = torch.nn.parallel.DistributedDataParallel(net)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
-        x, y = _data()
-        half = x.shape[0] // world
-        xs, ys = x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]
-        for _ in range(STEPS):
-            _step(ddp, opt, xs, ys, net)  # the lasso reads the wrapped module's lambdas
-        torch.save({k: v.detach().clone() for k, v in net.state_dict().items()}, os.path.join(out_dir, f"{rank}.pt"))
+        # DDP holds the process group; training in its own frame drops it before the group is destroyed
+        # (a group left to interpreter exit can abort in gloo's teardown)
+        _train(rank, world, out_dir)
     finally:
         dist.destroy_process_group()
 
