@@ -8,6 +8,7 @@ backend arrays (numpy, torch or cupy) and never convert them behind the user's b
 from __future__ import annotations
 
 import contextlib
+import math
 import string
 from collections.abc import Sequence
 from typing import Any
@@ -24,13 +25,6 @@ _LETTERS = string.ascii_letters
 
 def _shape(x):
     return tuple(int(s) for s in x.shape)
-
-
-def _prod(values):
-    out = 1
-    for v in values:
-        out *= int(v)
-    return out
 
 
 @contextlib.contextmanager
@@ -95,7 +89,7 @@ class _FactorizedKernel:
     @property
     def dense_params(self) -> int:
         """Parameters of the dense kernel this one factorizes."""
-        return _prod(self.shape)
+        return math.prod(self.shape)
 
     @property
     def dtype(self):
@@ -264,7 +258,7 @@ class KruskalKernel(_FactorizedKernel):
 
         With one factor per mode this is the paper's R (C + T + sum K_n) + R.
         """
-        return sum(_prod(f.shape) for f in self.factors if f is not None) + self.rank
+        return sum(math.prod(f.shape) for f in self.factors if f is not None) + self.rank
 
     @property
     def is_default_modes(self) -> bool:
@@ -275,13 +269,6 @@ class KruskalKernel(_FactorizedKernel):
 
     def _map_arrays(self, fn):
         return KruskalKernel(fn(self.weights), [None if f is None else fn(f) for f in self.factors], self.modes)
-
-    def factor_for_mode(self, mode):
-        """(factor index, position of ``mode`` inside that factor)."""
-        for i, group in enumerate(self.modes):
-            if mode in group:
-                return i, group.index(mode)
-        raise ValueError(f"mode {mode} is not a mode of this kernel (modes={self.modes})")
 
     # -- dense form -----------------------------------------------------------------------------
     def einsum_operands(self):
@@ -373,7 +360,7 @@ class KruskalKernel(_FactorizedKernel):
             raise ValueError(f"modes={modes} must cover the weight's modes 0..{weight.ndim - 1} exactly once")
         grouped = backend.reshape(
             backend.permute(weight, order),
-            tuple(_prod(weight.shape[m] for m in group) for group in modes),
+            tuple(math.prod(weight.shape[m] for m in group) for group in modes),
         )
         if method == "als":
             from .decomposition import cp_als
@@ -384,13 +371,13 @@ class KruskalKernel(_FactorizedKernel):
         # tensorly's SVD init takes R leading singular vectors of each mode's unfolding (I_n x prod of the
         # others); where R exceeds that product it fails (an RGB stem at R > 27): such ranks start from a
         # seeded random init instead
-        svd_ok = all(rank <= _prod(dims) // d for d in dims)
+        svd_ok = all(rank <= math.prod(dims) // d for d in dims)
         parafac_kwargs = {"init": "svd" if svd_ok else "random", "n_iter_max": 200, "normalize_factors": True}
         if not svd_ok:
             parafac_kwargs["random_state"] = 0
         parafac_kwargs.update(kwargs)
         if parafac_kwargs["init"] == "svd" and not svd_ok:
-            worst = min(_prod(dims) // d for d in dims)
+            worst = min(math.prod(dims) // d for d in dims)
             raise ValueError(
                 f"init='svd' needs rank <= {worst} for a weight of shape {_shape(weight)} (each mode's "
                 f"unfolding has that many columns), got rank={rank}: use init='random' (the default "
@@ -542,7 +529,7 @@ class TuckerKernel(_FactorizedKernel):
     @property
     def dense_params(self) -> int:
         """Parameters of the dense kernel this one factorizes (of the grouped conv if it is one)."""
-        return _prod(self.shape) // (self.groups if self.is_grouped_conv else 1)
+        return math.prod(self.shape) // (self.groups if self.is_grouped_conv else 1)
 
     def full_factor(self, i):
         """Channel factor ``i`` (0: U_T, 1: U_C) as a full (dim, R) matrix (blocks on the diagonal)."""
@@ -559,7 +546,7 @@ class TuckerKernel(_FactorizedKernel):
 
     @property
     def n_params(self) -> int:
-        return _prod(self.core.shape) + sum(_prod(f.shape) for f in self.factors if f is not None)
+        return math.prod(self.core.shape) + sum(math.prod(f.shape) for f in self.factors if f is not None)
 
     def _repr_extra(self):
         return f", groups={self.groups}" if self.groups > 1 else ""

@@ -186,3 +186,13 @@ def tv():
         if os.environ.get("CI"):
             raise
         pytest.skip("torchvision is not installed (a test extra)")
+
+
+def run_tiled(plan, tiles, x, kernel):
+    """``tiles`` (a FusedRunner of ``plan``) on x, through the plan's public view only."""
+    from tensorconv.backends import get_backend
+    from tensorconv.plans.structure import weight_arrays
+
+    backend = get_backend(x)
+    arrays = weight_arrays(kernel, plan.structure, backend)
+    return plan.finish(backend, tiles(backend, x, [None] + arrays))

@@ -11,7 +11,7 @@ import types
 
 import numpy as np
 import pytest
-from conftest import rel_err
+from conftest import rel_err, run_tiled
 
 import tensorconv.backends as backends_mod
 from tensorconv import KruskalKernel, TuckerKernel, conv, get_backend, plan_conv
@@ -118,6 +118,6 @@ def test_tiles_on_the_cupy_code_path(fake_cupy):
     k = KruskalKernel.random((4, 3, 3, 3), rank=3, seed=4)
     x = np.random.default_rng(1).standard_normal((2, 3, 9, 5))
     plan = plan_conv(k, x.shape, padding=1, strategy="fused", backend="cupy")
-    plan._fused = FusedRunner(plan, tile_bytes=1)  # one output row per tile
-    got = plan(fake_cupy.asarray(x), k.to_backend("cupy"))
+    tiles = FusedRunner(plan, tile_bytes=1)  # one output row per tile
+    got = run_tiled(plan, tiles, fake_cupy.asarray(x), k.to_backend("cupy"))
     assert rel_err(got, conv(x, k, padding=1, strategy="factorized")) < 1e-10

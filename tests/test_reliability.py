@@ -508,7 +508,7 @@ def test_autocast_computes_in_the_autocast_dtype_like_nn_conv(strategy):
         assert rel_err(got.float(), want) < 3e-2  # bfloat16 (8 bits of mantissa): stated 3e-2
 
 
-# -- 8. torch.compile / torch.export see standard convs, not the planner -----------------------------------------------
+# -- 8. torch.compile / torch.export see one op per layer, not the planner -----------------------------------------------
 def _traceable_model():
     from tensorconv.nn import HOCPBlock, KruskalConv, TuckerConv
 
@@ -525,8 +525,9 @@ def _traceable_model():
 
 @needs_torch
 def test_compile_traces_one_graph_equal_to_eager():
-    """fullgraph: dynamo sees the layers' standard convs, not the Python planner behind conv()
-    (tracing that took minutes per layer); aot_eager checks the graph without compiling C++."""
+    """fullgraph: dynamo records each CP layer as the opaque op tensorconv::cp_conv and the others as
+    standard convs, never the Python planner behind conv() (tracing that took minutes per layer);
+    aot_eager checks the graph without compiling C++."""
     model = _traceable_model()
     x = torch.randn(2, 4, 6, 10, 10, dtype=torch.float64, requires_grad=True)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")

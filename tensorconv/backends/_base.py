@@ -8,6 +8,21 @@ The torch backend subclasses this and overrides only what differs.
 from __future__ import annotations
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+#: the floating dtypes a plan runs in, by name, with their sizes in bytes
+FLOAT_ITEMSIZES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "complex64": 8, "complex128": 16}
+
+
+def check_padding_fits(mode, low, high, size, where):
+    """A ValueError where ``mode`` cannot pad an axis of ``size`` by (low, high): reflect
+    mirrors without the edge (padding < size), circular wraps around once (padding <= size)."""
+    if mode == "reflect" and (low >= size or high >= size):
+        raise ValueError(
+            f"padding_mode='reflect' needs padding < input size; {where} has size {size} and padding ({low}, {high})"
+        )
+    if mode == "circular" and (low > size or high > size):
+        raise ValueError(
+            f"padding_mode='circular' needs padding <= input size; {where} has size {size} and padding ({low}, {high})"
+        )
 
 
 #: floating dtypes that ml_dtypes adds to numpy (jax's bfloat16): not subtypes of numpy.floating
@@ -184,16 +199,7 @@ class ArrayBackend:
         if mode not in PADDING_MODES:
             raise ValueError(f"padding_mode={mode!r} is not one of {PADDING_MODES}")
         size = x.shape[axis]
-        if mode == "reflect" and (low >= size or high >= size):
-            raise ValueError(
-                f"padding_mode='reflect' needs padding < input size along each axis; got "
-                f"padding ({low}, {high}) for an axis of size {size}"
-            )
-        if mode == "circular" and (low > size or high > size):
-            raise ValueError(
-                f"padding_mode='circular' needs padding <= input size along each axis; got "
-                f"padding ({low}, {high}) for an axis of size {size}"
-            )
+        check_padding_fits(mode, low, high, size, f"axis {axis}")
 
         def take(start, stop):
             index = [slice(None)] * x.ndim

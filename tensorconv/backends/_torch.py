@@ -1,9 +1,9 @@
 """PyTorch backend (CPU and CUDA). Keeps each tensor's device and dtype; autograd flows
 through every primitive because each one is a torch op."""
 
-from ._base import ArrayBackend
+from ._base import FLOAT_ITEMSIZES, ArrayBackend
 
-_DTYPES = {"float16", "bfloat16", "float32", "float64", "complex64", "complex128"}
+_DTYPES = tuple(FLOAT_ITEMSIZES)
 
 
 def _contiguous_weight(weight):

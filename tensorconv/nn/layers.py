@@ -421,7 +421,9 @@ class KruskalConv(_FactorizedConv):
     device, dtype : as ``torch.nn.ConvNd``
     rank : int, float or "same"
         A float is a fraction of the dense conv's parameter count; "same" matches it (the paper).
-    strategy : "auto", "factorized" or "reconstructed"
+    strategy : "auto", "factorized", "reconstructed" or "fused"
+        How :func:`~tensorconv.plans.plan_conv` runs it (``"auto"``: the cheapest by the cost
+        model, including a ready compiled accelerator).
     n_spatial : int, needed when ``kernel_size`` is an int.
 
     Examples

@@ -8,10 +8,19 @@ running machine and returns a model that a caller passes to ``plan_conv(cost_mod
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, replace
 
-__all__ = ["CostModel", "cost_model_for", "calibrate"]
+from ..backends import backend_for_name
+
+__all__ = ["CostModel", "cost_model_for", "calibrate", "MODEL_MARGIN", "dense_peak_bytes", "steps_peak_bytes"]
+
+#: how far ahead a choice that rests on rates fitted on a few shapes must be to replace the
+#: paper's plain order: the merged-depthwise order and the plane chain were fitted on 16x32x32
+#: planes, and on r3d_18's deep layers (thousands of rank components, 7x7 planes) each ran
+#: slower than the plain order the model had put just behind it (`tensorconv bench r3d18`)
+MODEL_MARGIN = 1.07
 
 
 @dataclass(frozen=True)
@@ -160,3 +169,51 @@ def calibrate(backend_name="torch", device=None, *, size=1024, repeat=5):
     t_call = best(lambda: small * 1.0)
     base = cost_model_for(backend_name, device)
     return replace(base, macs_per_s=size**3 / t_mm, bytes_per_s=2 * 4 * big.shape[0] / t_cp, call_overhead_s=t_call)
+
+
+def dense_peak_bytes(structure, geometry, batch, itemsize, backend_name, device=None):
+    """Bytes a dense conv allocates: its output, a padded copy where the conv cannot pad, and
+    what the library's conv adds (oneDNN: a reordered input; ATen's float64 CPU conv: an
+    im2col buffer; the tap loop of NumPy / CuPy: one product per tap)."""
+    g, st = geometry, structure
+    c = st.in_channels
+    out = batch * st.out_channels * math.prod(g.out_spatial)
+    padded = batch * c * math.prod(g.padded_spatial)
+    inputs = batch * c * math.prod(g.in_spatial)
+    native = backend_for_name(backend_name).native_conv_expected(itemsize, device)
+    pads = any(p != (0, 0) for p in g.padding)
+    if backend_name == "torch" and 1 <= g.n_spatial <= 3:
+        copy = padded if pads and (g.padding_mode != "zeros" or not g.is_symmetric_padding) else 0
+        if native:
+            extra = inputs
+        else:
+            extra = batch * c * math.prod(g.kernel_size) * math.prod(g.out_spatial)  # im2col of the batch
+    else:  # per tap: a contiguous copy of the input slice, the product, the running sum
+        copy, extra = (padded if pads else 0), 2 * out + inputs
+    return itemsize * (out + copy + extra + math.prod(st.shape))
+
+
+def steps_peak_bytes(structure, geometry, batch, itemsize, backend_name, device, steps, sizes):
+    """Bytes the steps allocate at their peak: one step's input, output and copies (each
+    intermediate is freed after the one step that reads it); ``sizes``: index -> size."""
+    g = geometry
+    native = backend_for_name(backend_name).native_conv_expected(itemsize, device)
+    weights = sum(math.prod(op.shape) for op in structure.operands)
+    peak = 0
+    first = True
+    for s in steps:
+        if s.kind == "weights":
+            continue
+        ch_in = math.prod(sizes[i] for i in s.lhs_indices)
+        live = ch_in * batch * math.prod(s.in_grid) + math.prod(s.out_shape)
+        pads = [g.padding[m] for m in s.modes]
+        if s.modes and any(p != (0, 0) for p in pads):
+            padded = batch * math.prod(d + (sum(g.padding[m]) if m in s.modes else 0) for m, d in enumerate(s.in_grid))
+            # a native conv pads symmetric zeros itself; anything else is a padded copy first
+            copied = not native or g.padding_mode != "zeros" or any(lo != hi for lo, hi in pads)
+            live += ch_in * padded if copied else 0
+        elif not s.modes and first and not native:
+            live += ch_in * batch * math.prod(s.in_grid)  # the channels-first input copied for a GEMM
+        first = False
+        peak = max(peak, live)
+    return itemsize * (peak + weights)

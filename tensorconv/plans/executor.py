@@ -11,10 +11,18 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 
 import opt_einsum
 
-__all__ = ["TapProgram", "WeightProduct", "dense_conv", "dense_conv_by_taps"]
+__all__ = [
+    "TapProgram",
+    "WeightProduct",
+    "Reconstruction",
+    "compile_steps",
+    "dense_conv",
+    "dense_conv_by_taps",
+]
 
 _POOL = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -314,3 +322,54 @@ def dense_conv(backend, x, weight, *, stride, dilation, groups=1, padding=None, 
     if padding is not None:
         x = backend.pad(x, {2 + m: p for m, p in enumerate(padding) if p != (0, 0)}, padding_mode)
     return dense_conv_by_taps(backend, x, weight, stride=tuple(stride), dilation=tuple(dilation), groups=groups)
+
+
+def compile_steps(structure, geometry, steps, batch, sizes):
+    """One program per step: ``("weights", WeightProduct)`` or ``("act", TapProgram)``."""
+    g, st = geometry, structure
+    programs = []
+    for step in steps:
+        if step.kind == "weights":
+            programs.append(("weights", WeightProduct(step.lhs_indices, step.rhs_indices, step.out_indices, sizes)))
+            continue
+        taps = {i: st.taps.index(i) for i in step.rhs_indices if i in st.taps}
+        prog = TapProgram(
+            step.lhs_indices,
+            step.rhs_indices,
+            step.out_indices,
+            taps,
+            step.in_grid,
+            step.out_grid,
+            batch,
+            sizes,
+            kernel_size=g.kernel_size,
+            stride=g.stride,
+            dilation=g.dilation,
+            padding=g.padding,
+            padding_mode=g.padding_mode,
+        )
+        programs.append(("act", prog))
+    return tuple(programs)
+
+
+class Reconstruction:
+    """The dense kernel rebuilt from a factorized kernel's arrays, as ``(T, C/groups, *K)``:
+    an opt_einsum expression over the structure's operands. ``groups``: the channel indices
+    the kernel keeps shared between input and output (a Tucker kernel's groups)."""
+
+    def __init__(self, structure, sizes):
+        st = structure
+        shared = [i for i in st.act_out if i in st.act_in]
+        self.groups = math.prod(sizes[i] for i in shared)
+        dense_ind = tuple(st.act_out) + tuple(i for i in st.act_in if i not in shared) + tuple(st.taps)
+        letters = dict(zip(dict.fromkeys([i for op in st.operands for i in op.indices] + list(dense_ind)), _POOL))
+        eq = (
+            ",".join("".join(letters[i] for i in op.indices) for op in st.operands)
+            + "->"
+            + "".join(letters[i] for i in dense_ind)
+        )
+        self._expression = opt_einsum.contract_expression(eq, *[op.shape for op in st.operands])
+        self.shape = (st.out_channels, st.in_channels // self.groups) + tuple(sizes[t] for t in st.taps)
+
+    def __call__(self, backend, arrays):
+        return backend.reshape(self._expression(*arrays), self.shape)

@@ -64,8 +64,8 @@ class FusedRunner:
         if len(mode0) != 1:
             raise ValueError("fused execution needs exactly one step that convolves spatial mode 0")
         self.mode0_step = mode0[0]
-        widest = max(plan._sizes_product(steps[i].out_indices) for i in self.act_steps)
-        widest = max(widest, plan._sizes_product(plan.structure.act_in))
+        widest = max(plan.size_of(steps[i].out_indices) for i in self.act_steps)
+        widest = max(widest, plan.size_of(plan.structure.act_in))
         row_elems = 1
         for d in g.out_spatial[1:]:
             row_elems *= d
@@ -107,7 +107,7 @@ class FusedRunner:
                 grid_in,
                 grid_out,
                 1,
-                plan._sizes,
+                plan.sizes,
                 kernel_size=g.kernel_size,
                 stride=g.stride,
                 dilation=g.dilation,
@@ -153,7 +153,7 @@ class FusedRunner:
         plan = self.plan
         steps = plan.steps
         # weights-only steps run once, not per tile
-        for step, (kind, prog) in zip(steps, plan._programs):
+        for step, (kind, prog) in zip(steps, plan.programs):
             if kind == "weights":
                 tensors.append(prog(backend, tensors[step.lhs], tensors[step.rhs]))
             else:
@@ -185,7 +185,7 @@ class CompiledChain:
         plan = self.plan
         backend = self._backend
         tensors = [act] + list(weights)
-        for step, (kind, prog) in zip(plan.steps, plan._programs):
+        for step, (kind, prog) in zip(plan.steps, plan.programs):
             a, b = tensors[step.lhs], tensors[step.rhs]
             tensors.append(prog.traceable(backend, a, b))
         return tensors[-1]
@@ -246,7 +246,7 @@ class _StepsRunner(Accelerator):
             if not self.takes(backend):
                 return None
             out = impl(backend, x, arrays)
-            return None if out is None else plan._finish(backend, out)
+            return None if out is None else plan.finish(backend, out)
 
         return run
 

@@ -12,27 +12,25 @@ positions x channels, and both are priced by the backend's roofline (MACs and by
 from __future__ import annotations
 
 import functools
+import math
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
 
 import opt_einsum
 
+from ..accelerators import registered as registered_accelerators
+from .cost import MODEL_MARGIN
 from .spec import ConvGeometry
 
-__all__ = ["Step", "ConvPathOptimizer", "plan_steps", "STRATEGIES"]
+__all__ = ["Step", "ConvPathOptimizer", "plan_steps", "STRATEGIES", "Decision", "decide"]
 
 STRATEGIES = ("auto", "factorized", "reconstructed", "fused")
 #: what the order search minimises: multiply-adds (the paper's count; ties broken by the cost
 #: model) or the cost model's seconds (may merge spatial factors when the backend runs one
 #: multi-mode depthwise conv faster than several 1-D ones, at more MACs)
 OBJECTIVES = ("macs", "seconds")
-
-
-def _prod(values):
-    out = 1
-    for v in values:
-        out *= int(v)
-    return out
 
 
 @dataclass
@@ -59,7 +57,6 @@ class Step:
     seconds: float
     in_grid: tuple = ()
     out_grid: tuple = ()
-    names: tuple = field(default=("", ""))
 
 
 class ConvPathOptimizer(opt_einsum.paths.PathOptimizer):
@@ -91,9 +88,11 @@ class ConvPathOptimizer(opt_einsum.paths.PathOptimizer):
         if not act_a:  # weights x weights
             union = list(ind_a) + [i for i in ind_b if i not in ind_a]
             out = tuple(i for i in union if i in open_s)
-            macs = _prod(sizes[i] for i in union)
+            macs = math.prod(sizes[i] for i in union)
             nbytes = self.itemsize * (
-                _prod(sizes[i] for i in ind_a) + _prod(sizes[i] for i in ind_b) + _prod(sizes[i] for i in out)
+                math.prod(sizes[i] for i in ind_a)
+                + math.prod(sizes[i] for i in ind_b)
+                + math.prod(sizes[i] for i in out)
             )
             secs = self.model.seconds(macs, nbytes)
             return dict(
@@ -123,15 +122,15 @@ class ConvPathOptimizer(opt_einsum.paths.PathOptimizer):
         union = ch_a + tuple(i for i in ch_b if i not in ch_a)
         out_ch = tuple(i for i in union if i in open_s)
         summed = tuple(i for i in union if i not in open_s)
-        n_taps = _prod(self.geometry.kernel_size[n] for n in tap_modes)
-        positions = self.batch * _prod(grid_out)
-        macs = positions * _prod(sizes[i] for i in union) * n_taps
+        n_taps = math.prod(self.geometry.kernel_size[n] for n in tap_modes)
+        positions = self.batch * math.prod(grid_out)
+        macs = positions * math.prod(sizes[i] for i in union) * n_taps
         native = self.model.native_steps and (len(self.geometry.kernel_size) <= 3 or len(tap_modes) <= 1)
         # a native conv reads its whole input once (for a strided or wide-kernel step more than
         # its output grid); a tap loop reads one output-sized slice per tap
-        in_slice = (positions if not native else self.batch * _prod(grid_a)) * _prod(sizes[i] for i in ch_a)
-        out_elems = positions * _prod(sizes[i] for i in out_ch)
-        w_elems = _prod(sizes[i] for i in ind_b)
+        in_slice = (positions if not native else self.batch * math.prod(grid_a)) * math.prod(sizes[i] for i in ch_a)
+        out_elems = positions * math.prod(sizes[i] for i in out_ch)
+        w_elems = math.prod(sizes[i] for i in ind_b)
         if tap_modes:
             kind = "conv" if summed or any(i not in ch_a for i in ch_b) else "depthwise"
         else:
@@ -352,13 +351,13 @@ def dense_step(structure, geometry, batch, itemsize, model):
     c = structure.in_channels
     groups = structure.groups
     out = geometry.out_spatial
-    positions = batch * _prod(out)
-    taps = _prod(geometry.kernel_size)
+    positions = batch * math.prod(out)
+    taps = math.prod(geometry.kernel_size)
     macs = positions * t * (c // groups) * taps
     padded = geometry.padded_spatial
     weights = t * (c // groups) * taps
     if model.native_steps and structure.n_spatial <= 3:  # one native conv call
-        passes, nbytes = 1, itemsize * (batch * c * _prod(padded) + positions * t + weights)
+        passes, nbytes = 1, itemsize * (batch * c * math.prod(padded) + positions * t + weights)
     else:  # the tap loop (dense_conv_by_taps): one input slice and one accumulation per tap
         passes, nbytes = taps, itemsize * (taps * positions * (c + 2 * t) + weights)
     rate = model.dense_rate(batch, c, geometry.in_spatial, groups, geometry.kernel_size)
@@ -378,4 +377,80 @@ def dense_step(structure, geometry, batch, itemsize, model):
         seconds=secs,
         in_grid=tuple(geometry.in_spatial),
         out_grid=tuple(out),
+    )
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a plan runs: the strategy, the order of its steps, the accelerators it asks in turn,
+    and the estimates that chose them."""
+
+    strategy: str
+    order: str | None
+    steps: tuple
+    path: tuple
+    accelerators: tuple
+    estimates: Any  # a read-only mapping: label -> seconds
+    dense_step: Step
+    min_macs: int
+    reconstruct_macs: int
+
+
+def decide(problem) -> Decision:
+    """The plan for a :class:`~tensorconv.plans.problem.ConvProblem`.
+
+    ``"auto"`` takes the cheapest by the cost model of the fewest-MAC order, the reconstructed
+    dense conv, the model's fastest order and every ready accelerator that applies (those two
+    weighed with their margins); ``"fused"`` asks every accelerator that serves it, in priority
+    order."""
+    st, g, batch, itemsize = problem.structure, problem.geometry, problem.batch, problem.itemsize
+    model = problem.cost_model.for_itemsize(itemsize)
+    dense = dense_step(st, g, batch, itemsize, model)
+    if st.kind == "dense":
+        return Decision("dense", None, (dense,), (), (), MappingProxyType({}), dense, dense.macs, 0)
+    steps, path, _ = plan_steps(st, g, batch, itemsize, model, objective="macs")
+    min_macs = sum(s.macs for s in steps if s.kind != "weights")
+    rebuild = reconstruct_macs(st)
+    estimates = {
+        "factorized": sum(s.seconds for s in steps),
+        "reconstructed": dense.seconds + model.seconds(rebuild, itemsize * math.prod(st.shape)),
+    }
+    chosen, order, accelerators = problem.strategy, "fewest-macs", None
+    if chosen == "auto":
+        # the fastest factorized order by the cost model may merge spatial factors (one
+        # multi-mode depthwise conv: more MACs, fewer passes over memory)
+        fast_steps, fast_path, _ = plan_steps(st, g, batch, itemsize, model, objective="seconds")
+        if fast_path != path:
+            estimates["factorized, fastest order"] = sum(s.seconds for s in fast_steps)
+        margins = {"factorized, fastest order": MODEL_MARGIN}
+        candidates = {}
+        for acc in registered_accelerators():
+            if acc.name in problem.ready_accelerators and acc.applies(st, g):
+                secs = acc.seconds(st, g, batch, itemsize, model)
+                if secs is not None:
+                    label = f"fused ({acc.label or acc.name})"
+                    estimates[label], margins[label], candidates[label] = secs, acc.margin, acc
+        chosen = min(estimates, key=lambda name: estimates[name] * margins.get(name, 1.0))
+        accelerators = ()
+        if chosen in candidates:
+            # an accelerator computes the fewest-MAC order, so the plan's steps (what describe()
+            # counts, and what runs where it declines a call) are that order
+            accelerators = (candidates[chosen],)
+            chosen = "fused"
+        elif chosen == "factorized, fastest order":
+            chosen, order, steps, path = "factorized", "fastest", fast_steps, fast_path
+    if chosen == "fused" and accelerators is None:
+        # asked for by name, fused asks every accelerator that serves it (compiled kernels, then
+        # torch.compile or tiles); auto never waits for a compiler: only the one it priced, if any
+        allowed = problem.allowed_accelerators
+        accelerators = tuple(
+            a
+            for a in registered_accelerators()
+            if "fused" in a.serves and a.applies(st, g) and (allowed is None or a.name in allowed)
+        )
+    if chosen == "reconstructed":
+        return Decision(chosen, None, (dense,), (), (), MappingProxyType(estimates), dense, min_macs, rebuild)
+    accelerators = accelerators if chosen == "fused" else ()
+    return Decision(
+        chosen, order, tuple(steps), tuple(path), accelerators, MappingProxyType(estimates), dense, min_macs, rebuild
     )

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from .._checks import is_integral
 from ..backends import PADDING_MODES
+from ..backends._base import check_padding_fits
 
 __all__ = ["ConvGeometry", "make_geometry", "normalize_int_tuple", "normalize_padding"]
 
@@ -144,14 +145,5 @@ def make_geometry(in_spatial, kernel_size, *, stride=1, padding=0, dilation=1, p
                 f"kernel_size={kernel_size} with dilation={dilation} spans {span} positions along spatial "
                 f"mode {i}, but the padded input has only {d + lo + hi} ({d} + padding {lo}+{hi})"
             )
-        if padding_mode == "reflect" and (lo >= d or hi >= d):
-            raise ValueError(
-                f"padding_mode='reflect' needs padding < input size; spatial mode {i} has size {d} "
-                f"and padding ({lo}, {hi})"
-            )
-        if padding_mode == "circular" and (lo > d or hi > d):
-            raise ValueError(
-                f"padding_mode='circular' needs padding <= input size; spatial mode {i} has size {d} "
-                f"and padding ({lo}, {hi})"
-            )
+        check_padding_fits(padding_mode, lo, hi, d, f"spatial mode {i}")
     return ConvGeometry(in_spatial, kernel_size, stride, pads, dilation, padding_mode)

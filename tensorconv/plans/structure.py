@@ -33,6 +33,10 @@ class KernelStructure:
     act_out: tuple
     sizes: tuple  # ((index, size), ...)
     key: tuple  # hashable identity of the structure
+    #: CP kernels: the modes of each factor, e.g. ((0,), (1,), (2,), (3,)), and which factors
+    #: are the identity (None); empty for other kinds
+    factor_modes: tuple = ()
+    identity_factors: tuple = ()
 
     @property
     def size_of(self):
@@ -114,7 +118,9 @@ def _kruskal_structure_of(kshape, rank, modes, none_mask):
         operands.append(Operand(label, tuple(names[m] for m in group) + ("r",), shape))
     sizes = _collect_sizes(operands, {})
     key = ("kruskal", kshape, rank, modes, none_mask)
-    return KernelStructure("kruskal", kshape, 1, tuple(operands), (names[1],), (names[0],), sizes, key)
+    return KernelStructure(
+        "kruskal", kshape, 1, tuple(operands), (names[1],), (names[0],), sizes, key, modes, none_mask
+    )
 
 
 def _tucker_structure(kernel: TuckerKernel):

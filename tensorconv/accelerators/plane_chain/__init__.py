@@ -14,6 +14,7 @@ import math
 import os
 from dataclasses import dataclass
 
+from ...plans.cost import MODEL_MARGIN
 from .. import Accelerator, register
 from . import _build
 from ._geometry import as_3d, forward_bytes, planes_per_chunk
@@ -79,9 +80,7 @@ class PlaneChain(Accelerator):
 
     name = "plane_chain"
     label = "plane chain"
-    # its rates were fitted on 16x32x32 planes; on r3d_18's deep layers (thousands of rank
-    # components, 7x7 planes) it ran slower than the plain order the model had put just behind it
-    margin = 1.07
+    margin = MODEL_MARGIN  # its rates were fitted on a few shapes
     priority = 10
     summary = "on torch CPU one compiled plane-by-plane kernel (with gradients: stride 1)"
 
@@ -89,10 +88,9 @@ class PlaneChain(Accelerator):
         n = structure.n_spatial
         if structure.kind != "kruskal" or not 1 <= n <= 3:
             return False
-        _, _, _, modes, none_mask = structure.key
         if any(k > 64 for k in structure.shape[2:]):  # the kernel's tap tables hold 64
             return False
-        return modes == tuple((m,) for m in range(2 + n)) and not any(none_mask)
+        return structure.factor_modes == tuple((m,) for m in range(2 + n)) and not any(structure.identity_factors)
 
     def ready(self, backend_name, device, itemsize):
         return _on_torch_cpu(backend_name, device) and itemsize in RATES and _build.available()
