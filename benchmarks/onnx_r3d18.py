@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from tensorconv.cli._torchvision import torchvision_models
+from tensorconv._torchvision import torchvision_models
 from tensorconv.nn import factorize
 
 try:

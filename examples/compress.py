@@ -1,7 +1,7 @@
 """Factorize torchvision's r3d_18 and print the summary (docs/compress.md).
 
 Run: ``python examples/compress.py [--rank 0.25] [--factorization cp]``. Needs torchvision (its
-model definitions; see tensorconv/cli/_torchvision.py for the CPU-torch case).
+model definitions; see tensorconv/_torchvision.py for the CPU-torch case).
 """
 
 import argparse
@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from tensorconv.cli._torchvision import torchvision_models
+from tensorconv._torchvision import torchvision_models
 from tensorconv.nn import factorize, summarize
 
 

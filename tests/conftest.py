@@ -175,10 +175,10 @@ def chain_calls(plane_kernel, monkeypatch):
 @pytest.fixture(scope="module")
 def tv():
     """torchvision.models, importable beside the CPU torch wheel (see
-    tensorconv.cli._torchvision). torchvision is a test extra: CI fails without it (no skip
+    tensorconv._torchvision). torchvision is a test extra: CI fails without it (no skip
     there); a local run without it skips with the reason."""
     pytest.importorskip("torch")
-    from tensorconv.cli._torchvision import torchvision_models
+    from tensorconv._torchvision import torchvision_models
 
     try:
         return torchvision_models()

@@ -22,7 +22,7 @@ from tensorconv.cli import main
     ],
 )
 def test_cli_flags_and_outputs_are_checked_before_the_run(argv, message, capsys, monkeypatch):
-    import tensorconv.cli.bench as bench
+    import tensorconv.bench as bench
     import tensorconv.cli.verify as verify
 
     def never(*args, **kwargs):

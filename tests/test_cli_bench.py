@@ -49,10 +49,10 @@ def test_bench_writes_json_with_environment_and_rows(tmp_path, capsys):
 def test_importing_the_peer_leaves_tensorly_backend_alone():
     import tensorly
 
-    from tensorconv.cli.bench import _import_tltorch
+    from tensorconv.bench.common import import_tltorch
 
     before = tensorly.get_backend()
-    if _import_tltorch() is None:
+    if import_tltorch() is None:
         pytest.skip("tensorly-torch is not installed (optional benchmark peer)")
     assert tensorly.get_backend() == before
 
@@ -60,7 +60,7 @@ def test_importing_the_peer_leaves_tensorly_backend_alone():
 def test_quick_without_suites_runs_the_quick_set_and_times_each_suite(tmp_path, monkeypatch, capsys):
     """`tensorconv bench --quick` is the minute-long smoke run: the headline suites only (each
     other suite still takes --quick when named), with every suite's seconds in the JSON."""
-    import tensorconv.cli.bench as bench
+    import tensorconv.bench as bench
 
     ran = []
     monkeypatch.setattr(bench, "_suite_function", lambda name: lambda args, targets: ran.append(name) or [])

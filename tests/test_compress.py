@@ -2,7 +2,7 @@
 
 torchvision: the registry's wheels are built for the CUDA torch, and with the CPU torch that CI
 installs `import torchvision` fails registering its C ops. Its model definitions need none of
-them, so `tensorconv.cli._torchvision.torchvision_models()` imports `torchvision.models` with
+them, so `tensorconv._torchvision.torchvision_models()` imports `torchvision.models` with
 the C-op registration stubbed out (see there). torchvision is a test extra (pinned to the
 torch of the README's command); if it is missing, CI fails here (no skip), and a local run
 without it skips with the reason.

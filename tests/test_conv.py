@@ -173,7 +173,7 @@ def test_plan_is_reused_and_runs_on_several_backends():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_auto_picks_reconstructed_at_params_matched_rank_and_factorized_at_r_eq_c(dtype):
+def test_auto_picks_reconstructed_atparams_matched_rank_and_factorized_at_r_eq_c(dtype):
     c = 64
     shape = (c, c, 3, 3, 3)
     matched = (c * c * 27) // (2 * c + 9 + 1)

@@ -613,7 +613,7 @@ def test_auto_picks_the_measured_best_on_r3d18_layers():
     """The choices of `tensorconv bench r3d18` (batch 1, float32, parameter-matched CP rank), where
     the option auto picks ran within 1.03x of the fastest on the Intel Xeon VM (docs/benchmarks.md):
     the dense conv at the stem and through layer3.0, the plain factorized order from layer3 on."""
-    from tensorconv.cli.bench import R3D18_CONVS, _params_matched_rank
+    from tensorconv.bench.common import R3D18_CONVS, params_matched_rank
 
     want = {
         "stem": "reconstructed",
@@ -626,7 +626,7 @@ def test_auto_picks_the_measured_best_on_r3d18_layers():
         "layer4": "factorized",
     }
     for name, c, t, ks, stride, padding, spatial in R3D18_CONVS:
-        k = KruskalKernel.random((t, c) + ks, _params_matched_rank(c, t, ks), backend="torch", dtype="float32", seed=3)
+        k = KruskalKernel.random((t, c) + ks, params_matched_rank(c, t, ks), backend="torch", dtype="float32", seed=3)
         plan = plan_conv(k, (1, c) + spatial, stride=stride, padding=padding)
         assert plan.strategy == want[name], (name, plan.estimates)
         assert plan.order in (None, "fewest-macs"), (name, plan.order)

@@ -13,7 +13,7 @@ from ..architectures import DERIVATIONS, PAPER_NAMES, block_macs, derivation_lab
 from ..backends import available_backends, backend_for_name
 from ..plans.plan import conv, plan_conv
 from ..tenalg import mode_dot
-from . import enable_jax_x64, non_negative_int, open_output, positive_int, write_output
+from ._args import enable_jax_x64, non_negative_int, open_output, positive_int, write_output
 
 TOLERANCE = {"float64": 1e-10, "float32": 1e-4}
 

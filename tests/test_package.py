@@ -1,0 +1,58 @@
+"""The package as a whole: what importing it runs, and how its modules depend on each other."""
+
+import ast
+import pathlib
+
+import tensorconv
+
+ROOT = pathlib.Path(tensorconv.__file__).parent
+
+
+def _module_graph():
+    """tensorconv's modules -> the tensorconv modules each one imports, anywhere in it (a lazy
+    import inside a function counts: it is a dependency all the same)."""
+    modules = {}
+    for path in ROOT.rglob("*.py"):
+        parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        modules[".".join(parts)] = path
+    graph = {}
+    for name, path in modules.items():
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package[: len(package) - node.level + 1] if node.level else []
+                target = ".".join(base + (node.module.split(".") if node.module else []))
+                for alias in node.names:
+                    child = f"{target}.{alias.name}"
+                    targets.add(child if child in modules else target)
+            elif isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+        # a module reaching back to a package it lives in is no circle: that package has
+        # finished its own imports before the module's code can run
+        graph[name] = {t for t in targets if t in modules and t != name and not name.startswith(t + ".")}
+    return graph
+
+
+def test_no_import_circle_anywhere():
+    graph = _module_graph()
+    assert len(graph) > 40 and graph["tensorconv.plans.plan"]  # the walk found the package
+    state, path, circles = {}, [], []
+
+    def visit(module):
+        state[module] = "open"
+        path.append(module)
+        for target in sorted(graph[module]):
+            if state.get(target) == "open":
+                circles.append(" -> ".join(path[path.index(target) :] + [target]))
+            elif target not in state:
+                visit(target)
+        path.pop()
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)
+    assert not circles, "\n".join(circles)
