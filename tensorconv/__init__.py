@@ -10,7 +10,7 @@ from .kernels import KruskalKernel, TuckerKernel
 from .plans import ConvPlan, conv, plan_conv
 from .tenalg import fold, mode_dot, multi_mode_dot, unfold
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "KruskalKernel",

@@ -56,3 +56,17 @@ def test_no_import_circle_anywhere():
         if module not in state:
             visit(module)
     assert not circles, "\n".join(circles)
+
+
+def test_version_is_one_number_in_pyproject_package_and_changelog():
+    import re
+
+    import tomllib
+
+    with open(ROOT.parent / "pyproject.toml", "rb") as fh:
+        version = tomllib.load(fh)["project"]["version"]
+    assert tensorconv.__version__ == version
+    changelog = (ROOT.parent / "CHANGELOG.md").read_text()
+    releases = re.findall(r"^## \[(\d+\.\d+\.\d+)\] - \d{4}-\d{2}-\d{2}$", changelog, re.M)
+    assert releases and releases[0] == version, releases  # the newest release is this version
+    assert releases == sorted(releases, key=lambda v: tuple(map(int, v.split("."))), reverse=True)

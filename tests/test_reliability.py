@@ -508,7 +508,7 @@ def test_autocast_computes_in_the_autocast_dtype_like_nn_conv(strategy):
         assert rel_err(got.float(), want) < 3e-2  # bfloat16 (8 bits of mantissa): stated 3e-2
 
 
-# -- 8. torch.compile / torch.export see one op per layer, not the planner -----------------------------------------------
+# -- 8. torch.compile / torch.export see one op per layer, not the planner --------------------------------------
 def _traceable_model():
     from tensorconv.nn import HOCPBlock, KruskalConv, TuckerConv
 

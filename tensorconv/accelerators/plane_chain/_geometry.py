@@ -10,7 +10,7 @@ __all__ = ["CHUNK_BYTES", "planes_per_chunk", "forward_bytes", "as_3d"]
 #: target size of one chunk's widest intermediate (a chunk of input planes goes through one GEMM):
 #: small enough that a chunk's buffers stay in a core's cache. A chunk's fixed cost is the
 #: barriers of the team of threads, small enough that small chunks need no batching; the size
-#: was chosen by timing 128 KiB to 1 MiB chunks (CHANGELOG.md).
+#: was chosen by timing 128 KiB to 1 MiB chunks (the comparison is in the commit log).
 CHUNK_BYTES = 128 << 10
 
 

@@ -265,8 +265,8 @@ inline std::vector<int64_t> last_needed_planes(const Axis& a0) {
 // mode-2 pass; the mode-0 pass and the GEMM R -> T): about 24 KiB of the R-channel rows, so that
 // they stay in L1 (32-48 KiB) between the pass that writes them and the one that reads them,
 // and at least 2^18 multiply-adds of the GEMM, so that its calls and edge tiles stay a small part
-// of a block (at 16 channels blocks sized by bytes alone were too small for that: the
-// comparison is `python benchmarks/chain_ab.py ab <rev>`, the figures in CHANGELOG.md).
+// of a block (at 16 channels blocks sized by bytes alone were too small for that; the
+// comparison is in the commit log).
 inline int64_t fused_block(int64_t row_positions, int64_t R, int64_t macs_per_position, size_t itemsize) {
   const int64_t by_bytes = (24 << 10) / std::max<int64_t>(1, row_positions * R * static_cast<int64_t>(itemsize));
   const int64_t by_macs = (1 << 18) / std::max<int64_t>(1, row_positions * macs_per_position);

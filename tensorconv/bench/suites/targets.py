@@ -9,7 +9,7 @@ from ..timing import _Progress, measure_many
 
 
 def run(args, targets):
-    """The wall-clock targets of the issues: (B, C, 16, 32, 32), k = 3, batch 1 and 8, torch.
+    """The wall-clock targets (docs/benchmarks.md, "Targets"): (B, C, 16, 32, 32), k = 3, batch 1 and 8, torch.
 
     Dense Conv3d vs the factorized CP plan at R = C (C in 32, 64, 128) and at the Figure 6
     ranks R = 3C, 6C (C = 32); forward and forward+backward; the MAC ratio beside each.
