@@ -238,12 +238,19 @@ def before_after(rows, before_rows):
 def main(path, before=None):
     data = json.load(open(path))
     env = data["environment"]
+    if "accelerators" in env:
+        built = env["accelerators"] or {}
+        said = (
+            ", ".join(f"{k} {'built' if v else 'unavailable'}" for k, v in built.items()) or "none serve these targets"
+        )
+    else:  # results.json of versions before 0.3.0
+        said = {True: "plane chain built", False: "plane chain unavailable", None: "not used"}[env.get("cpu_kernel")]
     print(
         f"Measured {env['date']} on {env['processor']} ({env['cpus']} CPUs), Python {env['python']}, "
         f"numpy {env['numpy']}, torch {env.get('torch', '-')} ({env.get('torch_threads', '-')} threads), "
         f"tensorly-torch {env.get('tltorch', 'not installed')}, GPU: {env.get('gpu', 'none')}. "
-        f"Allocator: {env['allocator']}. CPU plane-chain kernel: "
-        f"{ {True: 'built', False: 'unavailable', None: 'not used'}[env.get('cpu_kernel')] }. Command: `{env['command']}` ({env['seconds']} s). "
+        f"Allocator: {env['allocator']}. Accelerators: {said}. "
+        f"Command: `{env['command']}` ({env['seconds']} s). "
         f"Times in ms, median of the runs (min / max beside).\n"
     )
     print("### targets, evaluated on this run\n")

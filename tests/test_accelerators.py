@@ -207,3 +207,114 @@ def test_unregister_reaches_the_plans_conv_cached(toy):
     finally:
         accelerators.unregister("toy")
         accelerators.register(toy)  # the fixture unregisters it
+
+
+# -- a toy accelerator for torch, through the public API only ------------------------------------------------------
+class _TorchToy(accelerators.Accelerator):
+    """Serves CP convs of torch CPU tensors (zero padding) by the rebuilt kernel's dense conv,
+    counting its calls. Nothing outside this class tells tensorconv about it."""
+
+    name = "torch_toy"
+    label = "torch toy"
+    priority = 5
+
+    def __init__(self):
+        self.calls = 0
+
+    def applies(self, structure, geometry=None):
+        return structure.kind == "kruskal" and 1 <= structure.n_spatial <= 3
+
+    def serves_device(self, backend_name, device_type):
+        return backend_name == "torch" and device_type == "cpu"
+
+    def ready(self, backend_name, device, itemsize):
+        return self.serves_device(backend_name, None if device is None else str(getattr(device, "type", device)))
+
+    def seconds(self, structure, geometry, batch, itemsize, model):
+        return 1e-12
+
+    def spec(self, plan):
+        return plan.geometry
+
+    def run(self, geometry, backend, x, arrays):
+        import torch.nn.functional as F
+
+        if backend.name != "torch" or geometry.padding_mode != "zeros" or not geometry.is_symmetric_padding:
+            return None
+        self.calls += 1
+        lam, u_t, u_c, *spatial = arrays
+        dense = KruskalKernel(lam, [u_t, u_c, *spatial]).to_dense()
+        convnd = (F.conv1d, F.conv2d, F.conv3d)[geometry.n_spatial - 1]
+        pads = tuple(lo for lo, _ in geometry.padding)
+        return convnd(x, dense, None, geometry.stride, pads, geometry.dilation)
+
+
+@pytest.fixture
+def torch_toy_alone():
+    """The toy registered, and the plane chain not: the toy is then the only accelerator of torch
+    CPU, as a kernel for a device tensorconv ships nothing for would be."""
+    pytest.importorskip("torch")
+    chain = accelerators.unregister("plane_chain")
+    toy = accelerators.register(_TorchToy())
+    try:
+        yield toy
+    finally:
+        accelerators.unregister(toy.name)
+        accelerators.register(chain)
+
+
+def test_a_torch_accelerator_is_priced_chosen_run_and_recorded_under_compile(torch_toy_alone):
+    import torch
+    import torch.nn.functional as F
+
+    from tensorconv.nn import KruskalConv
+
+    toy = torch_toy_alone
+    assert accelerators.for_device("torch", torch.device("cpu")) == (toy,)
+    k = KruskalKernel.random((4, 3, 3, 3, 3), 2, backend="torch", dtype="float64", seed=0)
+    x = torch.randn(2, 3, 5, 6, 7, dtype=torch.float64)
+    plan = plan_conv(k, tuple(x.shape), padding=1)
+    assert plan.strategy == "fused" and plan.accelerator == "torch_toy", plan.estimates
+    assert rel_err(plan(x, k), F.conv3d(x, k.to_dense(), padding=1)) < 1e-10 and toy.calls == 1
+
+    layer = KruskalConv(3, 4, (3, 3, 3), rank=2, padding=1).double()
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend=recording, fullgraph=True)
+    with torch.no_grad():
+        got = compiled(x)
+        want = F.conv3d(x, layer.kernel.to_dense(), layer.bias, padding=1)
+    assert "tensorconv.cp_conv" in graphs[-1], graphs[-1]  # the plan recorded as one op
+    assert rel_err(got, want) < 1e-10 and toy.calls == 2  # and the op ran the toy
+    # a device no accelerator serves: standard convs are recorded (the registry decides, not a device name)
+    accelerators.unregister(toy.name)
+    try:
+        torch._dynamo.reset()
+        with torch.no_grad():
+            again = torch.compile(layer, backend=recording, fullgraph=True)(x)
+        assert "tensorconv.cp_conv" not in graphs[-1] and "conv3d" in graphs[-1], graphs[-1]
+        assert rel_err(again, want) < 1e-10 and toy.calls == 2
+    finally:
+        accelerators.register(toy)
+        torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_tensorconv_bench_benchmarks_a_torch_accelerator(torch_toy_alone, tmp_path):
+    import json
+
+    from tensorconv.cli import main
+
+    argv = ["bench", "accelerators", "--quick", "--repeat", "1", "--backend", "torch", "--allocator", "default"]
+    assert main(argv + ["--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["environment"]["accelerators"] == {"torch_toy": True}
+    rows = [r for r in results["rows"] if r["suite"] == "accelerators"]
+    assert rows and {r["accelerator"] for r in rows} == {"torch_toy"}
+    assert {r["auto runs"] for r in rows if r["pass_"] == "forward"} == {"torch_toy"}
+    assert torch_toy_alone.calls > 0

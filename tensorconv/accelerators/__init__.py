@@ -11,7 +11,16 @@ strategy, and builds it on first use.
 The built-in one is :mod:`tensorconv.accelerators.plane_chain` (a compiled CPU kernel for CP
 convolutions on torch). The torch.compile and tiled runners of ``strategy="fused"``
 (:mod:`tensorconv.plans.fused`) implement the same interface, without a cost (they are never
-chosen by ``auto``). A third party adds one with :func:`register`.
+chosen by ``auto``). A third party adds one with :func:`register`, or installs a package that
+names its class in the entry-point group ``tensorconv.accelerators``::
+
+    [project.entry-points."tensorconv.accelerators"]
+    my_kernel = "my_package.kernel:MyAccelerator"
+
+The built-ins are loaded the same way (``"module:Class"``), on the first look-up. The registry
+also says which accelerators serve a device (:func:`for_device`): a layer under
+``torch.compile`` records its plan as one opaque op only where one does, and ``tensorconv
+bench`` builds and benchmarks those of the devices it runs on.
 
 Examples
 --------
@@ -23,13 +32,20 @@ Examples
 from __future__ import annotations
 
 import importlib
+import warnings
+from importlib.metadata import entry_points
 from typing import Any, Callable
 
-__all__ = ["Accelerator", "register", "unregister", "registered", "get", "build"]
+__all__ = ["Accelerator", "register", "unregister", "registered", "get", "build", "for_device", "ENTRY_POINT_GROUP"]
 
-#: modules whose import registers the accelerators that ship with tensorconv (imported on the
-#: first look-up, so that ``import tensorconv`` stays light)
-_BUILTIN = ("tensorconv.accelerators.plane_chain", "tensorconv.plans.fused")
+#: the accelerators that ship with tensorconv, as entry points name their class; loaded on the
+#: first look-up (``import tensorconv`` stays light), before those other packages declare
+_BUILTIN = (
+    "tensorconv.accelerators.plane_chain:PlaneChain",
+    "tensorconv.plans.fused:TorchCompileRunner",
+    "tensorconv.plans.fused:TiledRunner",
+)
+ENTRY_POINT_GROUP = "tensorconv.accelerators"
 
 
 class Accelerator:
@@ -60,6 +76,11 @@ class Accelerator:
         :class:`~tensorconv.plans.structure.KernelStructure`) with this geometry at all;
         ``geometry`` is None where the input shape is not known yet."""
         raise NotImplementedError
+
+    def serves_device(self, backend_name: str, device_type: str | None) -> bool:
+        """Whether it runs arrays of this library on this kind of device at all (built or not);
+        ``device_type``: e.g. ``"cpu"``, ``"cuda"``, or None where the library has no devices."""
+        return False
 
     def ready(self, backend_name: str, device: Any, itemsize: int) -> bool:
         """Whether it runs on this backend / device / dtype now, without building anything."""
@@ -113,15 +134,46 @@ _loaded = []
 _ordered: list[tuple[Accelerator, ...]] = [()]
 
 
+#: (backend name, device type, request) -> the accelerators that serve it; emptied on every change
+_by_device: dict[tuple, tuple[Accelerator, ...]] = {}
+
+
 def _reorder() -> None:
     _ordered[0] = tuple(sorted(_registry.values(), key=lambda a: a.priority))
+    _by_device.clear()
+
+
+def _instantiate(spec: str, origin: str) -> Accelerator | None:
+    module, _, attr = spec.partition(":")
+    try:
+        obj = getattr(importlib.import_module(module), attr)
+        return obj() if isinstance(obj, type) else obj
+    except Exception as exc:  # a broken plug-in must not break every plan
+        warnings.warn(f"tensorconv: accelerator {spec!r} ({origin}) could not be loaded: {exc}", RuntimeWarning)
+        return None
 
 
 def _load_builtin() -> None:
-    if not _loaded:
-        _loaded.append(True)
-        for module in _BUILTIN:
-            importlib.import_module(module)
+    if _loaded:
+        return
+    _loaded.append(True)
+    found = [(spec, "built in") for spec in _BUILTIN]
+    found += [
+        (ep.value, f"entry point {ep.name!r} of {ENTRY_POINT_GROUP}") for ep in entry_points(group=ENTRY_POINT_GROUP)
+    ]
+    for spec, origin in found:
+        accelerator = _instantiate(spec, origin)
+        if accelerator is None:
+            continue
+        if accelerator.name in _registry:
+            if origin != "built in" and _registry[accelerator.name].__class__ is not accelerator.__class__:
+                warnings.warn(
+                    f"tensorconv: accelerator {spec!r} ({origin}) is named {accelerator.name!r}, "
+                    f"which is registered already; not loaded",
+                    RuntimeWarning,
+                )
+            continue
+        register(accelerator)
 
 
 def register(accelerator: Accelerator) -> Accelerator:
@@ -163,6 +215,20 @@ def registered() -> tuple[Accelerator, ...]:
     """The registered accelerators, in the order plans ask them."""
     _load_builtin()
     return _ordered[0]
+
+
+def for_device(backend_name: str, device: Any = None, request: str = "auto") -> tuple[Accelerator, ...]:
+    """The registered accelerators that serve ``request`` (``"auto"`` or ``"fused"``) for arrays
+    of ``backend_name`` on ``device`` (a device, its type such as ``"cpu"``, or None), in the
+    order plans ask them; built or not (:meth:`Accelerator.ready` says whether one is now)."""
+    device_type = None if device is None else str(getattr(device, "type", device)).split(":")[0]
+    key = (backend_name, device_type, request)
+    found = _by_device.get(key)
+    if found is None:
+        found = _by_device[key] = tuple(
+            a for a in registered() if request in a.serves and a.serves_device(backend_name, device_type)
+        )
+    return found
 
 
 def build() -> dict[str, bool]:

@@ -64,11 +64,12 @@ def run(args, *, open_output, write_output):
     else:
         args.allocator_note = "glibc default"
     targets = _targets(args)
-    if any(b == "torch" and str(d).startswith("cpu") for b, d in targets):
-        # built (or loaded) before anything is timed, so that auto weighs them and fused never builds mid-run
-        from .. import accelerators
+    from .. import accelerators
 
-        args.cpu_kernel = all(accelerators.build().values())
+    # the accelerators of the targets' devices built (or loaded) before anything is timed, so
+    # that auto weighs them and fused never builds mid-run
+    serving = {a.name: a for b, d in targets for a in accelerators.for_device(b, d)}
+    args.accelerators_built = {name: acc.build() for name, acc in serving.items()}
     t0 = time.perf_counter()
     rows = []
     suite_seconds = {}

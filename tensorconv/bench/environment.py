@@ -39,8 +39,9 @@ def environment(args):
         "allocator": args.allocator_note,
         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
-        "cpu_kernel": getattr(args, "cpu_kernel", None),
-    }  # the plane chain of fused / auto (torch CPU)
+        # the accelerators serving the targets' devices, and whether each was usable
+        "accelerators": getattr(args, "accelerators_built", None),
+    }
     try:
         import torch
 

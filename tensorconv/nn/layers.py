@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import accelerators
 from .._checks import is_integral
 from .._typing import IntOrTuple, Padding, Rank
 from ..backends import PADDING_MODES, backend_for_name
@@ -163,14 +164,15 @@ def _run_conv(x, parts, bias, layer):
 
 def _traced_plan(x, parts, layer):
     """Under torch.compile / torch.export (not jit.trace, not ONNX export, which need standard
-    ops), a CP layer on CPU records one opaque op, ``tensorconv::cp_conv``, which runs the
-    layer's plan for the shapes it meets when it runs (the compiled plane chain where ``auto``
-    picks it), with its fake kernel and autograd registered (:mod:`tensorconv.nn._ops`): the
-    compiled model runs what eager runs, for any input shape. None: record standard ops."""
+    ops), a CP layer on a device that an accelerator serves (:func:`tensorconv.accelerators.for_device`)
+    records one opaque op, ``tensorconv::cp_conv``, which runs the layer's plan for the shapes it
+    meets when it runs (the accelerator where ``auto`` picks it), with its fake kernel and
+    autograd registered (:mod:`tensorconv.nn._ops`): the compiled model runs what eager runs, for
+    any input shape. None: record standard ops (which the compiler can fuse on its own)."""
     kind, tensors, _, _ = parts
     if kind != "cp" or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return None
-    if x.device.type != "cpu" or x.ndim != len(layer.kernel_size) + 2:
+    if x.ndim != len(layer.kernel_size) + 2 or not accelerators.for_device("torch", x.device.type):
         return None
     from ._ops import cp_conv
 

@@ -30,7 +30,7 @@ instead of keeping them, so peak memory stays at tile size.
 
 from __future__ import annotations
 
-from ..accelerators import Accelerator, register
+from ..accelerators import Accelerator
 from .executor import TapProgram
 
 __all__ = ["FusedRunner", "CompiledChain", "TorchCompileRunner", "TiledRunner", "TILE_BYTES"]
@@ -261,6 +261,9 @@ class TorchCompileRunner(_StepsRunner):
     def takes(self, backend):
         return backend.name == "torch"
 
+    def serves_device(self, backend_name, device_type):
+        return backend_name == "torch"
+
     def make(self, plan):
         chain = CompiledChain(plan)
         return lambda backend, x, arrays: chain(backend, plan.activation(backend, x), list(arrays))
@@ -276,10 +279,9 @@ class TiledRunner(_StepsRunner):
     def takes(self, backend):
         return backend.name != "torch"  # per-op overhead on small tiles made it slower than the unfused plan there
 
+    def serves_device(self, backend_name, device_type):
+        return backend_name != "torch"
+
     def make(self, plan):
         tiles = FusedRunner(plan)
         return lambda backend, x, arrays: tiles(backend, x, [None] + list(arrays))
-
-
-register(TorchCompileRunner())
-register(TiledRunner())

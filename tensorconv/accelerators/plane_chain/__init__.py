@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 
 from ...plans.cost import MODEL_MARGIN
-from .. import Accelerator, register
+from .. import Accelerator, get
 from . import _build
 from ._geometry import as_3d, forward_bytes, planes_per_chunk
 
@@ -91,6 +91,9 @@ class PlaneChain(Accelerator):
         if any(k > 64 for k in structure.shape[2:]):  # the kernel's tap tables hold 64
             return False
         return structure.factor_modes == tuple((m,) for m in range(2 + n)) and not any(structure.identity_factors)
+
+    def serves_device(self, backend_name, device_type):
+        return _on_torch_cpu(backend_name, device_type)
 
     def ready(self, backend_name, device, itemsize):
         return _on_torch_cpu(backend_name, device) and itemsize in RATES and _build.available()
@@ -212,4 +215,8 @@ class PlaneChain(Accelerator):
         return "built, loads on first use" if _build.available() else "not built (tensorconv build-kernel builds it)"
 
 
-PLANE_CHAIN = register(PlaneChain())
+def __getattr__(name):
+    # the registered instance (the registry makes it, from the class, on its first look-up)
+    if name == "PLANE_CHAIN":
+        return get(PlaneChain.name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -34,7 +34,7 @@ def run(args, targets):
                 s: (lambda s=s: conv(x, k, strategy=s, **geo)) for s in ("auto", "factorized", "reconstructed")
             }
             fused = plan_conv(k, shape, strategy="fused", **geo)
-            if _priced_accelerator(fused) and getattr(args, "cpu_kernel", False):
+            if _priced_accelerator(fused) and getattr(args, "accelerators_built", {}).get(fused.accelerator):
                 candidates["fused"] = lambda: conv(x, k, strategy="fused", **geo)
             import torch  # torch targets only
 
