@@ -37,7 +37,7 @@ def test_factorize_a_torchvision_r3d_18_keeps_geometry_and_leaves_the_original(t
     assert isinstance(small.stem[0], KruskalConv)
     s, o = small.stem[0], model.stem[0]
     assert s.stride == o.stride and s.dilation == o.dilation and s.kernel_size == o.kernel_size
-    assert s.padding == tuple((p, p) for p in o.padding)
+    assert s.padding == o.padding  # read as nn.Conv3d's
     assert isinstance(small.layer2[0].conv1[0], nn.Conv3d)  # not chosen by `layers`
     x = torch.randn(1, 3, 4, 32, 32)
     assert small(x).shape == model(x).shape

@@ -208,6 +208,24 @@ def test_padding_same_layer():
         assert rel_err(layer.to_dense_conv()(x), ref) < TOL
 
 
+@pytest.mark.parametrize("padding", [0, 1, (1, 0, 2), "same", "valid", (1, (0, 2), 1)])
+def test_layer_padding_reads_as_nn_convnd(padding):
+    """``layer.padding`` as nn.Conv3d says it (one int per dim, or the string); a dim padded
+    unevenly, which nn.Conv3d cannot express, keeps its (low, high) pair."""
+    from tensorconv.nn import TuckerConv
+
+    for cls in (KruskalConv, TuckerConv):
+        layer = cls(3, 4, (3, 3, 3), rank=2 if cls is KruskalConv else (2, 2), padding=padding)
+        if isinstance(padding, tuple) and isinstance(padding[1], tuple):
+            assert layer.padding == padding
+            with pytest.raises(ValueError, match="asymmetric"):
+                layer.to_dense_conv()
+        else:
+            assert layer.padding == torch.nn.Conv3d(3, 4, 3, padding=padding).padding, cls
+            assert layer.to_dense_conv().padding == layer.padding
+        assert ("padding=" in repr(layer)) == (padding != 0)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_transduct_center_is_frame_by_frame_and_ones_is_windowed_sum(device):
     layer = KruskalConv(3, 4, (3, 3), rank=3, padding=1, dtype=torch.float64, device=device)

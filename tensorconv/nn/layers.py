@@ -256,6 +256,12 @@ def _graph_conv(x, parts, layer):
     return out[0] if unbatched else out
 
 
+def _conv_padding(pairs):
+    """(low, high) pairs as ``nn.ConvNd`` says its padding: one int per spatial dim; a dim padded
+    unevenly (which nn.ConvNd cannot) keeps its (low, high) pair."""
+    return tuple(lo if lo == hi else (lo, hi) for lo, hi in pairs)
+
+
 def _compression(dense, stored):
     """'dense N, 3.9x fewer' or 'dense N, 8.1x more': the parameter count said as it is."""
     if stored <= dense:
@@ -281,7 +287,7 @@ class _FactorizedConv(nn.Module):
         self.dilation = normalize_int_tuple(dilation, n, "dilation", minimum=1)
         # validated like any convolution's; "same" / "valid" are kept as given (they follow transduct)
         pairs = normalize_padding(padding, self.kernel_size, self.stride, self.dilation)
-        self.padding = padding if isinstance(padding, str) else pairs
+        self.padding = padding if isinstance(padding, str) else _conv_padding(pairs)
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode={padding_mode!r} is not one of {PADDING_MODES}")
         self.padding_mode = padding_mode
@@ -351,7 +357,7 @@ class _FactorizedConv(nn.Module):
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
         if any(v != 1 for v in self.stride):
             s += f", stride={self.stride}"
-        if self.padding != ((0, 0),) * self.n_spatial:
+        if self.padding != (0,) * self.n_spatial:
             s += f", padding={self.padding!r}"
         if any(v != 1 for v in self.dilation):
             s += f", dilation={self.dilation}"
@@ -367,10 +373,8 @@ class _FactorizedConv(nn.Module):
         if n > 3:
             raise ValueError(f"to_dense_conv: torch has no nn.Conv{n}d; use tensorconv.conv with kernel.to_dense()")
         padding = self.padding
-        if not isinstance(padding, str):
-            if any(lo != hi for lo, hi in padding):
-                raise ValueError(f"to_dense_conv: nn.Conv{n}d has no asymmetric padding, this layer has {padding}")
-            padding = tuple(lo for lo, _ in padding)
+        if not isinstance(padding, str) and any(isinstance(p, tuple) for p in padding):
+            raise ValueError(f"to_dense_conv: nn.Conv{n}d has no asymmetric padding, this layer has {padding}")
         p = next(self.parameters())
         cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[n - 1]
         dense = cls(
@@ -560,7 +564,7 @@ class KruskalConv(_FactorizedConv):
         self.kernel_size = insert(self.kernel_size, kernel_size)
         self.stride = insert(self.stride, stride)
         self.dilation = insert(self.dilation, dilation)
-        self.padding = "same" if keep_same else insert(old_pairs, new_pad)
+        self.padding = "same" if keep_same else _conv_padding(insert(old_pairs, new_pad))
         factors = list(self.factors)
         factors.insert(2 + position, nn.Parameter(new_kernel.factors[2 + position].detach().clone()))
         self.factors = nn.ParameterList(factors)
