@@ -63,7 +63,7 @@ BACKENDS = [
     pytest.param(
         ("torch", "cpu"), id="torch", marks=pytest.mark.skipif(torch is None, reason="torch is not installed")
     ),
-    pytest.param(("jax", None), id="jax", marks=needs_jax),
+    pytest.param(("jax", None), id="jax", marks=[needs_jax, pytest.mark.slow]),  # jit compiles: seconds each
     pytest.param(
         ("torch", "cuda"),
         id="torch-cuda",

@@ -405,6 +405,7 @@ def test_torch_cpu_auto_runs_one_3x3x3_depthwise_conv_at_r_eq_c(monkeypatch):
         assert (in_float64.strategy, in_float64.order) == ("factorized", "fewest-macs"), in_float64.estimates
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _torch_available(), reason="torch is not installed")
 def test_torch_compile_smoke():
     compile_fn = getattr(torch, "compile", None)

@@ -18,6 +18,8 @@ from conftest import rel_err  # noqa: E402
 
 from tensorconv.nn import HOCPBlock, KruskalConv, TuckerConv  # noqa: E402
 
+pytestmark = pytest.mark.slow  # compiles, exports and opchecks (seconds each); CI runs them
+
 STANDARD_ONNX_OPS = {
     "Conv",
     "Pad",

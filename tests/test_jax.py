@@ -22,6 +22,8 @@ import jax.numpy as jnp  # noqa: E402
 from tensorconv import KruskalKernel, TuckerKernel, conv, mode_dot, plan_conv  # noqa: E402
 from tensorconv.backends import get_backend  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test jit-compiles (seconds each); CI runs them
+
 TOL = 1e-10
 GEOMETRIES = [
     # (kernel shape, input spatial, geometry)

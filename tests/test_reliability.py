@@ -344,7 +344,7 @@ def _kernels(backend, shape):
     ]
 
 
-@pytest.mark.parametrize("backend", ["numpy", pytest.param("torch", marks=needs_torch)])
+@pytest.mark.parametrize("backend", ["numpy", pytest.param("torch", marks=[needs_torch, pytest.mark.slow])])
 @pytest.mark.parametrize("spatial", [(3,), (3, 1), (3, 3, 3), (1, 1, 1)])
 def test_empty_batch_gives_the_empty_output(backend, spatial):
     shape = (4, 2) + spatial
@@ -488,7 +488,9 @@ def test_prune_relative_cuts_each_layer_at_its_own_scale():
 
 # -- 18. autocast ------------------------------------------------------------------------------------------------------
 @needs_torch
-@pytest.mark.parametrize("strategy", ["auto", "fused", "factorized", "reconstructed"])
+@pytest.mark.parametrize(
+    "strategy", ["auto", pytest.param("fused", marks=pytest.mark.slow), "factorized", "reconstructed"]
+)  # fused: torch.compile
 def test_autocast_computes_in_the_autocast_dtype_like_nn_conv(strategy):
     from tensorconv.nn import KruskalConv, TuckerConv
 
@@ -524,6 +526,7 @@ def _traceable_model():
 
 
 @needs_torch
+@pytest.mark.slow
 def test_compile_traces_one_graph_equal_to_eager():
     """fullgraph: dynamo records each CP layer as the opaque op tensorconv::cp_conv and the others as
     standard convs, never the Python planner behind conv() (tracing that took minutes per layer);
@@ -541,6 +544,7 @@ def test_compile_traces_one_graph_equal_to_eager():
 
 
 @needs_torch
+@pytest.mark.slow
 def test_export_is_shape_generic_in_the_batch():
     model = _traceable_model().eval()
     x = torch.randn(2, 4, 6, 10, 10, dtype=torch.float64)
