@@ -196,3 +196,20 @@ def run_tiled(plan, tiles, x, kernel):
     backend = get_backend(x)
     arrays = weight_arrays(kernel, plan.structure, backend)
     return plan.finish(backend, tiles(backend, x, [None] + arrays))
+
+
+needs_torch = pytest.mark.skipif(torch is None, reason="torch is not installed")
+
+
+def run_python(code, timeout=300, env=None):
+    """Run ``code`` in a fresh interpreter; returns the completed process (never raises on rc):
+    a crash or a hang there fails the test, not the run."""
+    import subprocess
+    import sys
+    import textwrap
+
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout, env=full_env
+    )

@@ -123,68 +123,6 @@ def test_registry_errors_name_what_is_wrong(toy):
         plan_conv(k, (1, 3, 6, 6), accelerators="toy")
 
 
-def _plane_chain_build():
-    pytest.importorskip("torch")
-    from tensorconv.accelerators.plane_chain import _build
-
-    return _build
-
-
-def test_stale_build_cleanup_removes_only_what_tensorconv_made(tmp_path):
-    """TENSORCONV_BUILD_DIR may be a user's folder: only tensorconv's own killed builds (its name
-    pattern and its marker file) are removed, never a user's folder that merely contains '.build-'."""
-    import os
-
-    chain = _plane_chain_build()
-    old = 1e9  # 2001: far older than the staleness limit
-    user = tmp_path / "app.build-2024"
-    user.mkdir()
-    (user / "notes.txt").write_text("mine")
-    mimic = tmp_path / "tensorconv_cp_chain_0123456789ab.build-abc123"  # our name, no marker
-    mimic.mkdir()
-    (mimic / "data").write_text("mine too")
-    ours = tmp_path / "tensorconv_cp_chain_0123456789ab.build-k9x_2z"
-    ours.mkdir()
-    (ours / chain._MARKER).write_text("")
-    (ours / "lock").write_text("")
-    fresh = tmp_path / "tensorconv_cp_chain_0123456789ab.build-fresh1"
-    fresh.mkdir()
-    (fresh / chain._MARKER).write_text("")
-    for path in (user, mimic, ours):
-        os.utime(path, (old, old))
-    chain._remove_stale_builds(str(tmp_path))
-    assert (user / "notes.txt").read_text() == "mine" and (mimic / "data").exists()
-    assert not ours.exists()
-    assert fresh.exists()  # a build that may still be running
-
-
-def test_a_corrupted_cached_library_is_rebuilt(tmp_path, monkeypatch):
-    """A file under the library's own name that does not load (wrong ELF class, truncated): it
-    is removed and built again, with a warning naming it; not 'not available' forever."""
-    chain = _plane_chain_build()
-    monkeypatch.setenv("TENSORCONV_BUILD_DIR", str(tmp_path))
-    monkeypatch.delenv("TENSORCONV_NO_CPU_KERNEL", raising=False)
-    name = chain._module_name()
-    folder = tmp_path / name
-    folder.mkdir(mode=0o700)
-    library = folder / f"{name}.so"
-    library.write_bytes(b"\x7fELF\x01 not a library of this machine")
-    library.chmod(0o600)
-    tmp_path.chmod(0o700)
-    built = []
-
-    def rebuild(module_name, root):
-        assert not library.exists(), "the broken file must be gone before the rebuild"
-        built.append((module_name, root))
-        return "the rebuilt module"
-
-    monkeypatch.setattr(chain, "_build", rebuild)
-    monkeypatch.setattr(chain, "_state", {})
-    with pytest.warns(RuntimeWarning, match=f"{name}.so could not be loaded .*rebuilding it"):
-        assert chain.load() == "the rebuilt module"
-    assert built == [(name, str(tmp_path))]
-
-
 def test_unregister_reaches_the_plans_conv_cached(toy):
     """conv() keys its cached plans by the registry: after unregister (or a new accelerator under
     the old name) a cached plan never runs the removed one."""

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from conftest import run_python
 
 from tensorconv.cli import main
 
@@ -52,3 +53,14 @@ def test_verify_json_carries_the_papers_names(tmp_path, capsys):
     assert rows["tucker"]["paper_name"] == "bottleneck" and rows["tucker"]["label"] == "tucker/bottleneck"
     assert rows["cp"]["paper_name"] == "kruskal" and rows["cp"]["label"] == "cp/kruskal"
     assert "tucker/bottleneck" in capsys.readouterr().out
+
+
+def test_verify_seed_is_reproducible_across_processes():
+    code = """
+    from tensorconv.cli.verify import run
+    rows = run(["numpy"], ("float64",), 2, 7, ["cp", "tucker"], progress=False)
+    print(repr([(r["derivation"], r["max_abs"], r["max_rel"], r["passed"]) for r in rows]))
+    """
+    outs = [run_python(code, env={"PYTHONHASHSEED": seed}) for seed in ("1", "2")]
+    assert all(p.returncode == 0 for p in outs), [p.stderr[-2000:] for p in outs]
+    assert outs[0].stdout == outs[1].stdout and outs[0].stdout.strip()

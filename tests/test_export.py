@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-from conftest import rel_err  # noqa: E402
+from conftest import needs_torch, rel_err  # noqa: E402
 
+from tensorconv import KruskalKernel, conv  # noqa: E402
 from tensorconv.nn import HOCPBlock, KruskalConv, TuckerConv  # noqa: E402
 
+TOL = 1e-10
 pytestmark = pytest.mark.slow  # compiles, exports and opchecks (seconds each); CI runs them
 
 STANDARD_ONNX_OPS = {
@@ -327,3 +329,79 @@ def test_cp_conv_ops_pass_opcheck_with_channels_last_inputs():
             plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
             for grad in (torch.randn_like(out), torch.randn(out.shape, dtype=out.dtype)):
                 torch.library.opcheck(torch.ops.tensorconv.cp_conv_backward.default, (grad, *plain))
+
+
+@needs_torch
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "circular"])
+def test_jit_trace_is_shape_generic(padding_mode):
+    from tensorconv.nn import HOCPBlock, KruskalConv, TuckerConv
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        KruskalConv(4, 8, (3, 3, 3), rank=6, padding=1, padding_mode=padding_mode, strategy="fused"),
+        torch.nn.ReLU(),
+        TuckerConv(8, 8, (3, 3, 3), rank=(4, 4), padding=(1, (0, 2), 1), groups=2),
+        HOCPBlock(8, 6, (1, 3, 3), rank=3, padding="same"),
+    ).eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(model, torch.randn(2, 4, 6, 10, 10))
+        for shape in [(1, 4, 5, 7, 9), (3, 4, 8, 6, 11)]:
+            x = torch.randn(shape)
+            got, want = traced(x), model(x)
+            assert got.shape == want.shape and rel_err(got, want) < 1e-5  # float32: stated 1e-5
+
+
+@needs_torch
+def test_jit_script_and_bare_conv_tracing_say_why():
+    from tensorconv.nn import KruskalConv
+
+    with pytest.raises(RuntimeError, match="torch.jit.script"):
+        torch.jit.script(torch.nn.Sequential(KruskalConv(2, 3, (3, 3), rank=2)))
+    k = KruskalKernel.random((3, 2, 3, 3), 2, backend="torch", dtype="float32", seed=0)
+    with pytest.raises(RuntimeError, match="trace the layers"):
+        torch.jit.trace(lambda x: conv(x, k), torch.randn(1, 2, 5, 5))
+
+
+def _traceable_model():
+    from tensorconv.nn import HOCPBlock, KruskalConv, TuckerConv
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        KruskalConv(4, 8, (3, 3, 3), rank=6, padding=1, stride=(1, 2, 1), dilation=(1, 1, 2)),
+        torch.nn.ReLU(),
+        TuckerConv(8, 8, (3, 3, 3), rank=(4, 4), padding=(1, (0, 2), 1), groups=2, padding_mode="reflect"),
+        TuckerConv(8, 8, (1, 3, 3), rank=(4, 4), padding=(0, 1, 1), core_groups=2),
+        HOCPBlock(8, 6, (1, 3, 3), rank=3, padding="same"),
+        KruskalConv(6, 6, (3, 1, 3), rank=4, padding=((0, 2), 0, 1), padding_mode="circular"),
+    ).double()
+
+
+@needs_torch
+@pytest.mark.slow
+def test_compile_traces_one_graph_equal_to_eager():
+    """fullgraph: dynamo records each CP layer as the opaque op tensorconv::cp_conv and the others as
+    standard convs, never the Python planner behind conv() (tracing that took minutes per layer);
+    aot_eager checks the graph without compiling C++."""
+    model = _traceable_model()
+    x = torch.randn(2, 4, 6, 10, 10, dtype=torch.float64, requires_grad=True)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got = compiled(x)
+    want = model(x)
+    assert rel_err(got.detach(), want.detach()) < TOL
+    grads = torch.autograd.grad(got.square().sum(), [x] + list(model.parameters()))
+    want_grads = torch.autograd.grad(want.square().sum(), [x] + list(model.parameters()))
+    # one scale for all: some gradients are zero up to rounding (a bias before a norm)
+    assert rel_err(torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in want_grads])) < TOL
+
+
+@needs_torch
+@pytest.mark.slow
+def test_export_is_shape_generic_in_the_batch():
+    model = _traceable_model().eval()
+    x = torch.randn(2, 4, 6, 10, 10, dtype=torch.float64)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    exported = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+    for b in (1, 3):
+        xb = torch.randn(b, 4, 6, 10, 10, dtype=torch.float64)
+        with torch.no_grad():
+            assert rel_err(exported.module()(xb), model(xb)) < TOL

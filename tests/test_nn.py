@@ -4,17 +4,18 @@ import copy
 import io
 import pickle
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
-from conftest import rel_err  # noqa: E402
+from conftest import needs_torch, rel_err  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from oracles import np_conv, torch_conv  # noqa: E402
 
 import tensorconv.nn as tnn  # noqa: E402
-from tensorconv import HOCPBlock, KruskalConv, TuckerConv  # noqa: E402
+from tensorconv import HOCPBlock, KruskalConv, TuckerConv, TuckerKernel, conv  # noqa: E402
 
 TOL = 1e-10
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -405,3 +406,204 @@ def test_meta_device_layers_infer_shapes():
         x = torch.empty(2, 4, 9, 8, device="meta")
         assert layer(x).shape == dense(x).shape and layer(x).device.type == "meta"
         assert layer.kernel.to_dense().shape == dense.weight.shape
+
+
+def _conv2d_same_class():
+    import math
+
+    import torch.nn.functional as F
+
+    class Conv2dSame(torch.nn.Conv2d):
+        """As timm's: TF-style 'same' padding worked out from each input's size."""
+
+        def forward(self, x):
+            ih, iw = x.shape[-2:]
+            pads = []
+            for size, k, s, d in zip((ih, iw), self.kernel_size, self.stride, self.dilation):
+                pads.append(max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0))
+            x = F.pad(x, [pads[1] // 2, pads[1] - pads[1] // 2, pads[0] // 2, pads[0] - pads[0] // 2])
+            return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+    return Conv2dSame
+
+
+@needs_torch
+def test_conv_subclasses_with_their_own_forward_are_refused():
+    from tensorconv.architectures import from_torch
+    from tensorconv.nn import KruskalConv, TuckerConv
+
+    same = _conv2d_same_class()(4, 6, 3, stride=2).double()
+    assert same(torch.randn(1, 4, 28, 28, dtype=torch.float64)).shape[-1] == 14  # what a conversion must keep
+    for convert in (
+        lambda m: KruskalConv.from_conv(m, 4),
+        lambda m: TuckerConv.from_conv(m, (4, 4)),
+        lambda m: from_torch(torch.nn.Sequential(m)),
+    ):
+        with pytest.raises(TypeError, match="Conv2dSame subclasses nn.Conv2d with its own forward"):
+            convert(same)
+
+    class Plain(torch.nn.Conv2d):  # a subclass that keeps torch's forward is an ordinary conv
+        pass
+
+    plain = Plain(4, 6, 3, padding=1).double()
+    layer = KruskalConv.from_conv(plain, 24)
+    x = torch.randn(1, 4, 9, 9, dtype=torch.float64)
+    assert layer(x).shape == plain(x).shape
+
+
+def _block_diagonal_oracle(k):
+    """The full (T, C, *K) kernel of a grouped-conv Tucker kernel, group by group with numpy."""
+    g = k.groups
+    t, c = k.shape[:2]
+    tg, cg = t // g, c // g
+    core = np.asarray(k.core)
+    og = core.shape[0] // g
+    full = np.zeros(k.shape)
+    for j in range(g):
+        block = core[j * og : (j + 1) * og]
+        for n, f in enumerate(k.factors[2:]):
+            if f is not None:
+                block = np.moveaxis(np.tensordot(block, np.asarray(f), axes=([2 + n], [1])), -1, 2 + n)
+        u_t = np.asarray(k.factors[0])[j * tg : (j + 1) * tg]
+        u_c = np.asarray(k.factors[1])[j * cg : (j + 1) * cg]
+        full[j * tg : (j + 1) * tg, j * cg : (j + 1) * cg] = np.einsum("oi...,to,si->ts...", block, u_t, u_c)
+    return full
+
+
+@pytest.mark.parametrize("spatial_rank", [None, 2])
+@pytest.mark.parametrize("strategy", ["factorized", "reconstructed", "fused", "auto"])
+def test_grouped_conv_tucker_kernel_equals_its_blocks(spatial_rank, strategy):
+    k = TuckerKernel.random((8, 6, 3, 3), (4, 6), groups=2, grouped_conv=True, spatial_rank=spatial_rank, seed=3)
+    assert k.block_diagonal == (True, True) and k.is_grouped_conv
+    assert k.dense_params == 8 * 3 * 9 and k.n_params == 4 * 3 * int(np.prod(k.core.shape[2:])) + 8 * 2 + 6 * 3 + (
+        0 if spatial_rank is None else 2 * 3 * 2
+    )
+    oracle = _block_diagonal_oracle(k)
+    assert rel_err(k.to_dense(), oracle) < TOL
+    x = np.random.default_rng(0).standard_normal((2, 6, 7, 8))
+    want = conv(x, oracle, padding=1, stride=(2, 1))
+    assert rel_err(conv(x, k, padding=1, stride=(2, 1), strategy=strategy), want) < TOL
+    assert rel_err(conv(x, k.to_grouped_dense(), groups=2, padding=1, stride=(2, 1)), want) < TOL
+
+
+@needs_torch
+def test_grouped_conv_from_conv_compresses_and_stays_grouped():
+    """resnext50's grouped 3x3 conv (128 channels, 32 groups): the factorized layer is smaller
+    than the grouped conv, says so honestly, and converts back to a grouped conv."""
+    from tensorconv.nn import TuckerConv
+
+    torch.manual_seed(0)
+    dense = torch.nn.Conv2d(128, 128, 3, padding=1, groups=32, bias=False).double()
+    x = torch.randn(2, 128, 8, 8, dtype=torch.float64)
+    for rank in ("same", 0.5):
+        layer = TuckerConv.from_conv(dense, rank)
+        assert layer.groups == 32 and layer.dense_params == 4608
+        assert layer.n_params <= (1.0 if rank == "same" else 0.5) * 4608, (rank, layer.n_params)
+        assert "x fewer" in repr(layer) and "dense 4608" in repr(layer)
+        back = layer.to_dense_conv()
+        assert back.groups == 32 and tuple(back.weight.shape) == (128, 4, 3, 3)
+        assert rel_err(back(x), layer(x).detach()) < TOL
+    full = TuckerConv.from_conv(dense, (128, 128))  # full rank per group: exact
+    assert full.relative_error < 1e-12 and rel_err(full(x).detach(), dense(x).detach()) < TOL
+
+
+@needs_torch
+def test_repr_says_more_when_the_factorization_is_larger():
+    from tensorconv.nn import KruskalConv
+
+    assert "x more" in repr(KruskalConv(2, 2, (3, 3), rank=20))
+
+
+@needs_torch
+def test_layer_arguments_are_validated():
+    from tensorconv.nn import KruskalConv, TuckerConv
+
+    with pytest.raises(ValueError, match="groups must be an int >= 1, got 0"):
+        TuckerKernel.random((4, 4, 3, 3), (2, 2), groups=0)
+    with pytest.raises(ValueError, match="groups must be an int >= 1, got 0"):
+        TuckerConv(4, 4, (3, 3), rank=2, groups=0)
+    for bad in (float("inf"), float("nan"), -0.5):
+        with pytest.raises(ValueError, match="finite and > 0"):
+            KruskalConv(4, 4, (3, 3), rank=bad)
+        with pytest.raises(ValueError, match="finite and > 0"):
+            TuckerConv(4, 4, (3, 3), rank=bad)
+    with pytest.raises(ValueError, match=r"kernel_size=\(\) has no spatial mode"):
+        KruskalConv(4, 4, (), rank=2)
+
+
+@needs_torch
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+def test_prune_keeps_the_parameters_an_optimizer_holds(opt_name):
+    import tensorconv.nn as tnn
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(tnn.KruskalConv(3, 4, (3, 3), rank=6, padding=1, dtype=torch.float64))
+    layer = model[0]
+    make = {"sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), "adam": lambda p: torch.optim.Adam(p, lr=0.1)}
+    opt = make[opt_name](model.parameters())
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    model(x).square().mean().backward()
+    opt.step()
+    with torch.no_grad():
+        layer.weights[[1, 4]] = 0.0
+    before = [id(p) for p in layer.parameters()]
+    assert tnn.prune(model, threshold=0.0, optimizer=opt) == {"0": (6, 4)}
+    assert [id(p) for p in layer.parameters()] == before
+    saved = [p.detach().clone() for p in layer.parameters()]
+    opt.zero_grad()
+    model(x).square().mean().backward()
+    opt.step()
+    assert all(not torch.equal(a, p) for a, p in zip(saved, layer.parameters()))  # the optimizer still trains them
+
+
+@needs_torch
+def test_prune_relative_cuts_each_layer_at_its_own_scale():
+    import tensorconv.nn as tnn
+
+    model = torch.nn.Sequential(tnn.KruskalConv(3, 4, (3, 3), rank=4), tnn.KruskalConv(4, 4, (3, 3), rank=4))
+    with torch.no_grad():
+        model[0].weights.copy_(torch.tensor([1e-3, 2e-3, 1e-5, 3e-3]))  # a layer of small lambdas
+        model[1].weights.copy_(torch.tensor([1.0, 0.5, 1e-3, 2.0]))
+    assert tnn.prune(model, relative=0.05) == {"0": (4, 3), "1": (4, 3)}
+    with pytest.raises(ValueError, match="exactly one of threshold= and relative="):
+        tnn.prune(model)
+    with pytest.raises(ValueError, match="relative="):
+        tnn.prune(model, relative=1.5)
+
+
+@needs_torch
+@pytest.mark.parametrize(
+    "strategy", ["auto", pytest.param("fused", marks=pytest.mark.slow), "factorized", "reconstructed"]
+)  # fused: torch.compile
+def test_autocast_computes_in_the_autocast_dtype_like_nn_conv(strategy):
+    from tensorconv.nn import KruskalConv, TuckerConv
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6, 8, 8)
+    for layer in (
+        KruskalConv(8, 16, (3, 3, 3), rank=8, padding=1, strategy=strategy),
+        TuckerConv(8, 16, (3, 3, 3), rank=(8, 8), padding=1, strategy=strategy),
+    ):
+        with torch.no_grad():
+            want = layer(x)
+            dense_layer = layer.to_dense_conv()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got = layer(x)
+                dense = dense_layer(x)
+        assert got.dtype == dense.dtype == torch.bfloat16
+        assert rel_err(got.float(), want) < 3e-2  # bfloat16 (8 bits of mantissa): stated 3e-2
+
+
+@needs_torch
+def test_from_conv_rank_beyond_the_svd_init():
+    from tensorconv.nn import KruskalConv
+
+    torch.manual_seed(0)
+    stem = torch.nn.Conv2d(3, 64, 3, padding=1).double()  # mode 0's unfolding has 3 * 3 * 3 = 27 columns
+    layer = KruskalConv.from_conv(stem, 40, method="tensorly")
+    assert layer.rank == 40 and layer.relative_error < 1e-3, layer.relative_error
+    with pytest.raises(ValueError, match="init='random'"):
+        KruskalConv.from_conv(stem, 40, method="tensorly", init="svd")
+    # the default ALS pads its SVD init with random columns beyond a mode's size
+    als = KruskalConv.from_conv(stem, 40, n_iter_max=300, tol=0)
+    assert als.rank == 40 and als.relative_error < 1e-3, als.relative_error
