@@ -70,3 +70,11 @@ def test_version_is_one_number_in_pyproject_package_and_changelog():
     releases = re.findall(r"^## \[(\d+\.\d+\.\d+)\] - \d{4}-\d{2}-\d{2}$", changelog, re.M)
     assert releases and releases[0] == version, releases  # the newest release is this version
     assert releases == sorted(releases, key=lambda v: tuple(map(int, v.split("."))), reverse=True)
+
+
+def test_every_folder_of_modules_is_a_package():
+    """setuptools' find_packages ships only folders with an __init__.py: a folder of modules
+    without one would work from a checkout and be missing from the wheel."""
+    folders = {path.parent for path in ROOT.rglob("*.py")}
+    missing = sorted(str(f.relative_to(ROOT.parent)) for f in folders if not (f / "__init__.py").exists())
+    assert not missing, missing

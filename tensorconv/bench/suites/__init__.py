@@ -1,0 +1,1 @@
+"""The suites of ``tensorconv bench``: one module each, ``run(args, targets) -> rows``."""
