@@ -8,8 +8,9 @@ from hypothesis import strategies as st
 from oracles import np_conv, reference_conv
 
 from tensorconv import KruskalKernel, conv
-from tensorconv.architectures import DERIVATIONS, from_torch
+from tensorconv.architectures import from_torch
 from tensorconv.cli import main as cli_main
+from tensorconv.derivations import DERIVATIONS
 
 TOL = 1e-10
 

@@ -9,8 +9,9 @@ import zlib
 
 import numpy as np
 
-from ..architectures import DERIVATIONS, PAPER_NAMES, block_macs, derivation_label, run_block
+from ..architectures import block_macs, run_block
 from ..backends import available_backends, backend_for_name
+from ..derivations import DERIVATIONS, PAPER_NAMES, derivation_label
 from ..plans.plan import conv, plan_conv
 from ..tenalg import mode_dot
 from ._args import enable_jax_x64, non_negative_int, open_output, positive_int, write_output

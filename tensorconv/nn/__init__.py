@@ -2,7 +2,8 @@
 
 from .batchnorm import fold_batchnorm, recalibrate_batchnorm
 from .compress import factorize, summarize
-from .layers import HOCPBlock, KruskalConv, TuckerConv, cp_rank_for, tucker_rank_for
+from .hocp import HOCPBlock
+from .layers import KruskalConv, TuckerConv, cp_rank_for, tucker_rank_for
 from .resnet import HOCPResNet, TensorRegression, hocp_resnet18
 from .training import factorized_layers, lasso, prune, transduct
 

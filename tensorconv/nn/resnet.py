@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import ChannelNorm, HOCPBlock, KruskalConv
+from .hocp import ChannelNorm, HOCPBlock
+from .layers import KruskalConv
 
 __all__ = ["hocp_resnet18", "HOCPResNet", "HOCPBasicBlock", "ChannelNorm", "TensorRegression"]
 

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import HOCPBlock, KruskalConv
+from .hocp import HOCPBlock
+from .layers import KruskalConv
 
 __all__ = ["transduct", "lasso", "prune", "factorized_layers"]
 
