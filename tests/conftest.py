@@ -121,14 +121,14 @@ def native_torch_convs():
 
     Plans on torch CPU send float64 steps to tap loops (oneDNN has no float64 kernels); the
     float64 equivalence tests use this to prove the native path too, at float64 precision."""
-    from tensorconv.backends._torch import TorchBackend
+    from tensorconv.backends._torch_native import TorchConvs
 
-    saved = TorchBackend.native_conv_ok
-    TorchBackend.native_conv_ok = lambda self, x: True
+    saved = TorchConvs.available
+    TorchConvs.available = lambda self, itemsize, device=None: True
     try:
         yield
     finally:
-        TorchBackend.native_conv_ok = saved
+        TorchConvs.available = saved
 
 
 # -- the plane chain (tests/test_fused.py, test_export.py, test_reliability.py) ---------------------------

@@ -56,31 +56,6 @@ def test_pad_reflect_too_large_is_value_error():
         b.pad_axis(np.zeros((2, 3)), 1, 3, 0, "reflect")
 
 
-@pytest.mark.parametrize("stride,dilation", [(1, 1), (2, 1), (1, 2), (3, 2)])
-def test_depthwise_conv1d_any_axis(backend, stride, dilation):
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((2, 11, 3, 4))  # channel axis 3, conv along axis 1
-    w = rng.standard_normal((4, 3))
-    b = backend_for_name(backend[0])
-    got = b.depthwise_conv1d(
-        to_backend(x, backend), to_backend(w, backend), axis=1, channel_axis=3, stride=stride, dilation=dilation
-    )
-    n_out = (11 - dilation * 2 - 1) // stride + 1
-    expected = np.zeros((2, n_out, 3, 4))
-    for y in range(n_out):  # direct loop oracle
-        for k in range(3):
-            expected[:, y] += x[:, y * stride + k * dilation] * w[:, k]
-    assert rel_err(got, expected) < 1e-13
-
-
-def test_depthwise_conv1d_errors():
-    b = backend_for_name("numpy")
-    with pytest.raises(ValueError, match="4 channels"):
-        b.depthwise_conv1d(np.zeros((2, 5, 3)), np.zeros((4, 3)), axis=1, channel_axis=2)
-    with pytest.raises(ValueError, match="larger than"):
-        b.depthwise_conv1d(np.zeros((2, 2, 3)), np.zeros((3, 3)), axis=1, channel_axis=2)
-
-
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_numpy_round_trip_keeps_dtype_and_device(backend, dtype):
     b = backend_for_name(backend[0])

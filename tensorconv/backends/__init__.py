@@ -10,10 +10,13 @@ Primitive set (see :class:`tensorconv.backends._base.ArrayBackend`):
 ``einsum``, ``tensordot``  contractions (1x1 convolutions, n-mode products)
 ``moveaxis``, ``reshape``  layout changes (views where the library allows)
 ``pad`` / ``pad_axis``     zeros, reflect, replicate, circular
-``depthwise_conv1d``       valid depthwise cross-correlation along any axis, stride, dilation
-``conv_dense``             valid dense N-D cross-correlation with groups (native where present)
 ``to_numpy``/``from_numpy`` conversion that keeps dtype (and the ``like`` array's device)
 ========================  ===============================================================
+
+A library's own convolutions sit beside the primitives, behind their own interface:
+``backend.native`` (:class:`tensorconv.backends._native.NativeConvs`: ``available``,
+``channels_last``, ``dense``); libraries without fast ones (NumPy, CuPy) have none, and the
+plans loop over the kernel's taps there.
 """
 
 from __future__ import annotations

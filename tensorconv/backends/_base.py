@@ -7,6 +7,8 @@ The torch backend subclasses this and overrides only what differs.
 
 from __future__ import annotations
 
+from ._native import NativeConvs
+
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 #: the floating dtypes a plan runs in, by name, with their sizes in bytes
 FLOAT_ITEMSIZES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "complex64": 8, "complex128": 16}
@@ -44,6 +46,8 @@ class ArrayBackend:
 
     def __init__(self, xp):
         self.xp = xp
+        #: the library's own convolutions (:class:`~tensorconv.backends._native.NativeConvs`)
+        self.native = NativeConvs(self)
 
     def __repr__(self):
         return f"<tensorconv backend {self.name!r}>"
@@ -237,60 +241,3 @@ class ArrayBackend:
         for axis, (low, high) in pads.items():
             x = self.pad_axis(x, axis, low, high, mode)
         return x
-
-    # -- convolutions --------------------------------------------------------------------
-    @staticmethod
-    def tap_slice(ndim, axis, start, n_out, stride):
-        index = [slice(None)] * ndim
-        index[axis] = slice(start, start + (n_out - 1) * stride + 1, stride)
-        return tuple(index)
-
-    def depthwise_conv1d(self, x, weight, axis, channel_axis, *, stride=1, dilation=1):
-        """Valid depthwise cross-correlation of ``x`` along ``axis``.
-
-        ``weight`` has shape (C, K), C being ``x.shape[channel_axis]``. Implemented as K
-        shifted multiply-adds, so it is the same code on every backend.
-        """
-        axis = axis % x.ndim
-        channel_axis = channel_axis % x.ndim
-        channels, taps = weight.shape
-        if x.shape[channel_axis] != channels:
-            raise ValueError(
-                f"depthwise_conv1d: weight has {channels} channels (shape {tuple(weight.shape)}) "
-                f"but x.shape[{channel_axis}] = {x.shape[channel_axis]}"
-            )
-        n_out = (x.shape[axis] - dilation * (taps - 1) - 1) // stride + 1
-        if n_out < 1:
-            raise ValueError(
-                f"depthwise_conv1d: kernel of {taps} taps (dilation {dilation}) is larger than "
-                f"the input's {x.shape[axis]} positions along axis {axis}"
-            )
-        bshape = [1] * x.ndim
-        bshape[channel_axis] = channels
-        out = None
-        for k in range(taps):
-            w_k = self.reshape(weight[:, k], tuple(bshape))
-            a = x[self.tap_slice(x.ndim, axis, k * dilation, n_out, stride)]
-            out = a * w_k if out is None else self.mul_add_(out, a, w_k)
-        return out
-
-    def native_conv_ok(self, x):
-        """Whether :meth:`channels_last_conv` is worth using for arrays like ``x`` (a fast
-        native kernel exists for its device and dtype); if not, plans loop over taps."""
-        return False
-
-    def channels_last_conv(self, act_shape, weight_shape, *, stride, dilation, padding, padding_mode, groups):
-        """A native grouped N-D convolution of channels-last activations (B, *D, C) of these
-        static shapes, as ``run(act, weight)``; None if unsupported (the plans loop over taps)."""
-        return None
-
-    def native_conv_expected(self, itemsize, device=None):
-        """Whether plan steps will run as native convs (:meth:`native_conv_ok`) for this dtype
-        size and device: decided before any array exists, to count what a plan allocates."""
-        return False
-
-    def conv_dense(self, x, weight, *, stride, dilation, groups=1, padding=None, padding_mode="zeros"):
-        """The library's own dense N-D cross-correlation, channels first: x (B, C, *D), weight
-        (T, C/g, *K), ``padding`` one (low, high) pair per spatial mode; None where it has none
-        (the plans then loop over the kernel's taps: ``plans.executor.dense_conv``)."""
-        return None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy
 
 from ._base import ArrayBackend
+from ._native import NativeConvs
 
 _WIDE = {numpy.dtype("float64"), numpy.dtype("complex128")}
 
@@ -27,6 +28,7 @@ class JaxBackend(ArrayBackend):
         super().__init__(jnp)
         self.jax = jax
         self.lax = jax.lax
+        self.native = JaxConvs(self)
 
     # -- array attributes and creation -------------------------------------------------
     def device(self, x):
@@ -110,12 +112,12 @@ class JaxBackend(ArrayBackend):
             return self.xp.pad(x, widths)
         return super().pad_axis(x, axis, low, high, mode)
 
-    # -- convolutions --------------------------------------------------------------------
-    def native_conv_ok(self, x):
-        return True  # XLA compiles grouped N-D convolutions for every float dtype and device
 
-    def native_conv_expected(self, itemsize, device=None):
-        return True
+class JaxConvs(NativeConvs):
+    """XLA's convolutions (``lax.conv_general_dilated``) behind :class:`NativeConvs`."""
+
+    def available(self, itemsize, device=None):
+        return True  # XLA compiles grouped N-D convolutions for every float dtype and device
 
     def _conv(self, x, weight, *, channels_last, stride, dilation, groups, padding, padding_mode):
         n = x.ndim - 2
@@ -125,11 +127,11 @@ class JaxBackend(ArrayBackend):
             if padding_mode == "zeros":
                 pads = [tuple(p) for p in padding]  # XLA pads inside the conv (asymmetric allowed)
             else:
-                x = self.pad(x, {first + m: p for m, p in enumerate(padding) if p != (0, 0)}, padding_mode)
+                x = self.backend.pad(x, {first + m: p for m, p in enumerate(padding) if p != (0, 0)}, padding_mode)
         spatial = tuple(range(first, first + n))
         lhs = (0, x.ndim - 1) + spatial if channels_last else (0, 1) + spatial
-        dims = self.lax.ConvDimensionNumbers(lhs_spec=lhs, rhs_spec=tuple(range(n + 2)), out_spec=lhs)
-        return self.lax.conv_general_dilated(
+        dims = self.backend.lax.ConvDimensionNumbers(lhs_spec=lhs, rhs_spec=tuple(range(n + 2)), out_spec=lhs)
+        return self.backend.lax.conv_general_dilated(
             x,
             weight,
             tuple(stride),
@@ -139,7 +141,7 @@ class JaxBackend(ArrayBackend):
             feature_group_count=groups,
         )
 
-    def conv_dense(self, x, weight, *, stride, dilation, groups=1, padding=None, padding_mode="zeros"):
+    def dense(self, x, weight, *, stride, dilation, groups=1, padding=None, padding_mode="zeros"):
         return self._conv(
             x,
             weight,
@@ -151,7 +153,7 @@ class JaxBackend(ArrayBackend):
             padding_mode=padding_mode,
         )
 
-    def channels_last_conv(self, act_shape, weight_shape, *, stride, dilation, padding, padding_mode, groups):
+    def channels_last(self, act_shape, weight_shape, *, stride, dilation, padding, padding_mode, groups):
         """``run(act, weight)``: one XLA convolution of channels-last (B, *D, C) activations, or
         None for depthwise steps: XLA's CPU grouped convolution with one channel per group runs
         far below its elementwise code, so the caller's tap loop (fused by XLA) runs those."""

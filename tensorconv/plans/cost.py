@@ -94,7 +94,7 @@ _DEFAULTS = {
         macs_per_s=6.0e10, bytes_per_s=8.0e9, call_overhead_s=2.0e-5, dense_macs_per_s=3.0e10, conv_macs_per_s=1.0e10
     ),
     # float64: oneDNN has no float64 kernels and ATen's fallback convs are slower than a tap loop
-    # of elementwise ops and GEMMs, so float64 steps run as tap loops (TorchBackend.native_conv_ok),
+    # of elementwise ops and GEMMs, so float64 steps run as tap loops (the torch backend's native convs),
     # priced like NumPy's; the dense conv stays ATen's.
     "torch": CostModel(
         macs_per_s=7.0e10,
@@ -180,7 +180,7 @@ def dense_peak_bytes(structure, geometry, batch, itemsize, backend_name, device=
     out = batch * st.out_channels * math.prod(g.out_spatial)
     padded = batch * c * math.prod(g.padded_spatial)
     inputs = batch * c * math.prod(g.in_spatial)
-    native = backend_for_name(backend_name).native_conv_expected(itemsize, device)
+    native = backend_for_name(backend_name).native.available(itemsize, device)
     pads = any(p != (0, 0) for p in g.padding)
     if backend_name == "torch" and 1 <= g.n_spatial <= 3:
         copy = padded if pads and (g.padding_mode != "zeros" or not g.is_symmetric_padding) else 0
@@ -197,7 +197,7 @@ def steps_peak_bytes(structure, geometry, batch, itemsize, backend_name, device,
     """Bytes the steps allocate at their peak: one step's input, output and copies (each
     intermediate is freed after the one step that reads it); ``sizes``: index -> size."""
     g = geometry
-    native = backend_for_name(backend_name).native_conv_expected(itemsize, device)
+    native = backend_for_name(backend_name).native.available(itemsize, device)
     weights = sum(math.prod(op.shape) for op in structure.operands)
     peak = 0
     first = True

@@ -205,7 +205,7 @@ class TapProgram:
         return self._tap_loop(backend, act, weight, traced=True)
 
     def __call__(self, backend, act, weight, native=True):
-        if native and self.native is not None and backend.native_conv_ok(act):
+        if native and self.native is not None and backend.native.available(backend.itemsize(act), backend.device(act)):
             spec = self.native
             # the channel count spelled out: a -1 cannot be inferred for an empty batch
             x = (
@@ -226,7 +226,7 @@ class TapProgram:
         key = (backend.name, act_shape)
         if key not in self._runs:
             spec = self.native
-            self._runs[key] = backend.channels_last_conv(
+            self._runs[key] = backend.native.channels_last(
                 act_shape,
                 spec["shape"],
                 stride=spec["stride"],
@@ -314,7 +314,7 @@ def dense_conv_by_taps(backend, x, weight, *, stride, dilation, groups=1):
 def dense_conv(backend, x, weight, *, stride, dilation, groups=1, padding=None, padding_mode="zeros"):
     """Dense N-D cross-correlation, channels first: the backend's own conv where it has one,
     else a loop over the kernel's taps, each a matrix product over channels (no im2col buffer)."""
-    out = backend.conv_dense(
+    out = backend.native.dense(
         x, weight, stride=stride, dilation=dilation, groups=groups, padding=padding, padding_mode=padding_mode
     )
     if out is not None:

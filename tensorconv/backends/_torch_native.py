@@ -1,0 +1,135 @@
+"""torch's own convolutions (oneDNN on CPU, cuDNN on CUDA) behind :class:`NativeConvs`."""
+
+from ._native import NativeConvs
+
+
+def _contiguous_weight(weight):
+    """A conv weight as ATen's CPU fallback kernels need it for their backward: slow_conv2d
+    allocates its weight gradient in the weight's memory format and then insists on a contiguous
+    one, which fails for a strided view with one output channel (its layout is ambiguous: CP rank
+    1, Tucker R_out = 1, T = 1). Only those are copied: other views keep the layout that oneDNN
+    reads without a reorder."""
+    if weight.shape[0] == 1 and not weight.is_contiguous():
+        return weight.contiguous()
+    return weight
+
+
+class TorchConvs(NativeConvs):
+    """Native convs of torch tensors: float32 / float16 / bfloat16 on CPU, every dtype on a GPU."""
+
+    @staticmethod
+    def _split_padding(padding, padding_mode, first_axis):
+        """(pads to apply first or None, native padding): symmetric zero padding is left to the
+        conv itself (no copy); anything else is applied first, to the spatial axes from
+        ``first_axis`` on."""
+        if padding is None or not any(lo or hi for lo, hi in padding):
+            return None, 0
+        if padding_mode == "zeros" and all(lo == hi for lo, hi in padding):
+            return None, tuple(lo for lo, _ in padding)
+        return {first_axis + m: p for m, p in enumerate(padding) if p != (0, 0)}, 0
+
+    def dense(self, x, weight, *, stride, dilation, groups=1, padding=None, padding_mode="zeros"):
+        n = x.ndim - 2
+        if not 1 <= n <= 3:
+            return None  # torch has no conv4d: the plans loop over the taps
+        pre_pad, native_pad = self._split_padding(padding, padding_mode, first_axis=2)
+        if pre_pad is not None:
+            x = self.backend.pad(x, pre_pad, padding_mode)
+        F = self.backend.F
+        conv = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
+        return conv(x, _contiguous_weight(weight), None, tuple(stride), native_pad, tuple(dilation), groups)
+
+    def available(self, itemsize, device=None):
+        # oneDNN has no float64 kernels, and ATen's CPU fallback depthwise convs run slower than
+        # a tap loop of elementwise multiply-adds
+        on_gpu = device is not None and str(getattr(device, "type", device)) != "cpu"
+        return on_gpu or itemsize != 8
+
+    def channels_last(self, act_shape, weight_shape, *, stride, dilation, padding, padding_mode, groups):
+        """``run(act, weight)`` for these static shapes, or None where the caller's tap loop runs.
+
+        Every decision that depends on shapes only is taken here, once per plan step, so a
+        call costs the conv and a few views. A contiguous (B, *D, C) tensor viewed as
+        (B, C, *D) has exactly the channels_last strides, so oneDNN / cuDNN run their
+        channels-last kernels and return channels-last output, which viewed back is again
+        contiguous (B, *D', T). Modes beyond 3 are folded into neighbours when only one mode is
+        convolved (a view as well).
+        """
+        F, torch = self.backend.F, self.backend.xp
+        n = len(act_shape) - 2
+        ks = tuple(weight_shape[2:])
+        stride, dilation = tuple(stride), tuple(dilation)
+        active = [m for m in range(n) if ks[m] != 1 or stride[m] != 1 or dilation[m] != 1 or padding[m] != (0, 0)]
+        if n > 3 and len(active) > 1:
+            return None  # decided before any padding is done: the caller's tap loop pads itself
+        pre_pad, native_pad = self._split_padding(padding, padding_mode, first_axis=1)
+        pointwise = all(k == 1 for k in ks)
+        if pointwise and native_pad:
+            # a 1x1 kernel never reads across positions: its padding is applied here, not by the conv
+            pre_pad, native_pad = {1 + m: p for m, p in enumerate(padding) if p != (0, 0)}, 0
+        strided = pointwise and any(v != 1 for v in stride)
+        t, per_group = int(weight_shape[0]), int(weight_shape[1])
+
+        def prepare(act):
+            if pre_pad is not None:
+                act = self.backend.pad(act, pre_pad, padding_mode)
+            if strided:
+                # a strided 1x1 conv is a subsampled GEMM. oneDNN's strided 1x1 convs on channels-last
+                # views gave wrong weight gradients (and a crash with one thread) for a few channels
+                act = act[(slice(None),) + tuple(slice(None, None, s) for s in stride)]
+            return act
+
+        def positions(shape):  # explicit: a -1 cannot be inferred for an empty batch
+            out = 1
+            for d in shape[1:-1]:
+                out *= d
+            return out
+
+        if pointwise:
+
+            def run(act, weight):
+                act = prepare(act)
+                shape = tuple(act.shape)
+                if groups == 1 and not act.is_contiguous():
+                    # typically the caller's channels-first input seen channels-last: a GEMM with a
+                    # transposed operand reads it in place, where a copy would cost more than the product
+                    out = torch.matmul(
+                        act.reshape(shape[0], positions(shape), shape[-1]), weight.reshape(t, per_group).transpose(0, 1)
+                    )
+                    return out.reshape(shape[:-1] + (t,))
+                # a 1x1 conv: one conv2d over a (B, C, positions, 1) view. This keeps oneDNN's
+                # channels-last GEMM path for any N and for small batch x channels, where
+                # conv3d's heuristics fall back to the slow unfold kernel
+                x = act.contiguous().reshape(shape[0], positions(shape), 1, shape[-1]).movedim(-1, 1)
+                out = F.conv2d(x, weight.reshape(t, per_group, 1, 1), None, 1, 0, 1, groups)
+                return out.movedim(1, -1).reshape(shape[:-1] + (t,))
+
+            return run
+        if n <= 3:
+            conv = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
+
+            def run(act, weight):
+                x = prepare(act).contiguous().movedim(-1, 1)
+                return conv(x, _contiguous_weight(weight), None, stride, native_pad, dilation, groups).movedim(1, -1)
+
+            return run
+        m = active[0] if active else 0
+        w_shape = (t, per_group, 1, ks[m], 1)
+        pad3 = (0, native_pad[m], 0) if native_pad else 0
+
+        def run(act, weight):
+            act = prepare(act).contiguous()
+            shape = tuple(act.shape)
+            before = 1
+            for d in shape[1 : 1 + m]:
+                before *= d
+            after = 1
+            for d in shape[2 + m : -1]:
+                after *= d
+            x = act.reshape(shape[0], before, shape[1 + m], after, shape[-1]).movedim(-1, 1)
+            out = F.conv3d(
+                x, weight.reshape(w_shape), None, (1, stride[m], 1), pad3, (1, dilation[m], 1), groups
+            ).movedim(1, -1)
+            return out.reshape(shape[: 1 + m] + (out.shape[2],) + shape[2 + m : -1] + (out.shape[-1],))
+
+        return run
