@@ -100,6 +100,30 @@ def test_a_declining_accelerator_falls_through_to_the_steps():
         accelerators.unregister("toy")
 
 
+def test_an_installed_package_plugs_in_through_the_entry_point_group(monkeypatch):
+    """A package that names its class in the group ``tensorconv.accelerators`` is registered on
+    the first look-up, beside the built-ins; one that fails to load is a warning naming it."""
+
+    class EntryPoint:
+        def __init__(self, name, value):
+            self.name, self.value = name, value
+
+    declared = [EntryPoint("toy", "test_accelerators:_Doubling"), EntryPoint("broken", "no_such_module:Thing")]
+    monkeypatch.setattr(
+        accelerators, "entry_points", lambda group: declared if group == accelerators.ENTRY_POINT_GROUP else []
+    )
+    monkeypatch.setattr(accelerators, "_loaded", [])  # as in a fresh process
+    try:
+        with pytest.warns(RuntimeWarning, match="no_such_module:Thing"):
+            names = [a.name for a in accelerators.registered()]
+        assert "toy" in names and "plane_chain" in names, names
+        k = KruskalKernel.random((4, 3, 3, 3), 2, seed=0)
+        assert plan_conv(k, (1, 3, 6, 6), padding=1).accelerator == "toy"
+    finally:
+        if "toy" in [a.name for a in accelerators.registered()]:
+            accelerators.unregister("toy")
+
+
 def test_fused_asks_the_accelerators_in_priority_order(toy):
     k = KruskalKernel.random((4, 3, 3, 3), 2, seed=0)
     plan = plan_conv(k, (1, 3, 6, 6), strategy="fused", padding=1)

@@ -78,3 +78,10 @@ def test_every_folder_of_modules_is_a_package():
     folders = {path.parent for path in ROOT.rglob("*.py")}
     missing = sorted(str(f.relative_to(ROOT.parent)) for f in folders if not (f / "__init__.py").exists())
     assert not missing, missing
+
+
+def test_modules_stay_short():
+    """One job per module: none over 600 lines (the C++ source aside), the plan under 400."""
+    sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in ROOT.rglob("*.py")}
+    assert not {p: n for p, n in sizes.items() if n > 600}
+    assert sizes["plans/plan.py"] < 400

@@ -105,10 +105,10 @@ class ConvPlan:
             self.macs = sum(s.macs for s in self.steps if s.kind != "weights")
             self.weight_macs = sum(s.macs for s in self.steps if s.kind == "weights")
             self._runners = [a.runner(self) for a in d.accelerators]
-            self.peak_bytes = self._accelerator_peak_bytes()
-            if self.peak_bytes is None:
-                args = (st, g, self.batch, self.itemsize, self.backend_name, self.device)
-                self.peak_bytes = steps_peak_bytes(*args, self.steps, self.sizes)
+            # what the first accelerator allocates where it counts that, else the steps
+            args = (st, g, self.batch, self.itemsize, self.backend_name, self.device)
+            first = d.accelerators[0].peak_bytes(*args) if d.accelerators else None
+            self.peak_bytes = steps_peak_bytes(*args, self.steps, self.sizes) if first is None else first
         else:
             self._runners = []
             self.macs, self.weight_macs, self._groups = self.dense_macs, 0, st.groups
@@ -116,13 +116,6 @@ class ConvPlan:
                 self._reconstruct = Reconstruction(st, self.sizes)
                 self._groups, self.weight_macs = self._reconstruct.groups, d.reconstruct_macs
             self.peak_bytes = dense_peak_bytes(st, g, self.batch, self.itemsize, self.backend_name, self.device)
-
-    def _accelerator_peak_bytes(self):
-        for acc in self.decision.accelerators[:1]:
-            return acc.peak_bytes(
-                self.structure, self.geometry, self.batch, self.itemsize, self.backend_name, self.device
-            )
-        return None
 
     def size_of(self, indices) -> int:
         """The product of the sizes of ``indices`` (e.g. a step's ``out_indices``)."""
