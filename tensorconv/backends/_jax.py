@@ -116,6 +116,8 @@ class JaxBackend(ArrayBackend):
 class JaxConvs(NativeConvs):
     """XLA's convolutions (``lax.conv_general_dilated``) behind :class:`NativeConvs`."""
 
+    exists = True
+
     def available(self, itemsize, device=None):
         return True  # XLA compiles grouped N-D convolutions for every float dtype and device
 

@@ -16,6 +16,9 @@ __all__ = ["NativeConvs"]
 class NativeConvs:
     """What the plans ask of a library's convolutions; this base class has none (tap loops run)."""
 
+    #: whether the library has native convs at all (a step asks :meth:`available` only then)
+    exists = False
+
     def __init__(self, backend: Any) -> None:
         self.backend = backend
 

@@ -17,6 +17,8 @@ def _contiguous_weight(weight):
 class TorchConvs(NativeConvs):
     """Native convs of torch tensors: float32 / float16 / bfloat16 on CPU, every dtype on a GPU."""
 
+    exists = True
+
     @staticmethod
     def _split_padding(padding, padding_mode, first_axis):
         """(pads to apply first or None, native padding): symmetric zero padding is left to the

@@ -205,7 +205,13 @@ class TapProgram:
         return self._tap_loop(backend, act, weight, traced=True)
 
     def __call__(self, backend, act, weight, native=True):
-        if native and self.native is not None and backend.native.available(backend.itemsize(act), backend.device(act)):
+        convs = backend.native
+        if (
+            native
+            and self.native is not None
+            and convs.exists
+            and convs.available(backend.itemsize(act), backend.device(act))
+        ):
             spec = self.native
             # the channel count spelled out: a -1 cannot be inferred for an empty batch
             x = (

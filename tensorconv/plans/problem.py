@@ -92,7 +92,7 @@ def _hashable(value):
     return value
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ConvProblem:
     """One convolution to plan; equal problems get equal plans (conv() caches plans by it).
 
@@ -116,15 +116,10 @@ class ConvProblem:
     #: selects the cost model and what the library's convs allocate (its type is compared)
     device: Any = None
 
-    def __eq__(self, other):
-        return isinstance(other, ConvProblem) and self._key == other._key
-
-    def __hash__(self):
-        return hash(self._key)
-
-    @functools.cached_property
-    def _key(self):
-        return (
+    def __post_init__(self):
+        # conv() looks a plan up by its problem on every call: the key and its hash once
+        device = self.device if self.device is None else getattr(self.device, "type", self.device)
+        key = (
             self.structure,
             self.input_shape,
             self.stride,
@@ -137,8 +132,16 @@ class ConvProblem:
             self.cost_model,
             self.ready_accelerators,
             self.allowed_accelerators,
-            None if self.device is None else str(getattr(self.device, "type", self.device)).split(":")[0],
+            device if device is None or isinstance(device, str) and ":" not in device else str(device).split(":")[0],
         )
+        object.__setattr__(self, "_key", key)
+        object.__setattr__(self, "_hash", hash(key))
+
+    def __eq__(self, other):
+        return isinstance(other, ConvProblem) and self._hash == other._hash and self._key == other._key
+
+    def __hash__(self):
+        return self._hash
 
     @functools.cached_property
     def batched(self) -> bool:

@@ -23,7 +23,7 @@ class Operand:
     shape: tuple
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class KernelStructure:
     kind: str  # "dense", "kruskal" or "tucker"
     shape: tuple  # the equivalent dense kernel (T, C, K..) (C/groups for a grouped dense kernel)
@@ -37,6 +37,14 @@ class KernelStructure:
     #: are the identity (None); empty for other kinds
     factor_modes: tuple = ()
     identity_factors: tuple = ()
+
+    # the key is the structure's identity: hashing and comparing it alone (conv() hashes a
+    # structure on every call) is cheaper than every field's nested tuples
+    def __hash__(self):
+        return hash(self.key)
+
+    def __eq__(self, other):
+        return isinstance(other, KernelStructure) and self.key == other.key
 
     @property
     def size_of(self):
