@@ -124,6 +124,29 @@ def test_an_installed_package_plugs_in_through_the_entry_point_group(monkeypatch
             accelerators.unregister("toy")
 
 
+def test_a_new_folder_here_is_a_new_built_in_accelerator(tmp_path, monkeypatch):
+    """A built-in accelerator is one folder under tensorconv/accelerators/ whose package names its
+    class ACCELERATOR: nothing else in tensorconv lists it."""
+    folder = tmp_path / "folder_toy"
+    folder.mkdir()
+    (folder / "__init__.py").write_text(
+        "from tensorconv.accelerators import Accelerator\n"
+        "class FolderToy(Accelerator):\n"
+        "    name = 'folder_toy'\n"
+        "    def applies(self, structure, geometry=None):\n"
+        "        return False\n"
+        "ACCELERATOR = FolderToy\n"
+    )
+    monkeypatch.setattr(accelerators, "__path__", list(accelerators.__path__) + [str(tmp_path)])
+    monkeypatch.setattr(accelerators, "_loaded", [])  # as in a fresh process
+    try:
+        names = [a.name for a in accelerators.registered()]
+        assert "folder_toy" in names and "plane_chain" in names, names
+    finally:
+        if "folder_toy" in [a.name for a in accelerators.registered()]:
+            accelerators.unregister("folder_toy")
+
+
 def test_fused_asks_the_accelerators_in_priority_order(toy):
     k = KruskalKernel.random((4, 3, 3, 3), 2, seed=0)
     plan = plan_conv(k, (1, 3, 6, 6), strategy="fused", padding=1)

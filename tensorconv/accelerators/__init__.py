@@ -17,7 +17,8 @@ names its class in the entry-point group ``tensorconv.accelerators``::
     [project.entry-points."tensorconv.accelerators"]
     my_kernel = "my_package.kernel:MyAccelerator"
 
-The built-ins are loaded the same way (``"module:Class"``), on the first look-up. The registry
+The built-in ones are the folders of this package, each naming its class ``ACCELERATOR``
+(a new one is one new folder); all load on the first look-up. The registry
 also says which accelerators serve a device (:func:`for_device`): a layer under
 ``torch.compile`` records its plan as one opaque op only where one does, and ``tensorconv
 bench`` builds and benchmarks those of the devices it runs on.
@@ -32,16 +33,18 @@ Examples
 from __future__ import annotations
 
 import importlib
+import pkgutil
 import warnings
 from importlib.metadata import entry_points
 from typing import Any, Callable
 
 __all__ = ["Accelerator", "register", "unregister", "registered", "get", "build", "for_device", "ENTRY_POINT_GROUP"]
 
-#: the accelerators that ship with tensorconv, as entry points name their class; loaded on the
-#: first look-up (``import tensorconv`` stays light), before those other packages declare
+#: the generic runners of ``strategy="fused"``, as entry points name their class. The compiled
+#: accelerators that ship with tensorconv are found as folders here (each one's ``ACCELERATOR``):
+#: a new one is one new folder. All load on the first look-up (``import tensorconv`` stays
+#: light), before those that other packages declare.
 _BUILTIN = (
-    "tensorconv.accelerators.plane_chain:PlaneChain",
     "tensorconv.plans.fused:TorchCompileRunner",
     "tensorconv.plans.fused:TiledRunner",
 )
@@ -157,7 +160,12 @@ def _load_builtin() -> None:
     if _loaded:
         return
     _loaded.append(True)
-    found = [(spec, "built in") for spec in _BUILTIN]
+    found = [
+        (f"{__name__}.{module.name}:ACCELERATOR", "built in")
+        for module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name)
+        if module.ispkg
+    ]
+    found += [(spec, "built in") for spec in _BUILTIN]
     found += [
         (ep.value, f"entry point {ep.name!r} of {ENTRY_POINT_GROUP}") for ep in entry_points(group=ENTRY_POINT_GROUP)
     ]

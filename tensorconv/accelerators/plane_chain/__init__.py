@@ -215,6 +215,10 @@ class PlaneChain(Accelerator):
         return "built, loads on first use" if _build.available() else "not built (tensorconv build-kernel builds it)"
 
 
+#: what the registry loads from this folder
+ACCELERATOR = PlaneChain
+
+
 def __getattr__(name):
     # the registered instance (the registry makes it, from the class, on its first look-up)
     if name == "PLANE_CHAIN":
