@@ -38,6 +38,8 @@ import warnings
 from importlib.metadata import entry_points
 from typing import Any, Callable
 
+from ..backends import device_type
+
 __all__ = ["Accelerator", "register", "unregister", "registered", "get", "build", "for_device", "ENTRY_POINT_GROUP"]
 
 #: the generic runners of ``strategy="fused"``, as entry points name their class. The compiled
@@ -229,12 +231,12 @@ def for_device(backend_name: str, device: Any = None, request: str = "auto") -> 
     """The registered accelerators that serve ``request`` (``"auto"`` or ``"fused"``) for arrays
     of ``backend_name`` on ``device`` (a device, its type such as ``"cpu"``, or None), in the
     order plans ask them; built or not (:meth:`Accelerator.ready` says whether one is now)."""
-    device_type = None if device is None else str(getattr(device, "type", device)).split(":")[0]
-    key = (backend_name, device_type, request)
+    kind = device_type(device)
+    key = (backend_name, kind, request)
     found = _by_device.get(key)
     if found is None:
         found = _by_device[key] = tuple(
-            a for a in registered() if request in a.serves and a.serves_device(backend_name, device_type)
+            a for a in registered() if request in a.serves and a.serves_device(backend_name, kind)
         )
     return found
 

@@ -23,9 +23,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._base import PADDING_MODES, ArrayBackend
+from ._base import PADDING_MODES, ArrayBackend, device_type
 
-__all__ = ["get_backend", "backend_for_name", "ArrayBackend", "BACKEND_NAMES", "PADDING_MODES", "available_backends"]
+__all__ = [
+    "get_backend",
+    "backend_for_name",
+    "ArrayBackend",
+    "BACKEND_NAMES",
+    "PADDING_MODES",
+    "available_backends",
+    "device_type",
+]
 
 BACKEND_NAMES = ("numpy", "torch", "cupy", "jax")
 # the first part of an array type's module -> backend name (jax arrays live in jaxlib, tracers in jax)

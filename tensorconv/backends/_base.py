@@ -14,6 +14,12 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 FLOAT_ITEMSIZES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "complex64": 8, "complex128": 16}
 
 
+def device_type(device):
+    """The kind of a device: ``"cpu"``, ``"cuda"``, ... from a device object, a name such as
+    ``"cuda:0"``, or None (a library without devices)."""
+    return None if device is None else str(getattr(device, "type", device)).split(":")[0]
+
+
 def check_padding_fits(mode, low, high, size, where):
     """A ValueError where ``mode`` cannot pad an axis of ``size`` by (low, high): reflect
     mirrors without the edge (padding < size), circular wraps around once (padding <= size)."""

@@ -1,5 +1,8 @@
 """torch's own convolutions (oneDNN on CPU, cuDNN on CUDA) behind :class:`NativeConvs`."""
 
+import math
+
+from ._base import device_type
 from ._native import NativeConvs
 
 
@@ -44,7 +47,7 @@ class TorchConvs(NativeConvs):
     def available(self, itemsize, device=None):
         # oneDNN has no float64 kernels, and ATen's CPU fallback depthwise convs run slower than
         # a tap loop of elementwise multiply-adds
-        on_gpu = device is not None and str(getattr(device, "type", device)) != "cpu"
+        on_gpu = device is not None and device_type(device) != "cpu"
         return on_gpu or itemsize != 8
 
     def channels_last(self, act_shape, weight_shape, *, stride, dilation, padding, padding_mode, groups):
@@ -82,10 +85,7 @@ class TorchConvs(NativeConvs):
             return act
 
         def positions(shape):  # explicit: a -1 cannot be inferred for an empty batch
-            out = 1
-            for d in shape[1:-1]:
-                out *= d
-            return out
+            return math.prod(shape[1:-1])
 
         if pointwise:
 
@@ -122,12 +122,7 @@ class TorchConvs(NativeConvs):
         def run(act, weight):
             act = prepare(act).contiguous()
             shape = tuple(act.shape)
-            before = 1
-            for d in shape[1 : 1 + m]:
-                before *= d
-            after = 1
-            for d in shape[2 + m : -1]:
-                after *= d
+            before, after = math.prod(shape[1 : 1 + m]), math.prod(shape[2 + m : -1])
             x = act.reshape(shape[0], before, shape[1 + m], after, shape[-1]).movedim(-1, 1)
             out = F.conv3d(
                 x, weight.reshape(w_shape), None, (1, stride[m], 1), pad3, (1, dilation[m], 1), groups

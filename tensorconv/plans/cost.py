@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass, replace
 
-from ..backends import backend_for_name
+from ..backends import backend_for_name, device_type
 
 __all__ = ["CostModel", "cost_model_for", "calibrate", "MODEL_MARGIN", "dense_peak_bytes", "steps_peak_bytes"]
 
@@ -123,7 +123,7 @@ _DEFAULTS = {
 
 def _key(backend_name, device):
     # a torch.device or a string such as "cuda" / "cuda:0"
-    if backend_name == "torch" and device is not None and str(getattr(device, "type", device)).startswith("cuda"):
+    if backend_name == "torch" and device_type(device) == "cuda":
         return "torch-cuda"
     return backend_name
 

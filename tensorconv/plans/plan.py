@@ -85,9 +85,7 @@ class ConvPlan:
         self.strategy, self.order, self.steps, self.path = d.strategy, d.order, d.steps, d.path
         self.estimates = d.estimates
         self.dense_macs, self.min_macs = d.dense_step.macs, d.min_macs
-        sizes = dict(st.size_of)
-        sizes.update(zip(st.taps, g.kernel_size))
-        self.sizes = MappingProxyType(sizes)
+        self.sizes = MappingProxyType(st.index_sizes(g.kernel_size))
         self.output_shape = ((self.batch,) if self.batched else ()) + (st.out_channels,) + tuple(g.out_spatial)
         self.accelerators = tuple(a.name for a in d.accelerators)
         self.accelerator = self.accelerators[0] if d.accelerators else None

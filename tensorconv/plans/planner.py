@@ -165,8 +165,7 @@ class ConvPathOptimizer(opt_einsum.paths.PathOptimizer):
 
     def search(self):
         st = self.structure
-        self.sizes = dict(st.size_of)
-        self.sizes.update({t: k for t, k in zip(st.taps, self.geometry.kernel_size)})
+        self.sizes = st.index_sizes(self.geometry.kernel_size)
         self.tap_set = set(st.taps)
         self.tap_mode = {t: n for n, t in enumerate(st.taps)}
         self.tap_of = dict(enumerate(st.taps))
@@ -300,8 +299,7 @@ def plan_steps(structure, geometry: ConvGeometry, batch, itemsize, model, object
     here: parsing the equation again for every shape cost more than pricing a known tree."""
     opt = ConvPathOptimizer(structure, geometry, batch, itemsize, model, objective)
     path = opt(None, None, None)
-    sizes = dict(structure.size_of)
-    sizes.update({t: k for t, k in zip(structure.taps, geometry.kernel_size)})
+    sizes = structure.index_sizes(geometry.kernel_size)
     n_inputs = 1 + len(structure.operands)
     steps = []
     ids = {1 << p: p for p in range(n_inputs)}

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..accelerators import registered as registered_accelerators
-from ..backends import get_backend
+from ..backends import device_type, get_backend
 from ..backends._base import FLOAT_ITEMSIZES
 from ..kernels import KruskalKernel, TuckerKernel
 from .cost import CostModel, cost_model_for
@@ -118,7 +118,6 @@ class ConvProblem:
 
     def __post_init__(self):
         # conv() looks a plan up by its problem on every call: the key and its hash once
-        device = self.device if self.device is None else getattr(self.device, "type", self.device)
         key = (
             self.structure,
             self.input_shape,
@@ -132,7 +131,7 @@ class ConvProblem:
             self.cost_model,
             self.ready_accelerators,
             self.allowed_accelerators,
-            device if device is None or isinstance(device, str) and ":" not in device else str(device).split(":")[0],
+            device_type(self.device),
         )
         object.__setattr__(self, "_key", key)
         object.__setattr__(self, "_hash", hash(key))

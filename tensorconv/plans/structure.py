@@ -50,6 +50,12 @@ class KernelStructure:
     def size_of(self):
         return dict(self.sizes)
 
+    def index_sizes(self, kernel_size):
+        """Every index of the steps -> its size: the structure's, and each tap by ``kernel_size``."""
+        sizes = dict(self.sizes)
+        sizes.update(zip(self.taps, kernel_size))
+        return sizes
+
     @property
     def n_spatial(self):
         return len(self.shape) - 2

@@ -14,6 +14,7 @@ import math
 import os
 from dataclasses import dataclass
 
+from ...backends import device_type
 from ...plans.cost import MODEL_MARGIN
 from .. import Accelerator, get
 from . import _build
@@ -71,7 +72,7 @@ def _cache_bytes():
 
 
 def _on_torch_cpu(backend_name, device):
-    return backend_name == "torch" and (device is None or str(getattr(device, "type", device)) == "cpu")
+    return backend_name == "torch" and (device is None or device_type(device) == "cpu")
 
 
 class PlaneChain(Accelerator):

@@ -46,7 +46,7 @@ def run(args, targets):
                 mine = plan_conv(k, shape, padding=1, strategy="fused", accelerators=(acc.name,))
                 auto = plan_conv(k, shape, padding=1)
 
-                def run(fn, grad=grad):
+                def timed(fn, grad=grad):
                     out = fn()
                     if grad:
                         out.sum().backward()
@@ -59,9 +59,9 @@ def run(args, targets):
                 else:
                     dense = lambda: conv(x, w, padding=1)  # noqa: E731
                 entries = {
-                    "dense": lambda: run(dense),
-                    "unfused": lambda: run(lambda: unfused(x, k)),
-                    "accelerator": lambda: run(lambda: mine(x, k)),
+                    "dense": lambda: timed(dense),
+                    "unfused": lambda: timed(lambda: unfused(x, k)),
+                    "accelerator": lambda: timed(lambda: mine(x, k)),
                 }
                 t = measure_many(
                     entries, device=device, repeat=max(3, args.repeat // (2 if grad else 1)), budget_s=args.budget

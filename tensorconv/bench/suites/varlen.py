@@ -33,12 +33,12 @@ def run(args, targets):
     fixed = [torch.randn(8, widths[0], 175)] * len(inputs)
 
     def sweep(model, xs):
-        def run():
+        def forward_all():
             with torch.no_grad():
                 for x in xs:
                     model(x)
 
-        return run
+        return forward_all
 
     entries = {
         "dense, 150 lengths": sweep(dense, inputs),
