@@ -290,6 +290,27 @@ def test_a_torch_accelerator_is_priced_chosen_run_and_recorded_under_compile(tor
 
 
 @pytest.mark.slow
+def test_a_torch_accelerator_runs_under_compile_with_the_default_backend(torch_toy_alone):
+    """What users run: torch.compile's default backend (inductor) compiles the layer around the
+    opaque op, and the op runs the accelerator."""
+    import torch
+    import torch.nn.functional as F
+
+    from tensorconv.nn import KruskalConv
+
+    layer = KruskalConv(3, 4, (3, 3, 3), rank=2, padding=1).double()
+    x = torch.randn(2, 3, 5, 6, 7, dtype=torch.float64)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            got = torch.compile(layer, fullgraph=True)(x)
+            want = F.conv3d(x, layer.kernel.to_dense(), layer.bias, padding=1)
+    finally:
+        torch._dynamo.reset()
+    assert rel_err(got, want) < 1e-10 and torch_toy_alone.calls >= 1
+
+
+@pytest.mark.slow
 def test_tensorconv_bench_benchmarks_a_torch_accelerator(torch_toy_alone, tmp_path):
     import json
 
