@@ -1,14 +1,15 @@
 """Compile and export models with factorized layers, N = 1..3: torch.compile(fullgraph=True),
 torch.export and torch.onnx.export (run by onnxruntime), each against the eager model.
 
-Under torch.compile / torch.export a CP layer on CPU records its plan as one custom op
-(tensorconv::cp_conv); everything else, and every layer under ONNX export, records standard
-convs (a CP layer: 1x1 -> one depthwise conv per mode -> 1x1; Tucker: 1x1 -> core conv -> 1x1),
-so the ONNX graphs hold standard ops only.
+Under torch.compile / torch.export a CP layer on a device that an accelerator serves (CPU here)
+records its plan as one custom op (tensorconv::cp_conv); everything else, and every layer under
+ONNX export, records standard convs (a CP layer: 1x1 -> one depthwise conv per mode -> 1x1;
+Tucker: 1x1 -> core conv -> 1x1), so the ONNX graphs hold standard ops only.
 onnx, onnxruntime and onnxscript are test extras: CI runs the ONNX test (no skip there).
 """
 
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -343,7 +344,9 @@ def test_jit_trace_is_shape_generic(padding_mode):
         TuckerConv(8, 8, (3, 3, 3), rank=(4, 4), padding=(1, (0, 2), 1), groups=2),
         HOCPBlock(8, 6, (1, 3, 3), rank=3, padding="same"),
     ).eval()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # the layers read no parameter's size under the trace: it holds for other shapes and says so
+        warnings.simplefilter("error", torch.jit.TracerWarning)
         traced = torch.jit.trace(model, torch.randn(2, 4, 6, 10, 10))
         for shape in [(1, 4, 5, 7, 9), (3, 4, 8, 6, 11)]:
             x = torch.randn(shape)
@@ -352,14 +355,49 @@ def test_jit_trace_is_shape_generic(padding_mode):
 
 
 @needs_torch
-def test_jit_script_and_bare_conv_tracing_say_why():
+def test_jit_script_says_why():
     from tensorconv.nn import KruskalConv
 
     with pytest.raises(RuntimeError, match="torch.jit.script"):
         torch.jit.script(torch.nn.Sequential(KruskalConv(2, 3, (3, 3), rank=2)))
-    k = KruskalKernel.random((3, 2, 3, 3), 2, backend="torch", dtype="float32", seed=0)
-    with pytest.raises(RuntimeError, match="trace the layers"):
-        torch.jit.trace(lambda x: conv(x, k), torch.randn(1, 2, 5, 5))
+
+
+@needs_torch
+@pytest.mark.parametrize("kind", ["cp", "tucker", "grouped-tucker", "merged-modes-cp", "dense"])
+def test_jit_trace_of_bare_conv_is_shape_generic(kind):
+    # conv() itself records the shape-generic standard convs under a tracer, not the plan of the
+    # traced shape: the trace is checked against eager conv() (and F.conv2d) on other shapes
+    from tensorconv import TuckerKernel
+
+    g = torch.Generator().manual_seed(0)
+    if kind == "cp":
+        k = KruskalKernel.random((6, 4, 3, 3), 3, backend="torch", dtype="float64", seed=0)
+    elif kind == "merged-modes-cp":  # MobileNet's merged KxK factor: rebuilt dense under a tracer
+        k = KruskalKernel(
+            torch.rand(3, dtype=torch.float64, generator=g),
+            [torch.randn(s, dtype=torch.float64, generator=g) for s in ((6, 3), (4, 3), (3, 3, 3))],
+            modes=[(0,), (1,), (2, 3)],
+        )
+    elif kind == "tucker":
+        k = TuckerKernel.random((6, 4, 3, 3), (3, 2), backend="torch", dtype="float64", seed=0)
+    elif kind == "grouped-tucker":
+        core = torch.randn(4, 1, 3, 3, dtype=torch.float64, generator=g)
+        k = TuckerKernel(
+            core,
+            [torch.randn(6, 2, dtype=torch.float64, generator=g), torch.randn(4, 1, dtype=torch.float64, generator=g)],
+            groups=2,
+        )
+    else:
+        k = torch.randn(6, 4, 3, 3, dtype=torch.float64, generator=g)
+    dense = k if kind == "dense" else (k.to_grouped_dense() if kind == "grouped-tucker" else k.to_dense())
+    groups = 2 if kind == "grouped-tucker" else 1
+    geo = dict(stride=(1, 2), padding=(1, (0, 2)), padding_mode="zeros")
+    traced = torch.jit.trace(lambda x: conv(x, k, groups=1, **geo), torch.randn(2, 4, 7, 9, dtype=torch.float64))
+    for shape in [(1, 4, 5, 6), (3, 4, 10, 8)]:
+        x = torch.randn(shape, dtype=torch.float64, generator=g)
+        want = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (0, 2, 1, 1)), dense, stride=(1, 2), groups=groups)
+        assert rel_err(traced(x), want) < 1e-10
+        assert rel_err(conv(x, k, **geo), want) < 1e-10
 
 
 def _traceable_model():

@@ -67,7 +67,11 @@ def backend_for_name(name: str) -> ArrayBackend:
             from ._jax import JaxBackend as cls
         else:
             from ._cupy import CupyBackend as cls
-        _by_name[name] = cls()
+        _by_name[name] = backend = cls()
+        for array_type in backend.array_types():
+            # known before any look-up: a tracer (torch.compile) then reads one dict entry instead
+            # of tracing the first look-up's parsing of a module name
+            _by_type[array_type] = backend
         for hook in _on_load.pop(name, ()):
             hook(_by_name[name])
     return _by_name[name]

@@ -8,6 +8,7 @@ The torch backend subclasses this and overrides only what differs.
 from __future__ import annotations
 
 from ._native import NativeConvs
+from ._runtime import Runtime
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 #: the floating dtypes a plan runs in, by name, with their sizes in bytes
@@ -54,6 +55,8 @@ class ArrayBackend:
         self.xp = xp
         #: the library's own convolutions (:class:`~tensorconv.backends._native.NativeConvs`)
         self.native = NativeConvs(self)
+        #: the library's runtime hooks: autocast, tracers, compilation (:class:`~tensorconv.backends._runtime.Runtime`)
+        self.runtime = Runtime(self)
 
     def __repr__(self):
         return f"<tensorconv backend {self.name!r}>"
@@ -63,6 +66,10 @@ class ArrayBackend:
         from . import backend_for_name
 
         return (backend_for_name, (self.name,))
+
+    def array_types(self):
+        """The library's array types, registered for :func:`get_backend` when the backend is made."""
+        return ()
 
     # -- array attributes and creation -------------------------------------------------
     def dtype(self, x):
@@ -113,26 +120,6 @@ class ArrayBackend:
 
         return numpy.issubdtype(x.dtype, numpy.inexact) or x.dtype.name in _EXTENSION_FLOATS
 
-    def autocast_dtype(self, x):
-        """The dtype a mixed-precision region (torch.autocast) asks convs on ``x`` to compute in,
-        or None (no such region, or ``x`` is not cast by it)."""
-        return None
-
-    def autocast_off(self, x):
-        """A context in which no mixed-precision region casts ops on ``x``'s device."""
-        import contextlib
-
-        return contextlib.nullcontext()
-
-    def is_tracing(self):
-        """Whether a tracer is recording this call (torch.jit.trace): shapes seen now become constants."""
-        return False
-
-    def compile_plan(self, run):
-        """``run(x, kernel)`` compiled as one program, for libraries that trace whole functions
-        (jax.jit); None where ops run one at a time as called (numpy, cupy, torch eager)."""
-        return None
-
     def all_finite(self, x):
         return bool(self.xp.isfinite(x).all())
 
@@ -169,10 +156,6 @@ class ArrayBackend:
     def take(self, x, indices, axis):
         """Entries ``indices`` (a list of ints) along ``axis``."""
         return self.xp.take(x, self.xp.asarray(indices), axis=axis)
-
-    def tile_checkpoint(self, x, tensors):
-        """How fused tiles are called: plainly here; torch recomputes them in backward."""
-        return lambda fn, *args: fn(*args)
 
     def contiguous(self, x):
         return self.xp.ascontiguousarray(x)

@@ -14,6 +14,7 @@ import numpy
 
 from ._base import ArrayBackend
 from ._native import NativeConvs
+from ._runtime import Runtime
 
 _WIDE = {numpy.dtype("float64"), numpy.dtype("complex128")}
 
@@ -29,6 +30,7 @@ class JaxBackend(ArrayBackend):
         self.jax = jax
         self.lax = jax.lax
         self.native = JaxConvs(self)
+        self.runtime = JaxRuntime(self)
 
     # -- array attributes and creation -------------------------------------------------
     def device(self, x):
@@ -60,11 +62,6 @@ class JaxBackend(ArrayBackend):
         # drawn on the host with NumPy's generator: the same numbers as the numpy backend
         host = numpy.random.default_rng(seed).standard_normal(shape)
         return self.asarray(host, dtype=self.resolve_dtype(dtype), device=device)
-
-    def compile_plan(self, run):
-        # eager JAX compiles every op for every new shape; one program per plan compiles once
-        # and lets XLA fuse the steps. Under a caller's jit it is inlined into the caller's trace.
-        return self.jax.jit(run)
 
     def all_finite(self, x):
         if self._is_tracer(x):
@@ -117,6 +114,9 @@ class JaxConvs(NativeConvs):
     """XLA's convolutions (``lax.conv_general_dilated``) behind :class:`NativeConvs`."""
 
     exists = True
+
+    def has_dims(self, n):
+        return n >= 1  # lax.conv_general_dilated takes any number
 
     def available(self, itemsize, device=None):
         return True  # XLA compiles grouped N-D convolutions for every float dtype and device
@@ -175,3 +175,12 @@ class JaxConvs(NativeConvs):
             )
 
         return run
+
+
+class JaxRuntime(Runtime):
+    """jax's runtime: a plan runs as one jitted program."""
+
+    def compile_plan(self, run):
+        # eager JAX compiles every op for every new shape; one program per plan compiles once
+        # and lets XLA fuse the steps. Under a caller's jit it is inlined into the caller's trace.
+        return self.backend.jax.jit(run)

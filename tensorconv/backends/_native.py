@@ -27,6 +27,10 @@ class NativeConvs:
         from the dtype and device alone: before any array exists, plans count what they allocate)."""
         return False
 
+    def has_dims(self, n: int) -> bool:
+        """Whether the library has native convs with ``n`` spatial dims (what a tracer records)."""
+        return False
+
     def channels_last(
         self, act_shape, weight_shape, *, stride, dilation, padding, padding_mode, groups
     ) -> Callable[[Any, Any], Any] | None:

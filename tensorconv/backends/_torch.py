@@ -3,8 +3,10 @@ through every primitive because each one is a torch op."""
 
 from ._base import FLOAT_ITEMSIZES, ArrayBackend
 from ._torch_native import TorchConvs
+from ._torch_runtime import TorchRuntime
 
 _DTYPES = tuple(FLOAT_ITEMSIZES)
+_F_PAD_MODES = {"reflect": "reflect", "replicate": "replicate", "circular": "circular"}
 
 
 class TorchBackend(ArrayBackend):
@@ -17,6 +19,10 @@ class TorchBackend(ArrayBackend):
         super().__init__(torch)
         self.F = F
         self.native = TorchConvs(self)
+        self.runtime = TorchRuntime(self)
+
+    def array_types(self):
+        return (self.xp.Tensor, self.xp.nn.Parameter)
 
     def device(self, x):
         return x.device
@@ -69,28 +75,6 @@ class TorchBackend(ArrayBackend):
     def is_inexact(self, x):
         return x.is_floating_point() or x.is_complex()
 
-    def _has_autocast(self, device_type):
-        # the meta device (shape inference, deferred init) has no autocast: asking raises there
-        available = getattr(self.xp.amp, "is_autocast_available", None)
-        return available(device_type) if available is not None else device_type in ("cpu", "cuda")
-
-    def autocast_dtype(self, x):
-        torch = self.xp
-        dev = x.device.type
-        if not self._has_autocast(dev):
-            return None
-        if torch.is_autocast_enabled(dev) and x.is_floating_point() and x.dtype != torch.float64:
-            return torch.get_autocast_dtype(dev)  # autocast leaves float64 alone, as here
-        return None
-
-    def autocast_off(self, x):
-        if not self._has_autocast(x.device.type):
-            return super().autocast_off(x)
-        return self.xp.autocast(x.device.type, enabled=False)
-
-    def is_tracing(self):
-        return self.xp.jit.is_tracing()
-
     def all_finite(self, x):
         return bool(self.xp.isfinite(x.detach()).all())
 
@@ -122,18 +106,6 @@ class TorchBackend(ArrayBackend):
     def take(self, x, indices, axis):
         return x.index_select(axis, self.xp.as_tensor(indices, device=x.device))
 
-    def tile_checkpoint(self, x, tensors):
-        torch = self.xp
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and getattr(t, "requires_grad", False) for t in [x] + list(tensors)
-        )
-        if not needs_grad:
-            return lambda fn, *args: fn(*args)
-        from torch.utils.checkpoint import checkpoint
-
-        # keep only the tile's input and output; backward recomputes the tile's intermediates
-        return lambda fn, *args: checkpoint(fn, *args, use_reentrant=False)
-
     def einsum(self, subscripts, *operands):
         return self.xp.einsum(subscripts, *operands)
 
@@ -147,6 +119,16 @@ class TorchBackend(ArrayBackend):
 
     def mul_add_(self, out, a, b):
         return out.addcmul_(a, b)
+
+    def pad(self, x, pads, mode="zeros"):
+        pads = {axis % x.ndim: p for axis, p in pads.items() if p != (0, 0)}
+        if mode != "zeros" and pads and 3 <= x.ndim <= 5 and min(pads) >= 2:
+            # the trailing (spatial) axes of a channels-first tensor: torch's own reflect / replicate /
+            # circular pad, one op that a tracer records for any input size (the generic concatenation
+            # reads the size, which a trace would freeze)
+            flat = [p for axis in range(x.ndim - 1, 1, -1) for p in pads.get(axis, (0, 0))]
+            return self.F.pad(x, flat, mode=_F_PAD_MODES[mode])
+        return super().pad(x, pads, mode)
 
     def pad_axis(self, x, axis, low, high, mode):
         # torch's own constant pad is one kernel instead of a concatenation

@@ -2,6 +2,8 @@
 
 import math
 
+import torch
+
 from ._base import device_type
 from ._native import NativeConvs
 
@@ -12,7 +14,8 @@ def _contiguous_weight(weight):
     one, which fails for a strided view with one output channel (its layout is ambiguous: CP rank
     1, Tucker R_out = 1, T = 1). Only those are copied: other views keep the layout that oneDNN
     reads without a reorder."""
-    if weight.shape[0] == 1 and not weight.is_contiguous():
+    if not weight.is_contiguous() and not torch.jit.is_tracing() and weight.shape[0] == 1:
+        # (not asked under torch.jit.trace: reading the size there records it as a constant and warns)
         return weight.contiguous()
     return weight
 
@@ -32,6 +35,9 @@ class TorchConvs(NativeConvs):
         if padding_mode == "zeros" and all(lo == hi for lo, hi in padding):
             return None, tuple(lo for lo, _ in padding)
         return {first_axis + m: p for m, p in enumerate(padding) if p != (0, 0)}, 0
+
+    def has_dims(self, n):
+        return 1 <= n <= 3  # torch has conv1d, conv2d and conv3d
 
     def dense(self, x, weight, *, stride, dilation, groups=1, padding=None, padding_mode="zeros"):
         n = x.ndim - 2

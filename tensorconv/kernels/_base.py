@@ -123,7 +123,7 @@ class _FactorizedKernel:
         import opt_einsum
 
         terms, operands, out = self.einsum_operands()
-        with self.backend.autocast_off(self._reference_array()):
+        with self.backend.runtime.autocast_off(self._reference_array()):
             return opt_einsum.contract(",".join(terms) + "->" + out, *operands)
 
     def relative_error(self, weight: Array) -> float:

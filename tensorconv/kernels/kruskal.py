@@ -105,6 +105,16 @@ class KruskalKernel(_FactorizedKernel):
         self.shape = tuple(dims)
         self.rank = rank
 
+    @classmethod
+    def _of_layer(cls, backend, weights, factors, shape, rank):
+        """The kernel of a layer, whose parameters keep the shapes it was built with (one factor
+        per mode): nothing is checked or read from the arrays, which a tracer would record."""
+        kernel = cls.__new__(cls)
+        kernel.backend, kernel.weights, kernel.factors = backend, weights, list(factors)
+        kernel.modes = [(i,) for i in range(len(kernel.factors))]
+        kernel.shape, kernel.rank = tuple(shape), rank
+        return kernel
+
     # -- bookkeeping ---------------------------------------------------------------------------
     def _reference_array(self):
         return self.weights

@@ -89,6 +89,16 @@ class TuckerKernel(_FactorizedKernel):
         #: (U_T, U_C) stored by their diagonal blocks (groups > 1 only)
         self.block_diagonal = tuple(block)
 
+    @classmethod
+    def _of_layer(cls, backend, core, factors, groups, shape, block_diagonal):
+        """The kernel of a layer, whose parameters keep the shapes it was built with: nothing is
+        checked or read from the arrays, which a tracer would record."""
+        kernel = cls.__new__(cls)
+        kernel.backend, kernel.core, kernel.groups = backend, core, groups
+        kernel.factors = list(factors) + [None] * (len(shape) - len(factors))
+        kernel.shape, kernel.block_diagonal = tuple(shape), tuple(block_diagonal)
+        return kernel
+
     def _reference_array(self):
         return self.core
 

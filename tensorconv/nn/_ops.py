@@ -19,6 +19,7 @@ import torch
 
 from ..kernels import KruskalKernel
 from ..plans.plan import conv
+from ..plans.traced import register_recorder
 
 __all__ = ["cp_conv"]
 
@@ -144,3 +145,13 @@ def _backward(ctx, grad):
 
 
 cp_conv.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _record(x, kernel, stride, pads, dilation, padding_mode, strategy):
+    """What torch.compile / torch.export record for a CP kernel laid out as a layer's."""
+    u_t, u_c, *spatial = kernel.factors
+    flat = [p for pair in pads for p in pair]
+    return cp_conv(x, kernel.weights, u_t, u_c, spatial, list(stride), flat, list(dilation), padding_mode, strategy)
+
+
+register_recorder("torch", _record)

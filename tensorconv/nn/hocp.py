@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .._typing import IntOrTuple, Padding, Rank
-from ._forward import _run_conv
+from ._forward import layer_conv
 from .layers import KruskalConv, _shrink_parameter
 
 __all__ = ["HOCPBlock", "ChannelNorm"]
@@ -91,8 +91,8 @@ class HOCPBlock(nn.Module):
         # x ×_1 U_C^T: C -> R channels, laid out channels-first (Psi's norm would copy it there anyway)
         h = torch.movedim(torch.movedim(x, 1, -1) @ u_c, -1, 1).contiguous()
         h = self.psi(h)
-        rest = ("cp", (layer.weights, layer.factors[0], None, *layer.factors[2:]), 1, False)  # U_C applied above
-        out = _run_conv(h, rest, layer.bias, layer)
+        rest = layer._kernel([layer.factors[0], None, *layer.factors[2:]])  # U_C applied above
+        out = layer_conv(layer, h, rest)
         if self.skip_factor is not None:
             out = x + torch.movedim(torch.movedim(out, 1, -1) @ self.skip_factor.T, -1, 1)
         return out

@@ -18,7 +18,8 @@ from ..backends import PADDING_MODES
 from ..kernels import KruskalKernel, TuckerKernel
 from ..plans.plan import plan_conv
 from ..plans.spec import normalize_int_tuple, normalize_padding
-from ._forward import _run_conv
+from ._forward import TORCH as _TORCH
+from ._forward import layer_conv
 from .ranks import _kernel_size, cp_rank_for, tucker_rank_for
 
 __all__ = ["KruskalConv", "TuckerConv", "cp_rank_for", "tucker_rank_for"]
@@ -85,7 +86,7 @@ class _FactorizedConv(nn.Module):
                 f"{type(self).__name__} with {n} spatial dims expects input (B, C, *{n} dims) or "
                 f"(C, *{n} dims), got shape {tuple(x.shape)}"
             )
-        return _run_conv(x, self._parts(), self.bias, self)
+        return layer_conv(self, x, self._kernel())
 
     def __prepare_scriptable__(self):
         # torch.jit.script calls this on every submodule before compiling: say why it cannot work
@@ -101,16 +102,17 @@ class _FactorizedConv(nn.Module):
 
         p = next(self.parameters())
         return plan_conv(
-            self.kernel,
-            input_shape,
+            self.kernel, input_shape, **self._conv_arguments(), dtype=p.dtype, backend="torch", device=p.device
+        )
+
+    def _conv_arguments(self):
+        """The keywords of ``conv()`` / ``plan_conv()`` that this layer fixes."""
+        return dict(
             stride=self.stride,
             padding=self.padding,
             dilation=self.dilation,
             padding_mode=self.padding_mode,
             strategy=self.strategy,
-            dtype=p.dtype,
-            backend="torch",
-            device=p.device,
         )
 
     @property
@@ -257,13 +259,19 @@ class KruskalConv(_FactorizedConv):
             for f in self.factors:
                 f.normal_(0.0, std)
 
-    def _parts(self):
-        return "cp", (self.weights, *self.factors), 1, False
-
     @property
     def kernel(self) -> KruskalKernel:
         """The CP kernel, built from the live parameters (autograd flows through it)."""
         return KruskalKernel(self.weights, list(self.factors))
+
+    def _kernel(self, factors=None):
+        """:attr:`kernel` as forward builds it: from the shapes the layer keeps, not read from the
+        parameters (a tracer records every read); ``factors`` replaces the layer's (HOCPBlock's)."""
+        factors = list(self.factors) if factors is None else factors
+        shape = (self.out_channels, self.in_channels) + tuple(self.kernel_size)
+        if factors[1] is None:
+            shape = (self.out_channels, self.rank) + tuple(self.kernel_size)
+        return KruskalKernel._of_layer(_TORCH, self.weights, factors, shape, self.rank)
 
     def extra_repr(self):
         return (
@@ -484,9 +492,6 @@ class TuckerConv(_FactorizedConv):
             for f in self.factors:
                 f.normal_(0.0, std)
 
-    def _parts(self):
-        return "tucker", (self.core, *self.factors), self._core_split, self.groups > 1
-
     @property
     def _core_split(self):
         """How many groups the core is split into: ``groups`` (a grouped conv) or ``core_groups`` (ResNeXt)."""
@@ -495,6 +500,13 @@ class TuckerConv(_FactorizedConv):
     @property
     def kernel(self) -> TuckerKernel:
         return TuckerKernel(self.core, list(self.factors), groups=self._core_split)
+
+    def _kernel(self):
+        """:attr:`kernel` as forward builds it: from the shapes the layer keeps, not read from the
+        parameters (a tracer records every read)."""
+        shape = (self.out_channels, self.in_channels) + tuple(self.kernel_size)
+        block = (self.groups > 1,) * 2
+        return TuckerKernel._of_layer(_TORCH, self.core, list(self.factors), self._core_split, shape, block)
 
     @property
     def dense_params(self):

@@ -158,7 +158,7 @@ class FusedRunner:
                 tensors.append(prog(backend, tensors[step.lhs], tensors[step.rhs]))
             else:
                 tensors.append(None)
-        checkpoint = backend.tile_checkpoint(x, tensors)
+        checkpoint = backend.runtime.tile_checkpoint(x, tensors)
         out_images = []
         for b in range(x.shape[0]):
             pieces = []

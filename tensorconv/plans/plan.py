@@ -23,6 +23,7 @@ from .executor import Reconstruction, compile_steps, dense_conv
 from .planner import decide
 from .problem import ConvProblem, check_arrays, kernel_arrays, problem_for
 from .structure import structure_of, weight_arrays
+from .traced import traced_conv, traced_geometry
 
 __all__ = ["ConvPlan", "plan_conv", "conv"]
 
@@ -138,7 +139,7 @@ class ConvPlan:
         try:
             run = self._whole[backend.name]
         except KeyError:
-            run = self._whole[backend.name] = backend.compile_plan(functools.partial(self._execute, backend))
+            run = self._whole[backend.name] = backend.runtime.compile_plan(functools.partial(self._execute, backend))
         return self._execute(backend, x, kernel) if run is None else run(x, kernel)
 
     def _execute(self, backend, x, kernel):
@@ -342,7 +343,8 @@ def conv(
     """
     arrays = kernel_arrays(kernel) or [kernel]
     backend = get_backend(x, *arrays)
-    cast = backend.autocast_dtype(x)
+    runtime = backend.runtime
+    cast = runtime.autocast_dtype(x)
     if cast is not None:
         # under torch.autocast a conv computes in the autocast dtype and returns it (nn.ConvNd does):
         # input and kernel are cast once, and every step then runs in that dtype
@@ -353,7 +355,7 @@ def conv(
                 else backend.astype(kernel, cast)
             )
             x = backend.astype(x, cast)
-        with backend.autocast_off(x):
+        with runtime.autocast_off(x):
             return conv(
                 x,
                 kernel,
@@ -365,13 +367,12 @@ def conv(
                 strategy=strategy,
             )
     check_arrays(x, kernel, backend)
-    if backend.is_tracing():
-        # a plan is chosen per input shape in Python: a trace would freeze it to the traced shape
-        raise RuntimeError(
-            "tensorconv.conv cannot be recorded by torch.jit.trace (its plan depends on the input "
-            "shape, which a trace freezes); trace the layers instead (KruskalConv, TuckerConv and "
-            "HOCPBlock record shape-generic standard convs), or use torch.compile"
-        )
+    tracer = runtime.tracer()
+    if tracer is not None:
+        # a plan is chosen per input shape in Python, which a tracer would freeze to the shape it
+        # saw: it records the shape-generic form of the steps instead (or one opaque op)
+        geometry = traced_geometry(x, kernel, stride, padding, dilation, padding_mode, strategy)
+        return traced_conv(backend, tracer, x, kernel, groups=groups, **geometry)
     structure = structure_of(kernel, groups)
     problem = problem_for(
         structure,

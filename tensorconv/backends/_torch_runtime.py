@@ -1,0 +1,44 @@
+"""torch's runtime behind :class:`Runtime`: autocast, its tracers, checkpointed tiles."""
+
+from ._runtime import Runtime
+
+
+class TorchRuntime(Runtime):
+    def _has_autocast(self, device_type):
+        # the meta device (shape inference, deferred init) has no autocast: asking raises there
+        available = getattr(self.backend.xp.amp, "is_autocast_available", None)
+        return available(device_type) if available is not None else device_type in ("cpu", "cuda")
+
+    def autocast_dtype(self, x):
+        torch = self.backend.xp
+        dev = x.device.type
+        if not self._has_autocast(dev):
+            return None
+        if torch.is_autocast_enabled(dev) and x.is_floating_point() and x.dtype != torch.float64:
+            return torch.get_autocast_dtype(dev)  # autocast leaves float64 alone, as here
+        return None
+
+    def autocast_off(self, x):
+        if not self._has_autocast(x.device.type):
+            return super().autocast_off(x)
+        return self.backend.xp.autocast(x.device.type, enabled=False)
+
+    def tracer(self):
+        torch = self.backend.xp
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return "trace"  # the graph is made of standard ops (TorchScript, ONNX)
+        if torch.compiler.is_compiling():
+            return "compile"  # dynamo or torch.export: a registered custom op may be recorded
+        return None
+
+    def tile_checkpoint(self, x, tensors):
+        torch = self.backend.xp
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and getattr(t, "requires_grad", False) for t in [x] + list(tensors)
+        )
+        if not needs_grad:
+            return super().tile_checkpoint(x, tensors)
+        from torch.utils.checkpoint import checkpoint
+
+        # keep only the tile's input and output; backward recomputes the tile's intermediates
+        return lambda fn, *args: checkpoint(fn, *args, use_reentrant=False)
