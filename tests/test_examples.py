@@ -49,3 +49,18 @@ def test_clips_need_several_frames():
     trend = np.polyfit(np.arange(example.FRAMES), centre.T, 1)[0]
     fast = np.abs(y[:, 1]) > 0.5
     assert np.mean(np.sign(trend[fast]) == np.sign(y[fast, 1])) >= 0.8
+
+
+def test_compress_to_target_smoke_run_meets_its_targets(tmp_path):
+    example = _load("compress_to_target")
+    example.main(["--smoke", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "results.json").read_text())
+    rows = result["rows"]
+    dense = next(r for r in rows if r["method"] == "dense")
+    for target in example.TARGETS:
+        plan = next(r for r in rows if r["method"] == "plan" and r["target"] == target)
+        # the example counts MACs with its own hooks: the plan's promise, checked from outside
+        assert dense["macs"] / plan["macs"] >= target
+        assert 0.0 <= plan["accuracy"] <= 1.0 and 0.0 <= plan["accuracy_tuned"] <= 1.0
+        assert any(r["method"] == "global" and r["target"] == target for r in rows)
+    assert (tmp_path / "compress_to_target.png").stat().st_size > 0

@@ -2,8 +2,10 @@
 
 from .batchnorm import fold_batchnorm, recalibrate_batchnorm
 from .compress import factorize, summarize
+from .compression import CompressionPlan, plan_compression
 from .hocp import HOCPBlock
 from .layers import KruskalConv, TuckerConv, cp_rank_for, tucker_rank_for
+from .lowrank import LowRankConv, LowRankLinear
 from .resnet import HOCPResNet, TensorRegression, hocp_resnet18
 from .training import factorized_layers, lasso, prune, transduct
 
@@ -22,6 +24,10 @@ __all__ = [
     "TensorRegression",
     "factorize",
     "summarize",
+    "plan_compression",
+    "CompressionPlan",
+    "LowRankConv",
+    "LowRankLinear",
     "fold_batchnorm",
     "recalibrate_batchnorm",
 ]

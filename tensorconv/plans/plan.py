@@ -73,6 +73,8 @@ class ConvPlan:
         Estimated peak memory of the intermediates (activation-sized arrays and the kernel).
     estimates : mapping
         Cost-model seconds of each strategy considered.
+    seconds : float
+        The cost model's seconds for one call of what runs (the estimate ``auto`` chose by).
     """
 
     def __init__(self, problem: ConvProblem):
@@ -84,7 +86,7 @@ class ConvPlan:
         self.requested, self.cost_model = problem.strategy, problem.cost_model
         self.decision = d = decide(problem)
         self.strategy, self.order, self.steps, self.path = d.strategy, d.order, d.steps, d.path
-        self.estimates = d.estimates
+        self.estimates, self.seconds = d.estimates, d.seconds
         self.dense_macs, self.min_macs = d.dense_step.macs, d.min_macs
         self.sizes = MappingProxyType(st.index_sizes(g.kernel_size))
         self.output_shape = ((self.batch,) if self.batched else ()) + (st.out_channels,) + tuple(g.out_spatial)

@@ -393,6 +393,20 @@ class Decision:
     min_macs: int
     reconstruct_macs: int
 
+    @property
+    def seconds(self) -> float:
+        """The cost model's seconds for one call of what runs."""
+        if self.strategy == "dense":
+            return self.dense_step.seconds
+        if self.strategy == "reconstructed":
+            return self.estimates["reconstructed"]
+        if self.accelerators:
+            first = self.accelerators[0]
+            label = f"fused ({first.label or first.name})"
+            if label in self.estimates:
+                return self.estimates[label]
+        return sum(s.seconds for s in self.steps)
+
 
 def decide(problem) -> Decision:
     """The plan for a :class:`~tensorconv.plans.problem.ConvProblem`.
@@ -426,7 +440,7 @@ def decide(problem) -> Decision:
             if acc.name in problem.ready_accelerators and acc.applies(st, g):
                 secs = acc.seconds(st, g, batch, itemsize, model)
                 if secs is not None:
-                    label = f"fused ({acc.label or acc.name})"
+                    label = f"fused ({acc.label or acc.name})"  # Decision.seconds reads it back
                     estimates[label], margins[label], candidates[label] = secs, acc.margin, acc
         chosen = min(estimates, key=lambda name: estimates[name] * margins.get(name, 1.0))
         accelerators = ()

@@ -1,0 +1,141 @@
+"""plan_compression: budgets met, the allocation optimal over the plan's own options (brute
+force), the predicted totals equal to what apply() builds, and real torchvision models halved."""
+
+import itertools
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from conftest import rel_err  # noqa: E402
+from torch import nn  # noqa: E402
+
+from tensorconv.nn import KruskalConv, LowRankConv, LowRankLinear, TuckerConv, plan_compression  # noqa: E402
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, stride=2),
+        nn.Conv2d(32, 32, 1),
+        nn.Conv2d(32, 32, 3, padding=1, groups=4),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 10),
+    )
+
+
+def _params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def _dense_macs(model, shape):
+    """Every conv's and linear layer's multiply-adds, counted from their outputs (an oracle)."""
+    total = 0
+
+    def hook(m, args, out):
+        nonlocal total
+        if isinstance(m, nn.Linear):
+            total += out.numel() * m.in_features
+        else:
+            total += out.numel() * m.in_channels // m.groups * math.prod(m.kernel_size)
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    with torch.no_grad():
+        model(torch.zeros(shape))
+    for h in hooks:
+        h.remove()
+    return total
+
+
+@pytest.mark.parametrize("budget", ["params", "macs"])
+def test_the_target_is_met_and_apply_builds_what_the_plan_counts(budget):
+    net = _net()
+    plan = plan_compression(net, (1, 3, 8, 8), target=3.0, budget=budget, fit_iterations=3)
+    small = plan.apply(net, n_iter_max=3)
+    assert isinstance(net[0], nn.Conv2d)  # the original is untouched
+    assert _params(small) == plan.total("params")
+    assert _dense_macs(net, (1, 3, 8, 8)) == plan.dense_total if budget == "macs" else _params(net) == plan.dense_total
+    got = _params(small) if budget == "params" else plan.total("macs")
+    assert plan.dense_total / got >= 3.0
+    kinds = {type(m) for m in small.modules()}
+    assert kinds & {KruskalConv, TuckerConv, LowRankConv, LowRankLinear}
+    assert small(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+
+
+def test_the_choice_is_the_brute_force_optimum_over_the_plan_options():
+    net = _net()
+    plan = plan_compression(net, (1, 3, 8, 8), target=2.5, budget="params", fit_iterations=3)
+    layers = list(plan.layers.values())
+    limit = plan.dense_total / plan.target - plan.fixed
+    best = math.inf
+    for combo in itertools.product(*[range(len(layer.options)) for layer in layers]):
+        if sum(layer.options[j].params for layer, j in zip(layers, combo)) <= limit:
+            best = min(best, sum(layer.options[j].error ** 2 for layer, j in zip(layers, combo)))
+    assert plan.total() <= plan.dense_total / plan.target
+    # the DP rounds each cost up to 1/4000 of the budget: at most that much from the optimum
+    assert plan.error <= best + 1e-12 or plan.error == pytest.approx(best, rel=1e-3)
+
+
+def test_svd_options_carry_the_exact_error_of_the_layer_apply_builds():
+    net = _net()
+    plan = plan_compression(net, (1, 3, 8, 8), target=1.5, budget="params", factorizations=("svd",))
+    small = plan.apply(net)
+    modules = dict(small.named_modules())
+    chosen = [name for name, (f, _) in plan.choices.items() if f == "svd"]
+    assert chosen
+    for name in chosen:
+        assert modules[name].relative_error == pytest.approx(plan.choice(name).error, rel=1e-9, abs=1e-12)
+
+
+def test_pin_and_exclude_reallocate():
+    net = _net()
+    plan = plan_compression(net, (1, 3, 8, 8), target=2.0, budget="params", fit_iterations=3)
+    plan.exclude("6")
+    assert plan.choices["6"] == ("dense", None)
+    assert plan.total() <= plan.dense_total / 2.0
+    plan.pin("2", "tucker")
+    assert plan.choices["2"][0] == "tucker"
+    with pytest.raises(ValueError, match="not an option"):
+        plan.pin("2", "svd")
+    with pytest.raises(ValueError, match="no layer named"):
+        plan.exclude("nope")
+
+
+def test_bad_arguments_are_named():
+    net = _net()
+    with pytest.raises(ValueError, match="budget='speed'"):
+        plan_compression(net, (1, 3, 8, 8), target=2.0, budget="speed")
+    with pytest.raises(ValueError, match="target=1"):
+        plan_compression(net, (1, 3, 8, 8), target=1)
+    with pytest.raises(ValueError, match="factorizations="):
+        plan_compression(net, (1, 3, 8, 8), target=2.0, factorizations=("qr",))
+    with pytest.raises(ValueError, match="cannot be met"):
+        plan_compression(net, (1, 3, 8, 8), target=500.0, budget="params", factorizations=("svd",))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mobilenet_v3_large", "convnext_tiny"])
+def test_torchvision_models_halved_run_export_and_compile(tv, name, tmp_path):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (a test extra)")
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = getattr(tv, name)().eval()
+    # convnext_tiny: its Linear layers hold most parameters; CP fits of its strided 2x2 convs at
+    # every rank would add a minute without changing the answer
+    kinds = ("cp", "tucker", "svd") if name == "mobilenet_v3_large" else ("tucker", "svd")
+    plan = plan_compression(model, (1, 3, 64, 64), target=2.0, budget="params", factorizations=kinds, fit_iterations=2)
+    small = plan.apply(model, n_iter_max=2).eval()
+    assert _params(small) <= _params(model) / 2
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = small(x)
+        path = tmp_path / "small.onnx"
+        torch.onnx.export(small, (x,), dynamo=True, verbose=False).save(str(path))
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        assert rel_err(torch.from_numpy(got), want) < 1e-4  # float32 through ONNX Runtime: stated 1e-4
+        compiled = torch.compile(small, backend="aot_eager")
+        assert rel_err(compiled(x), want) < 1e-5  # float32: stated 1e-5
