@@ -139,3 +139,34 @@ def test_torchvision_models_halved_run_export_and_compile(tv, name, tmp_path):
         assert rel_err(torch.from_numpy(got), want) < 1e-4  # float32 through ONNX Runtime: stated 1e-4
         compiled = torch.compile(small, backend="aot_eager")
         assert rel_err(compiled(x), want) < 1e-5  # float32: stated 1e-5
+
+
+def test_calibrated_errors_are_output_errors_and_apply_refits():
+    import numpy as np
+
+    from tensorconv.nn.calibration import capture
+
+    net = _net()
+    batches = [torch.randn(8, 3, 8, 8) for _ in range(2)]
+    plan = plan_compression(
+        net, (1, 3, 8, 8), target=1.5, budget="params", fit_iterations=3, calibration=batches, factorizations=("svd",)
+    )
+    # the 1x1 conv's options: the output error after a least-squares refit on the dense model's
+    # inputs to it (all 256 rows: fewer than rows=8192), recomputed with NumPy's lstsq
+    xs, ys = capture(net, ["3"], batches, "in")["3"], capture(net, ["3"], batches, "out")["3"]
+    for option in plan.layers["3"].options[1:]:
+        thin = LowRankConv.from_conv(net[3], option.rank)
+        with torch.no_grad():
+            h = np.vstack([thin.first(x).movedim(1, -1).reshape(-1, option.rank).double().numpy() for x in xs])
+        y = np.vstack([y.movedim(1, -1).reshape(-1, 32).double().numpy() for y in ys])
+        design = np.hstack([h, np.ones((len(h), 1))])
+        coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+        want = np.linalg.norm(design @ coef - y) / np.linalg.norm(y)
+        assert option.error == pytest.approx(want, rel=1e-4)  # float32 activations: stated 1e-4
+    small = plan.apply(net, calibration=batches)
+    with torch.no_grad():
+        x = torch.cat(batches)
+        calibrated = ((small(x) - net(x)).norm() / net(x).norm()).item()
+        plain = plan.apply(net)
+        uncalibrated = ((plain(x) - net(x)).norm() / net(x).norm()).item()
+    assert calibrated < uncalibrated

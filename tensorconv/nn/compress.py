@@ -15,6 +15,7 @@ from torch import nn
 
 from .._checks import is_integral
 from ..kernels import check_decomposition_keywords
+from ._observe import observe
 from .layers import KruskalConv, TuckerConv, _FactorizedConv
 
 __all__ = ["factorize", "summarize"]
@@ -280,19 +281,9 @@ def _traced_shapes(model, inputs):
         return hook
 
     hooks = [
-        m.register_forward_hook(record(name))
-        for name, m in model.named_modules()
-        if isinstance(m, _FactorizedConv) or _eligible(m)
+        (m, "post", record(name)) for name, m in model.named_modules() if isinstance(m, _FactorizedConv) or _eligible(m)
     ]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(*_example_inputs(model, inputs))
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+    observe(model, hooks, [_example_inputs(model, inputs)])
     return shapes
 
 

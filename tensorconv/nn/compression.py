@@ -26,6 +26,8 @@ from torch import nn
 
 from ..allocation import allocate
 from ..plans.plan import plan_conv
+from ._observe import observe
+from .calibration import calibrate, capture, fit_to
 from .compress import _carry_state, _eligible, _example_inputs
 from .layers import KruskalConv, TuckerConv
 from .lowrank import LowRankConv, LowRankLinear
@@ -161,11 +163,17 @@ class CompressionPlan:
             layer.chosen = layer.allowed[j]
 
     # -- the model -----------------------------------------------------------------------------
-    def apply(self, model: nn.Module, *, inplace=False, **decomposition_kwargs) -> nn.Module:
+    def apply(
+        self, model: nn.Module, *, inplace=False, calibration=None, rows=8192, seed=0, **decomposition_kwargs
+    ) -> nn.Module:
         """The compressed model: each layer replaced by its chosen option, decomposed from the
         layer's weights (CP / Tucker with ``decomposition_kwargs``, e.g. ``n_iter_max=``); state
-        (trainable or frozen, training flag, hooks) kept as :func:`factorize` does. ``model`` is
-        left untouched unless ``inplace``."""
+        (trainable or frozen, training flag, hooks) kept as :func:`factorize` does. With
+        ``calibration`` batches, each new layer's output factor is then refitted to ``model``'s
+        outputs in network order (:func:`tensorconv.nn.calibration.calibrate`). ``model`` is left
+        untouched unless ``inplace`` (then it is also the reference for the calibration, taken
+        before any layer is replaced)."""
+        reference = copy.deepcopy(model) if (inplace and calibration is not None) else model
         target = model if inplace else copy.deepcopy(model)
         modules = dict(target.named_modules())
         for name, layer in self.layers.items():
@@ -182,6 +190,8 @@ class CompressionPlan:
             parent_name, _, child = name.rpartition(".")
             parent = modules[parent_name] if parent_name else target
             setattr(parent, child, _carry_state(old, new, name))
+        if calibration is not None:
+            calibrate(target, reference, calibration, rows=rows, seed=seed)
         return target
 
     # -- reporting ----------------------------------------------------------------------------
@@ -267,16 +277,11 @@ def _record_inputs(model, example_inputs, wanted):
 
         return hook
 
-    hooks = [m.register_forward_pre_hook(record(name)) for name, m in model.named_modules() if wanted(m)]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(*_example_inputs(model, example_inputs))
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+    observe(
+        model,
+        [(m, "pre", record(name)) for name, m in model.named_modules() if wanted(m)],
+        [_example_inputs(model, example_inputs)],
+    )
     return shapes
 
 
@@ -386,6 +391,9 @@ def plan_compression(
     measure: bool = False,
     repeat: int = 5,
     fit_iterations: int = 10,
+    calibration=None,
+    rows: int = 8192,
+    seed: int = 0,
 ) -> CompressionPlan:
     """Plan how to factorize ``model`` to be ``target`` times smaller or faster at the least error.
 
@@ -415,6 +423,11 @@ def plan_compression(
         cost model's seconds (``repeat`` runs each, the median).
     fit_iterations : int
         ALS / HOOI iterations of the CP and Tucker fits that give each option's error.
+    calibration : iterable of input batches, optional
+        With a few batches, an option's error is the relative error of the layer's *output* on
+        the inputs the dense model gives it there, after its output factor is refitted to the
+        dense layer's outputs by least squares (:mod:`tensorconv.nn.calibration`; ``rows``
+        sampled positions per layer, ``seed``); pass the same batches to ``apply``.
 
     Examples
     --------
@@ -440,6 +453,10 @@ def plan_compression(
         raise ValueError(f"fractions={fractions!r}: expected floats in (0, 1)")
     if layers is not None and not callable(layers):
         raise TypeError(f"layers must be a callable (name, module) -> bool, got {type(layers).__name__}")
+    if calibration is not None:
+        calibration = list(calibration)
+        if not calibration:
+            raise ValueError("calibration is empty: pass a few input batches, or None to plan on weight errors")
     if isinstance(fit_iterations, bool) or not isinstance(fit_iterations, int) or fit_iterations < 1:
         raise ValueError(f"fit_iterations={fit_iterations!r}: expected an int >= 1")
 
@@ -468,6 +485,8 @@ def plan_compression(
         dense_params = sum(p.numel() for p in m.parameters(recurse=False))
         options = [LayerOption("dense", None, 0.0, dense_params, macs, seconds)]
         svd_errors = _svd_errors(m) if "svd" in kinds else None
+        if calibration is not None:  # the layer's inputs and outputs in the dense model, one layer at a time
+            layer_io = tuple(capture(model, [name], calibration, what)[name] for what in ("in", "out"))
         seen = set()
         for f in kinds:
             for fraction in fractions:
@@ -483,7 +502,12 @@ def plan_compression(
                 params, opt_macs, opt_seconds = _option_cost(m, skeleton, shape)
                 if params >= dense_params:
                     continue
-                if f == "svd":
+                if calibration is not None:
+                    fit = {} if f == "svd" else {"n_iter_max": fit_iterations}
+                    with torch.no_grad():
+                        fitted = _build(m, replace(option, rank=rank), decompose=True, **fit)
+                    error = fit_to(fitted, *layer_io, rows=rows, seed=seed)
+                elif f == "svd":
                     error = svd_errors[rank]
                 else:
                     with torch.no_grad():
