@@ -170,3 +170,22 @@ def test_calibrated_errors_are_output_errors_and_apply_refits():
         plain = plan.apply(net)
         uncalibrated = ((plain(x) - net(x)).norm() / net(x).norm()).item()
     assert calibrated < uncalibrated
+
+
+def test_progress_names_each_layer_only_when_asked(capsys, monkeypatch):
+    net = _net()
+    plan_compression(net, (1, 3, 8, 8), target=2.0, fit_iterations=2)  # stderr is not a terminal here
+    assert capsys.readouterr().err == ""
+    plan_compression(net, (1, 3, 8, 8), target=2.0, fit_iterations=2, progress=True)
+    err = capsys.readouterr().err
+    assert "plan_compression" in err and "6" in err  # tqdm's bar, with the layer's name
+    monkeypatch.setitem(__import__("sys").modules, "tqdm.auto", None)  # tqdm missing: plain lines
+    plan = plan_compression(net, (1, 3, 8, 8), target=2.0, fit_iterations=2, progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert (
+        lines[0] == "plan_compression: 1/5 0"
+        and "s left" in lines[-1]
+        and lines[-1].startswith("plan_compression: 5/5 6")
+    )
+    plan.apply(net, progress=True)
+    assert "decompose: 1/" in capsys.readouterr().err

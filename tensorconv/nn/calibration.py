@@ -18,6 +18,7 @@ from torch import nn
 from ..kernels import KruskalKernel, TuckerKernel
 from ..plans.plan import conv
 from ._observe import observe
+from ._progress import steps
 from .layers import KruskalConv, TuckerConv
 from .lowrank import LowRankConv, LowRankLinear
 
@@ -121,11 +122,13 @@ def _sample(n_rows_per_batch, rows, seed):
     return picks
 
 
-def calibrate(compressed: nn.Module, dense: nn.Module, batches, *, rows: int = 8192, seed: int = 0) -> dict:
+def calibrate(
+    compressed: nn.Module, dense: nn.Module, batches, *, rows: int = 8192, seed: int = 0, progress=None
+) -> dict:
     """Refit every refittable compressed layer of ``compressed`` to ``dense``'s outputs, in
     network order (see the module docstring). ``batches``: inputs (tensors, or tuples of them).
     Modules are matched by name; returns each refitted layer's relative output error on the
-    rows it was fitted to."""
+    rows it was fitted to. ``progress``: True / False, or None for "where stderr is a terminal"."""
     batches = list(batches)
     if not batches:
         raise ValueError("calibrate: batches is empty; pass a few input batches (tensors or tuples of tensors)")
@@ -136,7 +139,7 @@ def calibrate(compressed: nn.Module, dense: nn.Module, batches, *, rows: int = 8
         return {}
     targets = capture(dense, names, batches, "out")
     errors = {}
-    for i, name in enumerate(names):
+    for i, name in steps(list(enumerate(names)), what="calibrate", progress=progress, name=lambda item: item[1]):
         layer = dict(compressed.named_modules())[name]
         inputs = capture(compressed, [name], batches, "in")[name]
         errors[name] = fit_to(layer, inputs, targets[name], rows=rows, seed=seed + i)

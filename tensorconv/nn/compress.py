@@ -16,6 +16,7 @@ from torch import nn
 from .._checks import is_integral
 from ..kernels import check_decomposition_keywords
 from ._observe import observe
+from ._progress import steps
 from .layers import KruskalConv, TuckerConv, _FactorizedConv
 
 __all__ = ["factorize", "summarize"]
@@ -57,6 +58,7 @@ def factorize(
     layers: Callable[[str, nn.Module], bool] | None = None,
     inplace: bool = False,
     decompose: bool = True,
+    progress: bool | None = None,
     **decomposition_kwargs,
 ) -> nn.Module:
     """Replace every eligible convolution of ``model`` by a factorized one (``from_conv``).
@@ -82,6 +84,9 @@ def factorize(
     inplace : bool
         Replace the layers of ``model`` itself; by default a deep copy is changed and ``model``
         is left untouched.
+    progress : bool, optional
+        Show each layer as it is decomposed, with an estimate of the time left (tqdm where it is
+        installed); default: only where stderr is a terminal.
     decompose : bool
         ``False``: build the factorized layers without decomposing (:meth:`KruskalConv.skeleton`:
         the same layers, ranks and left-dense convs, freshly initialised, in seconds), to load
@@ -150,7 +155,7 @@ def factorize(
             f"with kernel_size > 1 in some mode)"
         )
     skipped, replacements = {}, {}
-    for name, conv in chosen:
+    for name, conv in steps(chosen, what="factorize", progress=progress and decompose, name=lambda c: c[0]):
         layer_rank = rank(name, conv) if callable(rank) and not isinstance(rank, str) else rank
         if layer_rank is None:  # the callable keeps this layer dense
             continue

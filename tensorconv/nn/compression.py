@@ -27,6 +27,7 @@ from torch import nn
 from ..allocation import allocate
 from ..plans.plan import plan_conv
 from ._observe import observe
+from ._progress import steps
 from .calibration import calibrate, capture, fit_to
 from .compress import _carry_state, _eligible, _example_inputs
 from .layers import KruskalConv, TuckerConv
@@ -164,7 +165,15 @@ class CompressionPlan:
 
     # -- the model -----------------------------------------------------------------------------
     def apply(
-        self, model: nn.Module, *, inplace=False, calibration=None, rows=8192, seed=0, **decomposition_kwargs
+        self,
+        model: nn.Module,
+        *,
+        inplace=False,
+        calibration=None,
+        rows=8192,
+        seed=0,
+        progress=None,
+        **decomposition_kwargs,
     ) -> nn.Module:
         """The compressed model: each layer replaced by its chosen option, decomposed from the
         layer's weights (CP / Tucker with ``decomposition_kwargs``, e.g. ``n_iter_max=``); state
@@ -172,14 +181,15 @@ class CompressionPlan:
         ``calibration`` batches, each new layer's output factor is then refitted to ``model``'s
         outputs in network order (:func:`tensorconv.nn.calibration.calibrate`). ``model`` is left
         untouched unless ``inplace`` (then it is also the reference for the calibration, taken
-        before any layer is replaced)."""
+        before any layer is replaced). ``progress``: as :func:`plan_compression`'s."""
         reference = copy.deepcopy(model) if (inplace and calibration is not None) else model
         target = model if inplace else copy.deepcopy(model)
         modules = dict(target.named_modules())
-        for name, layer in self.layers.items():
+        chosen = [
+            (n, layer) for n, layer in self.layers.items() if layer.options[layer.chosen].factorization != "dense"
+        ]
+        for name, layer in steps(chosen, what="decompose", progress=progress, name=lambda item: item[0]):
             option = layer.options[layer.chosen]
-            if option.factorization == "dense":
-                continue
             if name not in modules:
                 raise ValueError(
                     f"apply: the model has no module {name!r}; apply the plan to the model it was made for"
@@ -191,7 +201,7 @@ class CompressionPlan:
             parent = modules[parent_name] if parent_name else target
             setattr(parent, child, _carry_state(old, new, name))
         if calibration is not None:
-            calibrate(target, reference, calibration, rows=rows, seed=seed)
+            calibrate(target, reference, calibration, rows=rows, seed=seed, progress=progress)
         return target
 
     # -- reporting ----------------------------------------------------------------------------
@@ -394,6 +404,7 @@ def plan_compression(
     calibration=None,
     rows: int = 8192,
     seed: int = 0,
+    progress: bool | None = None,
 ) -> CompressionPlan:
     """Plan how to factorize ``model`` to be ``target`` times smaller or faster at the least error.
 
@@ -428,6 +439,9 @@ def plan_compression(
         the inputs the dense model gives it there, after its output factor is refitted to the
         dense layer's outputs by least squares (:mod:`tensorconv.nn.calibration`; ``rows``
         sampled positions per layer, ``seed``); pass the same batches to ``apply``.
+    progress : bool, optional
+        Show each layer as its options are fitted, with an estimate of the time left (tqdm where
+        it is installed); default: only where stderr is a terminal.
 
     Examples
     --------
@@ -477,7 +491,7 @@ def plan_compression(
             other.append((name, m))
 
     planned = []
-    for name, m, kinds in considered:
+    for name, m, kinds in steps(considered, what="plan_compression", progress=progress, name=lambda c: c[0]):
         shape = shapes[name]
         macs, seconds = _dense_cost(m, shape)
         if measure:
