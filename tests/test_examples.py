@@ -61,7 +61,7 @@ def test_compress_to_target_smoke_run_meets_its_targets(tmp_path):
         plan = next(r for r in rows if r["method"] == "plan" and r["target"] == target)
         # the example counts MACs with its own hooks: the plan's promise, checked from outside
         assert dense["macs"] / plan["macs"] >= target
-        assert 0.0 <= plan["accuracy"] <= 1.0 and 0.0 <= plan["accuracy_tuned"] <= 1.0
+        assert all(0.0 <= plan[k] <= 1.0 for k in ("accuracy", "accuracy_tuned", "accuracy_distilled"))
         calibrated = next(r for r in rows if r["method"] == "calibrated" and r["target"] == target)
         assert dense["macs"] / calibrated["macs"] >= target
         assert any(r["method"] == "global" and r["target"] == target for r in rows)

@@ -3,6 +3,7 @@
 from .batchnorm import fold_batchnorm, recalibrate_batchnorm
 from .compress import factorize, summarize
 from .compression import CompressionPlan, plan_compression
+from .distillation import distillation_loss
 from .hocp import HOCPBlock
 from .layers import KruskalConv, TuckerConv, cp_rank_for, tucker_rank_for
 from .lowrank import LowRankConv, LowRankLinear
@@ -28,6 +29,7 @@ __all__ = [
     "CompressionPlan",
     "LowRankConv",
     "LowRankLinear",
+    "distillation_loss",
     "fold_batchnorm",
     "recalibrate_batchnorm",
 ]
