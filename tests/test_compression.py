@@ -189,3 +189,20 @@ def test_progress_names_each_layer_only_when_asked(capsys, monkeypatch):
     )
     plan.apply(net, progress=True)
     assert "decompose: 1/" in capsys.readouterr().err
+
+
+def test_a_given_cost_model_prices_the_seconds():
+    from dataclasses import replace
+
+    from tensorconv.plans.cost import cost_model_for
+
+    net = _net()
+    default = cost_model_for("torch", "cpu")
+    rates = ("macs_per_s", "bytes_per_s", "dense_macs_per_s", "conv_macs_per_s", "depthwise_macs_per_s")
+    fast = replace(default, **{r: getattr(default, r) * 10 for r in rates}, call_overhead_s=0.0)
+    slow_plan = plan_compression(net, (1, 3, 8, 8), target=1.01, budget="params", factorizations=("svd",))
+    fast_plan = plan_compression(
+        net, (1, 3, 8, 8), target=1.01, budget="params", factorizations=("svd",), cost_model=fast
+    )
+    for name in slow_plan.layers:
+        assert fast_plan.layers[name].options[0].seconds < slow_plan.layers[name].options[0].seconds / 5

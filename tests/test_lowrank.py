@@ -51,6 +51,7 @@ def test_a_fraction_sizes_the_rank_and_bad_input_is_named():
         LowRankLinear.from_linear(dense, "half")
 
 
+@pytest.mark.slow
 def test_low_rank_layers_train_export_and_compile(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -65,5 +66,5 @@ def test_low_rank_layers_train_export_and_compile(tmp_path):
     assert all(p.grad is not None for p in model.parameters())
     exported = torch.export.export(model, (x,))
     assert rel_err(exported.module()(x), model(x)) < 1e-6  # float32: stated 1e-6
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    assert rel_err(compiled(x), model(x)) < 1e-6
+    compiled = torch.compile(model, fullgraph=True)  # the default backend (inductor), as users run it
+    assert rel_err(compiled(x), model(x)) < 1e-5  # float32, inductor's own kernels: stated 1e-5

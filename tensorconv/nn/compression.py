@@ -295,7 +295,7 @@ def _record_inputs(model, example_inputs, wanted):
     return shapes
 
 
-def _conv_macs_and_seconds(input_shape, weight_shape, groups, padding, stride, dilation, padding_mode, p):
+def _conv_macs_and_seconds(input_shape, weight_shape, groups, padding, stride, dilation, padding_mode, p, cost_model):
     plan = plan_conv(
         tuple(weight_shape),
         input_shape,
@@ -307,40 +307,63 @@ def _conv_macs_and_seconds(input_shape, weight_shape, groups, padding, stride, d
         dtype=p.dtype,
         backend="torch",
         device=p.device,
+        cost_model=cost_model,
     )
     return plan.macs, plan.seconds
 
 
-def _dense_cost(module, shape):
+def _dense_cost(module, shape, cost_model=None):
     """(MACs, cost-model seconds) of a conv or linear layer as it is."""
     p = module.weight
     if isinstance(module, nn.Linear):
         rows = math.prod(shape[:-1])
         return _conv_macs_and_seconds(
-            (rows, module.in_features, 1), (module.out_features, module.in_features, 1), 1, 0, 1, 1, "zeros", p
+            (rows, module.in_features, 1),
+            (module.out_features, module.in_features, 1),
+            1,
+            0,
+            1,
+            1,
+            "zeros",
+            p,
+            cost_model,
         )
     return _conv_macs_and_seconds(
-        shape, p.shape, module.groups, module.padding, module.stride, module.dilation, module.padding_mode, p
+        shape,
+        p.shape,
+        module.groups,
+        module.padding,
+        module.stride,
+        module.dilation,
+        module.padding_mode,
+        p,
+        cost_model,
     )
 
 
-def _option_cost(module, layer, shape):
+def _option_cost(module, layer, shape, cost_model=None):
     """(params, MACs, cost-model seconds) of a built (skeleton) option."""
     params = sum(p.numel() for p in layer.parameters())
     if isinstance(layer, (KruskalConv, TuckerConv)):
         p = module.weight
         plan = plan_conv(
-            layer.kernel, shape, **layer._conv_arguments(), dtype=p.dtype, backend="torch", device=p.device
+            layer.kernel,
+            shape,
+            **layer._conv_arguments(),
+            dtype=p.dtype,
+            backend="torch",
+            device=p.device,
+            cost_model=cost_model,
         )
         return params, plan.macs, plan.seconds
     first, second = layer.first, layer.second
     if isinstance(layer, LowRankLinear):
-        m1, s1 = _dense_cost(first, shape)
-        m2, s2 = _dense_cost(second, shape[:-1] + (first.out_features,))
+        m1, s1 = _dense_cost(first, shape, cost_model)
+        m2, s2 = _dense_cost(second, shape[:-1] + (first.out_features,), cost_model)
         return params, m1 + m2, s1 + s2
-    m1, s1 = _dense_cost(first, shape)
+    m1, s1 = _dense_cost(first, shape, cost_model)
     out = _out_shape(first, shape)
-    m2, s2 = _dense_cost(second, out)
+    m2, s2 = _dense_cost(second, out, cost_model)
     return params, m1 + m2, s1 + s2
 
 
@@ -399,6 +422,7 @@ def plan_compression(
     fractions: tuple = DEFAULT_FRACTIONS,
     layers=None,
     measure: bool = False,
+    cost_model=None,
     repeat: int = 5,
     fit_iterations: int = 10,
     calibration=None,
@@ -432,6 +456,9 @@ def plan_compression(
     measure : bool
         Time every option (and the dense layers and model) on this machine instead of taking the
         cost model's seconds (``repeat`` runs each, the median).
+    cost_model : :class:`tensorconv.plans.CostModel`, optional
+        The model that prices the options' seconds (e.g. :func:`tensorconv.plans.calibrate`'s
+        for this machine); default: torch's default model for the device.
     fit_iterations : int
         ALS / HOOI iterations of the CP and Tucker fits that give each option's error.
     calibration : iterable of input batches, optional
@@ -493,7 +520,7 @@ def plan_compression(
     planned = []
     for name, m, kinds in steps(considered, what="plan_compression", progress=progress, name=lambda c: c[0]):
         shape = shapes[name]
-        macs, seconds = _dense_cost(m, shape)
+        macs, seconds = _dense_cost(m, shape, cost_model)
         if measure:
             seconds = _timed(m, shape, repeat)
         dense_params = sum(p.numel() for p in m.parameters(recurse=False))
@@ -513,7 +540,7 @@ def plan_compression(
                 if (f, rank) in seen:
                     continue
                 seen.add((f, rank))
-                params, opt_macs, opt_seconds = _option_cost(m, skeleton, shape)
+                params, opt_macs, opt_seconds = _option_cost(m, skeleton, shape, cost_model)
                 if params >= dense_params:
                     continue
                 if calibration is not None:
@@ -535,7 +562,7 @@ def plan_compression(
     fixed = {"params": sum(p.numel() for p in model.parameters()) - sum(layer.options[0].params for layer in planned)}
     fixed["macs"] = fixed["latency"] = 0.0
     for name, m in other:
-        macs, seconds = _dense_cost(m, shapes[name])
+        macs, seconds = _dense_cost(m, shapes[name], cost_model)
         fixed["macs"] += macs
         fixed["latency"] += seconds
     if measure:
