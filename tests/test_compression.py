@@ -178,7 +178,7 @@ def test_progress_names_each_layer_only_when_asked(capsys, monkeypatch):
     assert capsys.readouterr().err == ""
     plan_compression(net, (1, 3, 8, 8), target=2.0, fit_iterations=2, progress=True)
     err = capsys.readouterr().err
-    assert "plan_compression" in err and "6" in err  # tqdm's bar, with the layer's name
+    assert "plan_compression" in err and "/5" in err  # tqdm's bar (it redraws at most every 0.1 s)
     monkeypatch.setitem(__import__("sys").modules, "tqdm.auto", None)  # tqdm missing: plain lines
     plan = plan_compression(net, (1, 3, 8, 8), target=2.0, fit_iterations=2, progress=True)
     lines = capsys.readouterr().err.splitlines()

@@ -355,7 +355,9 @@ def _option_cost(module, layer, shape, cost_model=None):
             device=p.device,
             cost_model=cost_model,
         )
-        return params, plan.macs, plan.seconds
+        # MACs of the factorized form (the fewest-MAC order): a count that holds on every machine,
+        # where ``auto`` may still run a small layer's rebuilt dense kernel if that is faster there
+        return params, plan.min_macs, plan.seconds
     first, second = layer.first, layer.second
     if isinstance(layer, LowRankLinear):
         m1, s1 = _dense_cost(first, shape, cost_model)
@@ -442,7 +444,8 @@ def plan_compression(
     target : float > 1
         How many times fewer parameters (``budget="params"``) or multiply-adds (``"macs"``), or
         how many times less time (``"latency"``), the compressed model should need. Parameters
-        count the whole model; MACs those of every conv and linear layer; latency the cost
+        count the whole model; MACs those of every conv and linear layer (a factorized one in its
+        fewest-MAC order); latency the cost
         model's seconds of every conv and linear layer, or with ``measure=True`` the measured
         time of the whole model (the other ops included, as measured once).
     budget : {"params", "macs", "latency"}
