@@ -206,3 +206,22 @@ def test_a_given_cost_model_prices_the_seconds():
     )
     for name in slow_plan.layers:
         assert fast_plan.layers[name].options[0].seconds < slow_plan.layers[name].options[0].seconds / 5
+
+
+def test_summarize_lists_the_low_rank_layers_of_a_plan():
+    from tensorconv.nn import summarize
+    from tensorconv.nn.compress import _fmt  # the table's number format (the numbers are checked)
+
+    net = _net()
+    plan = plan_compression(net, (1, 3, 8, 8), target=1.5, budget="params", factorizations=("svd",))
+    small = plan.apply(net)
+    text = summarize(small, (2, 3, 8, 8))
+    rows = {line.split()[0]: line for line in text.splitlines()[1:]}
+    for name, (f, rank) in plan.choices.items():
+        if f == "svd":
+            # its MACs from the input it sees: positions x rank x (C + T), against the dense layer's
+            m = dict(small.named_modules())[name]
+            t, c = m.kernel_shape[:2]
+            positions = 2 * (16 if name == "3" else 1)
+            assert f"{_fmt(positions * t * c)} -> {_fmt(positions * rank * (t + c))}" in rows[name]
+            assert f"({t}, {c}" in rows[name]

@@ -18,6 +18,10 @@ from ..kernels import check_decomposition_keywords
 from ._observe import observe
 from ._progress import steps
 from .layers import KruskalConv, TuckerConv, _FactorizedConv
+from .lowrank import _LowRank
+
+#: what summarize lists as compressed: the factorized convs and the low-rank (SVD) layers
+_COMPRESSED = (_FactorizedConv, _LowRank)
 
 __all__ = ["factorize", "summarize"]
 
@@ -286,7 +290,7 @@ def _traced_shapes(model, inputs):
         return hook
 
     hooks = [
-        (m, "post", record(name)) for name, m in model.named_modules() if isinstance(m, _FactorizedConv) or _eligible(m)
+        (m, "post", record(name)) for name, m in model.named_modules() if isinstance(m, _COMPRESSED) or _eligible(m)
     ]
     observe(model, hooks, [_example_inputs(model, inputs)])
     return shapes
@@ -300,9 +304,10 @@ def _fmt(n):
 
 
 def summarize(model: nn.Module, input_shape: Any = None) -> str:
-    """A table of the factorized layers of ``model`` and of the convs :func:`factorize` kept dense
-    (rank ``dense``): name, kernel shape, rank, parameters (dense -> factorized), relative
-    reconstruction error (layers made by ``from_conv`` / :func:`factorize`), and with
+    """A table of the factorized layers of ``model`` (low-rank ones of :func:`plan_compression`
+    included) and of the convs :func:`factorize` kept dense (rank ``dense``): name, kernel shape,
+    rank, parameters (dense -> factorized), relative reconstruction error (layers made by
+    ``from_conv`` / :func:`factorize` / ``from_linear``), and with
     ``input_shape`` the multiply-adds of the dense conv and of the plan each layer runs; then the
     totals over all those convs.
 
@@ -319,14 +324,17 @@ def summarize(model: nn.Module, input_shape: Any = None) -> str:
     0      (8, 3, 3, 3)       4     216 -> 72 (3.0x fewer)      -           13.82k -> 4.35k
     total                           216 -> 72 (3.0x fewer)                  13.82k -> 4.35k
     """
-    rows = [(name, m) for name, m in model.named_modules() if isinstance(m, _FactorizedConv) or _eligible(m)]
-    if not any(isinstance(m, _FactorizedConv) for _, m in rows):
-        raise ValueError("summarize: the model has no factorized layer (KruskalConv / TuckerConv); see factorize()")
+    rows = [(name, m) for name, m in model.named_modules() if isinstance(m, _COMPRESSED) or _eligible(m)]
+    if not any(isinstance(m, _COMPRESSED) for _, m in rows):
+        raise ValueError(
+            "summarize: the model has no factorized layer (KruskalConv / TuckerConv / LowRankConv / LowRankLinear); "
+            "see factorize() and plan_compression()"
+        )
     shapes = _traced_shapes(model, input_shape) if input_shape is not None else {}
     table = [("layer", "kernel (T, C, *K)", "rank", "params dense -> factorized", "rel. error", "MACs dense -> plan")]
     tot_dense = tot_fact = mac_dense = mac_plan = 0
     for name, m in rows:
-        factorized = isinstance(m, _FactorizedConv)
+        factorized = isinstance(m, _COMPRESSED)
         dense = m.dense_params if factorized else m.weight.numel()
         fact = m.n_params if factorized else dense
         tot_dense += dense
@@ -335,7 +343,10 @@ def summarize(model: nn.Module, input_shape: Any = None) -> str:
         err = getattr(m, "relative_error", None)
         macs = "-"
         if name in shapes:
-            if factorized:
+            if isinstance(m, _LowRank):  # two thin matrix products at every output position
+                positions = math.prod(shapes[name][1]) // m.kernel_shape[0]
+                dense_macs, plan_macs = positions * dense, positions * fact
+            elif factorized:
                 plan = m.plan(shapes[name][0])
                 # a TuckerConv with groups > 1 replaces a grouped conv (KruskalConv.groups is 1)
                 dense_macs, plan_macs = plan.dense_macs // m.groups, plan.macs
@@ -349,10 +360,11 @@ def summarize(model: nn.Module, input_shape: Any = None) -> str:
             ratio = "kept"
         else:
             rank = m.rank if isinstance(m.rank, int) else "x".join(str(r) for r in m.rank)
+        shape = m.kernel_shape if isinstance(m, _LowRank) else (m.out_channels, m.in_channels) + tuple(m.kernel_size)
         table.append(
             (
                 name,
-                str((m.out_channels, m.in_channels) + tuple(m.kernel_size)),
+                str(shape),
                 str(rank),
                 f"{_fmt(dense)} -> {_fmt(fact)} ({ratio})",
                 "-" if err is None else f"{err:.3g}",

@@ -65,7 +65,14 @@ class _LowRank(nn.Module):
 
     @property
     def n_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Parameters of the two thin weights (the bias not counted, as for the other layers)."""
+        return self.first.weight.numel() + self.second.weight.numel()
+
+    @property
+    def kernel_shape(self) -> tuple:
+        """(T, C, 1, ...): the shape of the dense weight this layer stands for."""
+        w1, w2 = self.first.weight, self.second.weight
+        return (w2.shape[0], w1.shape[1]) + tuple(w1.shape[2:])
 
     @property
     def dense_params(self) -> int:
@@ -92,7 +99,7 @@ class LowRankLinear(_LowRank):
     >>> dense = torch.nn.Linear(64, 32)
     >>> thin = LowRankLinear.from_linear(dense, 8)
     >>> thin.n_params, dense.weight.numel()
-    (800, 2048)
+    (768, 2048)
     >>> thin(torch.randn(5, 64)).shape
     torch.Size([5, 32])
     """
