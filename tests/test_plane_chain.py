@@ -1,6 +1,7 @@
 """The plane chain (tensorconv.accelerators.plane_chain): its build and loading, its forward and
 backward against the unfused plan and dense convs, and how auto weighs it."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -137,6 +138,17 @@ def test_double_backward_and_torch_func_through_the_plane_chain():
 
     got = torch.func.grad(loss)(x.detach(), "fused")
     assert rel_err(got, torch.func.grad(loss)(x.detach(), "factorized")) < TOL
+
+
+@contextlib.contextmanager
+def _torch_threads(n):
+    """torch's intra-op thread count set to ``n`` inside, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _chain_forward():
@@ -313,9 +325,7 @@ def test_plane_chain_threads_share_an_image(plane_kernel, threads, batch, dims):
     k = KruskalKernel.random((5, 4, 3, 3, 3), 19, backend="torch", seed=3)
     x = torch.randn((batch, 4) + dims, dtype=torch.float64)
     lam, u_t, u_c, *spatial = [k.weights] + list(k.factors)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _torch_threads(threads):
         with torch.no_grad():
             got = _chain_forward()(
                 x,
@@ -329,8 +339,6 @@ def test_plane_chain_threads_share_an_image(plane_kernel, threads, batch, dims):
                 dilation=(1, 1, 1),
                 chunk_bytes=2 * dims[1] * dims[2] * 19 * 8,
             )  # 2 planes per chunk
-    finally:
-        torch.set_num_threads(before)
     want = conv(x, k.to_dense(), padding=1)
     assert rel_err(got.permute(0, 4, 1, 2, 3), want) < TOL
 
@@ -344,9 +352,7 @@ def test_plane_chain_blocks_of_the_fused_passes(plane_kernel, threads, c, r, t):
     k = KruskalKernel.random((t, c, 3, 3, 3), r, backend="torch", seed=r)
     x = torch.randn(1, c, 4, 9, 10, dtype=torch.float64)
     lam, u_t, u_c, *spatial = [k.weights] + list(k.factors)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _torch_threads(threads):
         with torch.no_grad():
             got = _chain_forward()(
                 x,
@@ -360,8 +366,6 @@ def test_plane_chain_blocks_of_the_fused_passes(plane_kernel, threads, c, r, t):
                 dilation=(1, 1, 1),
                 chunk_bytes=9 * 10 * r * 8,
             )
-    finally:
-        torch.set_num_threads(before)
     want = conv(x, k.to_dense(), padding=1)
     assert rel_err(got.permute(0, 4, 1, 2, 3), want) < TOL
 

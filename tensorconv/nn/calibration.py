@@ -93,13 +93,15 @@ def refit(layer, h, y):
 
 
 def capture(model, names, batches, what):
-    """Per batch, each named module's input (``what="in"``) or output (``"out"``): one forward each."""
+    """Per batch, each named module's input (``what="in"``), output (``"out"``) or both as an
+    ``(input, output)`` pair (``"both"``), from one forward per batch."""
     modules = dict(model.named_modules())
     seen = {name: [] for name in names}
+    pick = {"in": lambda x, y: x, "out": lambda x, y: y, "both": lambda x, y: (x, y)}[what]
 
     def hook(name):
         def record(module, args, out):
-            seen[name].append((args[0] if what == "in" else out).detach())  # returns None
+            seen[name].append(pick(args[0].detach(), out.detach()))  # returns None: out unchanged
 
         return record
 
@@ -133,14 +135,15 @@ def calibrate(
     if not batches:
         raise ValueError("calibrate: batches is empty; pass a few input batches (tensors or tuples of tensors)")
     dense_modules = dict(dense.named_modules())
-    order = _forward_order(compressed, batches[0])
-    names = [n for n in order if can_refit(dict(compressed.named_modules())[n]) and n in dense_modules]
+    layers = dict(compressed.named_modules())
+    # the refittable layers in the order their forward runs, where the dense model has them too
+    names = [n for n in _forward_order(compressed, batches[0]) if n in dense_modules]
     if not names:
         return {}
     targets = capture(dense, names, batches, "out")
     errors = {}
     for i, name in steps(list(enumerate(names)), what="calibrate", progress=progress, name=lambda item: item[1]):
-        layer = dict(compressed.named_modules())[name]
+        layer = layers[name]
         inputs = capture(compressed, [name], batches, "in")[name]
         errors[name] = fit_to(layer, inputs, targets[name], rows=rows, seed=seed + i)
     return errors
@@ -164,7 +167,7 @@ def fit_to(layer, inputs, outputs, *, rows: int = 8192, seed: int = 0) -> float:
 
 
 def _forward_order(model, batch):
-    """Module names in the order their forward runs (the first time) on ``batch``."""
+    """The refittable modules' names (:func:`can_refit`) in the order their forward first runs on ``batch``."""
     order = []
 
     def first_call(name):

@@ -60,7 +60,6 @@ class LayerOption:
 @dataclass
 class _Layer:
     name: str
-    module: nn.Module
     input_shape: tuple
     options: list  # of LayerOption, dense first
     allowed: list = field(default_factory=list)  # indices into options the allocation may pick
@@ -87,9 +86,12 @@ class CompressionPlan:
         self.layers = {layer.name: layer for layer in layers}
         #: what the model costs outside the layers considered, per budget kind
         self._fixed = dict(fixed)
-        self.fixed = self._fixed[budget]
         self.dense_total = self.fixed + sum(layer.options[0].cost(budget) for layer in layers)
         self._allocate()
+
+    @property
+    def fixed(self) -> float:
+        return self._fixed[self.budget]
 
     # -- what was chosen ---------------------------------------------------------------------
     def choice(self, name) -> LayerOption:
@@ -295,87 +297,44 @@ def _record_inputs(model, example_inputs, wanted):
     return shapes
 
 
-def _conv_macs_and_seconds(input_shape, weight_shape, groups, padding, stride, dilation, padding_mode, p, cost_model):
-    plan = plan_conv(
-        tuple(weight_shape),
-        input_shape,
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        groups=groups,
-        padding_mode=padding_mode,
-        dtype=p.dtype,
-        backend="torch",
-        device=p.device,
-        cost_model=cost_model,
+def _plan_of(weight_or_kernel, shape, p, cost_model, **geometry):
+    """The plan ``conv()`` makes for this weight (a shape) or kernel, in ``p``'s dtype and device."""
+    return plan_conv(
+        weight_or_kernel, shape, **geometry, dtype=p.dtype, backend="torch", device=p.device, cost_model=cost_model
     )
-    return plan.macs, plan.seconds
 
 
-def _dense_cost(module, shape, cost_model=None):
-    """(MACs, cost-model seconds) of a conv or linear layer as it is."""
+def _dense_plan(module, shape, cost_model=None):
+    """The plan of a conv or linear layer as it is (a linear layer: a 1x1 conv over its rows)."""
     p = module.weight
     if isinstance(module, nn.Linear):
-        rows = math.prod(shape[:-1])
-        return _conv_macs_and_seconds(
-            (rows, module.in_features, 1),
-            (module.out_features, module.in_features, 1),
-            1,
-            0,
-            1,
-            1,
-            "zeros",
-            p,
-            cost_model,
-        )
-    return _conv_macs_and_seconds(
-        shape,
-        p.shape,
-        module.groups,
-        module.padding,
-        module.stride,
-        module.dilation,
-        module.padding_mode,
-        p,
-        cost_model,
+        rows = (math.prod(shape[:-1]), module.in_features, 1)
+        return _plan_of((module.out_features, module.in_features, 1), rows, p, cost_model)
+    geometry = dict(
+        stride=module.stride,
+        padding=module.padding,
+        dilation=module.dilation,
+        groups=module.groups,
+        padding_mode=module.padding_mode,
     )
+    return _plan_of(tuple(p.shape), shape, p, cost_model, **geometry)
 
 
 def _option_cost(module, layer, shape, cost_model=None):
     """(params, MACs, cost-model seconds) of a built (skeleton) option."""
     params = sum(p.numel() for p in layer.parameters())
     if isinstance(layer, (KruskalConv, TuckerConv)):
-        p = module.weight
-        plan = plan_conv(
-            layer.kernel,
-            shape,
-            **layer._conv_arguments(),
-            dtype=p.dtype,
-            backend="torch",
-            device=p.device,
-            cost_model=cost_model,
-        )
+        plan = _plan_of(layer.kernel, shape, module.weight, cost_model, **layer._conv_arguments())
         # MACs of the factorized form (the fewest-MAC order): a count that holds on every machine,
         # where ``auto`` may still run a small layer's rebuilt dense kernel if that is faster there
         return params, plan.min_macs, plan.seconds
-    first, second = layer.first, layer.second
+    first = _dense_plan(layer.first, shape, cost_model)
     if isinstance(layer, LowRankLinear):
-        m1, s1 = _dense_cost(first, shape, cost_model)
-        m2, s2 = _dense_cost(second, shape[:-1] + (first.out_features,), cost_model)
-        return params, m1 + m2, s1 + s2
-    m1, s1 = _dense_cost(first, shape, cost_model)
-    out = _out_shape(first, shape)
-    m2, s2 = _dense_cost(second, out, cost_model)
-    return params, m1 + m2, s1 + s2
-
-
-def _out_shape(conv, shape):
-    n = len(conv.kernel_size)
-    pads = [0] * n if conv.padding in ("valid", "same") else conv.padding
-    if conv.padding == "same":
-        return shape[:1] + (conv.out_channels,) + tuple(shape[2:])
-    spatial = tuple((d + 2 * p - 1) // s + 1 for d, p, s in zip(shape[2:], pads, conv.stride))
-    return shape[:1] + (conv.out_channels,) + spatial
+        inner = shape[:-1] + (layer.first.out_features,)
+    else:
+        inner = first.output_shape
+    second = _dense_plan(layer.second, inner, cost_model)
+    return params, first.macs + second.macs, first.seconds + second.seconds
 
 
 def _timed(module, inputs, repeat):
@@ -523,14 +482,16 @@ def plan_compression(
     planned = []
     for name, m, kinds in steps(considered, what="plan_compression", progress=progress, name=lambda c: c[0]):
         shape = shapes[name]
-        macs, seconds = _dense_cost(m, shape, cost_model)
+        dense_plan = _dense_plan(m, shape, cost_model)
+        macs, seconds = dense_plan.macs, dense_plan.seconds
         if measure:
             seconds = _timed(m, shape, repeat)
         dense_params = sum(p.numel() for p in m.parameters(recurse=False))
         options = [LayerOption("dense", None, 0.0, dense_params, macs, seconds)]
         svd_errors = _svd_errors(m) if "svd" in kinds else None
         if calibration is not None:  # the layer's inputs and outputs in the dense model, one layer at a time
-            layer_io = tuple(capture(model, [name], calibration, what)[name] for what in ("in", "out"))
+            pairs = capture(model, [name], calibration, "both")[name]
+            layer_io = ([x for x, _ in pairs], [y for _, y in pairs])
         seen = set()
         for f in kinds:
             for fraction in fractions:
@@ -560,12 +521,13 @@ def plan_compression(
                 if measure:
                     opt_seconds = _timed(skeleton, shape, repeat)
                 options.append(LayerOption(f, rank, error, params, opt_macs, opt_seconds))
-        planned.append(_Layer(name, m, shape, options))
+        planned.append(_Layer(name, shape, options))
 
     fixed = {"params": sum(p.numel() for p in model.parameters()) - sum(layer.options[0].params for layer in planned)}
     fixed["macs"] = fixed["latency"] = 0.0
     for name, m in other:
-        macs, seconds = _dense_cost(m, shapes[name], cost_model)
+        dense_plan = _dense_plan(m, shapes[name], cost_model)
+        macs, seconds = dense_plan.macs, dense_plan.seconds
         fixed["macs"] += macs
         fixed["latency"] += seconds
     if measure:
