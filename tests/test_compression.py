@@ -137,8 +137,8 @@ def test_torchvision_models_halved_run_export_and_compile(tv, name, tmp_path):
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
         assert rel_err(torch.from_numpy(got), want) < 1e-4  # float32 through ONNX Runtime: stated 1e-4
-        compiled = torch.compile(small, backend="aot_eager")
-        assert rel_err(compiled(x), want) < 1e-5  # float32: stated 1e-5
+        compiled = torch.compile(small)  # the default backend (inductor), as users run it
+        assert rel_err(compiled(x), want) < 1e-5  # float32, inductor's own kernels: stated 1e-5
 
 
 def test_calibrated_errors_are_output_errors_and_apply_refits():
