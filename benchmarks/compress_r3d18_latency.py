@@ -1,7 +1,8 @@
 """plan_compression(budget="latency", target=2.0) on torchvision's r3d_18 (random weights: the
 errors mean nothing here, the times do): the plan's predicted time against the compressed model's
 measured time, at batch 1 (3 x 16 x 112 x 112), dense and compressed timed interleaved in this
-plain process (no allocator settings). Once with the plans' cost model, once with measure=True.
+plain process (no allocator settings) after the plan is made. Three plans: the plans' cost model
+alone (verify=0), the cost model with the default verification rounds, and measure=True with them.
 
     python benchmarks/compress_r3d18_latency.py --out results/r3d18-latency.json
 """
@@ -37,13 +38,22 @@ def interleaved(dense, small, x, repeat):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=None)
-    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--repeat", type=int, default=7, help="rounds of the final timing")
+    parser.add_argument(
+        "--mode",
+        action="append",
+        choices=["cost model", "cost model, verified", "measured, verified"],
+        help="which plans (repeatable; default all three)",
+    )
+    parser.add_argument("--plan-repeat", type=int, default=5, help="plan_compression's repeat=")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model = torchvision_models().video.r3d_18().eval()
     x = torch.randn(SHAPE)
     runs = {}
-    for mode, measure in (("cost model", False), ("measured", True)):
+    modes = {"cost model": (False, 0), "cost model, verified": (False, None), "measured, verified": (True, None)}
+    for mode in args.mode or list(modes):
+        measure, verify = modes[mode]
         t0 = time.perf_counter()
         plan = plan_compression(
             model,
@@ -54,7 +64,8 @@ def main(argv=None):
             fractions=(1 / 16, 1 / 8, 1 / 4, 1 / 2),
             fit_iterations=1,
             measure=measure,
-            repeat=3,
+            verify=verify,
+            repeat=args.plan_repeat,
         )
         planning = time.perf_counter() - t0
         small = plan.apply(model, n_iter_max=1).eval()
@@ -67,13 +78,15 @@ def main(argv=None):
             "measured_small_ms": round(got["small"] * 1e3, 1),
             "measured_speedup": round(got["dense"] / got["small"], 2),
             "prediction_error": round(plan.total() / got["small"] - 1, 3),
+            "verify_rounds": plan.verified["rounds"] if plan.verified else 0,
+            "time_scale": {k: round(v, 3) for k, v in plan.time_scale.items()},
             "choices": {k: [f, r] for k, (f, r) in plan.choices.items()},
         }
         r = runs[mode]
         print(
             f"{mode}: predicted {r['predicted_dense_ms']} -> {r['predicted_small_ms']} ms, measured "
             f"{r['measured_dense_ms']} -> {r['measured_small_ms']} ms ({r['measured_speedup']}x), "
-            f"prediction off by {r['prediction_error']:+.0%}",
+            f"prediction off by {r['prediction_error']:+.0%}; {r['verify_rounds']} verify round(s), scales {r['time_scale']}",
             flush=True,
         )
     result = {

@@ -1,6 +1,7 @@
 """plan_compression: budgets met, the allocation optimal over the plan's own options (brute
 force), the predicted totals equal to what apply() builds, and real torchvision models halved."""
 
+import copy
 import itertools
 import math
 
@@ -225,3 +226,90 @@ def test_summarize_lists_the_low_rank_layers_of_a_plan():
             positions = 2 * (16 if name == "3" else 1)
             assert f"{_fmt(positions * t * c)} -> {_fmt(positions * rank * (t + c))}" in rows[name]
             assert f"({t}, {c}" in rows[name]
+
+
+_FACTORIZED = (KruskalConv, TuckerConv, LowRankConv, LowRankLinear)
+
+
+def _fake_clock(slowdown):
+    """A stand-in for the interleaved timer with a known truth: a layer costs (its parameters x
+    its output positions) ns, and a factorized layer inside a model ``slowdown`` times that, an
+    interaction that timing the layer alone cannot see (as caches and allocations do on a CPU)."""
+
+    def times(modules, inputs, repeat, seed=0):
+        if not isinstance(inputs[0], torch.Tensor):
+            inputs = (torch.randn(inputs),)
+        out = []
+        for module in modules:
+            alone = isinstance(module, _FACTORIZED + (nn.Conv2d, nn.Linear))
+            total = [0.0]
+            hooks, skip = [], ()
+            for name, m in module.named_modules():
+                if skip and name.startswith(skip):
+                    continue
+                if isinstance(m, _FACTORIZED + (nn.Conv2d, nn.Linear)):
+                    factor = slowdown if isinstance(m, _FACTORIZED) and not alone else 1.0
+                    n = sum(p.numel() for p in m.parameters())
+
+                    def hook(mod, args, y, n=n, factor=factor):
+                        total[0] += factor * n * y.numel() / (y.shape[-1] if y.dim() == 2 else y.shape[1]) * 1e-9
+
+                    hooks.append(m.register_forward_hook(hook))
+                    if isinstance(m, _FACTORIZED):
+                        skip = name + "." if name else "\0"
+            with torch.no_grad():
+                module(*inputs)
+            for h in hooks:
+                h.remove()
+            out.append(total[0])
+        return out
+
+    return times
+
+
+def test_verify_rescales_the_seconds_to_the_measured_model_and_meets_the_target(monkeypatch):
+    import tensorconv.nn.compression as compression
+
+    monkeypatch.setattr(compression, "time_interleaved", _fake_clock(slowdown=2.0))
+    net = _net()
+    kw = dict(target=2.0, budget="latency", factorizations=("cp", "svd"), fit_iterations=2, measure=True)
+    blind = plan_compression(net, (1, 3, 8, 8), verify=0, **kw)
+    truth = _fake_clock(slowdown=2.0)
+    dense_s, blind_s = truth([net, blind._replace_layers(copy.deepcopy(net), decompose=False)], (1, 3, 8, 8), 1)
+    assert dense_s / blind_s < 2.0  # timed alone, the layers promise more than the model gives
+    with pytest.warns(UserWarning, match="short of target"):
+        blind.verify(net, (1, 3, 8, 8), rounds=1)
+
+    del kw["measure"]  # a latency budget's defaults: every option measured, the plan verified
+    plan = plan_compression(net, (1, 3, 8, 8), **kw)
+    v = plan.verified
+    assert v["rounds"] == 2 and v["dense"] / v["compressed"] >= 2.0
+    assert plan.time_scale["dense"] == pytest.approx(1.0, rel=1e-12)
+    assert plan.time_scale["factorized"] == pytest.approx(2.0, rel=1e-12)
+    # the truth is linear in the two scales, so once fitted the prediction is the measurement
+    assert v["predicted"] == pytest.approx(v["compressed"], rel=1e-12)
+    assert "measured (2 round(s))" in str(plan)
+
+
+def test_verify_warns_and_keeps_the_plan_when_the_target_cannot_be_met(monkeypatch):
+    import tensorconv.nn.compression as compression
+
+    monkeypatch.setattr(compression, "time_interleaved", _fake_clock(slowdown=50.0))
+    net = _net()
+    with pytest.warns(UserWarning, match="short of target=2.0x after 1 round"):
+        plan = plan_compression(
+            net, (1, 3, 8, 8), target=2.0, budget="latency", factorizations=("cp", "svd"), measure=True, verify=3
+        )
+    assert plan.time_scale == {"dense": 1.0, "factorized": 1.0}  # the rescaled target was out of reach
+    assert plan.verified["dense"] / plan.verified["compressed"] < 2.0
+
+
+def test_verify_arguments_are_checked():
+    net = _net()
+    with pytest.raises(ValueError, match="verify=2 applies to budget='latency' only"):
+        plan_compression(net, (1, 3, 8, 8), target=2.0, budget="params", verify=2)
+    with pytest.raises(ValueError, match="verify=-1"):
+        plan_compression(net, (1, 3, 8, 8), target=2.0, budget="latency", verify=-1)
+    plan = plan_compression(net, (1, 3, 8, 8), target=2.0, budget="params", fit_iterations=2)
+    with pytest.raises(ValueError, match="only a latency plan is timed"):
+        plan.verify(net, (1, 3, 8, 8))

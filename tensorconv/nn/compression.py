@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
-import time
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -25,11 +25,17 @@ import torch
 from torch import nn
 
 from ..allocation import allocate
-from ..plans.plan import plan_conv
-from ._observe import observe
+from ._pricing import (
+    dense_plan,
+    option_cost,
+    record_input_shapes,
+    svd_errors,
+    time_interleaved,
+    timing_inputs,
+)
 from ._progress import steps
 from .calibration import calibrate, capture, fit_to
-from .compress import _carry_state, _eligible, _example_inputs
+from .compress import _carry_state, _eligible
 from .layers import KruskalConv, TuckerConv
 from .lowrank import LowRankConv, LowRankLinear
 
@@ -40,6 +46,9 @@ FACTORIZATIONS = ("cp", "tucker", "svd")
 #: the fractions of a layer's dense parameters that its options are sized to (deduplicated ranks)
 DEFAULT_FRACTIONS = (1 / 16, 1 / 10, 1 / 8, 1 / 6, 1 / 4, 1 / 3, 1 / 2, 3 / 4)
 _SPATIAL = {"cp": KruskalConv, "tucker": TuckerConv}
+#: rounds of :meth:`CompressionPlan.verify` a latency plan gets by default: the first
+#: re-allocation corrects most of a miss; a further one absorbs what the layers chosen then add
+VERIFY_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -84,14 +93,33 @@ class CompressionPlan:
     def __init__(self, layers, budget, target, fixed):
         self.budget, self.target = budget, target
         self.layers = {layer.name: layer for layer in layers}
-        #: what the model costs outside the layers considered, per budget kind
+        #: what the model costs outside the layers considered, per budget kind (unscaled)
         self._fixed = dict(fixed)
-        self.dense_total = self.fixed + sum(layer.options[0].cost(budget) for layer in layers)
+        #: seconds are multiplied by these (dense parts, factorized options): 1 until
+        #: :meth:`verify` fits them to the measured models
+        self.time_scale = {"dense": 1.0, "factorized": 1.0}
+        #: the last :meth:`verify`'s measurement: seconds of the dense and the compressed model,
+        #: the plan's prediction for the compressed one made before it, and the rounds run
+        self.verified = None
         self._allocate()
+
+    def _cost(self, option, what):
+        value = option.cost(what)
+        if what == "latency":
+            value *= self.time_scale["dense" if option.factorization == "dense" else "factorized"]
+        return value
+
+    def _fixed_cost(self, what):
+        return self._fixed[what] * (self.time_scale["dense"] if what == "latency" else 1.0)
 
     @property
     def fixed(self) -> float:
-        return self._fixed[self.budget]
+        return self._fixed_cost(self.budget)
+
+    @property
+    def dense_total(self) -> float:
+        """The model as it is, in the budget: the fixed part plus every layer's dense option."""
+        return self.fixed + sum(self._cost(layer.options[0], self.budget) for layer in self.layers.values())
 
     # -- what was chosen ---------------------------------------------------------------------
     def choice(self, name) -> LayerOption:
@@ -106,7 +134,7 @@ class CompressionPlan:
     def total(self, what=None) -> float:
         """The compressed model's ``what`` (default: the budget): the fixed part plus every choice."""
         what = what or self.budget
-        return self._fixed[what] + sum(self.choice(n).cost(what) for n in self.layers)
+        return self._fixed_cost(what) + sum(self._cost(self.choice(n), what) for n in self.layers)
 
     @property
     def error(self) -> float:
@@ -149,7 +177,7 @@ class CompressionPlan:
         for layer in layers:
             if not layer.allowed:
                 layer.allowed = list(range(len(layer.options)))
-        least = sum(min(layer.options[i].cost(self.budget) for i in layer.allowed) for layer in layers)
+        least = sum(min(self._cost(layer.options[i], self.budget) for i in layer.allowed) for layer in layers)
         if limit <= 0 or least > limit:
             raise ValueError(
                 f"target={self.target} ({self.budget}) cannot be met: the model must come to "
@@ -158,7 +186,7 @@ class CompressionPlan:
                 f"{_fmt(least, self.budget)}; lower the target or allow more factorizations / ranks"
             )
         options = [
-            [(layer.options[i].cost(self.budget), layer.options[i].error ** 2) for i in layer.allowed]
+            [(self._cost(layer.options[i], self.budget), layer.options[i].error ** 2) for i in layer.allowed]
             for layer in layers
         ]
         picks = allocate(options, limit)
@@ -186,11 +214,20 @@ class CompressionPlan:
         before any layer is replaced). ``progress``: as :func:`plan_compression`'s."""
         reference = copy.deepcopy(model) if (inplace and calibration is not None) else model
         target = model if inplace else copy.deepcopy(model)
+        self._replace_layers(target, decompose=True, progress=progress, **decomposition_kwargs)
+        if calibration is not None:
+            calibrate(target, reference, calibration, rows=rows, seed=seed, progress=progress)
+        return target
+
+    def _replace_layers(self, target, *, decompose, progress=None, **decomposition_kwargs):
+        """Each chosen layer of ``target`` replaced in place by its option (decomposed from its
+        weights, or a skeleton of the same shapes when not ``decompose``)."""
         modules = dict(target.named_modules())
         chosen = [
             (n, layer) for n, layer in self.layers.items() if layer.options[layer.chosen].factorization != "dense"
         ]
-        for name, layer in steps(chosen, what="decompose", progress=progress, name=lambda item: item[0]):
+        what = "decompose" if decompose else "build"
+        for name, layer in steps(chosen, what=what, progress=progress, name=lambda item: item[0]):
             option = layer.options[layer.chosen]
             if name not in modules:
                 raise ValueError(
@@ -198,13 +235,72 @@ class CompressionPlan:
                 )
             old = modules[name]
             with torch.no_grad():
-                new = _build(old, option, decompose=True, **decomposition_kwargs)
+                new = _build(old, option, decompose=decompose, **decomposition_kwargs)
             parent_name, _, child = name.rpartition(".")
             parent = modules[parent_name] if parent_name else target
-            setattr(parent, child, _carry_state(old, new, name))
-        if calibration is not None:
-            calibrate(target, reference, calibration, rows=rows, seed=seed, progress=progress)
+            setattr(parent, child, _carry_state(old, new, name) if decompose else new)
         return target
+
+    def verify(self, model: nn.Module, example_inputs: Any, *, rounds: int = VERIFY_ROUNDS, repeat: int = 5, seed=0):
+        """Time the compressed model (its layers built at the chosen shapes, not decomposed)
+        against ``model`` on ``example_inputs``, interleaved; while the measured speed-up misses
+        the target, fit :attr:`time_scale` to the two measurements (the dense parts' seconds to
+        the dense model's, then the factorized options' to what the compressed model took beyond
+        its dense parts) and allocate again, at most ``rounds`` times. The last measurement is in
+        :attr:`verified`; a target still missed after the last round is warned about. Returns
+        the plan."""
+        if self.budget != "latency":
+            raise ValueError(f"verify: the plan's budget is {self.budget!r}; only a latency plan is timed")
+        for arg, value in (("rounds", rounds), ("repeat", repeat)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"verify: {arg}={value!r}: expected an int >= 1")
+        inputs = timing_inputs(model, example_inputs)
+        for done in range(1, rounds + 1):
+            compressed = self._replace_layers(copy.deepcopy(model), decompose=False)
+            dense_s, compressed_s = time_interleaved([model, compressed], inputs, repeat, seed=seed + done)
+            self.verified = {
+                "dense": dense_s,
+                "compressed": compressed_s,
+                "predicted": self.total(),
+                "rounds": done,
+            }
+            if dense_s / compressed_s >= self.target:
+                return self
+            if done < rounds and not self._rescale(dense_s, compressed_s):
+                break
+        warnings.warn(
+            f"verify: the compressed model measured {dense_s / compressed_s:.2f}x faster than the dense one "
+            f"({compressed_s * 1e3:.1f} vs {dense_s * 1e3:.1f} ms), short of target={self.target}x after "
+            f"{self.verified['rounds']} round(s); allow smaller ranks (fractions=), more rounds (verify=), "
+            "or lower the target",
+            stacklevel=2,
+        )
+        return self
+
+    def _rescale(self, dense_s, compressed_s):
+        """Fit :attr:`time_scale` to a measured dense and compressed model and allocate again;
+        False (scales and choices left as they were) where the target cannot be met then."""
+        layers = list(self.layers.values())
+        raw_dense = self._fixed["latency"] + sum(layer.options[0].seconds for layer in layers)
+        chosen = [layer.options[layer.chosen] for layer in layers]
+        kept = self._fixed["latency"] + sum(o.seconds for o in chosen if o.factorization == "dense")
+        factorized = sum(o.seconds for o in chosen if o.factorization != "dense")
+        before = dict(self.time_scale), [layer.chosen for layer in layers]
+        dense_scale = dense_s / raw_dense
+        scale = {"dense": dense_scale, "factorized": self.time_scale["factorized"]}
+        if factorized > 0:
+            # what the compressed model took beyond its dense parts is its factorized layers'; a
+            # floor keeps a measurement that leaves them nothing from pricing them at zero
+            scale["factorized"] = max(compressed_s - dense_scale * kept, 0.05 * compressed_s) / factorized
+        self.time_scale = scale
+        try:
+            self._allocate()
+        except ValueError:
+            self.time_scale = before[0]
+            for layer, chosen_index in zip(layers, before[1]):
+                layer.chosen = chosen_index
+            return False
+        return True
 
     # -- reporting ----------------------------------------------------------------------------
     def __str__(self):
@@ -220,7 +316,7 @@ class CompressionPlan:
                     f"{o.error:.3g}",
                     _fmt(o.params),
                     _fmt(o.macs),
-                    f"{o.seconds * 1e3:.3f}ms",
+                    f"{self._cost(o, 'latency') * 1e3:.3f}ms",
                 )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -230,6 +326,12 @@ class CompressionPlan:
             f"{self.budget}: {_fmt(self.dense_total, self.budget)} -> {_fmt(got, self.budget)} "
             f"({self.dense_total / got:.2f}x, target {self.target}x); sum of squared errors {self.error:.4g}"
         )
+        if self.verified is not None:
+            v = self.verified
+            lines.append(
+                f"measured ({v['rounds']} round(s)): {v['dense'] * 1e3:.1f}ms -> {v['compressed'] * 1e3:.1f}ms "
+                f"({v['dense'] / v['compressed']:.2f}x; predicted {v['predicted'] * 1e3:.1f}ms)"
+            )
         return "\n".join(lines)
 
     def __repr__(self):
@@ -279,100 +381,6 @@ def _build(module, option, *, decompose, **decomposition_kwargs):
     return cls.from_conv(module, rank, **decomposition_kwargs) if decompose else cls.skeleton(module, rank)
 
 
-def _record_inputs(model, example_inputs, wanted):
-    """Each wanted module's input shape, from one forward pass (eval mode, no gradients)."""
-    shapes = {}
-
-    def record(name):
-        def hook(module, args):
-            shapes.setdefault(name, tuple(args[0].shape))  # returns None: the input is unchanged
-
-        return hook
-
-    observe(
-        model,
-        [(m, "pre", record(name)) for name, m in model.named_modules() if wanted(m)],
-        [_example_inputs(model, example_inputs)],
-    )
-    return shapes
-
-
-def _plan_of(weight_or_kernel, shape, p, cost_model, **geometry):
-    """The plan ``conv()`` makes for this weight (a shape) or kernel, in ``p``'s dtype and device."""
-    return plan_conv(
-        weight_or_kernel, shape, **geometry, dtype=p.dtype, backend="torch", device=p.device, cost_model=cost_model
-    )
-
-
-def _dense_plan(module, shape, cost_model=None):
-    """The plan of a conv or linear layer as it is (a linear layer: a 1x1 conv over its rows)."""
-    p = module.weight
-    if isinstance(module, nn.Linear):
-        rows = (math.prod(shape[:-1]), module.in_features, 1)
-        return _plan_of((module.out_features, module.in_features, 1), rows, p, cost_model)
-    geometry = dict(
-        stride=module.stride,
-        padding=module.padding,
-        dilation=module.dilation,
-        groups=module.groups,
-        padding_mode=module.padding_mode,
-    )
-    return _plan_of(tuple(p.shape), shape, p, cost_model, **geometry)
-
-
-def _option_cost(module, layer, shape, cost_model=None):
-    """(params, MACs, cost-model seconds) of a built (skeleton) option."""
-    params = sum(p.numel() for p in layer.parameters())
-    if isinstance(layer, (KruskalConv, TuckerConv)):
-        plan = _plan_of(layer.kernel, shape, module.weight, cost_model, **layer._conv_arguments())
-        # MACs of the factorized form (the fewest-MAC order): a count that holds on every machine,
-        # where ``auto`` may still run a small layer's rebuilt dense kernel if that is faster there
-        return params, plan.min_macs, plan.seconds
-    first = _dense_plan(layer.first, shape, cost_model)
-    if isinstance(layer, LowRankLinear):
-        inner = shape[:-1] + (layer.first.out_features,)
-    else:
-        inner = first.output_shape
-    second = _dense_plan(layer.second, inner, cost_model)
-    return params, first.macs + second.macs, first.seconds + second.seconds
-
-
-def _timed(module, inputs, repeat):
-    """Median seconds of ``module(*inputs)`` (no gradients, eval mode, after a warm-up); a shape
-    for ``inputs`` is a random input of that shape."""
-    p = next(module.parameters())
-    if not isinstance(inputs, tuple) or not isinstance(inputs[0], torch.Tensor):
-        inputs = (torch.randn(inputs, dtype=p.dtype, device=p.device),)
-    sync = torch.cuda.synchronize if p.device.type == "cuda" else (lambda: None)
-    times = []
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            module(*inputs)
-            for _ in range(repeat):
-                sync()
-                t0 = time.perf_counter()
-                module(*inputs)
-                sync()
-                times.append(time.perf_counter() - t0)
-    finally:
-        module.train(was_training)
-    return sorted(times)[len(times) // 2]
-
-
-def _svd_errors(module):
-    """The truncated SVD's relative error at every rank (index r), from one SVD."""
-    w = module.weight.detach().reshape(module.weight.shape[0], -1).to(torch.float64)
-    # squared singular values as the eigenvalues of the smaller Gram matrix: a tenth of an SVD's
-    # time, and the tail energies the errors need stay exact to rounding of the total energy
-    gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
-    s = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0.0)
-    tail = torch.flip(torch.cumsum(torch.flip(s, [0]), 0), [0]).tolist() + [0.0]
-    total = float(s.sum())
-    return [math.sqrt(t / total) if total > 0 else 0.0 for t in tail]
-
-
 def plan_compression(
     model: nn.Module,
     example_inputs: Any,
@@ -382,7 +390,8 @@ def plan_compression(
     factorizations: tuple = FACTORIZATIONS,
     fractions: tuple = DEFAULT_FRACTIONS,
     layers=None,
-    measure: bool = False,
+    measure: bool | None = None,
+    verify: int | None = None,
     cost_model=None,
     repeat: int = 5,
     fit_iterations: int = 10,
@@ -404,9 +413,9 @@ def plan_compression(
         How many times fewer parameters (``budget="params"``) or multiply-adds (``"macs"``), or
         how many times less time (``"latency"``), the compressed model should need. Parameters
         count the whole model; MACs those of every conv and linear layer (a factorized one in its
-        fewest-MAC order); latency the cost
-        model's seconds of every conv and linear layer, or with ``measure=True`` the measured
-        time of the whole model (the other ops included, as measured once).
+        fewest-MAC order); latency the measured time of the whole model (its other ops
+        included, as measured once), or with ``measure=False`` the cost model's seconds of every
+        conv and linear layer.
     budget : {"params", "macs", "latency"}
     factorizations : subset of ("cp", "tucker", "svd")
         What each layer may become: CP or Tucker for a conv with a spatial kernel (Tucker only
@@ -415,9 +424,17 @@ def plan_compression(
     fractions : the sizes of each layer's options, as fractions of its dense parameters
     layers : callable (name, module) -> bool, optional
         Which layers may be factorized (default: every one that can be).
-    measure : bool
+    measure : bool, optional
         Time every option (and the dense layers and model) on this machine instead of taking the
-        cost model's seconds (``repeat`` runs each, the median).
+        cost model's seconds: a layer's options are timed against each other, interleaved,
+        ``repeat`` rounds (the medians). Default: True for ``budget="latency"`` (the cost
+        model's defaults can be several times off on a given machine; see docs/compress.md),
+        False otherwise (no seconds are needed).
+    verify : int, optional
+        For a latency budget: up to this many rounds of :meth:`CompressionPlan.verify` (the
+        compressed model timed against ``model``; when it misses the target, the plan's seconds
+        are rescaled to what was measured and the layers allocated again). Default: 3 rounds for
+        ``budget="latency"``, none for the others (their counts are exact); 0 turns it off.
     cost_model : :class:`tensorconv.plans.CostModel`, optional
         The model that prices the options' seconds (e.g. :func:`tensorconv.plans.calibrate`'s
         for this machine); default: torch's default model for the device.
@@ -462,11 +479,21 @@ def plan_compression(
             raise ValueError("calibration is empty: pass a few input batches, or None to plan on weight errors")
     if isinstance(fit_iterations, bool) or not isinstance(fit_iterations, int) or fit_iterations < 1:
         raise ValueError(f"fit_iterations={fit_iterations!r}: expected an int >= 1")
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+        raise ValueError(f"repeat={repeat!r}: expected an int >= 1")
+    if measure is None:
+        measure = budget == "latency"
+    if verify is None:
+        verify = VERIFY_ROUNDS if budget == "latency" else 0
+    if isinstance(verify, bool) or not isinstance(verify, int) or verify < 0:
+        raise ValueError(f"verify={verify!r}: expected an int >= 0 (rounds of timing the compressed model)")
+    if verify and budget != "latency":
+        raise ValueError(f"verify={verify!r} applies to budget='latency' only; budget={budget!r} counts exactly")
 
     def costs_something(m):
         return isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
 
-    shapes = _record_inputs(model, example_inputs, costs_something)
+    shapes = record_input_shapes(model, example_inputs, costs_something)
     names_seen = set()
     considered, other = [], []
     for name, m in model.named_modules():
@@ -482,13 +509,11 @@ def plan_compression(
     planned = []
     for name, m, kinds in steps(considered, what="plan_compression", progress=progress, name=lambda c: c[0]):
         shape = shapes[name]
-        dense_plan = _dense_plan(m, shape, cost_model)
-        macs, seconds = dense_plan.macs, dense_plan.seconds
-        if measure:
-            seconds = _timed(m, shape, repeat)
+        plan = dense_plan(m, shape, cost_model)
         dense_params = sum(p.numel() for p in m.parameters(recurse=False))
-        options = [LayerOption("dense", None, 0.0, dense_params, macs, seconds)]
-        svd_errors = _svd_errors(m) if "svd" in kinds else None
+        options = [LayerOption("dense", None, 0.0, dense_params, plan.macs, plan.seconds)]
+        skeletons = [m]
+        svd_error = svd_errors(m) if "svd" in kinds else None
         if calibration is not None:  # the layer's inputs and outputs in the dense model, one layer at a time
             pairs = capture(model, [name], calibration, "both")[name]
             layer_io = ([x for x, _ in pairs], [y for _, y in pairs])
@@ -504,7 +529,7 @@ def plan_compression(
                 if (f, rank) in seen:
                     continue
                 seen.add((f, rank))
-                params, opt_macs, opt_seconds = _option_cost(m, skeleton, shape, cost_model)
+                params, opt_macs, opt_seconds = option_cost(m, skeleton, shape, cost_model)
                 if params >= dense_params:
                     continue
                 if calibration is not None:
@@ -513,25 +538,29 @@ def plan_compression(
                         fitted = _build(m, replace(option, rank=rank), decompose=True, **fit)
                     error = fit_to(fitted, *layer_io, rows=rows, seed=seed)
                 elif f == "svd":
-                    error = svd_errors[rank]
+                    error = svd_error[rank]
                 else:
                     with torch.no_grad():
                         fitted = _build(m, replace(option, rank=rank), decompose=True, n_iter_max=fit_iterations)
                     error = float(fitted.relative_error)
-                if measure:
-                    opt_seconds = _timed(skeleton, shape, repeat)
                 options.append(LayerOption(f, rank, error, params, opt_macs, opt_seconds))
+                skeletons.append(skeleton)
+        if measure:  # the layer as it is and each option, timed against each other
+            times = time_interleaved(skeletons, shape, repeat, seed=seed)
+            options = [replace(o, seconds=t) for o, t in zip(options, times)]
         planned.append(_Layer(name, shape, options))
 
     fixed = {"params": sum(p.numel() for p in model.parameters()) - sum(layer.options[0].params for layer in planned)}
     fixed["macs"] = fixed["latency"] = 0.0
     for name, m in other:
-        dense_plan = _dense_plan(m, shapes[name], cost_model)
-        macs, seconds = dense_plan.macs, dense_plan.seconds
-        fixed["macs"] += macs
-        fixed["latency"] += seconds
+        plan = dense_plan(m, shapes[name], cost_model)
+        fixed["macs"] += plan.macs
+        fixed["latency"] += plan.seconds
     if measure:
         # the whole model's time, less its factorizable layers' (each timed alone): every other op
-        whole = _timed(model, _example_inputs(model, example_inputs), repeat)
+        (whole,) = time_interleaved([model], timing_inputs(model, example_inputs), repeat, seed=seed)
         fixed["latency"] = max(0.0, whole - sum(layer.options[0].seconds for layer in planned))
-    return CompressionPlan(planned, budget, float(target), fixed)
+    result = CompressionPlan(planned, budget, float(target), fixed)
+    if verify:
+        result.verify(model, example_inputs, rounds=verify, repeat=repeat, seed=seed)
+    return result
