@@ -108,13 +108,13 @@ def test_factorize_exact_on_low_rank_weights_float64_and_inplace():
 
 def test_bad_inputs_are_clear_errors():
     net = nn.Sequential(nn.Conv2d(3, 4, 3))
-    with pytest.raises(ValueError, match=r"factorization='svd' is not one of \('cp', 'tucker'\)"):
-        factorize(net, 2, factorization="svd")
+    with pytest.raises(ValueError, match=r"factorization='qr' is not one of \('cp', 'tucker', 'svd'\)"):
+        factorize(net, 2, factorization="qr")
     with pytest.raises(ValueError, match="rank=0"):
         factorize(net, 0)
     with pytest.raises(ValueError, match="rank='half'"):
         factorize(net, "half")
-    with pytest.raises(ValueError, match="no eligible convolution"):
+    with pytest.raises(ValueError, match="no eligible layer for factorization='cp'"):
         factorize(nn.Sequential(nn.Conv2d(3, 4, 1), nn.Linear(2, 2)), 2)
     with pytest.raises(ValueError, match="none chosen"):
         factorize(net, 2, layers=lambda n, m: False)
@@ -245,3 +245,57 @@ def test_a_compressed_checkpoint_loads_into_the_skeleton_built_without_decomposi
             assert rel_err(skeleton(x).detach(), compressed(x).detach()) > 1e-3  # not decomposed: differs
             skeleton.load_state_dict(compressed.state_dict(), strict=True)
             assert rel_err(skeleton(x).detach(), compressed(x).detach()) < 1e-6  # float32
+
+
+def _svd_net():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 24, 3, padding=1),
+        nn.Conv2d(24, 32, 1, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 1, groups=4),
+        nn.Flatten(),
+        nn.Linear(32 * 5 * 5, 16),
+    ).double()
+
+
+def test_factorize_svd_replaces_1x1_convs_and_linear_layers_by_their_truncated_svd():
+    net = _svd_net()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"3: groups=4: a SVD factorization mixes all channels"):
+        small = factorize(net, 0.25, factorization="svd")
+    assert [type(m).__name__ for m in small] == ["Conv2d", "LowRankConv", "ReLU", "Conv2d", "Flatten", "LowRankLinear"]
+    assert isinstance(net[1], nn.Conv2d)  # the original is untouched
+    # each layer is the truncated SVD of its weight (oracle: NumPy's SVD), geometry kept
+    for i in (1, 5):
+        w = net[i].weight.detach().reshape(net[i].weight.shape[0], -1).numpy()
+        u, s, vt = np.linalg.svd(w, full_matrices=False)
+        r = small[i].rank
+        assert small[i].relative_error == pytest.approx(np.sqrt((s[r:] ** 2).sum() / (s**2).sum()), rel=1e-10)
+        assert small[i].n_params < net[i].weight.numel()
+        best = torch.from_numpy((u[:, :r] * s[:r]) @ vt[:r])
+        inp = torch.randn(2, 24, 8, 8, dtype=torch.float64) if i == 1 else torch.randn(2, 800, dtype=torch.float64)
+        with torch.no_grad():
+            if i == 1:
+                want = nn.functional.conv2d(inp, best[:, :, None, None], net[1].bias, stride=2, padding=1)
+            else:
+                want = nn.functional.linear(inp, best, net[5].bias)
+            assert rel_err(small[i](inp), want) < 1e-10
+    # a checkpoint loads into the skeleton decompose=False builds
+    with pytest.warns(UserWarning, match="groups=4"):
+        skeleton = factorize(net, 0.25, factorization="svd", decompose=False)
+    skeleton.load_state_dict(small.state_dict())
+    with torch.no_grad():
+        assert rel_err(skeleton(x), small(x)) < 1e-12
+
+
+def test_factorize_svd_bad_arguments_are_named():
+    net = _svd_net()
+    with pytest.raises(TypeError, match=r"takes no decomposition keywords, got \['n_iter_max'\]"):
+        factorize(net, 0.25, factorization="svd", n_iter_max=5)
+    with pytest.raises(ValueError, match="no eligible layer for factorization='svd'"):
+        factorize(nn.Sequential(nn.Conv2d(3, 4, 3)), 2, factorization="svd")
+    with pytest.raises(ValueError, match="itself one layer; use LowRankConv"):
+        factorize(nn.Linear(4, 4), 2, factorization="svd")
+    with pytest.warns(UserWarning, match=r"rank=\(2, 2\): a truncated SVD has one rank"):
+        factorize(net, lambda n, m: (2, 2) if n == "1" else 2, factorization="svd")

@@ -18,7 +18,7 @@ from ..kernels import check_decomposition_keywords
 from ._observe import observe
 from ._progress import steps
 from .layers import KruskalConv, TuckerConv, _FactorizedConv
-from .lowrank import _LowRank
+from .lowrank import LowRankConv, LowRankLinear, _LowRank
 
 #: what summarize lists as compressed: the factorized convs and the low-rank (SVD) layers
 _COMPRESSED = (_FactorizedConv, _LowRank)
@@ -26,6 +26,8 @@ _COMPRESSED = (_FactorizedConv, _LowRank)
 __all__ = ["factorize", "summarize"]
 
 FACTORIZATIONS = {"cp": KruskalConv, "tucker": TuckerConv}
+#: what factorization="svd" replaces, and how it names them in an error
+_SVD_LAYERS = "nn.Linear, or nn.Conv1d/2d/3d with a 1x1 kernel"
 
 
 def _check_rank(rank):
@@ -52,6 +54,23 @@ def _check_rank(rank):
 def _eligible(module):
     """A plain-typed torch conv (subclasses included) with a kernel larger than 1 in some mode."""
     return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and max(module.kernel_size) > 1
+
+
+def _svd_eligible(module):
+    """What ``factorization="svd"`` replaces: a 1x1 conv, or an ``nn.Linear`` of exactly that type
+    (a subclass, such as attention's output projection, is read through its owner, not called)."""
+    if type(module) is nn.Linear:
+        return True
+    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and max(module.kernel_size) == 1
+
+
+def _low_rank(module, rank, *, decompose, device=None):
+    """``module`` (a 1x1 conv or a linear layer) as two thin layers at ``rank`` ("same": as many
+    parameters as the dense layer)."""
+    rank = 1.0 if rank == "same" else rank
+    if isinstance(module, nn.Linear):
+        return LowRankLinear.from_linear(module, rank) if decompose else LowRankLinear.skeleton(module, rank, device)
+    return LowRankConv.from_conv(module, rank) if decompose else LowRankConv.skeleton(module, rank, device)
 
 
 def factorize(
@@ -82,7 +101,11 @@ def factorize(
         Per layer, as ``KruskalConv``/``TuckerConv``'s ``rank`` (a float is a fraction of that
         layer's dense parameters), or ``rank(name, module)`` returning one of those, or None to
         leave that layer dense.
-    factorization : "cp" or "tucker"
+    factorization : "cp", "tucker" or "svd"
+        CP and Tucker replace the convs with a spatial kernel; ``"svd"`` replaces the 1x1 convs
+        (groups=1) and ``nn.Linear`` layers by two thin layers (:class:`LowRankConv`,
+        :class:`LowRankLinear`: a truncated SVD, exact and without iterations, so it takes no
+        ``decomposition_kwargs``; an int rank or a float fraction of the layer's parameters).
     layers : callable, optional
         ``layers(name, module) -> bool`` chooses among the eligible convs (default: all).
     inplace : bool
@@ -130,15 +153,29 @@ def factorize(
     >>> small(torch.randn(1, 3, 16, 16)).shape
     torch.Size([1, 32, 7, 7])
     """
-    if factorization not in FACTORIZATIONS:
-        raise ValueError(f"factorization={factorization!r} is not one of {tuple(FACTORIZATIONS)}")
+    if factorization not in (*FACTORIZATIONS, "svd"):
+        raise ValueError(f"factorization={factorization!r} is not one of {(*FACTORIZATIONS, 'svd')}")
     _check_rank(rank)
     if layers is not None and not callable(layers):
         raise TypeError(f"layers must be a callable (name, module) -> bool, got {type(layers).__name__}")
-    cls = FACTORIZATIONS[factorization]
-    check_decomposition_keywords(cls.kernel_class, decomposition_kwargs, "factorize")
-    if _eligible(model):
-        raise ValueError("factorize: the model is itself one conv; use KruskalConv.from_conv / TuckerConv.from_conv")
+    svd = factorization == "svd"
+    eligible = _svd_eligible if svd else _eligible
+    if svd and decomposition_kwargs:
+        raise TypeError(
+            f"factorize(factorization='svd'): a truncated SVD takes no decomposition keywords, got "
+            f"{sorted(decomposition_kwargs)}"
+        )
+    if not svd:
+        check_decomposition_keywords(FACTORIZATIONS[factorization].kernel_class, decomposition_kwargs, "factorize")
+    if eligible(model):
+        raise ValueError(
+            "factorize: the model is itself one layer; use "
+            + (
+                "LowRankConv.from_conv / LowRankLinear.from_linear"
+                if svd
+                else "KruskalConv.from_conv / TuckerConv.from_conv"
+            )
+        )
     target = model if inplace else copy.deepcopy(model)
     # every use of every eligible conv: named_children() lists a module once per parent, so a
     # conv used twice in one Sequential would keep its second use dense
@@ -146,17 +183,18 @@ def factorize(
         (f"{parent_name}.{child}" if parent_name else child, parent, child, conv)
         for parent_name, parent in target.named_modules()
         for child, conv in parent._modules.items()
-        if conv is not None and _eligible(conv)
+        if conv is not None and eligible(conv)
     ]
     first_use = {}
     for name, _, _, conv in uses:
         first_use.setdefault(id(conv), (name, conv))
     chosen = [(name, conv) for name, conv in first_use.values() if layers is None or layers(name, conv)]
     if not chosen:
-        what = "no conv with a kernel larger than 1" if not uses else "none chosen by `layers`"
+        kinds = _SVD_LAYERS if svd else "nn.Conv1d/2d/3d with kernel_size > 1 in some mode"
+        what = "none of them" if not uses else "none chosen by `layers`"
         raise ValueError(
-            f"factorize: the model has no eligible convolution ({what}; eligible: nn.Conv1d/2d/3d "
-            f"with kernel_size > 1 in some mode)"
+            f"factorize: the model has no eligible layer for factorization={factorization!r} "
+            f"({what}; eligible: {kinds})"
         )
     skipped, replacements = {}, {}
     for name, conv in steps(chosen, what="factorize", progress=progress and decompose, name=lambda c: c[0]):
@@ -164,39 +202,48 @@ def factorize(
         if layer_rank is None:  # the callable keeps this layer dense
             continue
         _check_rank(layer_rank)
-        reason = _why_not(cls, conv, layer_rank, factorization)
+        reason = _why_not(conv, layer_rank, factorization)
         if reason is not None:
             skipped[name] = reason
             continue
         with torch.no_grad():
-            if decompose:
-                layer = cls.from_conv(conv, layer_rank, **decomposition_kwargs)
+            if svd:
+                layer = _low_rank(conv, layer_rank, decompose=decompose)
+            elif decompose:
+                layer = FACTORIZATIONS[factorization].from_conv(conv, layer_rank, **decomposition_kwargs)
             else:
-                layer = cls.skeleton(conv, layer_rank)
+                layer = FACTORIZATIONS[factorization].skeleton(conv, layer_rank)
         replacements[id(conv)] = _carry_state(conv, layer, name)
     for _, parent, child, conv in uses:
         if id(conv) in replacements:  # a shared conv: one factorized module wherever it was used
             setattr(parent, child, replacements[id(conv)])
     if skipped:
         lines = "\n".join(f"  {n}: {why}" for n, why in skipped.items())
-        warnings.warn(f"factorize left {len(skipped)} conv(s) dense:\n{lines}", stacklevel=2)
+        warnings.warn(f"factorize left {len(skipped)} layer(s) dense:\n{lines}", stacklevel=2)
     if not replacements and skipped:
-        raise ValueError(f"factorize: no convolution could be factorized; left dense: {skipped}")
+        raise ValueError(f"factorize: no layer could be factorized; left dense: {skipped}")
     return target
 
 
-def _why_not(cls, conv, rank, factorization):
+def _why_not(conv, rank, factorization):
     """Why ``conv`` stays dense at ``rank`` (a sentence), or None where it is factorized."""
     from .._conv_modules import check_plain_conv
 
-    try:
-        check_plain_conv(conv, "factorize")
-    except TypeError as exc:
-        return str(exc).split(";")[0]
-    if factorization == "cp" and conv.groups != 1:
-        return f"groups={conv.groups}: a CP kernel mixes all channels; factorization='tucker' keeps groups"
-    try:
-        skeleton = cls.skeleton(conv, rank, device="meta")  # parameters counted without memory
+    if not isinstance(conv, nn.Linear):
+        try:
+            check_plain_conv(conv, "factorize")
+        except TypeError as exc:
+            return str(exc).split(";")[0]
+    if factorization in ("cp", "svd") and getattr(conv, "groups", 1) != 1:
+        keeps = "factorization='tucker' keeps groups" if factorization == "cp" else "it stays as it is"
+        return f"groups={conv.groups}: a {factorization.upper()} factorization mixes all channels; {keeps}"
+    if factorization == "svd" and isinstance(rank, (tuple, list)):
+        return f"rank={rank!r}: a truncated SVD has one rank (an int, or a float fraction of the parameters)"
+    try:  # parameters counted without memory
+        if factorization == "svd":
+            skeleton = _low_rank(conv, rank, decompose=False, device="meta")
+        else:
+            skeleton = FACTORIZATIONS[factorization].skeleton(conv, rank, device="meta")
     except ValueError as exc:
         return f"rank={rank!r} does not fit this layer: {exc}"
     dense = conv.weight.numel()
