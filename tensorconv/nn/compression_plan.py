@@ -1,0 +1,357 @@
+"""The compression plan the caller holds: per layer its options and the chosen one, the totals
+against the target, edits (``pin``, ``exclude``), verification by timing (``verify``) and
+``apply``. :func:`tensorconv.nn.plan_compression` makes one."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..allocation import allocate
+from . import _pricing
+from ._pricing import timing_inputs
+from ._progress import steps
+from .calibration import calibrate
+from .compress import _carry_state, _low_rank
+from .layers import KruskalConv, TuckerConv
+
+__all__ = ["CompressionPlan", "LayerOption", "VERIFY_ROUNDS"]
+
+_SPATIAL = {"cp": KruskalConv, "tucker": TuckerConv}
+#: rounds of :meth:`CompressionPlan.verify` a latency plan gets by default: the first
+#: re-allocation corrects most of a miss; a further one absorbs what the layers chosen then add
+VERIFY_ROUNDS = 3
+
+
+@dataclass(frozen=True)
+class LayerOption:
+    """One way to run a layer: ``factorization`` is ``"dense"``, ``"cp"``, ``"tucker"`` or ``"svd"``."""
+
+    factorization: str
+    rank: Any
+    error: float  # relative Frobenius error of the weight
+    params: int
+    macs: int
+    seconds: float  # the cost model's, or timed with measure=True
+
+    def cost(self, budget: str) -> float:
+        return {"params": self.params, "macs": self.macs, "latency": self.seconds}[budget]
+
+
+@dataclass
+class _Layer:
+    name: str
+    input_shape: tuple
+    options: list  # of LayerOption, dense first
+    allowed: list = field(default_factory=list)  # indices into options the allocation may pick
+    chosen: int = 0
+
+
+class CompressionPlan:
+    """What :func:`plan_compression` chose for every layer, and the totals against the target.
+
+    Attributes
+    ----------
+    budget : str
+    target : float
+        How many times smaller (params, macs) or faster (latency) the model is asked to be.
+    layers : dict
+        Layer name -> its options (``options``), the chosen one (``choice``) and the input shape.
+    fixed : float
+        What the model costs outside the layers considered (other parameters; convs and linear
+        layers that cannot be factorized; with ``measure=True`` the time of every other op).
+    """
+
+    def __init__(self, layers, budget, target, fixed, *, allocate=True):
+        self.budget, self.target = budget, target
+        self.layers = {layer.name: layer for layer in layers}
+        #: what the model costs outside the layers considered, per budget kind (unscaled)
+        self._fixed = dict(fixed)
+        #: seconds are multiplied by these (dense parts, factorized options): 1 until
+        #: :meth:`verify` fits them to the measured models
+        self.time_scale = {"dense": 1.0, "factorized": 1.0}
+        #: the last :meth:`verify`'s measurement: seconds of the dense and the compressed model,
+        #: the plan's prediction for the compressed one made before it, and the rounds run
+        self.verified = None
+        if allocate:
+            self._allocate()
+
+    def _cost(self, option, what):
+        value = option.cost(what)
+        if what == "latency":
+            value *= self.time_scale["dense" if option.factorization == "dense" else "factorized"]
+        return value
+
+    def _fixed_cost(self, what):
+        return self._fixed[what] * (self.time_scale["dense"] if what == "latency" else 1.0)
+
+    @property
+    def fixed(self) -> float:
+        return self._fixed_cost(self.budget)
+
+    @property
+    def dense_total(self) -> float:
+        """The model as it is, in the budget: the fixed part plus every layer's dense option."""
+        return self.fixed + sum(self._cost(layer.options[0], self.budget) for layer in self.layers.values())
+
+    # -- what was chosen ---------------------------------------------------------------------
+    def choice(self, name) -> LayerOption:
+        layer = self._layer(name)
+        return layer.options[layer.chosen]
+
+    @property
+    def choices(self) -> dict:
+        """Layer name -> (factorization, rank); ``("dense", None)`` for a layer kept dense."""
+        return {name: (self.choice(name).factorization, self.choice(name).rank) for name in self.layers}
+
+    def total(self, what=None) -> float:
+        """The compressed model's ``what`` (default: the budget): the fixed part plus every choice."""
+        what = what or self.budget
+        return self._fixed_cost(what) + sum(self._cost(self.choice(n), what) for n in self.layers)
+
+    @property
+    def error(self) -> float:
+        """The sum of the chosen options' squared relative errors (what the allocation minimises)."""
+        return sum(self.choice(n).error ** 2 for n in self.layers)
+
+    # -- edits -------------------------------------------------------------------------------
+    def pin(self, name, factorization, rank=None) -> CompressionPlan:
+        """Keep ``name`` at ``factorization`` (at ``rank`` if given; else the allocation picks among
+        that factorization's ranks) and allocate the rest again. Returns the plan."""
+        layer = self._layer(name)
+        allowed = [
+            i
+            for i, o in enumerate(layer.options)
+            if o.factorization == factorization and (rank is None or o.rank == rank)
+        ]
+        if not allowed:
+            offered = sorted({(o.factorization, str(o.rank)) for o in layer.options})
+            raise ValueError(
+                f"pin({name!r}, {factorization!r}, rank={rank!r}): not an option of this layer; options: {offered}"
+            )
+        layer.allowed = allowed
+        self._allocate()
+        return self
+
+    def exclude(self, name) -> CompressionPlan:
+        """Keep ``name`` dense and allocate the rest again. Returns the plan."""
+        self._layer(name).allowed = [0]
+        self._allocate()
+        return self
+
+    def _layer(self, name):
+        if name not in self.layers:
+            raise ValueError(f"no layer named {name!r} in the plan; layers: {list(self.layers)}")
+        return self.layers[name]
+
+    def _allocate(self):
+        limit = self.dense_total / self.target - self.fixed
+        layers = list(self.layers.values())
+        for layer in layers:
+            if not layer.allowed:
+                layer.allowed = list(range(len(layer.options)))
+        least = sum(min(self._cost(layer.options[i], self.budget) for i in layer.allowed) for layer in layers)
+        if limit <= 0 or least > limit:
+            raise ValueError(
+                f"target={self.target} ({self.budget}) cannot be met: the model must come to "
+                f"{_fmt(self.dense_total / self.target, self.budget)}, the parts not factorized cost "
+                f"{_fmt(self.fixed, self.budget)} and the smallest options of the layers "
+                f"{_fmt(least, self.budget)}; lower the target or allow more factorizations / ranks"
+            )
+        options = [
+            [(self._cost(layer.options[i], self.budget), layer.options[i].error ** 2) for i in layer.allowed]
+            for layer in layers
+        ]
+        picks = allocate(options, limit)
+        for layer, j in zip(layers, picks):
+            layer.chosen = layer.allowed[j]
+
+    # -- the model -----------------------------------------------------------------------------
+    def apply(
+        self,
+        model: nn.Module,
+        *,
+        inplace=False,
+        calibration=None,
+        rows=8192,
+        seed=0,
+        progress=None,
+        **decomposition_kwargs,
+    ) -> nn.Module:
+        """The compressed model: each layer replaced by its chosen option, decomposed from the
+        layer's weights (CP / Tucker with ``decomposition_kwargs``, e.g. ``n_iter_max=``); state
+        (trainable or frozen, training flag, hooks) kept as :func:`factorize` does. With
+        ``calibration`` batches, each new layer's output factor is then refitted to ``model``'s
+        outputs in network order (:func:`tensorconv.nn.calibration.calibrate`). ``model`` is left
+        untouched unless ``inplace`` (then it is also the reference for the calibration, taken
+        before any layer is replaced). ``progress``: as :func:`plan_compression`'s."""
+        reference = copy.deepcopy(model) if (inplace and calibration is not None) else model
+        target = model if inplace else copy.deepcopy(model)
+        self._replace_layers(target, decompose=True, progress=progress, **decomposition_kwargs)
+        if calibration is not None:
+            calibrate(target, reference, calibration, rows=rows, seed=seed, progress=progress)
+        return target
+
+    def _replace_layers(self, target, *, decompose, progress=None, **decomposition_kwargs):
+        """Each chosen layer of ``target`` replaced in place by its option (decomposed from its
+        weights, or a skeleton of the same shapes when not ``decompose``)."""
+        modules = dict(target.named_modules())
+        chosen = [
+            (n, layer) for n, layer in self.layers.items() if layer.options[layer.chosen].factorization != "dense"
+        ]
+        what = "decompose" if decompose else "build"
+        for name, layer in steps(chosen, what=what, progress=progress, name=lambda item: item[0]):
+            option = layer.options[layer.chosen]
+            if name not in modules:
+                raise ValueError(
+                    f"apply: the model has no module {name!r}; apply the plan to the model it was made for"
+                )
+            old = modules[name]
+            with torch.no_grad():
+                new = _build(old, option, decompose=decompose, **decomposition_kwargs)
+            parent_name, _, child = name.rpartition(".")
+            parent = modules[parent_name] if parent_name else target
+            setattr(parent, child, _carry_state(old, new, name) if decompose else new)
+        return target
+
+    def verify(self, model: nn.Module, example_inputs: Any, *, rounds: int = VERIFY_ROUNDS, repeat: int = 5, seed=0):
+        """Time the compressed model (its layers built at the chosen shapes, not decomposed)
+        against ``model`` on ``example_inputs``, interleaved; while the measured speed-up misses
+        the target, fit :attr:`time_scale` to the two measurements (the dense parts' seconds to
+        the dense model's, then the factorized options' to what the compressed model took beyond
+        its dense parts) and allocate again, at most ``rounds`` times. The last measurement is in
+        :attr:`verified`; a target still missed after the last round is warned about. Returns
+        the plan."""
+        if self.budget != "latency":
+            raise ValueError(f"verify: the plan's budget is {self.budget!r}; only a latency plan is timed")
+        for arg, value in (("rounds", rounds), ("repeat", repeat)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"verify: {arg}={value!r}: expected an int >= 1")
+        inputs = timing_inputs(model, example_inputs)
+        for done in range(1, rounds + 1):
+            dense_s, compressed_s = self._measure(model, inputs, repeat, seed + done)
+            self.verified = {
+                "dense": dense_s,
+                "compressed": compressed_s,
+                "predicted": self.total(),
+                "rounds": done,
+            }
+            if dense_s / compressed_s >= self.target:
+                return self
+            if done < rounds and not self._rescale(dense_s, compressed_s):
+                break
+        warnings.warn(
+            f"verify: the compressed model measured {dense_s / compressed_s:.2f}x faster than the dense one "
+            f"({compressed_s * 1e3:.1f} vs {dense_s * 1e3:.1f} ms), short of target={self.target}x after "
+            f"{self.verified['rounds']} round(s); allow smaller ranks (fractions=), more rounds (verify=), "
+            "or lower the target",
+            stacklevel=2,
+        )
+        return self
+
+    def _measure(self, model, inputs, repeat, seed):
+        """Seconds of ``model`` and of the plan's compressed model (layers built, not decomposed),
+        timed interleaved."""
+        compressed = self._replace_layers(copy.deepcopy(model), decompose=False)
+        return _pricing.time_interleaved([model, compressed], inputs, repeat, seed=seed)
+
+    def _allocate_by_measuring(self, model, example_inputs, repeat, seed, reason):
+        """Where the layers' options, each timed alone, cannot meet the target: time the model
+        with every layer at its cheapest option, rescale to that and allocate; a ValueError
+        (``reason`` and the measurement) where even that model is too slow."""
+        for layer in self.layers.values():
+            layer.allowed = layer.allowed or list(range(len(layer.options)))
+            layer.chosen = min(layer.allowed, key=lambda i, layer=layer: self._cost(layer.options[i], "latency"))
+        dense_s, compressed_s = self._measure(model, timing_inputs(model, example_inputs), repeat, seed)
+        if dense_s / compressed_s < self.target or not self._rescale(dense_s, compressed_s):
+            raise ValueError(
+                f"{reason}; measured with every layer at its cheapest option, the model runs "
+                f"{dense_s / compressed_s:.2f}x faster than dense ({compressed_s * 1e3:.2f} vs {dense_s * 1e3:.2f} ms)"
+            ) from None
+
+    def _rescale(self, dense_s, compressed_s):
+        """Fit :attr:`time_scale` to a measured dense and compressed model and allocate again;
+        False (scales and choices left as they were) where the target cannot be met then."""
+        layers = list(self.layers.values())
+        raw_dense = self._fixed["latency"] + sum(layer.options[0].seconds for layer in layers)
+        chosen = [layer.options[layer.chosen] for layer in layers]
+        kept = self._fixed["latency"] + sum(o.seconds for o in chosen if o.factorization == "dense")
+        factorized = sum(o.seconds for o in chosen if o.factorization != "dense")
+        before = dict(self.time_scale), [layer.chosen for layer in layers]
+        dense_scale = dense_s / raw_dense
+        scale = {"dense": dense_scale, "factorized": self.time_scale["factorized"]}
+        if factorized > 0:
+            # what the compressed model took beyond its dense parts is its factorized layers'; a
+            # floor keeps a measurement that leaves them nothing from pricing them at zero
+            scale["factorized"] = max(compressed_s - dense_scale * kept, 0.05 * compressed_s) / factorized
+        self.time_scale = scale
+        try:
+            self._allocate()
+        except ValueError:
+            self.time_scale = before[0]
+            for layer, chosen_index in zip(layers, before[1]):
+                layer.chosen = chosen_index
+            return False
+        return True
+
+    # -- reporting ----------------------------------------------------------------------------
+    def __str__(self):
+        rows = [("layer", "choice", "rank", "error", "params", "MACs", "seconds")]
+        for name, layer in self.layers.items():
+            o = layer.options[layer.chosen]
+            rank = "-" if o.rank is None else (str(o.rank) if isinstance(o.rank, int) else "x".join(map(str, o.rank)))
+            rows.append(
+                (
+                    name,
+                    o.factorization,
+                    rank,
+                    f"{o.error:.3g}",
+                    _fmt(o.params),
+                    _fmt(o.macs),
+                    f"{self._cost(o, 'latency') * 1e3:.3f}ms",
+                )
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        got = self.total()
+        lines.append(
+            f"{self.budget}: {_fmt(self.dense_total, self.budget)} -> {_fmt(got, self.budget)} "
+            f"({self.dense_total / got:.2f}x, target {self.target}x); sum of squared errors {self.error:.4g}"
+        )
+        if self.verified is not None:
+            v = self.verified
+            lines.append(
+                f"measured ({v['rounds']} round(s)): {v['dense'] * 1e3:.1f}ms -> {v['compressed'] * 1e3:.1f}ms "
+                f"({v['dense'] / v['compressed']:.2f}x; predicted {v['predicted'] * 1e3:.1f}ms)"
+            )
+        return "\n".join(lines)
+
+    def __repr__(self):
+        kept = sum(1 for n in self.layers if self.choice(n).factorization == "dense")
+        return (
+            f"<CompressionPlan {self.budget} target={self.target}x: {len(self.layers)} layers, {kept} kept dense, "
+            f"{self.dense_total / self.total():.2f}x>"
+        )
+
+
+def _fmt(value, budget="params"):
+    if budget == "latency":
+        return f"{value * 1e3:.3f}ms"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return str(int(value))
+
+
+def _build(module, option, *, decompose, **decomposition_kwargs):
+    """``module`` as ``option``: decomposed from its weights, or a skeleton of the same shapes."""
+    f, rank = option.factorization, option.rank
+    if f == "svd":
+        return _low_rank(module, rank, decompose=decompose)
+    cls = _SPATIAL[f]
+    return cls.from_conv(module, rank, **decomposition_kwargs) if decompose else cls.skeleton(module, rank)
