@@ -333,3 +333,32 @@ def test_a_target_out_of_reach_of_layers_timed_alone_is_decided_by_the_model(mon
     assert plan.total() == pytest.approx(v["compressed"], rel=1e-12)  # the truth is linear in the scales
     with pytest.raises(ValueError, match=r"cheapest option, the model runs [0-9.]+x faster"):
         plan_compression(net, (1, 3, 8, 8), target=500.0, **kw)
+
+
+def test_verify_falls_back_to_an_allocation_measured_to_meet_the_target(monkeypatch):
+    """A machine that slows down after the first measurement of a compressed model: the
+    allocations made after it miss, and the plan keeps the one measured to meet the target (the
+    cheapest options here) instead of warning."""
+    import warnings
+
+    from tensorconv.nn import _pricing
+
+    fast, slow, pairs = _fake_clock(slowdown=0.2), _fake_clock(slowdown=50.0), []
+
+    def drifting(modules, inputs, repeat, seed=0):
+        if len(modules) == 2 and not isinstance(modules[1], (nn.Conv2d, nn.Linear) + _FACTORIZED):
+            pairs.append(1)  # the dense and a compressed model timed against each other
+        return (fast if len(pairs) <= 1 else slow)(modules, inputs, repeat, seed)
+
+    monkeypatch.setattr(_pricing, "time_interleaved", drifting)
+    net = _net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan = plan_compression(net, (1, 3, 8, 8), target=30.0, budget="latency", fit_iterations=2)
+    assert len(pairs) >= 2  # the probe, then at least one allocation that missed
+    cheapest = {
+        n: min(range(len(layer.options)), key=lambda i, layer=layer: layer.options[i].seconds)
+        for n, layer in plan.layers.items()
+    }
+    assert {n: layer.chosen for n, layer in plan.layers.items()} == cheapest
+    assert plan.verified["dense"] / plan.verified["compressed"] >= 30.0

@@ -78,6 +78,10 @@ class CompressionPlan:
         #: the last :meth:`verify`'s measurement: seconds of the dense and the compressed model,
         #: the plan's prediction for the compressed one made before it, and the rounds run
         self.verified = None
+        #: measured allocations that met the target: (error, chosen option per layer, measurement)
+        self._met = []
+        #: the allocation aims this much beyond the target once a measurement fell short of it
+        self._margin = 1.0
         if allocate:
             self._allocate()
 
@@ -135,12 +139,14 @@ class CompressionPlan:
                 f"pin({name!r}, {factorization!r}, rank={rank!r}): not an option of this layer; options: {offered}"
             )
         layer.allowed = allowed
+        self._met = []  # measured allocations may not respect the edit
         self._allocate()
         return self
 
     def exclude(self, name) -> CompressionPlan:
         """Keep ``name`` dense and allocate the rest again. Returns the plan."""
         self._layer(name).allowed = [0]
+        self._met = []
         self._allocate()
         return self
 
@@ -150,7 +156,7 @@ class CompressionPlan:
         return self.layers[name]
 
     def _allocate(self):
-        limit = self.dense_total / self.target - self.fixed
+        limit = self.dense_total / (self.target * self._margin) - self.fixed
         layers = list(self.layers.values())
         for layer in layers:
             if not layer.allowed:
@@ -235,16 +241,18 @@ class CompressionPlan:
         inputs = timing_inputs(model, example_inputs)
         for done in range(1, rounds + 1):
             dense_s, compressed_s = self._measure(model, inputs, repeat, seed + done)
-            self.verified = {
-                "dense": dense_s,
-                "compressed": compressed_s,
-                "predicted": self.total(),
-                "rounds": done,
-            }
-            if dense_s / compressed_s >= self.target:
+            if self._record(dense_s, compressed_s, done):
                 return self
-            if done < rounds and not self._rescale(dense_s, compressed_s):
+            # the seconds refitted to what was measured; where that allocation is out of reach,
+            # the same seconds asked for the shortfall beyond the target
+            if done == rounds or not (self._rescale(dense_s, compressed_s) or self._tighten(dense_s / compressed_s)):
                 break
+        if self._met:  # an allocation measured earlier met the target: the least error of those
+            error, chosen, measured = min(self._met, key=lambda m: m[0])
+            for layer, index in zip(self.layers.values(), chosen):
+                layer.chosen = index
+            self.verified = dict(measured, rounds=self.verified["rounds"])
+            return self
         warnings.warn(
             f"verify: the compressed model measured {dense_s / compressed_s:.2f}x faster than the dense one "
             f"({compressed_s * 1e3:.1f} vs {dense_s * 1e3:.1f} ms), short of target={self.target}x after "
@@ -253,6 +261,29 @@ class CompressionPlan:
             stacklevel=2,
         )
         return self
+
+    def _record(self, dense_s, compressed_s, rounds):
+        """Keep a measurement of the current allocation (with the prediction made before it);
+        whether it met the target."""
+        self.verified = {"dense": dense_s, "compressed": compressed_s, "predicted": self.total(), "rounds": rounds}
+        met = dense_s / compressed_s >= self.target
+        if met:
+            self._met.append((self.error, [layer.chosen for layer in self.layers.values()], dict(self.verified)))
+        return met
+
+    def _tighten(self, measured):
+        """Allocate again for ``target / measured`` times more than the target asks (the current
+        seconds); False (margin and choices as they were) where that cannot be met."""
+        before = self._margin, [layer.chosen for layer in self.layers.values()]
+        self._margin *= self.target / measured
+        try:
+            self._allocate()
+        except ValueError:
+            self._margin = before[0]
+            for layer, index in zip(self.layers.values(), before[1]):
+                layer.chosen = index
+            return False
+        return True
 
     def _measure(self, model, inputs, repeat, seed):
         """Seconds of ``model`` and of the plan's compressed model (layers built, not decomposed),
@@ -268,7 +299,9 @@ class CompressionPlan:
             layer.allowed = layer.allowed or list(range(len(layer.options)))
             layer.chosen = min(layer.allowed, key=lambda i, layer=layer: self._cost(layer.options[i], "latency"))
         dense_s, compressed_s = self._measure(model, timing_inputs(model, example_inputs), repeat, seed)
-        if dense_s / compressed_s < self.target or not self._rescale(dense_s, compressed_s):
+        if self._record(dense_s, compressed_s, 0):
+            self._rescale(dense_s, compressed_s)  # where the rescaled target is out of reach, the cheapest stay
+        else:
             raise ValueError(
                 f"{reason}; measured with every layer at its cheapest option, the model runs "
                 f"{dense_s / compressed_s:.2f}x faster than dense ({compressed_s * 1e3:.2f} vs {dense_s * 1e3:.2f} ms)"
