@@ -729,3 +729,51 @@ def test_conv_under_autocast_is_one_behaviour():
                 assert got.dtype == torch.bfloat16, strategy
                 assert rel_err(got.float(), want) < 3e-2  # bfloat16: stated 3e-2
         assert conv(x.double(), k.astype("float64"), padding=1).dtype == torch.float64  # autocast leaves float64
+
+
+_FAULTS_CODE = """
+import resource, torch
+torch.set_num_threads(2)
+from tensorconv import KruskalKernel, conv, plan_conv
+
+strategy = {strategy!r}
+k = KruskalKernel.random((64, 64, 3, 3, 3), 200, backend="torch", dtype="float32", seed=0)
+x = torch.randn((1, 64, 16, 56, 56))
+with torch.no_grad():
+    for _ in range(2):  # the first calls plan, load libraries and size what is reused
+        y = conv(x, k, padding=1, strategy=strategy)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        y = conv(x, k, padding=1, strategy=strategy)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3
+pages = y.numel() * y.element_size() / resource.getpagesize()
+print(faults / pages, plan_conv(k, x.shape, padding=1, strategy=strategy).accelerator)
+"""
+
+
+@needs_torch
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        "fused",
+        pytest.param(
+            "factorized",
+            marks=pytest.mark.xfail(
+                strict=True, reason="#24 item 1: the unfused plan allocates its intermediates anew on every call"
+            ),
+        ),
+    ],
+)
+def test_a_second_call_of_the_same_shape_takes_no_fresh_pages_beyond_its_output(strategy, request):
+    """In a plain process (glibc's default allocator, as users run): after the first calls, a
+    factorized forward of the same shape page-faults in at most its output's pages (a fresh
+    output per call is the caller's), not its intermediates: fresh pages cost up to 2x. Counted
+    as the process's minor page faults (a rank-200 CP conv of an r3d_18 layer1 input, whose
+    intermediates are several times its output)."""
+    if strategy == "fused":
+        request.getfixturevalue("plane_kernel")
+    done = run_python(_FAULTS_CODE.format(strategy=strategy))
+    assert done.returncode == 0, done.stderr
+    ratio, accelerator = done.stdout.split()
+    assert accelerator == ("plane_chain" if strategy == "fused" else "None")
+    assert float(ratio) <= 1.5, f"{float(ratio):.1f}x the output's pages faulted in per call"
