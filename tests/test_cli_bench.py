@@ -71,3 +71,31 @@ def test_quick_without_suites_runs_the_quick_set_and_times_each_suite(tmp_path, 
     ran.clear()
     assert cli_main(["bench", "decompose", "--quick", "--backend", "numpy", "--allocator", "default"]) == 0
     assert ran == ["decompose"]
+
+
+@pytest.mark.slow
+def test_bench_models_times_dense_and_factorized_in_every_runtime(tmp_path, monkeypatch):
+    """The suite's plumbing on a tiny 3-D net (the real models take minutes): eager, the default
+    torch.compile backend and ONNX Runtime (a test extra: no skip) each time both models, and
+    each row says the process settings it ran with."""
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    from tensorconv.bench.suites import models
+
+    def tiny():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv3d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv3d(16, 16, 3, padding=1), nn.Flatten())
+        return net, "a tiny 3-D net"
+
+    monkeypatch.setattr(models, "MODELS", {"tiny": (tiny, (3, 4, 8, 8), None)})
+    argv = ["bench", "models", "--backend", "torch", "--repeat", "2", "--out", str(tmp_path)]
+    assert cli_main(argv) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    got = {(r["runtime"], r["batch"]) for r in rows}
+    assert got == {(rt, b) for rt in models.RUNTIMES for b in (1, 8)}
+    for r in rows:
+        assert r["dense ms"] > 0 and r["factorized ms"] > 0
+        assert r["speedup"] == pytest.approx(r["dense ms"] / r["factorized ms"], rel=0.05)
+        assert r["factorized_params"] < r["dense_params"]
+        assert "allocator: glibc default" in r["process"]

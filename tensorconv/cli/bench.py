@@ -28,9 +28,9 @@ def add_arguments(parser):
     parser.add_argument(
         "--allocator",
         choices=["default", "no-trim"],
-        default="no-trim",
-        help="glibc allocator: 'no-trim' keeps freed memory (no first-touch page faults); "
-        "'default' leaves glibc as it is. Recorded with the results.",
+        default="default",
+        help="glibc allocator: 'default' leaves glibc as it is, as a user's process runs; 'no-trim' keeps "
+        "freed memory (no first-touch page faults), for comparison. Recorded with the results.",
     )
 
 
