@@ -1,7 +1,8 @@
 """plan_compression(budget="latency", target=2.0) on torchvision's r3d_18 (random weights: the
-errors mean nothing here, the times do): the plan's predicted time against the compressed model's
-measured time, at batch 1 (3 x 16 x 112 x 112), dense and compressed timed interleaved in this
-plain process (no allocator settings) after the plan is made. Three plans: the plans' cost model
+errors mean nothing here, the times do): the plan's predicted time (``plan.total()``: after a
+verification, what it measured of the compressed architecture) against the applied model's time,
+at batch 1 (3 x 16 x 112 x 112), dense and compressed timed interleaved in this plain process (no
+allocator settings) after the plan is applied. Three plans: the plans' cost model
 alone (verify=0), the cost model with the default verification rounds, and measure=True with them.
 
     python benchmarks/compress_r3d18_latency.py --out results/r3d18-latency.json
@@ -78,6 +79,8 @@ def main(argv=None):
             "measured_small_ms": round(got["small"] * 1e3, 1),
             "measured_speedup": round(got["dense"] / got["small"], 2),
             "prediction_error": round(plan.total() / got["small"] - 1, 3),
+            # the prediction the plan made before its last verification measured it
+            "predicted_before_verify_ms": round(plan.verified["predicted"] * 1e3, 1) if plan.verified else None,
             "verify_rounds": plan.verified["rounds"] if plan.verified else 0,
             "time_scale": {k: round(v, 3) for k, v in plan.time_scale.items()},
             "choices": {k: [f, r] for k, (f, r) in plan.choices.items()},

@@ -230,9 +230,11 @@ class CompressionPlan:
         against ``model`` on ``example_inputs``, interleaved; while the measured speed-up misses
         the target, fit :attr:`time_scale` to the two measurements (the dense parts' seconds to
         the dense model's, then the factorized options' to what the compressed model took beyond
-        its dense parts) and allocate again, at most ``rounds`` times. The last measurement is in
-        :attr:`verified`; a target still missed after the last round is warned about. Returns
-        the plan."""
+        its dense parts) and allocate again, at most ``rounds`` times. The allocation kept is one
+        measured to meet the target (the least error of those), its measurement in
+        :attr:`verified` (with the prediction made before it) and :attr:`time_scale` fitted to
+        it, so that :meth:`total` is what was measured; with none, the last is kept and a
+        warning says so. Returns the plan."""
         if self.budget != "latency":
             raise ValueError(f"verify: the plan's budget is {self.budget!r}; only a latency plan is timed")
         for arg, value in (("rounds", rounds), ("repeat", repeat)):
@@ -242,6 +244,7 @@ class CompressionPlan:
         for done in range(1, rounds + 1):
             dense_s, compressed_s = self._measure(model, inputs, repeat, seed + done)
             if self._record(dense_s, compressed_s, done):
+                self._fit_scales(dense_s, compressed_s)  # the plan's totals: what was measured
                 return self
             # the seconds refitted to what was measured; where that allocation is out of reach,
             # the same seconds asked for the shortfall beyond the target
@@ -252,6 +255,7 @@ class CompressionPlan:
             for layer, index in zip(self.layers.values(), chosen):
                 layer.chosen = index
             self.verified = dict(measured, rounds=self.verified["rounds"])
+            self._fit_scales(measured["dense"], measured["compressed"])
             return self
         warnings.warn(
             f"verify: the compressed model measured {dense_s / compressed_s:.2f}x faster than the dense one "
@@ -307,22 +311,29 @@ class CompressionPlan:
                 f"{dense_s / compressed_s:.2f}x faster than dense ({compressed_s * 1e3:.2f} vs {dense_s * 1e3:.2f} ms)"
             ) from None
 
-    def _rescale(self, dense_s, compressed_s):
-        """Fit :attr:`time_scale` to a measured dense and compressed model and allocate again;
-        False (scales and choices left as they were) where the target cannot be met then."""
+    def _fit_scales(self, dense_s, compressed_s):
+        """:attr:`time_scale` fitted to a measured dense model and the current allocation's
+        measured compressed model: the dense parts' seconds to the dense model's, the factorized
+        options' to what the compressed model took beyond its dense parts."""
         layers = list(self.layers.values())
         raw_dense = self._fixed["latency"] + sum(layer.options[0].seconds for layer in layers)
         chosen = [layer.options[layer.chosen] for layer in layers]
         kept = self._fixed["latency"] + sum(o.seconds for o in chosen if o.factorization == "dense")
         factorized = sum(o.seconds for o in chosen if o.factorization != "dense")
-        before = dict(self.time_scale), [layer.chosen for layer in layers]
         dense_scale = dense_s / raw_dense
         scale = {"dense": dense_scale, "factorized": self.time_scale["factorized"]}
         if factorized > 0:
-            # what the compressed model took beyond its dense parts is its factorized layers'; a
-            # floor keeps a measurement that leaves them nothing from pricing them at zero
+            # a floor keeps a measurement that leaves the factorized layers nothing from pricing
+            # them at zero
             scale["factorized"] = max(compressed_s - dense_scale * kept, 0.05 * compressed_s) / factorized
         self.time_scale = scale
+
+    def _rescale(self, dense_s, compressed_s):
+        """:meth:`_fit_scales` and allocate again; False (scales and choices left as they were)
+        where the target cannot be met then."""
+        layers = list(self.layers.values())
+        before = dict(self.time_scale), [layer.chosen for layer in layers]
+        self._fit_scales(dense_s, compressed_s)
         try:
             self._allocate()
         except ValueError:
