@@ -30,6 +30,9 @@ VERIFY_ROUNDS = 3
 #: interleaved medians of two timings in one process differ by a few percent on the project's
 #: VMs, and a plan measured just at its target would miss it about half the time when timed again
 VERIFY_MARGIN = 1.03
+#: a measurement at most this far beyond the target (and its margin) ends the verification; one
+#: further beyond it spends another round on an allocation with less error
+CLOSE_ENOUGH = 1.10
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,12 @@ class CompressionPlan:
     fixed : float
         What the model costs outside the layers considered (other parameters; convs and linear
         layers that cannot be factorized; with ``measure=True`` the time of every other op).
+    time_scale : dict
+        Latency plans: the factors on the dense parts' and the factorized options' seconds,
+        fitted by :meth:`verify` to the measured models (1 before).
+    verified : dict or None
+        The measurement of the allocation :meth:`verify` kept: ``dense`` and ``compressed``
+        seconds, ``predicted`` (the plan's seconds for it before it was measured), ``rounds``.
     """
 
     def __init__(self, layers, budget, target, fixed, *, allocate=True):
@@ -84,7 +93,8 @@ class CompressionPlan:
         self.verified = None
         #: measured allocations that met the target: (error, chosen option per layer, measurement)
         self._met = []
-        #: the allocation aims this much beyond the target once a measurement fell short of it
+        #: the allocation aims this much beyond the target: VERIFY_MARGIN where the plan is
+        #: verified, more once a measurement fell short
         self._margin = 1.0
         if allocate:
             self._allocate()
@@ -237,7 +247,9 @@ class CompressionPlan:
         against ``model`` on ``example_inputs``, interleaved; while the measured speed-up misses
         the target, fit :attr:`time_scale` to the two measurements (the dense parts' seconds to
         the dense model's, then the factorized options' to what the compressed model took beyond
-        its dense parts) and allocate again, at most ``rounds`` times. The allocation kept is one
+        its dense parts) and allocate again, at most ``rounds`` times; a measurement more than 10 %
+        beyond the target spends a further round the same way on an allocation with less
+        error. The allocation kept is one
         measured to meet the target (the least error of those), its measurement in
         :attr:`verified` (with the prediction made before it) and :attr:`time_scale` fitted to
         it, so that :meth:`total` is what was measured; with none, the last is kept and a
@@ -250,14 +262,16 @@ class CompressionPlan:
         inputs = timing_inputs(model, example_inputs)
         for done in range(1, rounds + 1):
             dense_s, compressed_s = self._measure(model, inputs, repeat, seed + done)
-            if self._record(dense_s, compressed_s, done):
-                self._fit_scales(dense_s, compressed_s)  # the plan's totals: what was measured
-                return self
+            met = self._record(dense_s, compressed_s, done)
+            if done == rounds or (met and dense_s / compressed_s <= self.target * VERIFY_MARGIN * CLOSE_ENOUGH):
+                break
+            if met:  # well beyond the target: the seconds fitted to it may allow less error
+                self._margin = 1.0
             # the seconds refitted to what was measured; where that allocation is out of reach,
             # the same seconds asked for the shortfall beyond the target
-            if done == rounds or not (self._rescale(dense_s, compressed_s) or self._tighten(dense_s / compressed_s)):
+            if not (self._rescale(dense_s, compressed_s) or (not met and self._tighten(dense_s / compressed_s))):
                 break
-        if self._met:  # an allocation measured earlier met the target: the least error of those
+        if self._met:  # the least error of the allocations measured to meet the target
             error, chosen, measured = min(self._met, key=lambda m: m[0])
             for layer, index in zip(self.layers.values(), chosen):
                 layer.chosen = index
