@@ -114,6 +114,10 @@ def run(args, targets):
                         prog.step(f"{name} {runtime} (not installed)")
                         continue
                     t = measure_many(runners, repeat=max(3, args.repeat // 2), budget_s=args.budget)
+                if runtime == "torch.compile":
+                    # dynamo counts recompiles per code object for the whole process (models of one
+                    # class, each batch): what this point compiled must not use up another's budget
+                    torch._dynamo.reset()
                 rows.append(
                     dict(
                         suite="models",
