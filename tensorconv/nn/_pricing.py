@@ -9,12 +9,11 @@ alone, before or after the others, carries that drift into the comparison.
 from __future__ import annotations
 
 import math
-import random
-import time
 
 import torch
 from torch import nn
 
+from .._timing import measure_many
 from ..plans.plan import plan_conv
 from ._observe import observe
 from .compress import _example_inputs
@@ -95,33 +94,23 @@ def svd_errors(module):
 def time_interleaved(modules, inputs, repeat, seed=0):
     """Median seconds of each of ``modules`` on ``inputs`` (a shape: one random input of that shape
     in the first module's dtype and device; or a tuple of tensors), run round-robin in a seeded
-    shuffled order, ``repeat`` rounds after one warm-up round; eval mode, no gradients."""
+    shuffled order (:func:`tensorconv._timing.measure_many`), ``repeat`` rounds after one warm-up
+    round; eval mode, no gradients."""
     p = next(modules[0].parameters())
     if not isinstance(inputs, tuple) or not isinstance(inputs[0], torch.Tensor):
         inputs = (torch.randn(inputs, dtype=p.dtype, device=p.device),)
-    sync = torch.cuda.synchronize if p.device.type == "cuda" else (lambda: None)
-    order = list(range(len(modules)))
-    times = [[] for _ in modules]
-    rng = random.Random(seed)
     modes = [m.training for m in modules]
+    entries = {i: (lambda m=m: m(*inputs)) for i, m in enumerate(modules)}
     try:
         for m in modules:
             m.eval()
         with torch.no_grad():
-            for i in order:  # warm-up: first-call planning, allocations, caches
-                modules[i](*inputs)
-            for _ in range(repeat):
-                rng.shuffle(order)
-                for i in order:
-                    sync()
-                    t0 = time.perf_counter()
-                    modules[i](*inputs)
-                    sync()
-                    times[i].append(time.perf_counter() - t0)
+            device = "cuda" if p.device.type == "cuda" else None
+            times = measure_many(entries, device=device, warmup=1, repeat=repeat, seed=seed)
     finally:
         for m, mode in zip(modules, modes):
             m.train(mode)
-    return [sorted(t)[len(t) // 2] for t in times]
+    return [times[i]["median_ms"] / 1e3 for i in range(len(modules))]
 
 
 def timing_inputs(model, example_inputs):
