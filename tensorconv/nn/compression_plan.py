@@ -276,7 +276,7 @@ class CompressionPlan:
             for layer, index in zip(self.layers.values(), chosen):
                 layer.chosen = index
             self.verified = dict(measured, rounds=self.verified["rounds"])
-            self._fit_scales(measured["dense"], measured["compressed"])
+            self.time_scale = self._fitted_scales(measured["dense"], measured["compressed"])
             return self
         warnings.warn(
             f"verify: the compressed model measured {dense_s / compressed_s:.2f}x faster than the dense one "
@@ -300,13 +300,19 @@ class CompressionPlan:
     def _tighten(self, measured):
         """Allocate again for ``target / measured`` times more than the target asks (the current
         seconds); False (margin and choices as they were) where that cannot be met."""
-        before = self._margin, [layer.chosen for layer in self.layers.values()]
-        self._margin *= self.target * VERIFY_MARGIN / measured
+        return self._reallocate(self.time_scale, self._margin * self.target * VERIFY_MARGIN / measured)
+
+    def _reallocate(self, time_scale, margin):
+        """Allocate again with these seconds' scales and this margin; False (scales, margin and
+        choices left as they were) where the target cannot be met then."""
+        layers = list(self.layers.values())
+        before = self.time_scale, self._margin, [layer.chosen for layer in layers]
+        self.time_scale, self._margin = time_scale, margin
         try:
             self._allocate()
         except ValueError:
-            self._margin = before[0]
-            for layer, index in zip(self.layers.values(), before[1]):
+            self.time_scale, self._margin = before[0], before[1]
+            for layer, index in zip(layers, before[2]):
                 layer.chosen = index
             return False
         return True
@@ -333,7 +339,7 @@ class CompressionPlan:
                 f"{dense_s / compressed_s:.2f}x faster than dense ({compressed_s * 1e3:.2f} vs {dense_s * 1e3:.2f} ms)"
             ) from None
 
-    def _fit_scales(self, dense_s, compressed_s):
+    def _fitted_scales(self, dense_s, compressed_s):
         """:attr:`time_scale` fitted to a measured dense model and the current allocation's
         measured compressed model: the dense parts' seconds to the dense model's, the factorized
         options' to what the compressed model took beyond its dense parts."""
@@ -348,23 +354,13 @@ class CompressionPlan:
             # a floor keeps a measurement that leaves the factorized layers nothing from pricing
             # them at zero
             scale["factorized"] = max(compressed_s - dense_scale * kept, 0.05 * compressed_s) / factorized
-        self.time_scale = scale
+        return scale
 
     def _rescale(self, dense_s, compressed_s):
-        """:meth:`_fit_scales` and allocate again; False (scales and choices left as they were)
-        where the target cannot be met then."""
-        layers = list(self.layers.values())
-        before = dict(self.time_scale), [layer.chosen for layer in layers], self._margin
-        self._fit_scales(dense_s, compressed_s)
-        self._margin = max(self._margin, VERIFY_MARGIN)
-        try:
-            self._allocate()
-        except ValueError:
-            self.time_scale, self._margin = before[0], before[2]
-            for layer, chosen_index in zip(layers, before[1]):
-                layer.chosen = chosen_index
-            return False
-        return True
+        """Scales fitted to the measurement (:meth:`_fitted_scales`) and allocate again, aiming at
+        least :data:`VERIFY_MARGIN` beyond the target; False (as :meth:`_reallocate`) where the
+        target cannot be met then."""
+        return self._reallocate(self._fitted_scales(dense_s, compressed_s), max(self._margin, VERIFY_MARGIN))
 
     # -- reporting ----------------------------------------------------------------------------
     def __str__(self):
