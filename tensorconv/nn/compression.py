@@ -26,7 +26,7 @@ from . import _pricing
 from ._pricing import dense_plan, option_cost, record_input_shapes, svd_errors, timing_inputs
 from ._progress import steps
 from .calibration import capture, fit_to
-from .compress import _eligible
+from .compress import _eligible, _svd_eligible
 from .compression_plan import VERIFY_MARGIN, VERIFY_ROUNDS, CompressionPlan, LayerOption, _build, _Layer
 
 __all__ = ["plan_compression", "CompressionPlan", "LayerOption", "BUDGETS", "FACTORIZATIONS"]
@@ -39,22 +39,19 @@ DEFAULT_FRACTIONS = (1 / 16, 1 / 10, 1 / 8, 1 / 6, 1 / 4, 1 / 3, 1 / 2, 3 / 4)
 
 def _kind(module):
     """Which factorizations apply to ``module``: ("cp", "tucker") for a spatial conv (Tucker only
-    when grouped), ("svd",) for a 1x1 conv with groups=1 or an ``nn.Linear`` (the exact type:
-    subclasses such as attention's output projection are read through their owner's weight, not
-    called), () otherwise (and for conv subclasses with their own forward)."""
+    when grouped), ("svd",) for what ``factorize(..., factorization="svd")`` replaces with
+    groups=1 (a 1x1 conv, or an ``nn.Linear`` of exactly that type), () otherwise (and for conv
+    subclasses with their own forward)."""
     from .._conv_modules import check_plain_conv
 
-    if type(module) is nn.Linear:
-        return ("svd",)
-    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return ()
-    try:
-        check_plain_conv(module, "plan_compression")
-    except TypeError:
-        return ()
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        try:
+            check_plain_conv(module, "plan_compression")
+        except TypeError:
+            return ()
     if _eligible(module):
         return ("cp", "tucker") if module.groups == 1 else ("tucker",)
-    return ("svd",) if module.groups == 1 else ()
+    return ("svd",) if _svd_eligible(module) and getattr(module, "groups", 1) == 1 else ()
 
 
 def plan_compression(
