@@ -5,6 +5,7 @@ against the target, edits (``pin``, ``exclude``), verification by timing (``veri
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,7 +78,8 @@ class CompressionPlan:
         fitted by :meth:`verify` to the measured models (1 before).
     verified : dict or None
         The measurement of the allocation :meth:`verify` kept: ``dense`` and ``compressed``
-        seconds, ``predicted`` (the plan's seconds for it before it was measured), ``rounds``.
+        seconds (the slower of its two timings), ``predicted`` (the plan's seconds for it before
+        it was measured), ``rounds`` (allocations measured) and ``timings`` (measurements taken).
     """
 
     def __init__(self, layers, budget, target, fixed, *, allocate=True):
@@ -249,10 +251,12 @@ class CompressionPlan:
         the dense model's, then the factorized options' to what the compressed model took beyond
         its dense parts) and allocate again, at most ``rounds`` times; a measurement more than 10 %
         beyond the target spends a further round the same way on an allocation with less
-        error. The allocation kept is one
-        measured to meet the target (the least error of those), its measurement in
-        :attr:`verified` (with the prediction made before it) and :attr:`time_scale` fitted to
-        it, so that :meth:`total` is what was measured; with none, the last is kept and a
+        error. The allocation kept is the least-error one measured to meet the target in two
+        timings (the second taken after the rounds, since one timing window can be a fast minute
+        of a shared VM; one that misses there is dropped, and where none is left an allocation
+        tightened by that shortfall is timed twice), its slower measurement in :attr:`verified`
+        (with the prediction made before it) and :attr:`time_scale` fitted to it, so that
+        :meth:`total` is what was measured; with none, the last is kept and a
         warning says so. Returns the plan."""
         if self.budget != "latency":
             raise ValueError(f"verify: the plan's budget is {self.budget!r}; only a latency plan is timed")
@@ -260,8 +264,9 @@ class CompressionPlan:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"verify: {arg}={value!r}: expected an int >= 1")
         inputs = timing_inputs(model, example_inputs)
+        seeds = itertools.count(seed + 1)
         for done in range(1, rounds + 1):
-            dense_s, compressed_s = self._measure(model, inputs, repeat, seed + done)
+            dense_s, compressed_s = self._measure(model, inputs, repeat, next(seeds))
             met = self._record(dense_s, compressed_s, done)
             if done == rounds or (met and dense_s / compressed_s <= self.target * VERIFY_MARGIN * CLOSE_ENOUGH):
                 break
@@ -271,27 +276,58 @@ class CompressionPlan:
             # the same seconds asked for the shortfall beyond the target
             if not (self._rescale(dense_s, compressed_s) or (not met and self._tighten(dense_s / compressed_s))):
                 break
-        if self._met:  # the least error of the allocations measured to meet the target
-            error, chosen, measured = min(self._met, key=lambda m: m[0])
-            for layer, index in zip(self.layers.values(), chosen):
-                layer.chosen = index
-            self.verified = dict(measured, rounds=self.verified["rounds"])
-            self.time_scale = self._fitted_scales(measured["dense"], measured["compressed"])
+        confirmed = self._confirm(model, inputs, repeat, seeds, tries=rounds)
+        if confirmed is not None:
+            self.verified = confirmed
+            self.time_scale = self._fitted_scales(confirmed["dense"], confirmed["compressed"])
             return self
+        dense_s, compressed_s = self.verified["dense"], self.verified["compressed"]
         warnings.warn(
             f"verify: the compressed model measured {dense_s / compressed_s:.2f}x faster than the dense one "
             f"({compressed_s * 1e3:.1f} vs {dense_s * 1e3:.1f} ms), short of target={self.target}x (and the "
             f"{VERIFY_MARGIN - 1:.0%} beyond it a second timing needs) after "
-            f"{self.verified['rounds']} round(s); allow smaller ranks (fractions=), more rounds (verify=), "
+            f"{self.verified['timings']} timing(s); allow smaller ranks (fractions=), more rounds (verify=), "
             "or lower the target",
             stacklevel=2,
         )
         return self
 
+    def _confirm(self, model, inputs, repeat, seeds, tries):
+        """The least-error allocation of those measured to meet the target, timed once more: one
+        timing window can be a fast minute of a shared VM. Kept (its choices set) where the second
+        timing meets the target too, with the slower of its two measurements; else dropped and the
+        next one tried, and once none is left, an allocation tightened by the shortfall the second
+        timing showed is measured (``tries`` timings in all). Returns the measurement kept, or None."""
+        while self._met and tries > 0:
+            entry = min(self._met, key=lambda m: m[0])
+            self._met.remove(entry)
+            _, chosen, first = entry
+            for layer, index in zip(self.layers.values(), chosen):
+                layer.chosen = index
+            dense_s, compressed_s = self._measure(model, inputs, repeat, next(seeds))
+            tries -= 1
+            speedup = dense_s / compressed_s
+            if speedup >= self.target * VERIFY_MARGIN:
+                slower = min(first, {**first, "dense": dense_s, "compressed": compressed_s}, key=_speedup)
+                return dict(slower, rounds=self.verified["rounds"], timings=self.verified["timings"] + 1)
+            self.verified = dict(first, dense=dense_s, compressed=compressed_s, timings=self.verified["timings"] + 1)
+            if not self._met and tries > 0 and self._tighten(speedup):
+                # its first timing; the loop times it again before it is kept
+                self._record(*self._measure(model, inputs, repeat, next(seeds)), self.verified["rounds"] + 1)
+                tries -= 1
+        return None
+
     def _record(self, dense_s, compressed_s, rounds):
         """Keep a measurement of the current allocation (with the prediction made before it);
         whether it met the target."""
-        self.verified = {"dense": dense_s, "compressed": compressed_s, "predicted": self.total(), "rounds": rounds}
+        timings = self.verified["timings"] + 1 if self.verified else 1
+        self.verified = {
+            "dense": dense_s,
+            "compressed": compressed_s,
+            "predicted": self.total(),
+            "rounds": rounds,
+            "timings": timings,
+        }
         met = dense_s / compressed_s >= self.target * VERIFY_MARGIN
         if met:
             self._met.append((self.error, [layer.chosen for layer in self.layers.values()], dict(self.verified)))
@@ -400,6 +436,10 @@ class CompressionPlan:
             f"<CompressionPlan {self.budget} target={self.target}x: {len(self.layers)} layers, {kept} kept dense, "
             f"{self.dense_total / self.total():.2f}x>"
         )
+
+
+def _speedup(measurement):
+    return measurement["dense"] / measurement["compressed"]
 
 
 def _fmt(value, budget="params"):
