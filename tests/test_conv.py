@@ -561,6 +561,53 @@ def test_strided_pointwise_steps_are_not_strided_native_convs(monkeypatch):
 
 
 @needs_torch
+@pytest.mark.parametrize("padding", [0, 2, ((1, 2),)], ids=["valid", "symmetric", "asymmetric"])
+@pytest.mark.parametrize("stride, dilation", [(1, 1), (2, 1), (1, 2), (3, 2)])
+@pytest.mark.parametrize("mode", ["zeros", "reflect"])
+def test_one_dimensional_native_steps_match_conv1d(monkeypatch, padding, stride, dilation, mode):
+    """1-D plan steps run as 2-D convs of a (B, C, 1, L) channels-last view and 1x1 steps as
+    GEMMs (conv1d would reorder a channels-last input); values and gradients against F.conv1d
+    of the dense kernel, float64 through the float32 path (native convs forced)."""
+    import torch.nn.functional as F
+
+    from tensorconv.nn import KruskalConv, TuckerConv
+
+    handed = []
+    real = F.conv1d
+
+    def spy(x, *args, **kw):
+        handed.append(x.is_contiguous())
+        return real(x, *args, **kw)
+
+    monkeypatch.setattr(F, "conv1d", spy)
+    for layer in (
+        KruskalConv(5, 7, (3,), rank=4, strategy="factorized"),
+        TuckerConv(6, 4, (5,), rank=(3, 2), strategy="factorized"),
+    ):
+        layer = layer.double()
+        pads = ((padding, padding),) if isinstance(padding, int) else padding
+        x = torch.randn(3, layer.in_channels, 23, dtype=torch.float64, requires_grad=True)
+        padded = F.pad(x, pads[0], mode="constant" if mode == "zeros" else mode)
+        expected = real(padded, layer.kernel.to_dense(), None, stride, 0, dilation)
+        with native_torch_convs():
+            got = conv(
+                x,
+                layer.kernel,
+                stride=stride,
+                dilation=dilation,
+                padding=padding,
+                padding_mode=mode,
+                strategy="factorized",
+            )
+        assert rel_err(got.detach().numpy(), expected.detach().numpy()) < TOL
+        g = torch.randn_like(expected)
+        (grad_got,) = torch.autograd.grad(got, x, g)
+        (grad_expected,) = torch.autograd.grad(expected, x, g)
+        assert rel_err(grad_got.numpy(), grad_expected.numpy()) < TOL
+    assert all(handed), "a plan step handed conv1d a channels-last view"
+
+
+@needs_torch
 @pytest.mark.slow
 @pytest.mark.parametrize("threads", [1, 2])
 def test_strided_pointwise_float32_gradients_match_float64(threads):

@@ -98,9 +98,12 @@ class TorchConvs(NativeConvs):
             def run(act, weight):
                 act = prepare(act)
                 shape = tuple(act.shape)
-                if groups == 1 and not act.is_contiguous():
-                    # typically the caller's channels-first input seen channels-last: a GEMM with a
-                    # transposed operand reads it in place, where a copy would cost more than the product
+                if groups == 1 and (act.device.type == "cpu" or not act.is_contiguous()):
+                    # a GEMM: it reads the caller's channels-first input seen channels-last in place
+                    # (a copy would cost more than the product), and on a CPU it keeps no state per
+                    # shape, where oneDNN's conv compiles a primitive for every new shape (its cache
+                    # holds a few hundred: a model fed many input sizes compiled them on every call)
+                    # and costs more per call than a small product
                     out = torch.matmul(
                         act.reshape(shape[0], positions(shape), shape[-1]), weight.reshape(t, per_group).transpose(0, 1)
                     )
@@ -111,6 +114,20 @@ class TorchConvs(NativeConvs):
                 x = act.contiguous().reshape(shape[0], positions(shape), 1, shape[-1]).movedim(-1, 1)
                 out = F.conv2d(x, weight.reshape(t, per_group, 1, 1), None, 1, 0, 1, groups)
                 return out.movedim(1, -1).reshape(shape[:-1] + (t,))
+
+            return run
+        if n == 1:
+            # a (B, C, 1, L) view with channels-last strides: a 3-D tensor has no channels-last
+            # memory format, so conv1d reorders a channels-last input to channels-first and back
+            # (which cost more than the conv itself), and oneDNN's 2-D depthwise kernels run
+            # along the last mode
+            stride2, dilation2 = (1,) + stride, (1,) + dilation
+            pad2 = (0, native_pad[0]) if native_pad else 0
+
+            def run(act, weight):
+                x = prepare(act).contiguous().unsqueeze(1).movedim(-1, 1)
+                out = F.conv2d(x, _contiguous_weight(weight).unsqueeze(2), None, stride2, pad2, dilation2, groups)
+                return out.movedim(1, -1).squeeze(1)
 
             return run
         if n <= 3:
