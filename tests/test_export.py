@@ -355,6 +355,65 @@ def test_jit_trace_is_shape_generic(padding_mode):
 
 
 @needs_torch
+def test_a_trace_records_the_rebuilt_kernel_where_the_plan_for_its_shape_rebuilds_it():
+    """A traced (ONNX-exported) graph holds the form the eager plan runs at the traced shape: the
+    rebuilt dense kernel as one conv where ``auto`` rebuilds a CP kernel (ONNX Runtime ran
+    r3d_18's stem as five convs at twice the dense conv's time), the factors' chain where it runs
+    them; ``strategy="reconstructed"`` / ``"factorized"`` as asked. Either graph holds at other
+    shapes."""
+    from tensorconv import plan_conv
+    from tensorconv.nn import KruskalConv
+
+    def convs(traced):
+        return sum(1 for node in traced.inlined_graph.nodes() if node.kind() == "aten::_convolution")
+
+    torch.manual_seed(0)
+    shapes = [(1, 8, 32, 32), (8, 8, 32, 32)]
+    for strategy in ("auto", "reconstructed", "factorized"):
+        layer = KruskalConv(8, 16, (7, 7), rank=20, padding=3, strategy=strategy).eval()
+        for shape in shapes:
+            planned = plan_conv(layer.kernel, shape, padding=3, backend="torch", dtype="float32").strategy
+            rebuilt = strategy == "reconstructed" or (strategy == "auto" and planned == "reconstructed")
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("error", torch.jit.TracerWarning)  # planning records nothing
+                traced = torch.jit.trace(layer, torch.randn(shape))
+                assert convs(traced) == (1 if rebuilt else 4), (strategy, shape, planned)
+                for other in shapes:
+                    x = torch.randn(other)
+                    assert rel_err(traced(x), layer(x)) < 1e-5  # float32: stated 1e-5
+    auto = KruskalConv(8, 16, (7, 7), rank=20, padding=3).kernel
+    # both forms are exercised: the default cost model rebuilds at one shape and not the other
+    assert [plan_conv(auto, s, padding=3, backend="torch", dtype="float32").strategy for s in shapes] == [
+        "reconstructed",
+        "factorized",
+    ]
+
+
+@pytest.mark.slow
+def test_onnx_export_of_a_layer_its_plan_rebuilds_is_one_conv_in_onnxruntime(tmp_path):
+    if not os.environ.get("CI"):
+        pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (a test extra)")
+        pytest.importorskip("onnxscript", reason="onnxscript is not installed (a test extra)")
+    import onnx
+    import onnxruntime as ort
+
+    from tensorconv.nn import KruskalConv
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(KruskalConv(8, 16, (7, 7), rank=20, padding=3), torch.nn.ReLU()).eval()
+    x = torch.randn(1, 8, 32, 32)
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(model, (x,), dynamo=True, verbose=False).save(str(path))
+    convs = [node for node in onnx.load(str(path)).graph.node if node.op_type == "Conv"]
+    assert len(convs) == 1, [node.op_type for node in onnx.load(str(path)).graph.node]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want = model(x).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())  # float32: stated 1e-4
+
+
+@needs_torch
 def test_jit_script_says_why():
     from tensorconv.nn import KruskalConv
 

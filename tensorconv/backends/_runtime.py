@@ -38,6 +38,15 @@ class Runtime:
         makes, so a plan chosen in Python for one input shape must not be what it records."""
         return None
 
+    def static_shape(self, x) -> tuple | None:
+        """``x``'s shape as ints where a tracer sees fixed sizes, None where some are symbolic:
+        what a traced call may plan for (read inside :meth:`untraced`)."""
+        return tuple(int(d) for d in x.shape)
+
+    def untraced(self):
+        """A context in which a tracer records nothing: sizes read there are plain ints."""
+        return contextlib.nullcontext()
+
     def compile_plan(self, run: Callable) -> Callable | None:
         """``run(x, kernel)`` compiled as one program, for libraries that trace whole functions
         (jax.jit); None where ops run one at a time as called (numpy, cupy, torch eager)."""

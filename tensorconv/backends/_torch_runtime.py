@@ -1,5 +1,7 @@
 """torch's runtime behind :class:`Runtime`: autocast, its tracers, checkpointed tiles."""
 
+import contextlib
+
 from ._runtime import Runtime
 
 
@@ -30,6 +32,25 @@ class TorchRuntime(Runtime):
         if torch.compiler.is_compiling():
             return "compile"  # dynamo or torch.export: a registered custom op may be recorded
         return None
+
+    def static_shape(self, x):
+        shape = tuple(x.shape)
+        return shape if all(type(d) is int for d in shape) else None  # SymInts: sizes left symbolic
+
+    @contextlib.contextmanager
+    def untraced(self):
+        torch = self.backend.xp
+        if not torch.jit.is_tracing():
+            yield
+            return
+        # jit.trace hands out sizes as traced tensors and records what reads them: paused, it
+        # hands out ints and records (and warns about) nothing
+        state = torch._C._get_tracing_state()
+        torch._C._set_tracing_state(None)
+        try:
+            yield
+        finally:
+            torch._C._set_tracing_state(state)
 
     def tile_checkpoint(self, x, tensors):
         torch = self.backend.xp

@@ -23,7 +23,7 @@ from .executor import Reconstruction, compile_steps, dense_conv
 from .planner import decide
 from .problem import ConvProblem, check_arrays, kernel_arrays, problem_for
 from .structure import structure_of, weight_arrays
-from .traced import traced_conv, traced_geometry
+from .traced import rebuilt_when_traced, traced_conv, traced_geometry
 
 __all__ = ["ConvPlan", "plan_conv", "conv"]
 
@@ -369,26 +369,22 @@ def conv(
                 strategy=strategy,
             )
     check_arrays(x, kernel, backend)
+
+    def plan_for(shape):  # looked up by the kernel's structure and the shape
+        kw = dict(stride=stride, padding=padding, dilation=dilation, padding_mode=padding_mode, strategy=strategy)
+        structure = structure_of(kernel, groups)
+        problem = problem_for(
+            structure, shape, **kw, dtype=backend.itemsize(x), backend=backend.name, device=backend.device(x)
+        )
+        return _conv_plans.get((registered_accelerators(), structure), (problem,))
+
     tracer = runtime.tracer()
     if tracer is not None:
         # a plan is chosen per input shape in Python, which a tracer would freeze to the shape it
         # saw: it records the shape-generic form of the steps instead (or one opaque op)
         geometry = traced_geometry(x, kernel, stride, padding, dilation, padding_mode, strategy)
-        return traced_conv(backend, tracer, x, kernel, groups=groups, **geometry)
-    structure = structure_of(kernel, groups)
-    problem = problem_for(
-        structure,
-        tuple(int(d) for d in x.shape),
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        padding_mode=padding_mode,
-        strategy=strategy,
-        dtype=backend.itemsize(x),
-        backend=backend.name,
-        device=backend.device(x),
-    )
-    plan = _conv_plans.get((registered_accelerators(), structure), (problem,))
-    # the plan was looked up by this kernel's structure and x's shape, and the arrays were
-    # checked above: nothing is left for the plan to re-check
+        rebuild = rebuilt_when_traced(runtime, tracer, x, kernel, strategy, plan_for)
+        return traced_conv(backend, tracer, x, kernel, groups=groups, rebuild=rebuild, **geometry)
+    plan = plan_for(tuple(int(d) for d in x.shape))
+    # the arrays were checked above: nothing is left for the plan to re-check
     return plan._run(backend, x, kernel)

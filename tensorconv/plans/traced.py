@@ -22,7 +22,7 @@ from ..kernels import KruskalKernel, TuckerKernel
 from .planner import STRATEGIES
 from .spec import normalize_int_tuple, normalize_padding
 
-__all__ = ["register_recorder", "traced_conv", "traced_geometry"]
+__all__ = ["rebuilt_when_traced", "register_recorder", "traced_conv", "traced_geometry"]
 
 #: backend name -> record(x, kernel, stride, pads, dilation, padding_mode, strategy) -> array or None
 _RECORDERS: dict = {}
@@ -63,10 +63,30 @@ def _has_layer_layout(kernel, n):
     )
 
 
-def traced_conv(backend, tracer, x, kernel, *, stride, pads, dilation, groups, padding_mode, strategy):
-    """``conv(x, kernel, ...)`` as a tracer should record it; ``pads``: (low, high) per mode."""
+def rebuilt_when_traced(runtime, tracer, x, kernel, strategy, plan_for):
+    """Whether a traced CP conv records its kernel rebuilt dense: ``strategy="reconstructed"``,
+    or ``"auto"`` under a trace for export at fixed sizes where the eager plan for the traced
+    shape (``plan_for(shape)``) rebuilds it. The graph holds one form for every shape, and ONNX
+    Runtime runs what it holds: a factors' chain where the plan rebuilds the kernel runs slower
+    there as well. (Not Tucker kernels: their chain is the bottleneck, one core conv.)"""
+    if not isinstance(kernel, KruskalKernel):
+        return False
+    if strategy != "auto" or tracer != "trace":
+        return strategy == "reconstructed"
+    with runtime.untraced():  # nothing planning reads is recorded
+        shape = runtime.static_shape(x)
+        return shape is not None and plan_for(shape).strategy == "reconstructed"
+
+
+def traced_conv(backend, tracer, x, kernel, *, stride, pads, dilation, groups, padding_mode, strategy, rebuild=False):
+    """``conv(x, kernel, ...)`` as a tracer should record it; ``pads``: (low, high) per mode.
+    ``rebuild``: record the kernel rebuilt dense and one conv (where the plan for the traced
+    shape does that, or ``strategy="reconstructed"`` asks for it)."""
     n = len(pads)
-    if isinstance(kernel, KruskalKernel) and _has_layer_layout(kernel, n):
+    layer_cp = isinstance(kernel, KruskalKernel) and _has_layer_layout(kernel, n)
+    if rebuild and layer_cp and kernel.factors[1] is not None:
+        chain = _kruskal_rebuilt
+    elif layer_cp:
         record = _RECORDERS.get(backend.name) if tracer == "compile" else None
         if (
             record is not None
@@ -126,6 +146,18 @@ def _kruskal_steps(backend, h, kernel, stride, pads, dilation, groups):
             groups=rank,
         )
     return conv(h, u_t[(...,) + unit], stride=(1,) * n, dilation=(1,) * n)
+
+
+def _kruskal_rebuilt(backend, h, kernel, stride, pads, dilation, groups):
+    """The CP kernel rebuilt dense and convolved once, by broadcast products and one matmul: ops
+    a tracer records as they are (an einsum of more than two operands plans its order from the
+    factors' sizes, which a trace would read and freeze)."""
+    u_t, u_c, *spatial = kernel.factors
+    p = u_c * kernel.weights  # (C, R)
+    for m, u in enumerate(spatial):  # (C, K_0, .., K_m, R): one more mode each
+        p = p[(slice(None),) * (m + 1) + (None,)] * u[(None,) * (m + 1)]
+    weight = backend.moveaxis(backend.matmul(p, backend.moveaxis(u_t, 0, 1)), -1, 0)  # (T, C, *K)
+    return backend.native.dense(h, weight, stride=stride, dilation=dilation, padding=pads, groups=groups)
 
 
 def _tucker_steps(backend, h, kernel, stride, pads, dilation, groups):
