@@ -5,7 +5,9 @@ A plan is chosen in Python for one input shape; a tracer (torch.jit.trace, ONNX 
 torch.compile, torch.export) would freeze that choice to the shape it saw. So under a tracer
 ``conv()`` records a shape-generic form instead: a CP kernel as 1x1 -> one depthwise conv per
 spatial mode -> 1x1, a Tucker kernel as 1x1 -> (grouped) core conv -> 1x1, each a native conv of
-the library (``backend.native.dense``), any other kernel rebuilt dense and convolved once. Where a
+the library (``backend.native.dense``), any other kernel rebuilt dense and convolved once (a CP
+kernel too where a trace for export sees fixed sizes and the eager plan for them rebuilds it:
+:func:`rebuilt_when_traced`). Where a
 compiler may record a custom op (:meth:`Runtime.tracer` says ``"compile"``) and an accelerator
 serves the input's device, a CP kernel is recorded as the op registered with
 :func:`register_recorder` (torch's ``tensorconv::cp_conv``, which runs the plan when the compiled
