@@ -371,10 +371,18 @@ def conv(
     check_arrays(x, kernel, backend)
 
     def plan_for(shape):  # looked up by the kernel's structure and the shape
-        kw = dict(stride=stride, padding=padding, dilation=dilation, padding_mode=padding_mode, strategy=strategy)
         structure = structure_of(kernel, groups)
         problem = problem_for(
-            structure, shape, **kw, dtype=backend.itemsize(x), backend=backend.name, device=backend.device(x)
+            structure,
+            shape,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            padding_mode=padding_mode,
+            strategy=strategy,
+            dtype=backend.itemsize(x),
+            backend=backend.name,
+            device=backend.device(x),
         )
         return _conv_plans.get((registered_accelerators(), structure), (problem,))
 

@@ -70,8 +70,13 @@ def rebuilt_when_traced(runtime, tracer, x, kernel, strategy, plan_for):
     or ``"auto"`` under a trace for export at fixed sizes where the eager plan for the traced
     shape (``plan_for(shape)``) rebuilds it. The graph holds one form for every shape, and ONNX
     Runtime runs what it holds: a factors' chain where the plan rebuilds the kernel runs slower
-    there as well. (Not Tucker kernels: their chain is the bottleneck, one core conv.)"""
-    if not isinstance(kernel, KruskalKernel):
+    there as well. (CP kernels laid out as a layer's, with U_C: a Tucker kernel's chain is the
+    bottleneck, one core conv.)"""
+    if not (
+        isinstance(kernel, KruskalKernel)
+        and _has_layer_layout(kernel, len(kernel.shape) - 2)
+        and kernel.factors[1] is not None
+    ):
         return False
     if strategy != "auto" or tracer != "trace":
         return strategy == "reconstructed"
@@ -82,13 +87,12 @@ def rebuilt_when_traced(runtime, tracer, x, kernel, strategy, plan_for):
 
 def traced_conv(backend, tracer, x, kernel, *, stride, pads, dilation, groups, padding_mode, strategy, rebuild=False):
     """``conv(x, kernel, ...)`` as a tracer should record it; ``pads``: (low, high) per mode.
-    ``rebuild``: record the kernel rebuilt dense and one conv (where the plan for the traced
-    shape does that, or ``strategy="reconstructed"`` asks for it)."""
+    ``rebuild``: record the kernel rebuilt dense and one conv (as :func:`rebuilt_when_traced`
+    decides)."""
     n = len(pads)
-    layer_cp = isinstance(kernel, KruskalKernel) and _has_layer_layout(kernel, n)
-    if rebuild and layer_cp and kernel.factors[1] is not None:
+    if rebuild:  # rebuilt_when_traced said yes: a layer-shaped CP kernel with U_C
         chain = _kruskal_rebuilt
-    elif layer_cp:
+    elif isinstance(kernel, KruskalKernel) and _has_layer_layout(kernel, n):
         record = _RECORDERS.get(backend.name) if tracer == "compile" else None
         if (
             record is not None
