@@ -799,24 +799,14 @@ print(faults / pages, plan_conv(k, x.shape, padding=1, strategy=strategy).accele
 
 
 @needs_torch
-@pytest.mark.parametrize(
-    "strategy",
-    [
-        "fused",
-        pytest.param(
-            "factorized",
-            marks=pytest.mark.xfail(
-                strict=True, reason="#24 item 1: the unfused plan allocates its intermediates anew on every call"
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("strategy", ["fused", "factorized"])
 def test_a_second_call_of_the_same_shape_takes_no_fresh_pages_beyond_its_output(strategy, request):
     """In a plain process (glibc's default allocator, as users run): after the first calls, a
     factorized forward of the same shape page-faults in at most its output's pages (a fresh
     output per call is the caller's), not its intermediates: fresh pages cost up to 2x. Counted
     as the process's minor page faults (a rank-200 CP conv of an r3d_18 layer1 input, whose
-    intermediates are several times its output)."""
+    four intermediates are 40 MB each, above glibc's largest mmap threshold: allocated anew,
+    they faulted in about 13x the output's pages per call)."""
     if strategy == "fused":
         request.getfixturevalue("plane_kernel")
     done = run_python(_FAULTS_CODE.format(strategy=strategy))
@@ -824,3 +814,119 @@ def test_a_second_call_of_the_same_shape_takes_no_fresh_pages_beyond_its_output(
     ratio, accelerator = done.stdout.split()
     assert accelerator == ("plane_chain" if strategy == "fused" else "None")
     assert float(ratio) <= 1.5, f"{float(ratio):.1f}x the output's pages faulted in per call"
+
+
+@needs_torch
+@pytest.mark.parametrize("kind", ["kruskal", "tucker"])
+@given(geo=geometries(), data=st.data())
+def test_steps_written_into_reused_buffers_match_the_dense_conv(kind, geo, data):
+    """Without a backward to feed, a factorized forward writes its intermediates into the thread's
+    two buffers (GEMMs with ``out=``, oneDNN convs accumulating into a zeroed buffer): float32
+    against the float64 NumPy oracle at rel 1e-5 (float32's stated tolerance), for every geometry,
+    1-4-D, CP and Tucker; and to 1e-6 of the same plan run where a backward needs fresh tensors."""
+    from tensorconv.plans.workspace import free_workspace, workspace_for
+
+    t, c, b = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 6)), data.draw(st.integers(1, 2))
+    kernel = _kernel(kind, t, c, geo["ks"], data.draw(st.integers(0, 999)), data)
+    x = np.random.default_rng(1).standard_normal((b, c) + geo["dims"])
+    geometry = dict(stride=geo["stride"], dilation=geo["dilation"], padding_mode=geo["mode"])
+    expected = np_conv(x, kernel.to_dense(), padding=geo["pads"], **geometry)
+    k32 = kernel.to_backend("torch").astype("float32")
+    x32 = torch.from_numpy(x).float()
+    plan = plan_conv(k32, x32.shape, strategy="factorized", padding=geo["padding"], **geometry)
+    free_workspace()
+    with torch.no_grad():
+        got = plan(x32, k32)
+        again = plan(x32 * 2, k32)  # the second call writes over the first call's intermediates
+    acts = sum(s.kind != "weights" for s in plan.steps)
+    assert (workspace_for(k32.backend, x32).nbytes > 0) == (acts > 1 and plan.accelerator is None)
+    assert rel_err(got.numpy(), expected) < 1e-5
+    assert rel_err(again.numpy(), 2 * expected) < 1e-5
+    x_grad = x32.clone().requires_grad_(True)
+    fresh = plan(x_grad, k32)  # autograd on: no buffers
+    assert rel_err(got.numpy(), fresh.detach().numpy()) < 1e-6
+
+
+@needs_torch
+def test_a_callers_output_is_never_a_buffer_a_later_call_writes():
+    """The last step's output is a new tensor: results of earlier calls stay as they were."""
+    from tensorconv.nn import KruskalConv, TuckerConv
+
+    for layer in (
+        KruskalConv(6, 5, (3, 3, 3), rank=7, padding=1, bias=False, strategy="factorized"),
+        TuckerConv(6, 5, (3, 3), rank=(4, 3), padding="same", bias=False, strategy="factorized"),
+    ):
+        shape = (2, 6) + (9,) * layer.n_spatial
+        xs = [torch.randn(shape) for _ in range(3)]
+        with torch.no_grad():
+            outs = [layer(x) for x in xs]
+            dense = layer.kernel.to_dense()
+            for x, y in zip(xs, outs):
+                want = (torch.nn.functional.conv2d, torch.nn.functional.conv3d)[layer.n_spatial - 2](
+                    x.double(), dense.double(), padding=1
+                )
+                assert rel_err(y.double().numpy(), want.numpy()) < 1e-5
+
+
+@needs_torch
+def test_buffers_are_per_thread():
+    """Two threads running one plan at once, each on its own inputs, get their own results: the
+    buffers are per thread (a shared pair would mix the threads' intermediates)."""
+    import threading
+
+    k = KruskalKernel.random((8, 8, 3, 3), 12, backend="torch", dtype="float32", seed=0)
+    xs = [torch.randn(2, 8, 40, 40) for _ in range(2)]
+    wants = [torch.nn.functional.conv2d(x.double(), k.to_dense().double(), padding=1) for x in xs]
+    plan = plan_conv(k, xs[0].shape, padding=1, strategy="factorized")
+    start, errors = threading.Barrier(2), [[], []]
+
+    def work(i):
+        start.wait()
+        with torch.no_grad():
+            for _ in range(30):
+                errors[i].append(rel_err(plan(xs[i], k).double().numpy(), wants[i].numpy()))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert len(errors[0]) == len(errors[1]) == 30
+    assert max(errors[0] + errors[1]) < 1e-5
+
+
+@needs_torch
+def test_buffers_serve_inference_mode_no_grad_and_autograd_alike():
+    """Buffers made inside torch.inference_mode are normal tensors (an inference tensor could not
+    be written outside it); a call that feeds a backward allocates fresh tensors and its gradients
+    are right; free_workspace frees what the thread holds."""
+    from tensorconv.plans.workspace import free_workspace
+
+    k = KruskalKernel.random((5, 4, 3, 3, 3), 6, backend="torch", dtype="float32", seed=1)
+    x = torch.randn(1, 4, 8, 8, 8)
+    want = torch.nn.functional.conv3d(x.double(), k.to_dense().double(), padding=1)
+    free_workspace()
+    for context in (torch.inference_mode, torch.no_grad, torch.inference_mode, torch.no_grad):
+        with context():
+            assert rel_err(conv(x, k, padding=1, strategy="factorized").double().numpy(), want.numpy()) < 1e-5
+    assert free_workspace() > 0
+    x_grad = x.clone().requires_grad_(True)
+    y = conv(x_grad, k, padding=1, strategy="factorized")
+    assert free_workspace() == 0  # autograd on: nothing was written into buffers
+    g = torch.randn_like(y)
+    (got,) = torch.autograd.grad(y, x_grad, g)
+    xd = x.double().requires_grad_(True)
+    (expected,) = torch.autograd.grad(torch.nn.functional.conv3d(xd, k.to_dense().double(), padding=1), xd, g.double())
+    assert rel_err(got.double().numpy(), expected.numpy()) < 1e-5
+
+
+@needs_torch
+def test_buffers_without_onednn_fall_back_to_new_tensors():
+    """With oneDNN switched off (torch.backends.mkldnn.flags) the depthwise steps cannot write into
+    a buffer: they run as torch's other conv kernels into new tensors, with the same results."""
+    k = KruskalKernel.random((6, 5, 3, 3), 7, backend="torch", dtype="float32", seed=2)
+    x = torch.randn(2, 5, 11, 13)
+    want = torch.nn.functional.conv2d(x.double(), k.to_dense().double(), stride=(1, 2), padding=(1, 2), dilation=(1, 2))
+    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):
+        got = conv(x, k, stride=(1, 2), padding=(1, 2), dilation=(1, 2), strategy="factorized")
+    assert rel_err(got.double().numpy(), want.numpy()) < 1e-5

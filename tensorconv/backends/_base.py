@@ -93,6 +93,10 @@ class ArrayBackend:
     def asarray(self, data, *, dtype=None, device=None):
         return self.xp.asarray(data, dtype=dtype)
 
+    def empty(self, shape, *, like):
+        """An uninitialised array of ``like``'s dtype (and device): a buffer to write into."""
+        return self.xp.empty(shape, dtype=like.dtype)
+
     def zeros(self, shape, *, like):
         return self.xp.zeros(shape, dtype=like.dtype)
 

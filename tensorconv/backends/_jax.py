@@ -156,13 +156,13 @@ class JaxConvs(NativeConvs):
         )
 
     def channels_last(self, act_shape, weight_shape, *, stride, dilation, padding, padding_mode, groups):
-        """``run(act, weight)``: one XLA convolution of channels-last (B, *D, C) activations, or
+        """``run(act, weight, out=None)``: one XLA convolution of channels-last (B, *D, C) activations, or
         None for depthwise steps: XLA's CPU grouped convolution with one channel per group runs
         far below its elementwise code, so the caller's tap loop (fused by XLA) runs those."""
         if groups > 1 and int(weight_shape[1]) == 1:
             return None
 
-        def run(act, weight):
+        def run(act, weight, out=None):  # out is ignored: jax arrays are immutable
             return self._conv(
                 act,
                 weight,

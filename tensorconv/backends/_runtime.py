@@ -52,6 +52,12 @@ class Runtime:
         (jax.jit); None where ops run one at a time as called (numpy, cupy, torch eager)."""
         return None
 
+    def reuses_buffers(self, x, tensors) -> bool:
+        """Whether this call may write its intermediates into buffers kept from call to call
+        (:mod:`tensorconv.plans.workspace`): only where no backward will read them, no tracer
+        records the call and the library's allocator does not already keep freed memory."""
+        return False
+
     def tile_checkpoint(self, x, tensors) -> Callable:
         """``call(fn, *args)`` for one tile of a fused plan: where a backward will run through it,
         the tile's intermediates are recomputed there instead of kept (torch's checkpoint)."""

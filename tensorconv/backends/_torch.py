@@ -47,6 +47,12 @@ class TorchBackend(ArrayBackend):
     def asarray(self, data, *, dtype=None, device=None):
         return self.xp.as_tensor(data, dtype=self.resolve_dtype(dtype) if dtype is not None else None, device=device)
 
+    def empty(self, shape, *, like):
+        # a normal tensor even inside torch.inference_mode: a buffer kept from call to call is
+        # written in place outside it too, which an inference tensor refuses
+        with self.xp.inference_mode(False):
+            return self.xp.empty(shape, dtype=like.dtype, device=like.device)
+
     def zeros(self, shape, *, like):
         return self.xp.zeros(shape, dtype=like.dtype, device=like.device)
 

@@ -20,6 +20,38 @@ def _contiguous_weight(weight):
     return weight
 
 
+def _conv_into(out, x, weight, stride, padding, dilation, groups):
+    """``conv(x, weight)`` written into the flat buffer ``out`` (a view of it returned), where
+    oneDNN can; None where it cannot (the caller runs the conv into a new tensor).
+
+    ``x`` is a channels-last view (B, C, *D). The conv has no ``out=``, so this is oneDNN's
+    convolution with a fused "add" post-op, which accumulates into the tensor it is handed: the
+    buffer, zeroed first, viewed with the channels-last strides oneDNN writes. Inductor uses the
+    same op; it records no autograd, which is why only calls that feed no backward pass ``out``.
+    """
+    if (
+        _ADD_INTO is None
+        or x.dtype not in _ADD_INTO_DTYPES
+        or out.dtype != x.dtype
+        or not torch._C._get_mkldnn_enabled()
+    ):
+        return None
+    n = x.ndim - 2
+    ks = weight.shape[2:]
+    spatial = tuple(
+        (x.shape[2 + m] + 2 * padding[m] - dilation[m] * (ks[m] - 1) - 1) // stride[m] + 1 for m in range(n)
+    )
+    numel = x.shape[0] * math.prod(spatial) * weight.shape[0]
+    y = out[:numel].view((x.shape[0],) + spatial + (weight.shape[0],)).movedim(-1, 1).zero_()
+    return _ADD_INTO(y, x, weight, None, padding, stride, dilation, groups, "add", None, None, [], None)
+
+
+_ADD_INTO = getattr(getattr(torch.ops.mkldnn, "_convolution_pointwise_", None), "binary", None)
+if _ADD_INTO is not None and not torch.backends.mkldnn.is_available():
+    _ADD_INTO = None
+_ADD_INTO_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 class TorchConvs(NativeConvs):
     """Native convs of torch tensors: float32 / float16 / bfloat16 on CPU, every dtype on a GPU."""
 
@@ -95,7 +127,7 @@ class TorchConvs(NativeConvs):
 
         if pointwise:
 
-            def run(act, weight):
+            def run(act, weight, out=None):
                 act = prepare(act)
                 shape = tuple(act.shape)
                 if groups == 1 and (act.device.type == "cpu" or not act.is_contiguous()):
@@ -104,10 +136,12 @@ class TorchConvs(NativeConvs):
                     # shape, where oneDNN's conv compiles a primitive for every new shape (its cache
                     # holds a few hundred: a model fed many input sizes compiled them on every call)
                     # and costs more per call than a small product
-                    out = torch.matmul(
-                        act.reshape(shape[0], positions(shape), shape[-1]), weight.reshape(t, per_group).transpose(0, 1)
-                    )
-                    return out.reshape(shape[:-1] + (t,))
+                    a = act.reshape(shape[0], positions(shape), shape[-1])
+                    w = weight.reshape(t, per_group).transpose(0, 1)
+                    if out is None or out.dtype != a.dtype:
+                        return torch.matmul(a, w).reshape(shape[:-1] + (t,))
+                    y = out[: a.shape[0] * a.shape[1] * t].view(a.shape[0], a.shape[1], t)
+                    return torch.matmul(a, w, out=y).reshape(shape[:-1] + (t,))
                 # a 1x1 conv: one conv2d over a (B, C, positions, 1) view. This keeps oneDNN's
                 # channels-last GEMM path for any N and for small batch x channels, where
                 # conv3d's heuristics fall back to the slow unfold kernel
@@ -122,34 +156,45 @@ class TorchConvs(NativeConvs):
             # (which cost more than the conv itself), and oneDNN's 2-D depthwise kernels run
             # along the last mode
             stride2, dilation2 = (1,) + stride, (1,) + dilation
-            pad2 = (0, native_pad[0]) if native_pad else 0
+            pad2 = (0, native_pad[0]) if native_pad else (0, 0)
 
-            def run(act, weight):
+            def run(act, weight, out=None):
                 x = prepare(act).contiguous().unsqueeze(1).movedim(-1, 1)
-                out = F.conv2d(x, _contiguous_weight(weight).unsqueeze(2), None, stride2, pad2, dilation2, groups)
-                return out.movedim(1, -1).squeeze(1)
+                w = _contiguous_weight(weight).unsqueeze(2)
+                y = None if out is None else _conv_into(out, x, w, stride2, pad2, dilation2, groups)
+                if y is None:
+                    y = F.conv2d(x, w, None, stride2, pad2, dilation2, groups)
+                return y.movedim(1, -1).squeeze(1)
 
             return run
         if n <= 3:
             conv = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
+            pad_n = native_pad if native_pad else (0,) * n
 
-            def run(act, weight):
+            def run(act, weight, out=None):
                 x = prepare(act).contiguous().movedim(-1, 1)
-                return conv(x, _contiguous_weight(weight), None, stride, native_pad, dilation, groups).movedim(1, -1)
+                w = _contiguous_weight(weight)
+                y = None if out is None else _conv_into(out, x, w, stride, pad_n, dilation, groups)
+                if y is None:
+                    y = conv(x, w, None, stride, pad_n, dilation, groups)
+                return y.movedim(1, -1)
 
             return run
         m = active[0] if active else 0
         w_shape = (t, per_group, 1, ks[m], 1)
-        pad3 = (0, native_pad[m], 0) if native_pad else 0
+        pad3 = (0, native_pad[m], 0) if native_pad else (0, 0, 0)
+        stride3, dilation3 = (1, stride[m], 1), (1, dilation[m], 1)
 
-        def run(act, weight):
+        def run(act, weight, out=None):
             act = prepare(act).contiguous()
             shape = tuple(act.shape)
             before, after = math.prod(shape[1 : 1 + m]), math.prod(shape[2 + m : -1])
             x = act.reshape(shape[0], before, shape[1 + m], after, shape[-1]).movedim(-1, 1)
-            out = F.conv3d(
-                x, weight.reshape(w_shape), None, (1, stride[m], 1), pad3, (1, dilation[m], 1), groups
-            ).movedim(1, -1)
-            return out.reshape(shape[: 1 + m] + (out.shape[2],) + shape[2 + m : -1] + (out.shape[-1],))
+            w = weight.reshape(w_shape)
+            y = None if out is None else _conv_into(out, x, w, stride3, pad3, dilation3, groups)
+            if y is None:
+                y = F.conv3d(x, w, None, stride3, pad3, dilation3, groups)
+            y = y.movedim(1, -1)
+            return y.reshape(shape[: 1 + m] + (y.shape[2],) + shape[2 + m : -1] + (y.shape[-1],))
 
         return run

@@ -52,12 +52,18 @@ class TorchRuntime(Runtime):
         finally:
             torch._C._set_tracing_state(state)
 
-    def tile_checkpoint(self, x, tensors):
-        torch = self.backend.xp
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and getattr(t, "requires_grad", False) for t in [x] + list(tensors)
+    def _needs_grad(self, x, tensors):
+        return self.backend.xp.is_grad_enabled() and any(
+            t is not None and getattr(t, "requires_grad", False) for t in [x, *tensors]
         )
-        if not needs_grad:
+
+    def reuses_buffers(self, x, tensors):
+        # CPU only: CUDA's caching allocator already hands freed blocks back, where glibc returns
+        # large ones to the kernel and takes fresh, zeroed pages for them on the next call
+        return x.device.type == "cpu" and self.tracer() is None and not self._needs_grad(x, tensors)
+
+    def tile_checkpoint(self, x, tensors):
+        if not self._needs_grad(x, tensors):
             return super().tile_checkpoint(x, tensors)
         from torch.utils.checkpoint import checkpoint
 

@@ -204,7 +204,9 @@ class TapProgram:
         what a tracing compiler (torch.compile) can see through and fuse."""
         return self._tap_loop(backend, act, weight, traced=True)
 
-    def __call__(self, backend, act, weight, native=True):
+    def __call__(self, backend, act, weight, native=True, out=None):
+        """The step's output; where it runs as a native conv, written into the flat buffer
+        ``out`` if one is given (see :mod:`tensorconv.plans.workspace`)."""
         convs = backend.native
         if (
             native
@@ -221,10 +223,10 @@ class TapProgram:
             )
             run = self._native_run(backend, tuple(x.shape))
             if run is not None:
-                out = run(x, backend.reshape(backend.permute(weight, spec["order"]), spec["shape"]))
+                y = run(x, backend.reshape(backend.permute(weight, spec["order"]), spec["shape"]), out)
                 if spec["out_sizes"] is not None:
-                    out = backend.reshape(out, tuple(out.shape[: 1 + self.n]) + spec["out_sizes"])
-                return out
+                    y = backend.reshape(y, tuple(y.shape[: 1 + self.n]) + spec["out_sizes"])
+                return y
         return self._tap_loop(backend, act, weight, traced=False)
 
     def _native_run(self, backend, act_shape):

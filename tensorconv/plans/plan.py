@@ -24,6 +24,7 @@ from .planner import decide
 from .problem import ConvProblem, check_arrays, kernel_arrays, problem_for
 from .structure import structure_of, weight_arrays
 from .traced import rebuilt_when_traced, traced_conv, traced_geometry
+from .workspace import step_buffers, workspace_for
 
 __all__ = ["ConvPlan", "plan_conv", "conv"]
 
@@ -93,11 +94,11 @@ class ConvPlan:
         self.accelerators = tuple(a.name for a in d.accelerators)
         self.accelerator = self.accelerators[0] if d.accelerators else None
         #: backend name -> this plan compiled whole by that backend (or None): one entry per library
-        self._whole = {}
-        self._reconstruct = None
+        self._whole, self._reconstruct = {}, None
         self.programs = ()
         if self.strategy in ("factorized", "fused"):
             self.programs = compile_steps(st, g, self.steps, self.batch, self.sizes)
+            self._buffers = step_buffers(self.steps, 1 + len(st.operands))
             final = self.steps[-1].out_indices
             self._final_perm = None
             if tuple(final) != tuple(st.act_out):
@@ -175,21 +176,21 @@ class ConvPlan:
         return act
 
     def run_steps(self, backend, x, arrays, timer=None):
-        """The steps one after another on x (B, C, *D) and the kernel's arrays in the structure's
-        order; returns the last step's output (B, *D', its indices): :meth:`finish` makes it the
-        conv's. ``timer(j, thunk)`` may wrap step j (profiling)."""
+        """The steps in turn on x (B, C, *D) and the kernel's arrays (structure's order), all but the
+        last into this thread's buffers where allowed (:mod:`.workspace`); returns the last step's
+        output (B, *D', its indices) for :meth:`finish`. ``timer(j, thunk)`` may wrap step j."""
         tensors = [self.activation(backend, x)] + list(arrays)
         first_result = len(tensors)
-        for j, (step, (kind, prog)) in enumerate(zip(self.steps, self.programs)):
+        space = workspace_for(backend, x) if backend.runtime.reuses_buffers(x, arrays) else None
+        for j, (step, (kind, prog), buffer) in enumerate(zip(self.steps, self.programs, self._buffers)):
             a, b = tensors[step.lhs], tensors[step.rhs]
             for i in (step.lhs, step.rhs):
                 if i >= first_result:  # each intermediate is read by one step: let it go after that
                     tensors[i] = None
-            if timer is None:
-                tensors.append(prog(backend, a, b))
-            else:
-                tensors.append(timer(j, lambda a=a, b=b: prog(backend, a, b)))
-            del a, b
+            kw = {} if space is None or buffer is None else {"out": space.buffer(*buffer, like=x)}
+            run = functools.partial(prog, backend, a, b, **kw)
+            tensors.append(run() if timer is None else timer(j, run))
+            del a, b, run  # (the partial holds the inputs too)
         return tensors[-1]
 
     def _run_factorized(self, backend, x, arrays):
