@@ -816,6 +816,19 @@ def test_a_second_call_of_the_same_shape_takes_no_fresh_pages_beyond_its_output(
     assert float(ratio) <= 1.5, f"{float(ratio):.1f}x the output's pages faulted in per call"
 
 
+@contextlib.contextmanager
+def buffered_from(nbytes):
+    """Plans made here write intermediates of ``nbytes`` and up into buffers (the default is
+    glibc's 32 MiB, larger than these tests' shapes)."""
+    from tensorconv.plans import workspace
+
+    saved, workspace.MIN_BYTES = workspace.MIN_BYTES, nbytes
+    try:
+        yield
+    finally:
+        workspace.MIN_BYTES = saved
+
+
 @needs_torch
 @pytest.mark.parametrize("kind", ["kruskal", "tucker"])
 @given(geo=geometries(), data=st.data())
@@ -833,7 +846,9 @@ def test_steps_written_into_reused_buffers_match_the_dense_conv(kind, geo, data)
     expected = np_conv(x, kernel.to_dense(), padding=geo["pads"], **geometry)
     k32 = kernel.to_backend("torch").astype("float32")
     x32 = torch.from_numpy(x).float()
-    plan = plan_conv(k32, x32.shape, strategy="factorized", padding=geo["padding"], **geometry)
+    with buffered_from(0):
+        plan = plan_conv(k32, x32.shape, strategy="factorized", padding=geo["padding"], **geometry)
+    assert not any(plan_conv(k32, x32.shape, strategy="factorized", padding=geo["padding"], **geometry)._buffers)
     free_workspace()
     with torch.no_grad():
         got = plan(x32, k32)
@@ -851,6 +866,7 @@ def test_steps_written_into_reused_buffers_match_the_dense_conv(kind, geo, data)
 def test_a_callers_output_is_never_a_buffer_a_later_call_writes():
     """The last step's output is a new tensor: results of earlier calls stay as they were."""
     from tensorconv.nn import KruskalConv, TuckerConv
+    from tensorconv.plans.workspace import free_workspace
 
     for layer in (
         KruskalConv(6, 5, (3, 3, 3), rank=7, padding=1, bias=False, strategy="factorized"),
@@ -858,8 +874,11 @@ def test_a_callers_output_is_never_a_buffer_a_later_call_writes():
     ):
         shape = (2, 6) + (9,) * layer.n_spatial
         xs = [torch.randn(shape) for _ in range(3)]
-        with torch.no_grad():
+        free_workspace()
+        with torch.no_grad(), buffered_from(0):
             outs = [layer(x) for x in xs]
+        assert free_workspace() > 0, "the layer's plan wrote nothing into buffers"
+        with torch.no_grad():
             dense = layer.kernel.to_dense()
             for x, y in zip(xs, outs):
                 want = (torch.nn.functional.conv2d, torch.nn.functional.conv3d)[layer.n_spatial - 2](
@@ -877,7 +896,8 @@ def test_buffers_are_per_thread():
     k = KruskalKernel.random((8, 8, 3, 3), 12, backend="torch", dtype="float32", seed=0)
     xs = [torch.randn(2, 8, 40, 40) for _ in range(2)]
     wants = [torch.nn.functional.conv2d(x.double(), k.to_dense().double(), padding=1) for x in xs]
-    plan = plan_conv(k, xs[0].shape, padding=1, strategy="factorized")
+    with buffered_from(0):
+        plan = plan_conv(k, xs[0].shape, padding=1, strategy="factorized")
     start, errors = threading.Barrier(2), [[], []]
 
     def work(i):
@@ -905,13 +925,15 @@ def test_buffers_serve_inference_mode_no_grad_and_autograd_alike():
     k = KruskalKernel.random((5, 4, 3, 3, 3), 6, backend="torch", dtype="float32", seed=1)
     x = torch.randn(1, 4, 8, 8, 8)
     want = torch.nn.functional.conv3d(x.double(), k.to_dense().double(), padding=1)
+    with buffered_from(0):
+        plan = plan_conv(k, x.shape, padding=1, strategy="factorized")
     free_workspace()
     for context in (torch.inference_mode, torch.no_grad, torch.inference_mode, torch.no_grad):
         with context():
-            assert rel_err(conv(x, k, padding=1, strategy="factorized").double().numpy(), want.numpy()) < 1e-5
+            assert rel_err(plan(x, k).double().numpy(), want.numpy()) < 1e-5
     assert free_workspace() > 0
     x_grad = x.clone().requires_grad_(True)
-    y = conv(x_grad, k, padding=1, strategy="factorized")
+    y = plan(x_grad, k)
     assert free_workspace() == 0  # autograd on: nothing was written into buffers
     g = torch.randn_like(y)
     (got,) = torch.autograd.grad(y, x_grad, g)
@@ -927,6 +949,8 @@ def test_buffers_without_onednn_fall_back_to_new_tensors():
     k = KruskalKernel.random((6, 5, 3, 3), 7, backend="torch", dtype="float32", seed=2)
     x = torch.randn(2, 5, 11, 13)
     want = torch.nn.functional.conv2d(x.double(), k.to_dense().double(), stride=(1, 2), padding=(1, 2), dilation=(1, 2))
+    with buffered_from(0):
+        plan = plan_conv(k, x.shape, stride=(1, 2), padding=(1, 2), dilation=(1, 2), strategy="factorized")
     with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):
-        got = conv(x, k, stride=(1, 2), padding=(1, 2), dilation=(1, 2), strategy="factorized")
+        got = plan(x, k)
     assert rel_err(got.double().numpy(), want.numpy()) < 1e-5

@@ -98,7 +98,7 @@ class ConvPlan:
         self.programs = ()
         if self.strategy in ("factorized", "fused"):
             self.programs = compile_steps(st, g, self.steps, self.batch, self.sizes)
-            self._buffers = step_buffers(self.steps, 1 + len(st.operands))
+            self._buffers = step_buffers(self.steps, 1 + len(st.operands), self.itemsize)
             final = self.steps[-1].out_indices
             self._final_perm = None
             if tuple(final) != tuple(st.act_out):
@@ -181,7 +181,7 @@ class ConvPlan:
         output (B, *D', its indices) for :meth:`finish`. ``timer(j, thunk)`` may wrap step j."""
         tensors = [self.activation(backend, x)] + list(arrays)
         first_result = len(tensors)
-        space = workspace_for(backend, x) if backend.runtime.reuses_buffers(x, arrays) else None
+        space = workspace_for(backend, x) if any(self._buffers) and backend.runtime.reuses_buffers(x, arrays) else None
         for j, (step, (kind, prog), buffer) in enumerate(zip(self.steps, self.programs, self._buffers)):
             a, b = tensors[step.lhs], tensors[step.rhs]
             for i in (step.lhs, step.rhs):

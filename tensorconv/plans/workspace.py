@@ -7,10 +7,13 @@ kernel when freed, and the next call page-faults fresh, zeroed pages in again. A
 allocates only its output.
 
 Where the runtime allows it (:meth:`Runtime.reuses_buffers`: torch on a CPU, no backward to
-feed, no tracer recording), every step but the last writes its output into one of two flat
-buffers and the next step reads it from there: each intermediate is read only by the step after
-the one that wrote it, so two buffers that alternate suffice. The last step's output is a new
-array: it is the caller's.
+feed, no tracer recording), every step but the last whose output reaches :data:`MIN_BYTES`
+writes it into one of two flat buffers and the next step reads it from there: each intermediate
+is read only by the step after the one that wrote it, so two buffers that alternate suffice.
+The last step's output is a new array: it is the caller's. Smaller intermediates are allocated
+as before: glibc reuses freed blocks below its mmap threshold without new pages, and writing
+into a buffer costs a few extra ops per step (and a zeroing pass for the oneDNN convs) that
+only page faults outweigh.
 
 The buffers are **per thread** and shared by every plan that runs in that thread (plans run one
 after another there, and none reads another's intermediates), one pair per device and dtype,
@@ -24,9 +27,13 @@ from __future__ import annotations
 import math
 import threading
 
-__all__ = ["Workspace", "free_workspace", "step_buffers", "workspace_for"]
+__all__ = ["MIN_BYTES", "Workspace", "free_workspace", "step_buffers", "workspace_for"]
 
 _local = threading.local()
+
+#: the smallest intermediate (bytes) a step writes into a buffer: glibc's largest mmap threshold
+#: (``DEFAULT_MMAP_THRESHOLD_MAX`` on 64-bit), from which on every allocation takes fresh pages
+MIN_BYTES = 32 * 1024 * 1024
 
 
 class Workspace:
@@ -74,19 +81,21 @@ def free_workspace():
     return freed
 
 
-def step_buffers(steps, first_result):
-    """For each step, ``(slot, numel)`` where its output may be written into a buffer, else None.
+def step_buffers(steps, first_result, itemsize):
+    """For each step, ``(slot, numel)`` where its output is written into a buffer, else None.
     ``first_result``: the index of step 0's output among the step operands (after the input and
     the kernel's arrays).
 
-    Activation steps take the slot their input is not in; the last one (whose output is the
-    caller's) and the weights-only steps (small, and read by later steps than the next) take none.
+    Activation steps whose output reaches :data:`MIN_BYTES` take the slot their input is not in;
+    the last one (whose output is the caller's) and the weights-only steps (small, and read by
+    later steps than the next) take none.
     """
     acts = [j for j, step in enumerate(steps) if step.kind != "weights"]
     slots, buffers = {}, [None] * len(steps)
     for j in acts[:-1]:
         step = steps[j]
-        slot = 1 - slots.get(step.lhs, 1)
-        slots[first_result + j] = slot
-        buffers[j] = (slot, math.prod(step.out_shape))
+        numel = math.prod(step.out_shape)
+        if numel * itemsize >= MIN_BYTES:
+            slots[first_result + j] = slot = 1 - slots.get(step.lhs, 1)
+            buffers[j] = (slot, numel)
     return tuple(buffers)
