@@ -608,6 +608,58 @@ def test_one_dimensional_native_steps_match_conv1d(monkeypatch, padding, stride,
 
 
 @needs_torch
+@pytest.mark.parametrize("padding", [1, ((0, 3),), 0], ids=["symmetric", "asymmetric", "valid"])
+@pytest.mark.parametrize("stride, dilation", [(1, 1), (2, 1), (1, 2)])
+def test_a_conv_fed_many_lengths_runs_few_onednn_shapes(monkeypatch, padding, stride, dilation):
+    """Past EXACT_LENGTHS lengths, a 1-D step zero-extends its input to one of 8 lengths per
+    octave (oneDNN prepares a primitive per shape, in one cache for the whole process): 60 lengths
+    (about 1.3 octaves) reach conv2d as at most EXACT_LENGTHS + 12 shapes, and every output, and
+    the input gradient, matches F.conv1d of the dense kernel (float32, rel 1e-5)."""
+    import torch.nn.functional as F
+
+    from tensorconv.backends._torch_native import EXACT_LENGTHS
+
+    shapes, real = set(), F.conv2d
+
+    def spy(x, w, *args, **kw):
+        if w.shape[1] == 1:  # the depthwise steps
+            shapes.add(tuple(x.shape))
+        return real(x, w, *args, **kw)
+
+    monkeypatch.setattr(F, "conv2d", spy)
+    k = KruskalKernel.random((6, 5, 3), 4, backend="torch", dtype="float32", seed=7)
+    dense = k.to_dense().double()
+    pads = ((padding, padding),) if isinstance(padding, int) else padding
+    lengths = range(40, 100)
+    for n in lengths:
+        x = torch.randn(2, 5, n, requires_grad=True)
+        got = conv(x, k, stride=stride, dilation=dilation, padding=padding, strategy="factorized")
+        xd = x.detach().double().requires_grad_(True)
+        want = F.conv1d(F.pad(xd, pads[0]), dense, None, stride, 0, dilation)
+        assert got.shape == want.shape
+        assert rel_err(got.detach().double().numpy(), want.detach().numpy()) < 1e-5, n
+        g = torch.randn(want.shape, dtype=torch.float64)
+        (grad_got,) = torch.autograd.grad(got, x, g.float())
+        (grad_want,) = torch.autograd.grad(want, xd, g)
+        assert rel_err(grad_got.double().numpy(), grad_want.numpy()) < 1e-5, n
+    assert len(shapes) <= EXACT_LENGTHS + 12 < len(lengths), sorted(shapes)
+
+
+@needs_torch
+def test_reflect_padded_convs_fed_many_lengths_match_conv1d():
+    """Bucketing extends the input after its reflect padding (which the step applies first): the
+    outputs that read the extension are dropped, the others match F.conv1d with reflect padding."""
+    import torch.nn.functional as F
+
+    k = KruskalKernel.random((4, 3, 5), 3, backend="torch", dtype="float32", seed=8)
+    for n in range(30, 60):
+        x = torch.randn(1, 3, n)
+        want = F.conv1d(F.pad(x.double(), (2, 2), mode="reflect"), k.to_dense().double())
+        got = conv(x, k, padding=2, padding_mode="reflect", strategy="factorized")
+        assert rel_err(got.double().numpy(), want.numpy()) < 1e-5, n
+
+
+@needs_torch
 @pytest.mark.slow
 @pytest.mark.parametrize("threads", [1, 2])
 def test_strided_pointwise_float32_gradients_match_float64(threads):

@@ -52,6 +52,12 @@ if _ADD_INTO is not None and not torch.backends.mkldnn.is_available():
 _ADD_INTO_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+#: lengths a 1-D conv step runs at exactly before further ones are bucketed: a model fed a few
+#: fixed sizes keeps exact convs (a bucketed one pads a copy of its input), one fed many lengths
+#: stops preparing a oneDNN primitive for each
+EXACT_LENGTHS = 8
+
+
 class TorchConvs(NativeConvs):
     """Native convs of torch tensors: float32 / float16 / bfloat16 on CPU, every dtype on a GPU."""
 
@@ -67,6 +73,18 @@ class TorchConvs(NativeConvs):
         if padding_mode == "zeros" and all(lo == hi for lo, hi in padding):
             return None, tuple(lo for lo, _ in padding)
         return {first_axis + m: p for m, p in enumerate(padding) if p != (0, 0)}, 0
+
+    def __init__(self, backend):
+        super().__init__(backend)
+        #: a 1-D conv's shape apart from its length -> the lengths met (up to EXACT_LENGTHS + 1)
+        self._lengths = {}
+
+    def _many_lengths(self, signature, length):
+        """Whether the 1-D conv ``signature`` has now met more than EXACT_LENGTHS lengths."""
+        met = self._lengths.setdefault(signature, set())
+        if len(met) <= EXACT_LENGTHS:
+            met.add(length)
+        return len(met) > EXACT_LENGTHS
 
     def has_dims(self, n):
         return 1 <= n <= 3  # torch has conv1d, conv2d and conv3d
@@ -157,14 +175,27 @@ class TorchConvs(NativeConvs):
             # along the last mode
             stride2, dilation2 = (1,) + stride, (1,) + dilation
             pad2 = (0, native_pad[0]) if native_pad else (0, 0)
+            # oneDNN prepares a primitive per shape, in one cache of a few hundred for every conv
+            # of the process: a conv met at many lengths zero-extends its (padded) input on the
+            # right to one of 8 lengths per octave and drops the outputs past the true ones, which
+            # are the only ones that read the extension
+            length = int(act_shape[1]) + (sum(padding[0]) if pre_pad is not None else 0)
+            out_len = (length + 2 * pad2[1] - dilation[0] * (ks[0] - 1) - 1) // stride[0] + 1
+            step = 1 << max(0, length.bit_length() - 4)
+            signature = (act_shape[0], act_shape[2:], tuple(weight_shape), stride, dilation, padding, groups)
+            extra = -length % step if self._many_lengths(signature, length) else 0
 
             def run(act, weight, out=None):
-                x = prepare(act).contiguous().unsqueeze(1).movedim(-1, 1)
+                act = prepare(act)
+                if extra:
+                    act = F.pad(act, (0, 0, 0, extra))
+                x = act.contiguous().unsqueeze(1).movedim(-1, 1)
                 w = _contiguous_weight(weight).unsqueeze(2)
-                y = None if out is None else _conv_into(out, x, w, stride2, pad2, dilation2, groups)
+                y = None if out is None or extra else _conv_into(out, x, w, stride2, pad2, dilation2, groups)
                 if y is None:
                     y = F.conv2d(x, w, None, stride2, pad2, dilation2, groups)
-                return y.movedim(1, -1).squeeze(1)
+                y = y.movedim(1, -1).squeeze(1)
+                return y[:, :out_len] if extra else y
 
             return run
         if n <= 3:
