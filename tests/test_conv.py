@@ -1006,3 +1006,25 @@ def test_buffers_without_onednn_fall_back_to_new_tensors():
     with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):
         got = plan(x, k)
     assert rel_err(got.double().numpy(), want.numpy()) < 1e-5
+
+
+@needs_torch
+def test_torch_func_transforms_never_write_into_buffers():
+    """vmap has no batching rule for ops with ``out=`` and torch.func.grad needs the autograd ops:
+    under a torch.func transform the steps allocate as before (float32 vs the dense conv, 1e-5)."""
+    from torch.func import grad, vmap
+
+    k = KruskalKernel.random((5, 4, 3, 3), 6, backend="torch", dtype="float32", seed=1)
+    dense = k.to_dense().double()
+    xs = torch.randn(3, 2, 4, 9, 9)
+    with buffered_from(0):
+        plan = plan_conv(k, xs.shape[1:], padding=1, strategy="factorized")
+    want = torch.stack([torch.nn.functional.conv2d(x.double(), dense, padding=1) for x in xs])
+    for context in (contextlib.nullcontext, torch.no_grad):
+        with context():
+            got = vmap(lambda x: plan(x, k))(xs)
+        assert rel_err(got.double().numpy(), want.numpy()) < 1e-5
+    got = grad(lambda x: plan(x, k).square().sum())(xs[0])
+    xd = xs[0].double().requires_grad_(True)
+    (expected,) = torch.autograd.grad(torch.nn.functional.conv2d(xd, dense, padding=1).square().sum(), xd)
+    assert rel_err(got.double().numpy(), expected.numpy()) < 1e-5

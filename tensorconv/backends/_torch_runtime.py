@@ -59,8 +59,15 @@ class TorchRuntime(Runtime):
 
     def reuses_buffers(self, x, tensors):
         # CPU only: CUDA's caching allocator already hands freed blocks back, where glibc returns
-        # large ones to the kernel and takes fresh, zeroed pages for them on the next call
-        return x.device.type == "cpu" and self.tracer() is None and not self._needs_grad(x, tensors)
+        # large ones to the kernel and takes fresh, zeroed pages for them on the next call. Not
+        # under a torch.func transform either: vmap has no batching rule for ops with out=
+        torch = self.backend.xp
+        return (
+            x.device.type == "cpu"
+            and torch._C._functorch.maybe_current_level() is None
+            and self.tracer() is None
+            and not self._needs_grad(x, tensors)
+        )
 
     def tile_checkpoint(self, x, tensors):
         if not self._needs_grad(x, tensors):

@@ -7,7 +7,7 @@ kernel when freed, and the next call page-faults fresh, zeroed pages in again. A
 allocates only its output.
 
 Where the runtime allows it (:meth:`Runtime.reuses_buffers`: torch on a CPU, no backward to
-feed, no tracer recording), every step but the last whose output reaches :data:`MIN_BYTES`
+feed, no tracer recording, no torch.func transform), every step but the last whose output reaches :data:`MIN_BYTES`
 writes it into one of two flat buffers and the next step reads it from there: each intermediate
 is read only by the step after the one that wrote it, so two buffers that alternate suffice.
 The last step's output is a new array: it is the caller's. Smaller intermediates are allocated
