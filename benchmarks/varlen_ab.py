@@ -6,11 +6,13 @@ that two checkouts compare in one sitting (the suite exists only in the newer on
 
 A 6-layer Conv1d model (kernel 3, 32 -> 128 channels, batch 8), dense and factorize(0.25), fed
 150 lengths (100..249) in turn, and one length (175) 150 times; milliseconds per forward,
-medians of 7 sweeps in a shuffled order after 2 warm-up sweeps.
+medians of 7 sweeps in a shuffled order after 2 warm-up sweeps. ``--fixed-only`` times the one
+length alone, as a process that never meets another length runs it.
 """
 
 import json
 import random
+import sys
 import time
 
 import torch
@@ -34,6 +36,8 @@ entries = {
     "dense fixed": (dense, fixed),
     "fact fixed": (fact, fixed),
 }
+if "--fixed-only" in sys.argv[1:]:
+    entries = {k: v for k, v in entries.items() if k.endswith("fixed")}
 times = {k: [] for k in entries}
 with torch.no_grad():
     for _ in range(2):
@@ -51,4 +55,5 @@ with torch.no_grad():
             times[k].append((time.perf_counter() - t0) / len(xs) * 1e3)
 med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 print(tensorconv.__file__, json.dumps({k: round(v, 3) for k, v in med.items()}))
-print(f"factorized: 150 lengths / one = {med['fact varlen'] / med['fact fixed']:.2f}")
+if "fact varlen" in med:
+    print(f"factorized: 150 lengths / one = {med['fact varlen'] / med['fact fixed']:.2f}")

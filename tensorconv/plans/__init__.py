@@ -4,6 +4,7 @@ from .cost import CostModel, calibrate, cost_model_for
 from .plan import ConvPlan, conv, plan_conv
 from .planner import STRATEGIES, Step
 from .spec import ConvGeometry, make_geometry
+from .workspace import free_workspace
 
 __all__ = [
     "ConvPlan",
@@ -16,4 +17,5 @@ __all__ = [
     "CostModel",
     "calibrate",
     "cost_model_for",
+    "free_workspace",
 ]
