@@ -995,17 +995,26 @@ def test_buffers_serve_inference_mode_no_grad_and_autograd_alike():
 
 
 @needs_torch
-def test_buffers_without_onednn_fall_back_to_new_tensors():
-    """With oneDNN switched off (torch.backends.mkldnn.flags) the depthwise steps cannot write into
-    a buffer: they run as torch's other conv kernels into new tensors, with the same results."""
+def test_buffers_without_onednn_fall_back_to_new_tensors(monkeypatch):
+    """With oneDNN switched off (torch.backends.mkldnn.flags) no step calls oneDNN's conv into a
+    buffer: they run as torch's other conv kernels into new tensors, with the same results."""
+    from tensorconv.backends import _torch_native
+
+    calls = []
+    real = _torch_native._ADD_INTO
+    monkeypatch.setattr(_torch_native, "_ADD_INTO", lambda *a: calls.append(1) or real(*a))
     k = KruskalKernel.random((6, 5, 3, 3), 7, backend="torch", dtype="float32", seed=2)
     x = torch.randn(2, 5, 11, 13)
-    want = torch.nn.functional.conv2d(x.double(), k.to_dense().double(), stride=(1, 2), padding=(1, 2), dilation=(1, 2))
+    geometry = dict(stride=(1, 2), padding=(1, 2), dilation=(1, 2))
+    want = torch.nn.functional.conv2d(x.double(), k.to_dense().double(), **geometry)
     with buffered_from(0):
-        plan = plan_conv(k, x.shape, stride=(1, 2), padding=(1, 2), dilation=(1, 2), strategy="factorized")
-    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):
-        got = plan(x, k)
-    assert rel_err(got.double().numpy(), want.numpy()) < 1e-5
+        plan = plan_conv(k, x.shape, strategy="factorized", **geometry)
+    for enabled in (False, True):
+        calls.clear()
+        with torch.no_grad(), torch.backends.mkldnn.flags(enabled=enabled):
+            got = plan(x, k)
+        assert rel_err(got.double().numpy(), want.numpy()) < 1e-5
+        assert bool(calls) == enabled
 
 
 @needs_torch

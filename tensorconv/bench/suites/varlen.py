@@ -10,11 +10,11 @@ from ..timing import _Progress, measure_many
 def run(args, targets):
     """Planning once, not per shape: a Conv1d model (6 convs of kernel 3 widening 32 -> 128
     channels, batch 8) dense and ``factorize(model, 0.25)``, fed 150 different lengths
-    (100..249) in turn, against the same models fed 150 batches of one length (175). A timed run is one sweep of
-    150 forwards; after the warm-up sweeps every length has been seen, so what a sweep costs
-    beyond the fixed length is what a new or evicted shape costs (tensorconv's plans, and the
-    native convs' own per-shape caches: oneDNN keeps ONEDNN_PRIMITIVE_CACHE_CAPACITY primitives,
-    1024 by default, which the row's environment prints)."""
+    (100..249) in turn, against the same models fed 150 batches of one length (175). A timed run
+    is one sweep of 150 forwards; after the warm-up sweeps every length has been seen, so what a
+    sweep costs beyond the fixed length is what a new or evicted shape costs (tensorconv's plans,
+    and the native convs' own per-shape caches: oneDNN keeps ONEDNN_PRIMITIVE_CACHE_CAPACITY
+    primitives, 1024 by default, which the row's environment prints)."""
     import torch
 
     from ...nn import factorize
@@ -30,8 +30,7 @@ def run(args, targets):
     factorized = factorize(dense, 0.25, n_iter_max=10).eval()
     lengths = range(100, 250)
     inputs = [torch.randn(8, widths[0], n) for n in lengths]
-    # a stream of distinct batches, as the 150 lengths are: one tensor fed 150 times stays in
-    # cache and made the fixed length look faster than a real stream of that length runs
+    # a stream of distinct batches, as the 150 lengths are (and as users feed one length)
     fixed = [torch.randn(8, widths[0], 175) for _ in inputs]
 
     def sweep(model, xs):
