@@ -1,8 +1,9 @@
 """How far r3d_18's `layer1` CP convs are from their GEMMs: the plane chain (rank 200, input
-(1, 64, 16, 56, 56), padding 1) with 3x3x3 factors and with one-tap factors (its depthwise passes
-then cost almost nothing), against torch's GEMMs of the same two products (C -> R and R -> T over
-all positions, and plane by plane as the chain runs them) and the dense Conv3d; medians of 20 runs
-after 3, ms, and each one's rate in GMAC/s of the products it runs.
+(1, 64, 16, 56, 56), padding 1) with 3x3x3 factors and with one-tap factors (its passes then
+multiply by one tap, but still read and write every rank-channel row once per mode), against
+torch's GEMMs of the same two products (C -> R and R -> T over all positions, and plane by plane
+as the chain runs them) and the dense Conv3d; medians of 20 runs after 3, ms, and each one's
+rate in GMAC/s of the products it runs (of the dense conv's MACs for the dense conv).
 
     python benchmarks/chain_gemms.py
 """
