@@ -614,7 +614,8 @@ def test_a_conv_fed_many_lengths_runs_few_onednn_shapes(monkeypatch, padding, st
     """Past EXACT_LENGTHS lengths, a 1-D step zero-extends its input to one of 8 lengths per
     octave (oneDNN prepares a primitive per shape, in one cache for the whole process): 60 lengths
     (about 1.3 octaves) reach conv2d as at most EXACT_LENGTHS + 12 shapes, and every output, and
-    the input gradient, matches F.conv1d of the dense kernel (float32, rel 1e-5)."""
+    the gradients of the input and of the factors, match F.conv1d of the dense kernel (rebuilt by
+    ``to_dense``, float64; the plans in float32, rel 1e-5)."""
     import torch.nn.functional as F
 
     from tensorconv.backends._torch_native import EXACT_LENGTHS
@@ -628,20 +629,23 @@ def test_a_conv_fed_many_lengths_runs_few_onednn_shapes(monkeypatch, padding, st
 
     monkeypatch.setattr(F, "conv2d", spy)
     k = KruskalKernel.random((6, 5, 3), 4, backend="torch", dtype="float32", seed=7)
-    dense = k.to_dense().double()
+    k64 = k.astype("float64")
+    for f in list(k.factors) + list(k64.factors):
+        f.requires_grad_(True)
     pads = ((padding, padding),) if isinstance(padding, int) else padding
     lengths = range(40, 100)
     for n in lengths:
         x = torch.randn(2, 5, n, requires_grad=True)
         got = conv(x, k, stride=stride, dilation=dilation, padding=padding, strategy="factorized")
         xd = x.detach().double().requires_grad_(True)
-        want = F.conv1d(F.pad(xd, pads[0]), dense, None, stride, 0, dilation)
+        want = F.conv1d(F.pad(xd, pads[0]), k64.to_dense(), None, stride, 0, dilation)
         assert got.shape == want.shape
         assert rel_err(got.detach().double().numpy(), want.detach().numpy()) < 1e-5, n
         g = torch.randn(want.shape, dtype=torch.float64)
-        (grad_got,) = torch.autograd.grad(got, x, g.float())
-        (grad_want,) = torch.autograd.grad(want, xd, g)
-        assert rel_err(grad_got.double().numpy(), grad_want.numpy()) < 1e-5, n
+        grads_got = torch.autograd.grad(got, [x, *k.factors], g.float())
+        grads_want = torch.autograd.grad(want, [xd, *k64.factors], g)
+        for a, b in zip(grads_got, grads_want):
+            assert rel_err(a.double().numpy(), b.numpy()) < 1e-5, n
     assert len(shapes) <= EXACT_LENGTHS + 12 < len(lengths), sorted(shapes)
 
 
