@@ -8,27 +8,18 @@ rate in GMAC/s of the products it runs (of the dense conv's MACs for the dense c
     python benchmarks/chain_gemms.py
 """
 
-import statistics
-import time
-
 import torch
 
 from tensorconv import KruskalKernel, plan_conv
+from tensorconv.bench.timing import measure
 
 torch.set_num_threads(2)
 C, R, D, H, W = 64, 200, 16, 56, 56
 P = D * H * W
 
 
-def median_ms(fn, runs=20):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+def median_ms(fn):
+    return measure(fn, warmup=3, repeat=20)["median_ms"]
 
 
 def row(name, ms, macs):

@@ -10,9 +10,7 @@ a minute or two each (in a temporary folder).
 """
 
 import re
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -21,6 +19,7 @@ from torch.utils.cpp_extension import load
 from tensorconv import KruskalKernel
 from tensorconv.accelerators.plane_chain import _build
 from tensorconv.accelerators.plane_chain._geometry import planes_per_chunk
+from tensorconv.bench.timing import measure
 
 torch.set_num_threads(2)
 SOURCE = Path(_build.__file__).with_name("cp_chain_cpu.cpp")
@@ -58,15 +57,8 @@ def variant(macro, folder):
     )
 
 
-def median_ms(fn, runs=20):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+def median_ms(fn):
+    return measure(fn, warmup=3, repeat=20)["median_ms"]
 
 
 def main():
