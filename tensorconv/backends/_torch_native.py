@@ -20,6 +20,11 @@ def _contiguous_weight(weight):
     return weight
 
 
+def _out_size(size, kernel, stride, padding, dilation):
+    """A conv's output length along one mode, ``padding`` on each side."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
 def _conv_into(out, x, weight, stride, padding, dilation, groups):
     """``conv(x, weight)`` written into the flat buffer ``out`` (a view of it returned), where
     oneDNN can; None where it cannot (the caller runs the conv into a new tensor).
@@ -36,11 +41,7 @@ def _conv_into(out, x, weight, stride, padding, dilation, groups):
         or not torch._C._get_mkldnn_enabled()
     ):
         return None
-    n = x.ndim - 2
-    ks = weight.shape[2:]
-    spatial = tuple(
-        (x.shape[2 + m] + 2 * padding[m] - dilation[m] * (ks[m] - 1) - 1) // stride[m] + 1 for m in range(n)
-    )
+    spatial = tuple(map(_out_size, x.shape[2:], weight.shape[2:], stride, padding, dilation))
     numel = x.shape[0] * math.prod(spatial) * weight.shape[0]
     y = out[:numel].view((x.shape[0],) + spatial + (weight.shape[0],)).movedim(-1, 1).zero_()
     return _ADD_INTO(y, x, weight, None, padding, stride, dilation, groups, "add", None, None, [], None)
@@ -180,7 +181,7 @@ class TorchConvs(NativeConvs):
             # right to one of 8 lengths per octave and drops the outputs past the true ones, which
             # are the only ones that read the extension
             length = int(act_shape[1]) + (sum(padding[0]) if pre_pad is not None else 0)
-            out_len = (length + 2 * pad2[1] - dilation[0] * (ks[0] - 1) - 1) // stride[0] + 1
+            out_len = _out_size(length, ks[0], stride[0], pad2[1], dilation[0])
             step = 1 << max(0, length.bit_length() - 4)
             signature = (act_shape[0], act_shape[2:], tuple(weight_shape), stride, dilation, padding, groups)
             extra = -length % step if self._many_lengths(signature, length) else 0

@@ -64,7 +64,7 @@ class TorchRuntime(Runtime):
         torch = self.backend.xp
         return (
             x.device.type == "cpu"
-            and torch._C._functorch.maybe_current_level() is None
+            and not torch._C._are_functorch_transforms_active()
             and self.tracer() is None
             and not self._needs_grad(x, tensors)
         )

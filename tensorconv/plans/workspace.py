@@ -7,9 +7,10 @@ kernel when freed, and the next call page-faults fresh, zeroed pages in again. A
 allocates only its output.
 
 Where the runtime allows it (:meth:`Runtime.reuses_buffers`: torch on a CPU, no backward to
-feed, no tracer recording, no torch.func transform), every step but the last whose output reaches :data:`MIN_BYTES`
-writes it into one of two flat buffers and the next step reads it from there: each intermediate
-is read only by the step after the one that wrote it, so two buffers that alternate suffice.
+feed, no tracer recording, no torch.func transform), every step but the last whose output
+reaches :data:`MIN_BYTES` writes it into one of two flat buffers and the next step reads it from
+there: each intermediate is read only by the step after the one that wrote it, so two buffers
+that alternate suffice.
 The last step's output is a new array: it is the caller's. Smaller intermediates are allocated
 as before: glibc reuses freed blocks below its mmap threshold without new pages, and writing
 into a buffer costs a few extra ops per step (and a zeroing pass for the oneDNN convs) that
