@@ -42,7 +42,16 @@ def primitive_cache():
 
 
 def one_d_depthwise():
-    for b, length, c in [(8, 175, 24), (8, 175, 44), (8, 1000, 64), (8, 4000, 64), (32, 4000, 128), (64, 500, 256)]:
+    for b, length, c in [
+        (8, 175, 24),
+        (8, 175, 44),
+        (8, 250, 96),
+        (8, 500, 64),
+        (8, 1000, 64),
+        (8, 4000, 64),
+        (32, 4000, 128),
+        (64, 500, 256),
+    ]:
         a = torch.randn(b, length + 2, c)
         w = torch.randn(c, 1, 3)
         taps = w[:, 0, :].t().contiguous()

@@ -607,10 +607,67 @@ def test_one_dimensional_native_steps_match_conv1d(monkeypatch, padding, stride,
     assert all(handed), "a plan step handed conv1d a channels-last view"
 
 
+@pytest.fixture
+def onednn_depthwise_steps(monkeypatch):
+    """Small float32 1-D depthwise steps run as tap loops (TAP_LOOP_BYTES): this sends every one
+    to oneDNN, with a fresh plan cache (plans keep the runs they prepared)."""
+    from tensorconv.backends import _torch_native
+    from tensorconv.plans import plan as plan_module
+    from tensorconv.plans.cache import PlanCache
+
+    monkeypatch.setattr(_torch_native, "TAP_LOOP_BYTES", 0)
+    monkeypatch.setattr(plan_module, "_conv_plans", PlanCache(plan_module.ConvPlan))
+
+
+@needs_torch
+@pytest.mark.parametrize("padding", [1, ((0, 3),)], ids=["symmetric", "asymmetric"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_small_float32_depthwise_1d_steps_run_as_tap_loops(monkeypatch, padding, stride):
+    """A float32 1-D depthwise step on a CPU whose input holds at most TAP_LOOP_BYTES runs as the
+    plans' tap loop (no oneDNN conv, nothing prepared per length); one byte over, as oneDNN's
+    conv. Values and gradients against F.conv1d of the dense kernel in float64 (rel 1e-5)."""
+    import torch.nn.functional as F
+
+    from tensorconv.backends import _torch_native
+    from tensorconv.plans import plan as plan_module
+    from tensorconv.plans.cache import PlanCache
+
+    calls, real = [], F.conv2d
+
+    def spy(x, w, *args, **kw):
+        if w.shape[1] == 1:  # the depthwise steps
+            calls.append(tuple(x.shape))
+        return real(x, w, *args, **kw)
+
+    monkeypatch.setattr(F, "conv2d", spy)
+    k = KruskalKernel.random((6, 5, 3), 4, backend="torch", dtype="float32", seed=3)
+    k64 = k.astype("float64")
+    for f in list(k.factors) + list(k64.factors):
+        f.requires_grad_(True)
+    pads = ((padding, padding),) if isinstance(padding, int) else padding
+    b, n, rank = 2, 37, 4
+    step_bytes = b * n * rank * 4  # the (B, L, R) input the depthwise step is handed (before padding)
+    for limit, want_calls in ((step_bytes, 0), (step_bytes - 1, 1), (10**9, 0)):
+        monkeypatch.setattr(_torch_native, "TAP_LOOP_BYTES", limit)
+        monkeypatch.setattr(plan_module, "_conv_plans", PlanCache(plan_module.ConvPlan))
+        calls.clear()
+        x = torch.randn(b, 5, n, requires_grad=True)
+        got = conv(x, k, stride=stride, padding=padding, strategy="factorized")
+        assert len(calls) == want_calls, (limit, calls)
+        xd = x.detach().double().requires_grad_(True)
+        want = F.conv1d(F.pad(xd, pads[0]), k64.to_dense(), None, stride)
+        assert rel_err(got.detach().double().numpy(), want.detach().numpy()) < 1e-5
+        g = torch.randn(want.shape, dtype=torch.float64)
+        grads_got = torch.autograd.grad(got, [x, *k.factors], g.float())
+        grads_want = torch.autograd.grad(want, [xd, *k64.factors], g)
+        for a, b_ in zip(grads_got, grads_want):
+            assert rel_err(a.double().numpy(), b_.numpy()) < 1e-5
+
+
 @needs_torch
 @pytest.mark.parametrize("padding", [1, ((0, 3),), 0], ids=["symmetric", "asymmetric", "valid"])
 @pytest.mark.parametrize("stride, dilation", [(1, 1), (2, 1), (1, 2)])
-def test_a_conv_fed_many_lengths_runs_few_onednn_shapes(monkeypatch, padding, stride, dilation):
+def test_a_conv_fed_many_lengths_runs_few_onednn_shapes(onednn_depthwise_steps, monkeypatch, padding, stride, dilation):
     """Past EXACT_LENGTHS lengths, a 1-D step zero-extends its input to one of 8 lengths per
     octave (oneDNN prepares a primitive per shape, in one cache for the whole process): 60 lengths
     (about 1.3 octaves) reach conv2d as at most EXACT_LENGTHS + 12 shapes, and every output, and
@@ -646,11 +703,11 @@ def test_a_conv_fed_many_lengths_runs_few_onednn_shapes(monkeypatch, padding, st
         grads_want = torch.autograd.grad(want, [xd, *k64.factors], g)
         for a, b in zip(grads_got, grads_want):
             assert rel_err(a.double().numpy(), b.numpy()) < 1e-5, n
-    assert len(shapes) <= EXACT_LENGTHS + 12 < len(lengths), sorted(shapes)
+    assert EXACT_LENGTHS < len(shapes) <= EXACT_LENGTHS + 12 < len(lengths), sorted(shapes)
 
 
 @needs_torch
-def test_reflect_padded_convs_fed_many_lengths_match_conv1d():
+def test_reflect_padded_convs_fed_many_lengths_match_conv1d(onednn_depthwise_steps):
     """Bucketing extends the input after its reflect padding (which the step applies first): the
     outputs that read the extension are dropped, the others match F.conv1d with reflect padding."""
     import torch.nn.functional as F

@@ -155,7 +155,9 @@ class JaxConvs(NativeConvs):
             padding_mode=padding_mode,
         )
 
-    def channels_last(self, act_shape, weight_shape, *, stride, dilation, padding, padding_mode, groups):
+    def channels_last(
+        self, act_shape, weight_shape, *, stride, dilation, padding, padding_mode, groups, itemsize=4, device=None
+    ):
         """``run(act, weight, out=None)``: one XLA convolution of channels-last (B, *D, C) activations, or
         None for depthwise steps: XLA's CPU grouped convolution with one channel per group runs
         far below its elementwise code, so the caller's tap loop (fused by XLA) runs those."""

@@ -32,12 +32,13 @@ class NativeConvs:
         return False
 
     def channels_last(
-        self, act_shape, weight_shape, *, stride, dilation, padding, padding_mode, groups
+        self, act_shape, weight_shape, *, stride, dilation, padding, padding_mode, groups, itemsize=4, device=None
     ) -> Callable[..., Any] | None:
         """A grouped N-D convolution of channels-last activations (B, *D, C) of these static
-        shapes as ``run(act, weight, out=None)``, prepared once; None where the caller's tap loop
-        runs. ``out``: a flat buffer of at least the output's size that ``run`` may write the
-        output into (returning a view of it) instead of allocating one; ``run`` may ignore it."""
+        shapes, dtype size and device as ``run(act, weight, out=None)``, prepared once; None
+        where the caller's tap loop runs. ``out``: a flat buffer of at least the output's size
+        that ``run`` may write the output into (returning a view of it) instead of allocating
+        one; ``run`` may ignore it."""
         return None
 
     def dense(self, x, weight, *, stride, dilation, groups=1, padding=None, padding_mode="zeros") -> Any:

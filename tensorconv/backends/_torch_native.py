@@ -53,6 +53,12 @@ if _ADD_INTO is not None and not torch.backends.mkldnn.is_available():
 _ADD_INTO_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+#: input bytes up to which a float32 1-D depthwise step on a CPU runs as the plans' tap loop (a
+#: padded copy and one multiply-add per tap) instead of oneDNN's conv: there oneDNN's fixed cost
+#: per call is most of the step, and a tap loop keeps nothing per input length
+#: (`benchmarks/onednn_steps.py` measures both; the crossover lay near 1 MB, so this keeps a margin)
+TAP_LOOP_BYTES = 512 << 10
+
 #: lengths a 1-D conv step runs at exactly before further ones are bucketed: a model fed a few
 #: fixed sizes keeps exact convs (a bucketed one pads a copy of its input), one fed many lengths
 #: stops preparing a oneDNN primitive for each
@@ -107,7 +113,9 @@ class TorchConvs(NativeConvs):
         on_gpu = device is not None and device_type(device) != "cpu"
         return on_gpu or itemsize != 8
 
-    def channels_last(self, act_shape, weight_shape, *, stride, dilation, padding, padding_mode, groups):
+    def channels_last(
+        self, act_shape, weight_shape, *, stride, dilation, padding, padding_mode, groups, itemsize=4, device=None
+    ):
         """``run(act, weight)`` for these static shapes, or None where the caller's tap loop runs.
 
         Every decision that depends on shapes only is taken here, once per plan step, so a
@@ -169,6 +177,15 @@ class TorchConvs(NativeConvs):
                 return out.movedim(1, -1).reshape(shape[:-1] + (t,))
 
             return run
+        if (
+            n == 1
+            and groups == t
+            and per_group == 1
+            and itemsize == 4
+            and device_type(device) == "cpu"
+            and math.prod(act_shape) * itemsize <= TAP_LOOP_BYTES
+        ):
+            return None
         if n == 1:
             # a (B, C, 1, L) view with channels-last strides: a 3-D tensor has no channels-last
             # memory format, so conv1d reorders a channels-last input to channels-first and back

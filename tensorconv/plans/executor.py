@@ -221,7 +221,7 @@ class TapProgram:
                 if spec["flat_in"]
                 else act
             )
-            run = self._native_run(backend, tuple(x.shape))
+            run = self._native_run(backend, tuple(x.shape), backend.itemsize(act), backend.device(act))
             if run is not None:
                 y = run(x, backend.reshape(backend.permute(weight, spec["order"]), spec["shape"]), out)
                 if spec["out_sizes"] is not None:
@@ -229,9 +229,10 @@ class TapProgram:
                 return y
         return self._tap_loop(backend, act, weight, traced=False)
 
-    def _native_run(self, backend, act_shape):
-        """The backend's prepared native conv for this step (decided once per backend and shape)."""
-        key = (backend.name, act_shape)
+    def _native_run(self, backend, act_shape, itemsize, device):
+        """The backend's prepared native conv for this step (decided once per backend, shape,
+        dtype size and device)."""
+        key = (backend.name, act_shape, itemsize, device)
         if key not in self._runs:
             spec = self.native
             self._runs[key] = backend.native.channels_last(
@@ -242,6 +243,8 @@ class TapProgram:
                 padding=spec["padding"],
                 padding_mode=self.padding_mode,
                 groups=spec["groups"],
+                itemsize=itemsize,
+                device=device,
             )
         return self._runs[key]
 
