@@ -8,7 +8,8 @@ A 6-layer Conv1d model (kernel 3, 32 -> 128 channels, batch 8), dense and factor
 150 lengths (100..249) in turn, and 150 batches of one length (175; ``--one-tensor``: one
 batch 150 times, as before 2026-12-07); milliseconds per forward, medians of 7 sweeps in a
 shuffled order after 2 warm-up sweeps. ``--fixed-only`` times the one
-length alone, as a process that never meets another length runs it.
+length alone, as a process that never meets another length runs it; ``--only "fact varlen"``
+(or another case's name) times that case alone.
 """
 
 import json
@@ -45,6 +46,9 @@ entries = {
 }
 if "--fixed-only" in sys.argv[1:]:
     entries = {k: v for k, v in entries.items() if k.endswith("fixed")}
+elif "--only" in sys.argv[1:]:  # one case, as a process that runs one model on one stream of inputs
+    only = sys.argv[sys.argv.index("--only") + 1]
+    entries = {only: entries[only]}
 times = {k: [] for k in entries}
 with torch.no_grad():
     for _ in range(2):
@@ -62,5 +66,5 @@ with torch.no_grad():
             times[k].append((time.perf_counter() - t0) / len(xs) * 1e3)
 med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 print(tensorconv.__file__, json.dumps({k: round(v, 3) for k, v in med.items()}))
-if "fact varlen" in med:
+if "fact varlen" in med and "fact fixed" in med:
     print(f"factorized: 150 lengths / one = {med['fact varlen'] / med['fact fixed']:.2f}")

@@ -74,6 +74,32 @@ def test_quick_without_suites_runs_the_quick_set_and_times_each_suite(tmp_path, 
 
 
 @pytest.mark.slow
+def test_bench_varlen_times_each_case_in_a_process_of_its_own(tmp_path):
+    """The four cases (dense / factorized, 150 lengths / one), each timed in processes of its
+    own; the ratios are those of the medians the rows give."""
+    pytest.importorskip("torch")
+    assert (
+        cli_main(["bench", "varlen", "--quick", "--backend", "torch", "--allocator", "default", "--out", str(tmp_path)])
+        == 0
+    )
+    rows = {r["case"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    assert list(rows) == [
+        "dense, 150 lengths",
+        "factorized, 150 lengths",
+        "dense, one length",
+        "factorized, one length",
+    ]
+    ms = {case: r["ms_per_forward"] for case, r in rows.items()}
+    assert all(v > 0 for v in ms.values()) and {r["process"] for r in rows.values()} == {"one per case"}
+    for case, r in rows.items():
+        lo, hi = (float(v) for v in r["rounds_ms"].split("-"))
+        assert lo <= r["ms_per_forward"] <= hi
+        assert r["vs_factorized_one_length"] == pytest.approx(ms[case] / ms["factorized, one length"], abs=0.01)
+    f = rows["factorized, 150 lengths"]
+    assert f["dense_over_factorized"] == pytest.approx(ms["dense, 150 lengths"] / ms[f["case"]], abs=0.01)
+
+
+@pytest.mark.slow
 def test_bench_models_times_dense_and_factorized_in_every_runtime(tmp_path, monkeypatch):
     """The suite's plumbing on a tiny 3-D net (the real models take minutes): eager, the default
     torch.compile backend and ONNX Runtime (a test extra: no skip) each time both models, and

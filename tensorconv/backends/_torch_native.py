@@ -56,7 +56,8 @@ _ADD_INTO_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: input bytes up to which a float32 1-D depthwise step on a CPU runs as the plans' tap loop (a
 #: padded copy and one multiply-add per tap) instead of oneDNN's conv: there oneDNN's fixed cost
 #: per call is most of the step, and a tap loop keeps nothing per input length
-#: (`benchmarks/onednn_steps.py` measures both; the crossover lay near 1 MB, so this keeps a margin)
+#: (`benchmarks/onednn_steps.py` measures both; this stays well below the size where the conv
+#: overtook the loop there, since that size is not measured on every machine of the pool)
 TAP_LOOP_BYTES = 512 << 10
 
 #: lengths a 1-D conv step runs at exactly before further ones are bucketed: a model fed a few
