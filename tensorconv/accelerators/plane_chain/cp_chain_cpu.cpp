@@ -33,11 +33,95 @@ struct Axis {
   int64_t src(int64_t o, int64_t tap) const { return o * stride - pad_lo + tap * dil; }
 };
 
+#if defined(__AVX512F__)
+// one 512-bit register of float (16) or double (8), with masked access for a column tail
+template <typename scalar_t>
+struct Lanes;
+template <>
+struct Lanes<float> {
+  using V = __m512;
+  static constexpr int L = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V load(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+  static void store(__mmask16 m, float* p, V v) { _mm512_mask_storeu_ps(p, m, v); }
+  static V set1(float v) { return _mm512_set1_ps(v); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+};
+template <>
+struct Lanes<double> {
+  using V = __m512d;
+  static constexpr int L = 8;
+  static V zero() { return _mm512_setzero_pd(); }
+  static V load(const double* p) { return _mm512_loadu_pd(p); }
+  static void store(double* p, V v) { _mm512_storeu_pd(p, v); }
+  static V load(__mmask16 m, const double* p) { return _mm512_maskz_loadu_pd(static_cast<__mmask8>(m), p); }
+  static void store(__mmask16 m, double* p, V v) { _mm512_mask_storeu_pd(p, static_cast<__mmask8>(m), v); }
+  static V set1(double v) { return _mm512_set1_pd(v); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
+  static V mul(V a, V b) { return _mm512_mul_pd(a, b); }
+};
+#endif
+
 // dst_i[r] = sum_t w_t[r] * src_t[i * src_step + r] for `count` positions i (dst_i = dst + i * dst_step),
 // over the n taps whose source exists. Runs of positions share their taps, so the weights of a
 // block of one vector register's width stay in registers over the whole run: per output vector
 // that is n loads and n FMAs, where per-position calls spend more on finding the taps than on
 // the sums (the depthwise passes at 16-64 channels, docs/benchmarks.md).
+#if defined(__AVX512F__)
+// NB registers of channels from r0 (the last one masked to `tail` where TAIL) over the positions:
+// N x NB weights and NB sums in registers, so a position costs N loads and N FMAs per register
+// and nothing else (the portable loops below kept their weights and sums on the stack, spilled:
+// the passes ran at a fraction of the rate of their loads)
+template <typename scalar_t, int N, int NB, bool TAIL>
+inline void taps_block(scalar_t* dst, int64_t dst_step, const scalar_t* const* src, int64_t src_step,
+                       const scalar_t* const* w, int64_t r0, int64_t count, __mmask16 tail) {
+  using X = Lanes<scalar_t>;
+  constexpr int L = X::L;
+  typename X::V wv[N][NB];
+  const scalar_t* s[N];
+  for (int t = 0; t < N; ++t) {
+    s[t] = src[t] + r0;
+    for (int b = 0; b < NB; ++b)
+      wv[t][b] = TAIL && b == NB - 1 ? X::load(tail, w[t] + r0 + b * L) : X::load(w[t] + r0 + b * L);
+  }
+  scalar_t* d = dst + r0;
+  for (int64_t i = 0; i < count; ++i, d += dst_step) {
+    typename X::V acc[NB];
+    for (int b = 0; b < NB; ++b)
+      acc[b] = X::mul(wv[0][b], TAIL && b == NB - 1 ? X::load(tail, s[0] + b * L) : X::load(s[0] + b * L));
+    for (int t = 1; t < N; ++t)
+      for (int b = 0; b < NB; ++b)
+        acc[b] = X::fma(wv[t][b], TAIL && b == NB - 1 ? X::load(tail, s[t] + b * L) : X::load(s[t] + b * L), acc[b]);
+    for (int b = 0; b < NB; ++b)
+      if (TAIL && b == NB - 1)
+        X::store(tail, d + b * L, acc[b]);
+      else
+        X::store(d + b * L, acc[b]);
+    for (int t = 0; t < N; ++t) s[t] += src_step;
+  }
+}
+
+template <typename scalar_t, int N>
+inline void taps_run_n(scalar_t* __restrict__ dst, int64_t dst_step, const scalar_t* const* src, int64_t src_step,
+                       const scalar_t* const* w, int64_t R, int64_t count) {
+  constexpr int64_t L = Lanes<scalar_t>::L;
+  int64_t r0 = 0;
+  for (; r0 + 4 * L <= R; r0 += 4 * L) taps_block<scalar_t, N, 4, false>(dst, dst_step, src, src_step, w, r0, count, 0);
+  switch ((R - r0) / L) {  // the full registers left
+    case 3: taps_block<scalar_t, N, 3, false>(dst, dst_step, src, src_step, w, r0, count, 0); break;
+    case 2: taps_block<scalar_t, N, 2, false>(dst, dst_step, src, src_step, w, r0, count, 0); break;
+    case 1: taps_block<scalar_t, N, 1, false>(dst, dst_step, src, src_step, w, r0, count, 0); break;
+    default: break;
+  }
+  r0 += (R - r0) / L * L;
+  if (r0 < R)  // the channels past the last full register: one masked register
+    taps_block<scalar_t, N, 1, true>(dst, dst_step, src, src_step, w, r0, count,
+                                     static_cast<__mmask16>((1u << (R - r0)) - 1));
+}
+#else
 template <typename scalar_t, int N>
 inline void taps_run_n(scalar_t* __restrict__ dst, int64_t dst_step, const scalar_t* const* src, int64_t src_step,
                        const scalar_t* const* w, int64_t R, int64_t count) {
@@ -72,6 +156,7 @@ inline void taps_run_n(scalar_t* __restrict__ dst, int64_t dst_step, const scala
       }
     }
 }
+#endif
 
 template <typename scalar_t>
 inline void taps_run(scalar_t* dst, int64_t dst_step, const scalar_t* const* src, int64_t src_step,
@@ -107,34 +192,6 @@ inline void tap_sum(scalar_t* dst, const scalar_t* const* src, const scalar_t* c
 
 // ---- the chain's GEMMs ----------------------------------------------------------------------------
 #if defined(__AVX512F__)
-// one 512-bit register of float (16) or double (8), with masked access for a column tail
-template <typename scalar_t>
-struct Lanes;
-template <>
-struct Lanes<float> {
-  using V = __m512;
-  static constexpr int L = 16;
-  static V zero() { return _mm512_setzero_ps(); }
-  static V load(const float* p) { return _mm512_loadu_ps(p); }
-  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
-  static V load(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
-  static void store(__mmask16 m, float* p, V v) { _mm512_mask_storeu_ps(p, m, v); }
-  static V set1(float v) { return _mm512_set1_ps(v); }
-  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-};
-template <>
-struct Lanes<double> {
-  using V = __m512d;
-  static constexpr int L = 8;
-  static V zero() { return _mm512_setzero_pd(); }
-  static V load(const double* p) { return _mm512_loadu_pd(p); }
-  static void store(double* p, V v) { _mm512_storeu_pd(p, v); }
-  static V load(__mmask16 m, const double* p) { return _mm512_maskz_loadu_pd(static_cast<__mmask8>(m), p); }
-  static void store(__mmask16 m, double* p, V v) { _mm512_mask_storeu_pd(p, static_cast<__mmask8>(m), v); }
-  static V set1(double v) { return _mm512_set1_pd(v); }
-  static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
-};
-
 // c[p, n] = sum_k a[k * sk + p * sp] * b[k * ldb + n]: MR rows of c at a time in registers, a
 // broadcast from a, b one row of NV registers per k (the last one masked to `tail` where TAIL:
 // a mask on every load ran the GEMMs at half rate). Its shapes
