@@ -546,3 +546,38 @@ def test_a_corrupted_cached_library_is_rebuilt(tmp_path, monkeypatch):
     with pytest.warns(RuntimeWarning, match=f"{name}.so could not be loaded .*rebuilding it"):
         assert chain.load() == "the rebuilt module"
     assert built == [(name, str(tmp_path))]
+
+
+@needs_torch
+@pytest.mark.slow
+def test_plane_chain_built_without_avx512_matches_dense_conv(plane_kernel, tmp_path):
+    """The kernel as the pool's CPUs without AVX-512 build it (AVX2 registers in the depthwise
+    passes, BLAS for the GEMMs), compiled here with AVX-512 turned off: float32 and float64
+    against torch's dense conv3d of the rebuilt kernel in float64 (stated tolerances 1e-5 and
+    1e-10), ranks ending in part of a register, 1 to 7 taps (the long-kernel branch)."""
+    import torch.nn.functional as F
+    from torch.utils.cpp_extension import load
+
+    cpu_flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if " avx2 " not in cpu_flags or " fma " not in cpu_flags:
+        pytest.skip("this CPU cannot run AVX2 code")
+    source = os.path.join(os.path.dirname(plane_kernel.__file__), "cp_chain_cpu.cpp")
+    module = load(
+        name="cp_chain_avx2_test",
+        sources=[source],
+        extra_cflags=["-O3", "-march=native", "-mno-avx512f", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(tmp_path),
+        verbose=False,
+    )
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-10)):
+        for rank, ks in ((3, (1, 3, 2)), (13, (3, 3, 3)), (21, (2, 7, 5)), (40, (3, 1, 4))):
+            k = KruskalKernel.random((6, 5) + ks, rank, backend="torch", dtype="float64", seed=rank)
+            lam, factors = k.weights.to(dtype), [f.to(dtype) for f in k.factors]
+            x = torch.randn(2, 5, 6, 7, 9, dtype=torch.float64)
+            pad = tuple(kk // 2 for kk in ks)
+            want = F.conv3d(F.pad(x, [p for p in reversed(pad) for _ in (0, 1)]), k.to_dense())
+            got = module.cp_chain_forward_kruskal(
+                x.to(dtype), lam, *factors, list(want.shape[2:]), [1, 1, 1], list(pad), [1, 1, 1], 2
+            )
+            assert rel_err(got.permute(0, 4, 1, 2, 3).double(), want) < tol, (dtype, rank, ks)

@@ -15,8 +15,10 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+// the depthwise passes in vector registers (taps_block); without, portable loops
+#define TC_VECTOR_TAPS 1
 #endif
 
 #include <algorithm>
@@ -40,7 +42,10 @@ struct Lanes;
 template <>
 struct Lanes<float> {
   using V = __m512;
-  static constexpr int L = 16;
+  using M = __mmask16;
+  static constexpr int L = 16, registers = 32;
+  static M tail_mask(int64_t n) { return static_cast<M>((1u << n) - 1); }  // the first n < L lanes
+  static M none() { return 0; }
   static V zero() { return _mm512_setzero_ps(); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
@@ -53,7 +58,10 @@ struct Lanes<float> {
 template <>
 struct Lanes<double> {
   using V = __m512d;
-  static constexpr int L = 8;
+  using M = __mmask16;
+  static constexpr int L = 8, registers = 32;
+  static M tail_mask(int64_t n) { return static_cast<M>((1u << n) - 1); }
+  static M none() { return 0; }
   static V zero() { return _mm512_setzero_pd(); }
   static V load(const double* p) { return _mm512_loadu_pd(p); }
   static void store(double* p, V v) { _mm512_storeu_pd(p, v); }
@@ -63,6 +71,41 @@ struct Lanes<double> {
   static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
   static V mul(V a, V b) { return _mm512_mul_pd(a, b); }
 };
+#elif defined(TC_VECTOR_TAPS)
+// one 256-bit register of float (8) or double (4) (AVX2: the pool's CPUs without AVX-512),
+// masked by the sign bit of each lane of M
+template <typename scalar_t>
+struct Lanes;
+template <>
+struct Lanes<float> {
+  using V = __m256;
+  using M = __m256i;
+  static constexpr int L = 8, registers = 16;
+  static M tail_mask(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static M none() { return _mm256_setzero_si256(); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V load(M m, const float* p) { return _mm256_maskload_ps(p, m); }
+  static void store(M m, float* p, V v) { _mm256_maskstore_ps(p, m, v); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+};
+template <>
+struct Lanes<double> {
+  using V = __m256d;
+  using M = __m256i;
+  static constexpr int L = 4, registers = 16;
+  static M tail_mask(int64_t n) { return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3)); }
+  static M none() { return _mm256_setzero_si256(); }
+  static V load(const double* p) { return _mm256_loadu_pd(p); }
+  static void store(double* p, V v) { _mm256_storeu_pd(p, v); }
+  static V load(M m, const double* p) { return _mm256_maskload_pd(p, m); }
+  static void store(M m, double* p, V v) { _mm256_maskstore_pd(p, m, v); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
+  static V mul(V a, V b) { return _mm256_mul_pd(a, b); }
+};
 #endif
 
 // dst_i[r] = sum_t w_t[r] * src_t[i * src_step + r] for `count` positions i (dst_i = dst + i * dst_step),
@@ -70,14 +113,14 @@ struct Lanes<double> {
 // block of one vector register's width stay in registers over the whole run: per output vector
 // that is n loads and n FMAs, where per-position calls spend more on finding the taps than on
 // the sums (the depthwise passes at 16-64 channels, docs/benchmarks.md).
-#if defined(__AVX512F__)
+#if defined(TC_VECTOR_TAPS)
 // NB registers of channels from r0 (the last one masked to `tail` where TAIL) over the positions:
 // N x NB weights and NB sums in registers, so a position costs N loads and N FMAs per register
 // and nothing else (the portable loops below kept their weights and sums on the stack, spilled:
 // the passes ran at a fraction of the rate of their loads)
 template <typename scalar_t, int N, int NB, bool TAIL>
 inline void taps_block(scalar_t* dst, int64_t dst_step, const scalar_t* const* src, int64_t src_step,
-                       const scalar_t* const* w, int64_t r0, int64_t count, __mmask16 tail) {
+                       const scalar_t* const* w, int64_t r0, int64_t count, typename Lanes<scalar_t>::M tail) {
   using X = Lanes<scalar_t>;
   constexpr int L = X::L;
   typename X::V wv[N][NB];
@@ -104,22 +147,35 @@ inline void taps_block(scalar_t* dst, int64_t dst_step, const scalar_t* const* s
   }
 }
 
+// the last `regs` (at most NB) registers of channels as one block, the last one masked where `tail`
+template <typename scalar_t, int N, int NB>
+inline void taps_rest(scalar_t* dst, int64_t dst_step, const scalar_t* const* src, int64_t src_step,
+                      const scalar_t* const* w, int64_t r0, int64_t count, int regs, bool tail,
+                      typename Lanes<scalar_t>::M mask) {
+  if constexpr (NB > 0) {
+    if (regs < NB) return taps_rest<scalar_t, N, NB - 1>(dst, dst_step, src, src_step, w, r0, count, regs, tail, mask);
+    if (tail)
+      taps_block<scalar_t, N, NB, true>(dst, dst_step, src, src_step, w, r0, count, mask);
+    else
+      taps_block<scalar_t, N, NB, false>(dst, dst_step, src, src_step, w, r0, count, mask);
+  }
+}
+
 template <typename scalar_t, int N>
 inline void taps_run_n(scalar_t* __restrict__ dst, int64_t dst_step, const scalar_t* const* src, int64_t src_step,
                        const scalar_t* const* w, int64_t R, int64_t count) {
-  constexpr int64_t L = Lanes<scalar_t>::L;
+  using X = Lanes<scalar_t>;
+  constexpr int64_t L = X::L;
+  constexpr int NB = X::registers >= 32 ? 4 : 2;  // registers of channels per block: N x NB weights fit
   int64_t r0 = 0;
-  for (; r0 + 4 * L <= R; r0 += 4 * L) taps_block<scalar_t, N, 4, false>(dst, dst_step, src, src_step, w, r0, count, 0);
-  switch ((R - r0) / L) {  // the full registers left
-    case 3: taps_block<scalar_t, N, 3, false>(dst, dst_step, src, src_step, w, r0, count, 0); break;
-    case 2: taps_block<scalar_t, N, 2, false>(dst, dst_step, src, src_step, w, r0, count, 0); break;
-    case 1: taps_block<scalar_t, N, 1, false>(dst, dst_step, src, src_step, w, r0, count, 0); break;
-    default: break;
-  }
-  r0 += (R - r0) / L * L;
-  if (r0 < R)  // the channels past the last full register: one masked register
-    taps_block<scalar_t, N, 1, true>(dst, dst_step, src, src_step, w, r0, count,
-                                     static_cast<__mmask16>((1u << (R - r0)) - 1));
+  for (; r0 + NB * L <= R; r0 += NB * L)
+    taps_block<scalar_t, N, NB, false>(dst, dst_step, src, src_step, w, r0, count, X::none());
+  // the channels left (fewer than NB registers) as one block: separate one-register blocks
+  // would each run one chain of dependent FMAs per position
+  const int64_t rest = R - r0;
+  if (rest > 0)
+    taps_rest<scalar_t, N, NB>(dst, dst_step, src, src_step, w, r0, count, static_cast<int>((rest + L - 1) / L),
+                               rest % L != 0, rest % L != 0 ? X::tail_mask(rest % L) : X::none());
 }
 #else
 template <typename scalar_t, int N>
