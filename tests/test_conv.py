@@ -607,16 +607,61 @@ def test_one_dimensional_native_steps_match_conv1d(monkeypatch, padding, stride,
     assert all(handed), "a plan step handed conv1d a channels-last view"
 
 
-@pytest.fixture
-def onednn_depthwise_steps(monkeypatch):
-    """Small float32 1-D depthwise steps run as tap loops (TAP_LOOP_BYTES): this sends every one
-    to oneDNN, with a fresh plan cache (plans keep the runs they prepared)."""
+def _tap_loop_bytes(monkeypatch, limit):
+    """TAP_LOOP_BYTES set to ``limit``, with a fresh plan cache (plans keep the runs they prepared)."""
     from tensorconv.backends import _torch_native
     from tensorconv.plans import plan as plan_module
     from tensorconv.plans.cache import PlanCache
 
-    monkeypatch.setattr(_torch_native, "TAP_LOOP_BYTES", 0)
+    monkeypatch.setattr(_torch_native, "TAP_LOOP_BYTES", limit)
     monkeypatch.setattr(plan_module, "_conv_plans", PlanCache(plan_module.ConvPlan))
+
+
+@pytest.fixture
+def onednn_depthwise_steps(monkeypatch):
+    """Small float32 1-D depthwise steps run as tap loops (TAP_LOOP_BYTES): this sends every one to oneDNN."""
+    _tap_loop_bytes(monkeypatch, 0)
+
+
+def _depthwise_conv2d_inputs(monkeypatch):
+    """The input shapes handed to F.conv2d by depthwise steps, in order (a spy on F.conv2d)."""
+    import torch.nn.functional as F
+
+    seen, real = [], F.conv2d
+
+    def spy(x, w, *args, **kw):
+        if w.shape[1] == 1:
+            seen.append(tuple(x.shape))
+        return real(x, w, *args, **kw)
+
+    monkeypatch.setattr(F, "conv2d", spy)
+    return seen
+
+
+def _one_d_kernels(seed):
+    """A float32 CP kernel (6, 5, 3) of rank 4 and its float64 copy, factors requiring gradients."""
+    k = KruskalKernel.random((6, 5, 3), 4, backend="torch", dtype="float32", seed=seed)
+    k64 = k.astype("float64")
+    for f in list(k.factors) + list(k64.factors):
+        f.requires_grad_(True)
+    return k, k64
+
+
+def _assert_matches_conv1d(x, k, k64, pads, stride, dilation=1, **conv_kw):
+    """conv(x, k) in float32 against F.conv1d of the dense float64 kernel: values and the
+    gradients of the input and of every factor (rel 1e-5)."""
+    import torch.nn.functional as F
+
+    got = conv(x, k, stride=stride, dilation=dilation, strategy="factorized", **conv_kw)
+    xd = x.detach().double().requires_grad_(True)
+    want = F.conv1d(F.pad(xd, pads), k64.to_dense(), None, stride, 0, dilation)
+    assert got.shape == want.shape
+    assert rel_err(got.detach().double().numpy(), want.detach().numpy()) < 1e-5
+    g = torch.randn(want.shape, dtype=torch.float64)
+    grads_got = torch.autograd.grad(got, [x, *k.factors], g.float())
+    grads_want = torch.autograd.grad(want, [xd, *k64.factors], g)
+    for a, b in zip(grads_got, grads_want):
+        assert rel_err(a.double().numpy(), b.numpy()) < 1e-5
 
 
 @needs_torch
@@ -626,42 +671,17 @@ def test_small_float32_depthwise_1d_steps_run_as_tap_loops(monkeypatch, padding,
     """A float32 1-D depthwise step on a CPU whose input holds at most TAP_LOOP_BYTES runs as the
     plans' tap loop (no oneDNN conv, nothing prepared per length); one byte over, as oneDNN's
     conv. Values and gradients against F.conv1d of the dense kernel in float64 (rel 1e-5)."""
-    import torch.nn.functional as F
-
-    from tensorconv.backends import _torch_native
-    from tensorconv.plans import plan as plan_module
-    from tensorconv.plans.cache import PlanCache
-
-    calls, real = [], F.conv2d
-
-    def spy(x, w, *args, **kw):
-        if w.shape[1] == 1:  # the depthwise steps
-            calls.append(tuple(x.shape))
-        return real(x, w, *args, **kw)
-
-    monkeypatch.setattr(F, "conv2d", spy)
-    k = KruskalKernel.random((6, 5, 3), 4, backend="torch", dtype="float32", seed=3)
-    k64 = k.astype("float64")
-    for f in list(k.factors) + list(k64.factors):
-        f.requires_grad_(True)
+    calls = _depthwise_conv2d_inputs(monkeypatch)
+    k, k64 = _one_d_kernels(seed=3)
     pads = ((padding, padding),) if isinstance(padding, int) else padding
     b, n, rank = 2, 37, 4
     step_bytes = b * n * rank * 4  # the (B, L, R) input the depthwise step is handed (before padding)
     for limit, want_calls in ((step_bytes, 0), (step_bytes - 1, 1), (10**9, 0)):
-        monkeypatch.setattr(_torch_native, "TAP_LOOP_BYTES", limit)
-        monkeypatch.setattr(plan_module, "_conv_plans", PlanCache(plan_module.ConvPlan))
+        _tap_loop_bytes(monkeypatch, limit)
         calls.clear()
         x = torch.randn(b, 5, n, requires_grad=True)
-        got = conv(x, k, stride=stride, padding=padding, strategy="factorized")
+        _assert_matches_conv1d(x, k, k64, pads[0], stride, padding=padding)
         assert len(calls) == want_calls, (limit, calls)
-        xd = x.detach().double().requires_grad_(True)
-        want = F.conv1d(F.pad(xd, pads[0]), k64.to_dense(), None, stride)
-        assert rel_err(got.detach().double().numpy(), want.detach().numpy()) < 1e-5
-        g = torch.randn(want.shape, dtype=torch.float64)
-        grads_got = torch.autograd.grad(got, [x, *k.factors], g.float())
-        grads_want = torch.autograd.grad(want, [xd, *k64.factors], g)
-        for a, b_ in zip(grads_got, grads_want):
-            assert rel_err(a.double().numpy(), b_.numpy()) < 1e-5
 
 
 @needs_torch
@@ -673,36 +693,16 @@ def test_a_conv_fed_many_lengths_runs_few_onednn_shapes(onednn_depthwise_steps, 
     (about 1.3 octaves) reach conv2d as at most EXACT_LENGTHS + 12 shapes, and every output, and
     the gradients of the input and of the factors, match F.conv1d of the dense kernel (rebuilt by
     ``to_dense``, float64; the plans in float32, rel 1e-5)."""
-    import torch.nn.functional as F
-
     from tensorconv.backends._torch_native import EXACT_LENGTHS
 
-    shapes, real = set(), F.conv2d
-
-    def spy(x, w, *args, **kw):
-        if w.shape[1] == 1:  # the depthwise steps
-            shapes.add(tuple(x.shape))
-        return real(x, w, *args, **kw)
-
-    monkeypatch.setattr(F, "conv2d", spy)
-    k = KruskalKernel.random((6, 5, 3), 4, backend="torch", dtype="float32", seed=7)
-    k64 = k.astype("float64")
-    for f in list(k.factors) + list(k64.factors):
-        f.requires_grad_(True)
+    seen = _depthwise_conv2d_inputs(monkeypatch)
+    k, k64 = _one_d_kernels(seed=7)
     pads = ((padding, padding),) if isinstance(padding, int) else padding
     lengths = range(40, 100)
     for n in lengths:
         x = torch.randn(2, 5, n, requires_grad=True)
-        got = conv(x, k, stride=stride, dilation=dilation, padding=padding, strategy="factorized")
-        xd = x.detach().double().requires_grad_(True)
-        want = F.conv1d(F.pad(xd, pads[0]), k64.to_dense(), None, stride, 0, dilation)
-        assert got.shape == want.shape
-        assert rel_err(got.detach().double().numpy(), want.detach().numpy()) < 1e-5, n
-        g = torch.randn(want.shape, dtype=torch.float64)
-        grads_got = torch.autograd.grad(got, [x, *k.factors], g.float())
-        grads_want = torch.autograd.grad(want, [xd, *k64.factors], g)
-        for a, b in zip(grads_got, grads_want):
-            assert rel_err(a.double().numpy(), b.numpy()) < 1e-5, n
+        _assert_matches_conv1d(x, k, k64, pads[0], stride, dilation, padding=padding)
+    shapes = set(seen)
     assert EXACT_LENGTHS < len(shapes) <= EXACT_LENGTHS + 12 < len(lengths), sorted(shapes)
 
 
