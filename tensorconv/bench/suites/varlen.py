@@ -74,7 +74,7 @@ def run(args, targets):
 
     if not any(b == "torch" for b, _ in targets):
         return []
-    rounds, sweeps, warmup = (2, 2, 1) if args.quick else (max(3, args.repeat), 5, 2)
+    rounds, sweeps, warmup = (1, 2, 1) if args.quick else (max(3, args.repeat), 5, 2)
     threads = torch.get_num_threads()
     per_round = {case: [] for case in CASES}
     prog = _Progress(rounds, "varlen")
