@@ -208,25 +208,22 @@ class TapProgram:
         """The step's output; where it runs as a native conv, written into the flat buffer
         ``out`` if one is given (see :mod:`tensorconv.plans.workspace`)."""
         convs = backend.native
-        if (
-            native
-            and self.native is not None
-            and convs.exists
-            and convs.available(backend.itemsize(act), backend.device(act))
-        ):
-            spec = self.native
-            # the channel count spelled out: a -1 cannot be inferred for an empty batch
-            x = (
-                backend.reshape(act, tuple(act.shape[: 1 + self.n]) + (spec["shape"][1] * spec["groups"],))
-                if spec["flat_in"]
-                else act
-            )
-            run = self._native_run(backend, tuple(x.shape), backend.itemsize(act), backend.device(act))
-            if run is not None:
-                y = run(x, backend.reshape(backend.permute(weight, spec["order"]), spec["shape"]), out)
-                if spec["out_sizes"] is not None:
-                    y = backend.reshape(y, tuple(y.shape[: 1 + self.n]) + spec["out_sizes"])
-                return y
+        if native and self.native is not None and convs.exists:
+            itemsize, device = backend.itemsize(act), backend.device(act)
+            if convs.available(itemsize, device):
+                spec = self.native
+                # the channel count spelled out: a -1 cannot be inferred for an empty batch
+                x = (
+                    backend.reshape(act, tuple(act.shape[: 1 + self.n]) + (spec["shape"][1] * spec["groups"],))
+                    if spec["flat_in"]
+                    else act
+                )
+                run = self._native_run(backend, tuple(x.shape), itemsize, device)
+                if run is not None:
+                    y = run(x, backend.reshape(backend.permute(weight, spec["order"]), spec["shape"]), out)
+                    if spec["out_sizes"] is not None:
+                        y = backend.reshape(y, tuple(y.shape[: 1 + self.n]) + spec["out_sizes"])
+                    return y
         return self._tap_loop(backend, act, weight, traced=False)
 
     def _native_run(self, backend, act_shape, itemsize, device):
