@@ -108,6 +108,22 @@ struct Lanes<double> {
 };
 #endif
 
+#if defined(TC_VECTOR_TAPS)
+// one register at p, masked to `tail` where `masked` (the last register of a row of registers
+// that ends in part of one): the passes and the GEMM tiles load and store their rows through these
+template <typename X, typename T>
+inline typename X::V load_reg(bool masked, typename X::M tail, const T* p) {
+  return masked ? X::load(tail, p) : X::load(p);
+}
+template <typename X, typename T>
+inline void store_reg(bool masked, typename X::M tail, T* p, typename X::V v) {
+  if (masked)
+    X::store(tail, p, v);
+  else
+    X::store(p, v);
+}
+#endif
+
 // dst_i[r] = sum_t w_t[r] * src_t[i * src_step + r] for `count` positions i (dst_i = dst + i * dst_step),
 // over the n taps whose source exists. Runs of positions share their taps, so the weights of a
 // block of one vector register's width stay in registers over the whole run: per output vector
@@ -128,21 +144,17 @@ inline void taps_block(scalar_t* dst, int64_t dst_step, const scalar_t* const* s
   for (int t = 0; t < N; ++t) {
     s[t] = src[t] + r0;
     for (int b = 0; b < NB; ++b)
-      wv[t][b] = TAIL && b == NB - 1 ? X::load(tail, w[t] + r0 + b * L) : X::load(w[t] + r0 + b * L);
+      wv[t][b] = load_reg<X>(TAIL && b == NB - 1, tail, w[t] + r0 + b * L);
   }
   scalar_t* d = dst + r0;
   for (int64_t i = 0; i < count; ++i, d += dst_step) {
     typename X::V acc[NB];
     for (int b = 0; b < NB; ++b)
-      acc[b] = X::mul(wv[0][b], TAIL && b == NB - 1 ? X::load(tail, s[0] + b * L) : X::load(s[0] + b * L));
+      acc[b] = X::mul(wv[0][b], load_reg<X>(TAIL && b == NB - 1, tail, s[0] + b * L));
     for (int t = 1; t < N; ++t)
       for (int b = 0; b < NB; ++b)
-        acc[b] = X::fma(wv[t][b], TAIL && b == NB - 1 ? X::load(tail, s[t] + b * L) : X::load(s[t] + b * L), acc[b]);
-    for (int b = 0; b < NB; ++b)
-      if (TAIL && b == NB - 1)
-        X::store(tail, d + b * L, acc[b]);
-      else
-        X::store(d + b * L, acc[b]);
+        acc[b] = X::fma(wv[t][b], load_reg<X>(TAIL && b == NB - 1, tail, s[t] + b * L), acc[b]);
+    for (int b = 0; b < NB; ++b) store_reg<X>(TAIL && b == NB - 1, tail, d + b * L, acc[b]);
     for (int t = 0; t < N; ++t) s[t] += src_step;
   }
 }
@@ -172,10 +184,10 @@ inline void taps_run_n(scalar_t* __restrict__ dst, int64_t dst_step, const scala
     taps_block<scalar_t, N, NB, false>(dst, dst_step, src, src_step, w, r0, count, X::none());
   // the channels left (fewer than NB registers) as one block: separate one-register blocks
   // would each run one chain of dependent FMAs per position
-  const int64_t rest = R - r0;
+  const int64_t rest = R - r0, part = rest % L;  // channels left; of them, past the last full register
   if (rest > 0)
     taps_rest<scalar_t, N, NB>(dst, dst_step, src, src_step, w, r0, count, static_cast<int>((rest + L - 1) / L),
-                               rest % L != 0, rest % L != 0 ? X::tail_mask(rest % L) : X::none());
+                               part != 0, part != 0 ? X::tail_mask(part) : X::none());
 }
 #else
 template <typename scalar_t, int N>
@@ -266,7 +278,7 @@ inline void gemm_tile(const scalar_t* a, int64_t sk, int64_t sp, const scalar_t*
   for (int64_t k = 0; k < K; ++k) {
     typename X::V bk[NV];
     for (int v = 0; v < NV; ++v)
-      bk[v] = TAIL && v == NV - 1 ? X::load(tail, b + k * ldb + L * v) : X::load(b + k * ldb + L * v);
+      bk[v] = load_reg<X>(TAIL && v == NV - 1, tail, b + k * ldb + L * v);
     const scalar_t* ak = a + k * sk;
     for (int i = 0; i < MR; ++i) {
       const auto ai = X::set1(ak[i * sp]);
@@ -274,11 +286,7 @@ inline void gemm_tile(const scalar_t* a, int64_t sk, int64_t sp, const scalar_t*
     }
   }
   for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < NV; ++v)
-      if (TAIL && v == NV - 1)
-        X::store(tail, c + i * ldc + L * v, acc[i][v]);
-      else
-        X::store(c + i * ldc + L * v, acc[i][v]);
+    for (int v = 0; v < NV; ++v) store_reg<X>(TAIL && v == NV - 1, tail, c + i * ldc + L * v, acc[i][v]);
 }
 
 // rows [0, P) of c, NV registers of columns: as many accumulators as registers allow
