@@ -18,7 +18,6 @@ from torch.utils.cpp_extension import load
 
 from tensorconv import KruskalKernel
 from tensorconv.accelerators.plane_chain import _build
-from tensorconv.accelerators.plane_chain._geometry import planes_per_chunk
 from tensorconv.bench.timing import measure
 
 torch.set_num_threads(2)
@@ -72,8 +71,7 @@ def main():
         k = KruskalKernel.random((64, 64, 3, 3, 3), 200, backend="torch", dtype="float32", seed=0)
         x = torch.randn(1, 64, 16, 56, 56)
         lam, (ut, uc, u0, u1, u2) = k.weights, k.factors
-        chunk = planes_per_chunk(x.shape, 200, 4, None, 64)
-        args = (x, lam, ut, uc, u0, u1, u2, [16, 56, 56], [1, 1, 1], [1, 1, 1], [1, 1, 1], chunk)
+        args = (x, lam, ut, uc, u0, u1, u2, [16, 56, 56], [1, 1, 1], [1, 1, 1], [1, 1, 1])
         with torch.no_grad():
             for _ in range(3):
                 times = {name: median_ms(lambda m=m: m.cp_chain_forward_kruskal(*args)) for name, m in modules.items()}

@@ -290,15 +290,15 @@ def test_plane_chain_long_kernels(chain_calls, stride):
             assert rel_err(a, b) < TOL
 
 
-@pytest.mark.parametrize("planes", [1, 2, 3, 5])
+@pytest.mark.parametrize("depth", [1, 2, 5, 11])
 @pytest.mark.parametrize("stride0", [1, 2])
-def test_plane_chain_chunks_of_planes(plane_kernel, planes, stride0):
-    """Any number of input planes per chunk (the ring of planes wraps around mid-image)."""
+def test_plane_chain_ring_of_planes(plane_kernel, depth, stride0):
+    """The ring of mode-1 planes holds the span of mode 0's taps: it wraps around mid-image from
+    depth 6 on (span 5: 3 taps at dilation 2), and an output plane may read padding only."""
     k = KruskalKernel.random((5, 9, 3, 2, 3), 11, backend="torch", seed=2)
-    x = torch.randn(2, 9, 11, 6, 7, dtype=torch.float64)
+    x = torch.randn(2, 9, depth, 6, 7, dtype=torch.float64)
     lam, u_t, u_c, *spatial = [k.weights] + list(k.factors)
-    per_plane = 6 * 7 * 11 * 8
-    out_d = (11 + 2 * 2 - 2 * 2 - 1) // stride0 + 1
+    out_d = (depth + 2 * 2 - 2 * 2 - 1) // stride0 + 1
     with torch.no_grad():
         got = _chain_forward()(
             x,
@@ -310,7 +310,6 @@ def test_plane_chain_chunks_of_planes(plane_kernel, planes, stride0):
             stride=(stride0, 1, 1),
             pad_lo=(2, 0, 1),
             dilation=(2, 1, 1),
-            chunk_bytes=planes * per_plane,
         )
         want = conv(x, k.to_dense(), stride=(stride0, 1, 1), padding=(2, 0, 1), dilation=(2, 1, 1))
     assert rel_err(got.permute(0, 4, 1, 2, 3), want) < TOL
@@ -318,10 +317,11 @@ def test_plane_chain_chunks_of_planes(plane_kernel, planes, stride0):
 
 @pytest.mark.parametrize("threads", [1, 3, 5])
 @pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("dims", [(9, 6, 7), (5, 1, 3)])  # (5, 1, 3): fewer rows / positions than threads
+@pytest.mark.parametrize("dims", [(9, 6, 7), (5, 1, 3)])  # (5, 1, 3): fewer output rows than threads
 def test_plane_chain_threads_share_an_image(plane_kernel, threads, batch, dims):
-    """Below one image per thread every thread takes its share of each pass's rows, with barriers
-    between the passes: any team size, shares of no rows, several chunks and images in turn."""
+    """Below one image per thread every thread runs the chain for its own output rows (the input
+    rows its neighbour's taps also read computed by both): any team size, shares of no rows,
+    images in turn."""
     k = KruskalKernel.random((5, 4, 3, 3, 3), 19, backend="torch", seed=3)
     x = torch.randn((batch, 4) + dims, dtype=torch.float64)
     lam, u_t, u_c, *spatial = [k.weights] + list(k.factors)
@@ -337,21 +337,25 @@ def test_plane_chain_threads_share_an_image(plane_kernel, threads, batch, dims):
                 stride=(1, 1, 1),
                 pad_lo=(1, 1, 1),
                 dilation=(1, 1, 1),
-                chunk_bytes=2 * dims[1] * dims[2] * 19 * 8,
-            )  # 2 planes per chunk
+            )
     want = conv(x, k.to_dense(), padding=1)
     assert rel_err(got.permute(0, 4, 1, 2, 3), want) < TOL
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("c, r, t", [(96, 96, 96), (40, 128, 72)])
-def test_plane_chain_blocks_of_the_fused_passes(plane_kernel, threads, c, r, t):
+@pytest.mark.parametrize("stride1, dilation1", [(1, 1), (2, 2)])
+def test_plane_chain_blocks_of_the_fused_passes(plane_kernel, threads, c, r, t, stride1, dilation1):
     """Wide ranks: the GEMM C -> R and mode-2 pass, and the mode-0 pass and GEMM R -> T, run
     block by block (~24 KiB of rank-R rows each), so a thread's share is several blocks, the
-    last one short and ending in rows that no register tile covers whole."""
+    last one short and ending in rows that no register tile covers whole. Here a block is 3 or
+    5 rows of 10 positions, so the ring of mode-2 rows (the span of the mode-1 taps and one
+    block) is shorter than the 13 input rows and wraps around, also with strided and dilated
+    mode-1 taps."""
     k = KruskalKernel.random((t, c, 3, 3, 3), r, backend="torch", seed=r)
-    x = torch.randn(1, c, 4, 9, 10, dtype=torch.float64)
+    x = torch.randn(1, c, 4, 13, 10, dtype=torch.float64)
     lam, u_t, u_c, *spatial = [k.weights] + list(k.factors)
+    ho = (13 + 2 - dilation1 * 2 - 1) // stride1 + 1
     with _torch_threads(threads):
         with torch.no_grad():
             got = _chain_forward()(
@@ -360,13 +364,12 @@ def test_plane_chain_blocks_of_the_fused_passes(plane_kernel, threads, c, r, t):
                 u_t,
                 u_c,
                 spatial,
-                out_spatial=(4, 9, 10),
-                stride=(1, 1, 1),
+                out_spatial=(4, ho, 10),
+                stride=(1, stride1, 1),
                 pad_lo=(1, 1, 1),
-                dilation=(1, 1, 1),
-                chunk_bytes=9 * 10 * r * 8,
+                dilation=(1, dilation1, 1),
             )
-    want = conv(x, k.to_dense(), padding=1)
+    want = conv(x, k.to_dense(), padding=1, stride=(1, stride1, 1), dilation=(1, dilation1, 1))
     assert rel_err(got.permute(0, 4, 1, 2, 3), want) < TOL
 
 
@@ -578,6 +581,6 @@ def test_plane_chain_built_without_avx512_matches_dense_conv(plane_kernel, tmp_p
             pad = tuple(kk // 2 for kk in ks)
             want = F.conv3d(F.pad(x, [p for p in reversed(pad) for _ in (0, 1)]), k.to_dense())
             got = module.cp_chain_forward_kruskal(
-                x.to(dtype), lam, *factors, list(want.shape[2:]), [1, 1, 1], list(pad), [1, 1, 1], 2
+                x.to(dtype), lam, *factors, list(want.shape[2:]), [1, 1, 1], list(pad), [1, 1, 1]
             )
             assert rel_err(got.permute(0, 4, 1, 2, 3).double(), want) < tol, (dtype, rank, ks)

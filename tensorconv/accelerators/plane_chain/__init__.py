@@ -33,7 +33,7 @@ class ChainRates:
     # a chunk's working set beyond which its passes stream memory; None: a share of this
     # machine's last-level cache (_cache_bytes)
     cache_bytes: int | None = None
-    chunk_s: float = 1.0e-6  # fixed cost per chunk of planes (the team of threads' barriers)
+    chunk_s: float = 1.0e-6  # fixed cost per chunk of planes (fitted when a chunk cost the team a barrier)
     # its GEMMs run one chunk of planes at a time: with fewer rows (positions) than this their
     # blocking falls apart (small late-layer planes at high rank), and the GEMM rate drops in
     # proportion; fitted on r3d_18's layers (`tensorconv bench layers`)
@@ -146,8 +146,8 @@ class PlaneChain(Accelerator):
             itemsize,
             out_channels=structure.out_channels,
             out_spatial=as_3d(geometry.out_spatial, 1),
-            kernel0=geometry.kernel_size[0],
-            dilation0=geometry.dilation[0],
+            kernel=as_3d(geometry.kernel_size, 1),
+            dilation=as_3d(geometry.dilation, 1),
             threads=torch.get_num_threads(),
         )
         if geometry.padding_mode != "zeros":  # the input is padded by a copy first

@@ -12,21 +12,19 @@ from __future__ import annotations
 import torch
 
 from . import _build
-from ._geometry import planes_per_chunk
 
 __all__ = ["cp_chain_forward", "reference_chain"]
 
 Tensor = torch.Tensor
 
 
-def _forward_impl(x, lam, u_t, u_c, u0, u1, u2, out_spatial, stride, pad_lo, dilation, chunk_bytes):
+def _forward_impl(x, lam, u_t, u_c, u0, u1, u2, out_spatial, stride, pad_lo, dilation):
     module = _build.load()
     if module is None:
         raise RuntimeError("tensorconv::cp_chain: the plane chain's library is not available here")
-    chunk = planes_per_chunk(x.shape, int(u_c.shape[1]), x.element_size(), chunk_bytes or None, int(u_t.shape[0]))
     # lambda folded and the factors laid out in C++ (cheaper there than five torch ops here)
     return module.cp_chain_forward_kruskal(
-        x, lam, u_t, u_c, u0, u1, u2, list(out_spatial), list(stride), list(pad_lo), list(dilation), chunk
+        x, lam, u_t, u_c, u0, u1, u2, list(out_spatial), list(stride), list(pad_lo), list(dilation)
     )
 
 
@@ -43,14 +41,13 @@ def cp_chain(
     stride: list[int],
     pad_lo: list[int],
     dilation: list[int],
-    chunk_bytes: int,
 ) -> Tensor:
     """x (B, C, D, H, W) -> (B, D', H', W', T) channels-last (see :func:`cp_chain_forward`)."""
-    return _forward_impl(x, lam, u_t, u_c, u0, u1, u2, out_spatial, stride, pad_lo, dilation, chunk_bytes)
+    return _forward_impl(x, lam, u_t, u_c, u0, u1, u2, out_spatial, stride, pad_lo, dilation)
 
 
 @cp_chain.register_fake
-def _cp_chain_fake(x, lam, u_t, u_c, u0, u1, u2, out_spatial, stride, pad_lo, dilation, chunk_bytes):
+def _cp_chain_fake(x, lam, u_t, u_c, u0, u1, u2, out_spatial, stride, pad_lo, dilation):
     return x.new_empty((x.shape[0], *out_spatial, u_t.shape[0]))
 
 
@@ -93,7 +90,7 @@ def _cp_chain_backward_fake(x, u_c, u0, u1, u2, wt, grad, pad_lo, dilation, need
 
 
 def _setup_context(ctx, inputs, output):
-    x, lam, u_t, u_c, u0, u1, u2, out_spatial, stride, pad_lo, dilation, _ = inputs
+    x, lam, u_t, u_c, u0, u1, u2, out_spatial, stride, pad_lo, dilation = inputs
     ctx.geo = (tuple(out_spatial), tuple(stride), tuple(pad_lo), tuple(dilation))
     ctx.save_for_backward(x, lam, u_t, u_c, u0, u1, u2)
 
@@ -113,7 +110,7 @@ def _backward(ctx, grad):
             out = reference_chain(*inputs, ctx.geo)
         wanted = [t for t, need in zip(inputs, needs) if need]
         got = iter(torch.autograd.grad(out, wanted, grad, create_graph=True, allow_unused=True))
-        return tuple(next(got) if need else None for need in needs) + (None,) * 5
+        return tuple(next(got) if need else None for need in needs) + (None,) * 4
     wt = (u_t * lam).t().contiguous()  # (R, T): U_T with lambda folded in, as the kernel's backward takes it
     gx, duc, du0, du1, du2, dwt = cp_chain_backward(
         x,
@@ -129,19 +126,19 @@ def _backward(ctx, grad):
     )
     gx = gx.permute(0, 4, 1, 2, 3) if needs[0] else None
     dwt_t = dwt.t()  # (T, R): the gradient of U_T * lambda
-    return (gx, (dwt_t * u_t).sum(0), dwt_t * lam, duc, du0, du1, du2) + (None,) * 5
+    return (gx, (dwt_t * u_t).sum(0), dwt_t * lam, duc, du0, du1, du2) + (None,) * 4
 
 
 cp_chain.register_autograd(_backward, setup_context=_setup_context)
 
 
-def cp_chain_forward(x, lam, u_t, u_c, spatial, *, out_spatial, stride, pad_lo, dilation, chunk_bytes=None):
+def cp_chain_forward(x, lam, u_t, u_c, spatial, *, out_spatial, stride, pad_lo, dilation):
     """``x`` (B, C, D, H, W) -> (B, D', H', W', T) channels-last, or None without the library.
 
     ``spatial`` = (U_0, U_1, U_2), each (K_n, R); zero padding ``pad_lo`` (low side per mode;
     the high side follows from ``out_spatial``). Differentiable where ``stride`` is 1 in every
     mode; for a strided conv the caller must not need gradients."""
-    geo = (list(out_spatial), list(stride), list(pad_lo), list(dilation), int(chunk_bytes or 0))
+    geo = (list(out_spatial), list(stride), list(pad_lo), list(dilation))
     args = (x, lam, u_t, u_c, *spatial)
     if torch.compiler.is_compiling():
         return torch.ops.tensorconv.cp_chain(*args, *geo)  # the library is loaded when the graph runs

@@ -1,13 +1,14 @@
 // A 3-D CP (Kruskal) convolution on CPU, run plane by plane along spatial mode 0.
 //
-// For each chunk of input planes along mode 0: one GEMM C -> R (reading the caller's planes in
-// place), the mode-2 and mode-1 depthwise passes while the chunk is in cache, the result kept
-// in a ring of (K0 - 1) * dilation0 + chunk planes; every output plane whose inputs are all in the
-// ring is then the mode-0 depthwise pass over the ring and the GEMM R -> T straight into the
-// output, block by block (as are the GEMM C -> R and the mode-2 pass). A chunk is sized to stay
-// in a core's cache. Below one image per thread, one team of threads shares each chunk (one
-// barrier per chunk, one parallel region per call); with more images, each thread runs whole
-// images. The GEMMs are the kernel's own
+// For each input plane along mode 0 and each output row of it: the GEMM C -> R (reading the
+// caller's rows in place) and the mode-2 depthwise pass of the input rows that row's mode-1
+// taps read, into a ring of a few rows, then the mode-1 pass into a ring of (K0 - 1) *
+// dilation0 + 1 planes; every output plane whose inputs are all in that ring is then the
+// mode-0 depthwise pass over it and the GEMM R -> T straight into the output, block by block
+// (as are the GEMM C -> R and the mode-2 pass). Below one image per thread, the threads of one
+// parallel region share each image by output rows, each running the whole chain for its rows
+// (recomputing the one or two input rows its neighbour's taps also read): no barrier. With more
+// images, each thread runs whole images. The GEMMs are the kernel's own
 // (AVX-512 register tiles, float32 and float64; BLAS without AVX-512).
 // Nothing activation-sized but the output is written to memory: this is what makes it faster
 // than the unfused chain once the R-channel intermediates leave the cache (docs/benchmarks.md).
@@ -265,8 +266,8 @@ inline void tap_sum(scalar_t* dst, const scalar_t* const* src, const scalar_t* c
 // a mask on every load ran the GEMMs at half rate). Its shapes
 // (K, N of 16-128, a plane of rows per call) are narrow for BLAS: with it the chain took
 // 0.75-0.89x the time at batch 1 (benchmarks/chain_ab.py, docs/benchmarks.md), it reads a
-// channels-first chunk in place (sp = 1), with no transpose, and it takes no tensor and no
-// dispatch, so each thread of a team runs its own share of a chunk for ~1 us of fixed cost.
+// channels-first plane in place (sp = 1), with no transpose, and it takes no tensor and no
+// dispatch, so each thread of a team runs its own rows for ~1 us of fixed cost.
 template <typename scalar_t, int MR, int NV, bool TAIL>
 inline void gemm_tile(const scalar_t* a, int64_t sk, int64_t sp, const scalar_t* b, int64_t ldb, scalar_t* c,
                       int64_t ldc, int64_t K, __mmask16 tail) {
@@ -359,7 +360,7 @@ void gemm_into(torch::Tensor out, const torch::Tensor& rows, const torch::Tensor
   at::mm_out(out, rows, w);
 }
 
-// the GEMM C -> R of a chunk xp (C, P) into out (P, R): gemm_own reads xp in place in either
+// the GEMM C -> R of rows xp (C, P) into out (P, R): gemm_own reads xp in place in either
 // layout; else BLAS
 template <typename scalar_t>
 void gemm_c_to_r(const torch::Tensor& xp, const torch::Tensor& uc, torch::Tensor out) {
@@ -477,9 +478,9 @@ struct WorkerModes {
   at::NoGradGuard no_grad;
 };
 
-// With at least one image per thread, each thread runs whole images with its own buffers: no
-// barrier per pass, and each core keeps its own chunk in its own cache (the inner parallel
-// loops and BLAS calls then run on the calling thread). Otherwise the passes split rows.
+// With at least one image per thread, each thread runs whole images with its own buffers (the
+// inner parallel loops and BLAS calls then run on the calling thread). Otherwise the threads
+// share each image by output rows.
 template <typename F>
 inline void over_images(int64_t B, const F& body) {
   const int64_t nt = at::get_num_threads();
@@ -500,24 +501,15 @@ struct TeamError {
   std::exception_ptr error;  // the first exception of any thread, rethrown after the region
 };
 
-// The threads that share one image's chain: each takes its own share of every pass's rows, with
-// a barrier where a pass reads rows another thread wrote (one per chunk: see chain_image). One
-// parallel region per call instead of five per chunk cut a chunk's fixed cost from 6-10 us to
-// 0.6-1.5 us (benchmarks/plane_chain.py overhead), so chunks small enough to stay in L2 no longer cost
-// more than they save (docs/benchmarks.md). Inside the region the passes' own parallel loops
-// and GEMMs run on the calling thread.
+// The threads that share one image's chain, one parallel region per call: each takes its own
+// output rows of every plane (see chain_image). The passes' own parallel loops and GEMMs run
+// on the calling thread inside the region.
 struct Team {
   int64_t id = 0, size = 1;
   TeamError* shared = nullptr;  // none for a thread alone
   std::pair<int64_t, int64_t> share(int64_t n) const { return {n * id / size, n * (id + 1) / size}; }
-  void sync() const {
-    if (size > 1) {
-#pragma omp barrier
-    }
-  }
-  // body() for this thread's share of a pass. In a team an exception is kept and the thread goes
-  // on meeting the barriers without running any more of its shares: a thread that left early
-  // would leave the others waiting at the next barrier forever.
+  // body() for this thread's share. In a team an exception is kept (an exception may not leave
+  // a parallel region) and rethrown after it; a thread runs no share once any has failed.
   template <typename F>
   void run(const F& body) const {
     if (!shared) {
@@ -533,19 +525,34 @@ struct Team {
   }
 };
 
+// whether the GEMM C -> R reads x's rows of W positions in place (gemm_own): positions one
+// stride apart along each row
+inline bool reads_in_place(const torch::Tensor& x, const torch::Tensor& uc) {
+  return kOwnGemm && (uc.scalar_type() == at::kFloat || uc.scalar_type() == at::kDouble) && uc.is_contiguous() &&
+         x.stride(3) == x.size(4) * x.stride(4);
+}
+
 template <typename scalar_t>
 struct ChainScratch {
-  torch::Tensor a, t1, ring, o;  // GEMM C -> R, mode-2 out (a team: two chunks' worth), mode-1 ring, mode-0 out
+  // per thread of a team: a_rows rows of the GEMM C -> R, a ring of slots1 rows of mode-2 output;
+  // shared: the ring of mode-1 output planes, the mode-0 output rows
+  torch::Tensor a, t1, ring, o;
+  int64_t a_rows = 1, slots1 = 1;
 };
 
 template <typename scalar_t>
-ChainScratch<scalar_t> chain_scratch(const torch::Tensor& x, const torch::Tensor& uc, int64_t G, int64_t slots,
-                                     const Axis& a1, const Axis& a2, int64_t team_size) {
-  const int64_t R = uc.size(1), H = a1.in, W = a2.in, Ho = a1.out, Wo = a2.out;
+ChainScratch<scalar_t> chain_scratch(const torch::Tensor& x, const torch::Tensor& uc, int64_t slots, const Axis& a1,
+                                     const Axis& a2, int64_t team_size) {
+  const int64_t C = x.size(1), R = uc.size(1), H = a1.in, W = a2.in, Ho = a1.out, Wo = a2.out;
   const auto opts = x.options();
   ChainScratch<scalar_t> s;
-  s.a = torch::empty({G * H * W, R}, opts);
-  s.t1 = torch::empty({(team_size > 1 ? 2 : 1) * G * H * Wo, R}, opts);  // a team's chunks alternate halves
+  // rows of W positions per GEMM C -> R (BLAS, with its tensor views, takes a plane's rows at once)
+  s.a_rows = std::min(H, reads_in_place(x, uc) ? fused_block(W, R, C * R, sizeof(scalar_t)) : H);
+  // the mode-1 taps of one output row span (K1 - 1) * dilation1 + 1 input rows, and a block of
+  // GEMM rows may run a_rows - 1 rows past its last
+  s.slots1 = std::min(H, (a1.k - 1) * a1.dil + s.a_rows);
+  s.a = torch::empty({team_size * s.a_rows * W, R}, opts);
+  s.t1 = torch::empty({team_size * s.slots1 * Wo, R}, opts);
   s.ring = torch::empty({slots, Ho * Wo, R}, opts);
   s.o = torch::empty({Ho * Wo + at::get_num_threads(), R}, opts);  // each thread's rows: see oq
   return s;
@@ -555,122 +562,136 @@ ChainScratch<scalar_t> chain_scratch(const torch::Tensor& x, const torch::Tensor
 template <typename scalar_t>
 void chain_image(const torch::Tensor& x, const torch::Tensor& uc, const torch::Tensor& u0, const torch::Tensor& u1,
                  const torch::Tensor& u2, const torch::Tensor& wt, torch::Tensor& out, const Axis& a0,
-                 const Axis& a1, const Axis& a2, int64_t G, int64_t slots, const std::vector<int64_t>& last_needed,
+                 const Axis& a1, const Axis& a2, int64_t slots, const std::vector<int64_t>& last_needed,
                  ChainScratch<scalar_t>& s, int64_t b, const Team& team) {
   const int64_t C = x.size(1), R = uc.size(1), T = wt.size(1);
   const int64_t H = a1.in, W = a2.in, Ho = a1.out, Wo = a2.out, K0 = a0.k;
-  scalar_t* pa = s.a.template data_ptr<scalar_t>();
-  scalar_t* pt1 = s.t1.template data_ptr<scalar_t>();
-  scalar_t* pring = s.ring.template data_ptr<scalar_t>();
-  scalar_t* po = s.o.template data_ptr<scalar_t>();
   const scalar_t* w0 = u0.data_ptr<scalar_t>();
   const scalar_t* w1 = u1.data_ptr<scalar_t>();
   const scalar_t* w2 = u2.data_ptr<scalar_t>();
   const int64_t positions = Ho * Wo, plane = positions * R;
-  // This thread's output positions [p0, p1) of every plane: its mode-1 pass writes them into the
-  // ring, and its mode-0 pass reads them back from there (and its GEMM R -> T writes them out),
-  // so no barrier is needed between the two passes. Only the mode-1 pass reads rows that another
-  // thread wrote (the neighbouring rows of the mode-2 output): one barrier per chunk. Chunks
-  // alternate between two halves of t1, so a thread already writing the next chunk's rows does
-  // not overwrite the ones another thread's mode-1 pass is still reading (a thread alone keeps to
-  // one half: the other would only add to what its cache holds).
-  const auto ps = team.share(positions);
-  const int64_t p0 = ps.first, p1 = ps.second;
-  const int64_t o_row = team.id * ((positions + team.size - 1) / team.size);  // this thread's rows of o
-  scalar_t* oq = po + o_row * R;
-  // the GEMMs on raw pointers where gemm_own runs them
-  const bool own_in = own_gemm(uc, s.a) && x.stride(3) == W * x.stride(4) && x.stride(2) == H * x.stride(3);
+  // This thread's output rows [ho0, ho1) of every plane, and the whole chain for them: the GEMM
+  // C -> R and the mode-2 pass of the input rows their mode-1 taps read (where a neighbouring
+  // thread's rows reach its own, those rows are computed by both), the mode-1 pass into the
+  // ring, the mode-0 pass and the GEMM R -> T. No thread reads what another wrote, so the team
+  // needs no barrier, and the mode-2 output lives in a ring of a few rows in this core's cache
+  // instead of a whole plane (which left the L2 cache between the two passes).
+  const auto hs = team.share(Ho);
+  const int64_t ho0 = hs.first, ho1 = hs.second, p0 = ho0 * Wo, p1 = ho1 * Wo;
+  const int64_t a_rows = s.a_rows, slots1 = s.slots1;
+  scalar_t* pa = s.a.template data_ptr<scalar_t>() + team.id * a_rows * W * R;
+  scalar_t* t1 = s.t1.template data_ptr<scalar_t>() + team.id * slots1 * Wo * R;
+  scalar_t* pring = s.ring.template data_ptr<scalar_t>();
+  scalar_t* oq = s.o.template data_ptr<scalar_t>() + (p0 + team.id) * R;  // this thread's rows of o
+  const bool own_in = reads_in_place(x, uc);
   const bool own_out = own_gemm(wt, out);
-  // positions per block of the fused mode-0 pass + GEMM R -> T, rows of W positions per block of
-  // the fused GEMM C -> R + mode-2 pass (BLAS, with its tensor views, takes a thread's whole share)
+  // positions per block of the fused mode-0 pass + GEMM R -> T
   const int64_t o_block = own_out ? fused_block(1, R, R * T, sizeof(scalar_t)) : positions;
-  const int64_t a_block = own_in ? fused_block(W, R, C * R, sizeof(scalar_t)) : G * H;
+  // the input rows this thread's output rows read: [first_row, last_row] (none if last_row < 0).
+  // With dilation a later output row may read a row before an earlier one's first (where the
+  // earlier one's first tap fell in the padding): rows are computed in order from first_row.
+  int64_t first_row = H, last_row = -1;
+  for (int64_t ho = ho0; ho < ho1; ++ho)
+    for (int64_t j = 0; j < a1.k; ++j) {
+      const int64_t r = a1.src(ho, j);
+      if (r >= 0 && r < H) first_row = std::min(first_row, r), last_row = std::max(last_row, r);
+    }
   int64_t next_out = 0;
   auto emit_ready = [&](int64_t have) {  // output planes whose input planes are all in the ring
     while (next_out < a0.out && last_needed[next_out] <= have) {
       const int64_t d = next_out++;
       if (p1 <= p0) continue;
-      team.run([&] {
+      const scalar_t* src[64];
+      const scalar_t* w[64];
+      int n = 0;
+      for (int64_t i = 0; i < K0; ++i) {
+        const int64_t s_ = a0.src(d, i);
+        if (s_ < 0 || s_ >= a0.in) continue;
+        src[n] = pring + (s_ % slots) * plane;
+        w[n++] = w0 + i * R;
+      }
+      // block by block: the mode-0 pass's rows are still in L1 when the GEMM reads them
+      for (int64_t qb = p0; qb < p1; qb += o_block) {
+        const int64_t qe = std::min(p1, qb + o_block);
+        const scalar_t* at[64];
+        for (int i = 0; i < n; ++i) at[i] = src[i] + qb * R;
+        taps_run(oq, R, at, R, w, n, R, qe - qb);
+        if (own_out) {  // pointers only: tensor views per batch and thread cost ~1 us each
+          gemm_own(oq, 1, R, wt.data_ptr<scalar_t>(), out.data_ptr<scalar_t>() + ((b * a0.out + d) * positions + qb) * T,
+                   qe - qb, R, T);
+        } else {
+          gemm_into<scalar_t>(out[b][d].view({positions, T}).narrow(0, qb, qe - qb),
+                              s.o.narrow(0, p0 + team.id, qe - qb), wt);
+        }
+      }
+    }
+  };
+  // input rows [r, r + nb) of plane d: the GEMM C -> R into this thread's rows of a, the mode-2
+  // pass of each into its slot of the ring t1
+  auto mode2_rows = [&](int64_t d, int64_t r, int64_t nb) {
+    if (own_in) {  // positions (h, w) of a plane one stride apart: read in place
+      gemm_own(x.data_ptr<scalar_t>() + b * x.stride(0) + d * x.stride(2) + r * x.stride(3), x.stride(1), x.stride(4),
+               uc.data_ptr<scalar_t>(), pa, nb * W, C, R);
+    } else {
+      auto xp = x[b].select(1, d).narrow(1, r, nb).reshape({C, nb * W});
+      gemm_c_to_r<scalar_t>(xp, uc, s.a.narrow(0, team.id * a_rows * W, nb * W));
+    }
+    for (int64_t i = 0; i < nb; ++i) mode2_pass(pa + i * W * R, t1 + ((r + i) % slots1) * Wo * R, 1, a2, w2, R);
+  };
+  team.run([&] {
+    emit_ready(-1);
+    for (int64_t d = 0; d < a0.in; ++d) {
+      scalar_t* dst_plane = pring + (d % slots) * plane;
+      int64_t next = first_row;  // the first input row not yet in the ring t1
+      for (int64_t ho = ho0; ho < ho1; ++ho) {
         const scalar_t* src[64];
         const scalar_t* w[64];
         int n = 0;
-        for (int64_t i = 0; i < K0; ++i) {
-          const int64_t s_ = a0.src(d, i);
-          if (s_ < 0 || s_ >= a0.in) continue;
-          src[n] = pring + (s_ % slots) * plane;
-          w[n++] = w0 + i * R;
+        int64_t last = -1;
+        for (int64_t j = 0; j < a1.k; ++j) {
+          const int64_t r = a1.src(ho, j);
+          if (r < 0 || r >= H) continue;
+          last = std::max(last, r);
+          src[n] = t1 + (r % slots1) * Wo * R;
+          w[n++] = w1 + j * R;
         }
-        // block by block: the mode-0 pass's rows are still in L1 when the GEMM reads them
-        for (int64_t qb = p0; qb < p1; qb += o_block) {
-          const int64_t qe = std::min(p1, qb + o_block);
-          const scalar_t* at[64];
-          for (int i = 0; i < n; ++i) at[i] = src[i] + qb * R;
-          taps_run(oq, R, at, R, w, n, R, qe - qb);
-          if (own_out) {  // pointers only: tensor views per batch and thread cost ~1 us each
-            gemm_own(oq, 1, R, wt.data_ptr<scalar_t>(), out.data_ptr<scalar_t>() + ((b * a0.out + d) * positions + qb) * T,
-                     qe - qb, R, T);
-          } else {
-            gemm_into<scalar_t>(out[b][d].view({positions, T}).narrow(0, qb, qe - qb),
-                                s.o.narrow(0, o_row, qe - qb), wt);
-          }
+        // the rows up to this output row's last tap, a block at a time (a block may run ahead:
+        // slots1 leaves room for it)
+        while (next <= last) {
+          const int64_t nb = std::min(a_rows, last_row + 1 - next);
+          mode2_rows(d, next, nb);
+          next += nb;
         }
-      });
-    }
-  };
-  emit_ready(-1);
-  for (int64_t d0 = 0; d0 < a0.in; d0 += G) {
-    const int64_t g = std::min(G, a0.in - d0);
-    scalar_t* t1 = pt1 + (team.size > 1 ? (d0 / G) % 2 : 0) * G * H * Wo * R;  // this chunk's half of t1
-    const auto rs = team.share(g * H);  // this thread's rows of W positions
-    const int64_t r0 = rs.first, r1 = rs.second;
-    if (r1 > r0) team.run([&] {
-      // block by block, into this thread's first rows of a: the mode-2 pass reads them from L1
-      for (int64_t rb = r0; rb < r1; rb += a_block) {
-        const int64_t re = std::min(r1, rb + a_block);
-        if (own_in) {  // positions (d, h, w) one stride apart: read in place
-          gemm_own(x.data_ptr<scalar_t>() + b * x.stride(0) + d0 * x.stride(2) + rb * W * x.stride(4), x.stride(1),
-                   x.stride(4), uc.data_ptr<scalar_t>(), pa + r0 * W * R, (re - rb) * W, C, R);
-        } else {
-          // (C, g, H, W) -> (C, g*H*W): a view for channels-first and channels-last input
-          auto xp = x[b].narrow(1, d0, g).reshape({C, g * H * W}).narrow(1, rb * W, (re - rb) * W);
-          gemm_c_to_r<scalar_t>(xp, uc, s.a.narrow(0, r0 * W, (re - rb) * W));
-        }
-        mode2_pass(pa + r0 * W * R, t1 + rb * Wo * R, re - rb, a2, w2, R);  // (rows, W, R) -> (rows, Wo, R)
+        taps_run(dst_plane + ho * Wo * R, R, src, R, w, n, R, Wo);  // n = 0: zeros
       }
-    });
-    team.sync();  // mode 1 reads the neighbouring rows
-    team.run([&] {
-      mode1_pass(t1, g, p0, p1, [&](int64_t q) { return pring + ((d0 + q) % slots) * plane; }, Wo, a1, w1, R);
-    });
-    emit_ready(d0 + g - 1);
-  }
-  emit_ready(a0.in);
-  team.sync();  // the next image's first chunk writes the half of t1 this image's last may still be read from
+      emit_ready(d);
+    }
+    emit_ready(a0.in);
+  });
 }
 
 template <typename scalar_t>
 void run(const torch::Tensor& x, const torch::Tensor& uc, const torch::Tensor& u0, const torch::Tensor& u1,
          const torch::Tensor& u2, const torch::Tensor& wt, torch::Tensor& out, const Axis& a0, const Axis& a1,
-         const Axis& a2, int64_t chunk) {
+         const Axis& a2) {
   const int64_t B = x.size(0);
   const int64_t span = (a0.k - 1) * a0.dil + 1;
-  const int64_t G = chunk;             // input planes per chunk (one barrier each in a team)
-  const int64_t slots = span + G - 1;  // ring slots: a chunk never overwrites a plane still needed
+  const int64_t slots = span;  // ring slots: the planes one output plane reads
   const std::vector<int64_t> last_needed = last_needed_planes(a0);
   const int64_t nt = at::get_num_threads();
   if (nt > 1 && B >= nt) {
     // With at least one image per thread, each thread runs whole images with its own buffers:
-    // no barrier at all, and each core keeps its own chunk in its own cache
+    // each core keeps its own rings in its own cache
     over_images(B, [&](int64_t b0, int64_t b1) {
-      auto s = chain_scratch<scalar_t>(x, uc, G, slots, a1, a2, 1);
-      for (int64_t b = b0; b < b1; ++b) chain_image(x, uc, u0, u1, u2, wt, out, a0, a1, a2, G, slots, last_needed, s, b, Team{});
+      auto s = chain_scratch<scalar_t>(x, uc, slots, a1, a2, 1);
+      for (int64_t b = b0; b < b1; ++b) chain_image(x, uc, u0, u1, u2, wt, out, a0, a1, a2, slots, last_needed, s, b, Team{});
     });
     return;
   }
   const bool alone = nt == 1 || at::in_parallel_region();
-  auto s = chain_scratch<scalar_t>(x, uc, G, slots, a1, a2, alone ? 1 : nt);
+  auto s = chain_scratch<scalar_t>(x, uc, slots, a1, a2, alone ? 1 : nt);
   if (alone) {
-    for (int64_t b = 0; b < B; ++b) chain_image(x, uc, u0, u1, u2, wt, out, a0, a1, a2, G, slots, last_needed, s, b, Team{});
+    for (int64_t b = 0; b < B; ++b) chain_image(x, uc, u0, u1, u2, wt, out, a0, a1, a2, slots, last_needed, s, b, Team{});
     return;
   }
   const bool inference = c10::InferenceMode::is_enabled();
@@ -679,7 +700,7 @@ void run(const torch::Tensor& x, const torch::Tensor& uc, const torch::Tensor& u
   {
     Team team{omp_get_thread_num(), omp_get_num_threads(), &shared};
     WorkerModes modes(inference);
-    for (int64_t b = 0; b < B; ++b) chain_image(x, uc, u0, u1, u2, wt, out, a0, a1, a2, G, slots, last_needed, s, b, team);
+    for (int64_t b = 0; b < B; ++b) chain_image(x, uc, u0, u1, u2, wt, out, a0, a1, a2, slots, last_needed, s, b, team);
   }
   if (shared.error) std::rethrow_exception(shared.error);
 }
@@ -688,11 +709,11 @@ void run(const torch::Tensor& x, const torch::Tensor& uc, const torch::Tensor& u
 
 // x (B, C, D, H, W) any strides; uc (C, R); u0 (K0, R), u1 (K1, R), u2 (K2, R); wt (R, T) with lambda
 // folded in. geometry: per spatial mode, output size, stride, low padding, dilation (high padding is
-// implied by the output size). chunk: input planes per GEMM C -> R. Returns (B, Do, Ho, Wo, T) contiguous.
+// implied by the output size). Returns (B, Do, Ho, Wo, T) contiguous.
 torch::Tensor cp_chain_forward(torch::Tensor x, torch::Tensor uc, torch::Tensor u0, torch::Tensor u1,
                                torch::Tensor u2, torch::Tensor wt, std::vector<int64_t> out_size,
                                std::vector<int64_t> stride, std::vector<int64_t> pad_lo,
-                               std::vector<int64_t> dilation, int64_t chunk) {
+                               std::vector<int64_t> dilation) {
   TORCH_CHECK(x.dim() == 5, "x must be (B, C, D, H, W), got ", x.dim(), " dims");
   TORCH_CHECK(!x.is_cuda(), "cp_chain_forward runs on CPU tensors");
   TORCH_CHECK(out_size.size() == 3 && stride.size() == 3 && pad_lo.size() == 3 && dilation.size() == 3,
@@ -712,11 +733,9 @@ torch::Tensor cp_chain_forward(torch::Tensor x, torch::Tensor uc, torch::Tensor 
     ax[m] = Axis{x.size(2 + m), out_size[m], us[m]->size(0), stride[m], pad_lo[m], dilation[m]};
     TORCH_CHECK(ax[m].out >= 1 && ax[m].stride >= 1 && ax[m].dil >= 1 && ax[m].pad_lo >= 0, "bad geometry");
   }
-  TORCH_CHECK(chunk >= 1, "chunk must be >= 1, got ", chunk);
-  chunk = std::min(chunk, x.size(2));
   auto out = torch::empty({x.size(0), out_size[0], out_size[1], out_size[2], wt.size(1)}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cp_chain_forward", [&] {
-    run<scalar_t>(x, uc, u0, u1, u2, wt, out, ax[0], ax[1], ax[2], chunk);
+    run<scalar_t>(x, uc, u0, u1, u2, wt, out, ax[0], ax[1], ax[2]);
   });
   return out;
 }
@@ -729,7 +748,7 @@ torch::Tensor cp_chain_forward(torch::Tensor x, torch::Tensor uc, torch::Tensor 
 torch::Tensor cp_chain_forward_kruskal(torch::Tensor x, torch::Tensor lam, torch::Tensor ut, torch::Tensor uc,
                                        torch::Tensor u0, torch::Tensor u1, torch::Tensor u2,
                                        std::vector<int64_t> out_size, std::vector<int64_t> stride,
-                                       std::vector<int64_t> pad_lo, std::vector<int64_t> dilation, int64_t chunk) {
+                                       std::vector<int64_t> pad_lo, std::vector<int64_t> dilation) {
   TORCH_CHECK(lam.dim() == 1 && ut.dim() == 2 && u0.dim() == 2 && ut.size(1) == lam.size(0) &&
                   u0.size(1) == lam.size(0),
               "lam must be (R,), ut (T, R) and u0 (K0, R)");
@@ -751,7 +770,7 @@ torch::Tensor cp_chain_forward_kruskal(torch::Tensor x, torch::Tensor lam, torch
       for (int64_t r = 0; r < R; ++r) pw[r * T + t] = b[t][r];
   });
   return cp_chain_forward(x, uc.contiguous(), u0l, u1.contiguous(), u2.contiguous(), wt, std::move(out_size),
-                          std::move(stride), std::move(pad_lo), std::move(dilation), chunk);
+                          std::move(stride), std::move(pad_lo), std::move(dilation));
 }
 
 // ---- backward (stride 1 in every mode) -----------------------------------------------------------
