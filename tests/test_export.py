@@ -218,9 +218,9 @@ def test_the_custom_ops_pass_torch_library_opcheck(chain_calls):
         torch.randn(s, dtype=torch.float64, generator=g, requires_grad=True) for s in ((r,), (t, r), (c, r))
     )
     spatial = [torch.randn(3, r, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(3)]
-    geo = ([5, 6, 4], [1, 1, 1], [1, 1, 1], [1, 1, 1], 0)
+    geo = ([5, 6, 4], [1, 1, 1], [1, 1, 1], [1, 1, 1])
     torch.library.opcheck(torch.ops.tensorconv.cp_chain.default, (x, lam, u_t, u_c, *spatial, *geo))
-    strided = ([3, 6, 2], [2, 1, 2], [1, 1, 1], [1, 1, 1], 0)
+    strided = ([3, 6, 2], [2, 1, 2], [1, 1, 1], [1, 1, 1])
     with torch.no_grad():
         plain = [v.detach() for v in (x, lam, u_t, u_c, *spatial)]
         torch.library.opcheck(torch.ops.tensorconv.cp_chain.default, (*plain, *strided))

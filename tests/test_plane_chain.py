@@ -209,7 +209,7 @@ def test_plane_chain_float32_own_gemm(chain_calls, c, r, t, batch, layout):
 
 def test_plane_chain_float32_own_gemm_strided_input(chain_calls):
     """A sliced input (channel offset, every other plane and column): the kernel's GEMM reads
-    whatever strides the chunk has. Stated tolerance 1e-5 against the float64 dense conv."""
+    whatever strides the rows have. Stated tolerance 1e-5 against the float64 dense conv."""
     k = KruskalKernel.random((32, 16, 3, 3, 3), 16, backend="torch", dtype="float32", seed=12)
     x = torch.randn(2, 20, 10, 7, 18)[:, 2:18, ::2, :, ::2]
     assert not x.is_contiguous()
