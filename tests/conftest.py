@@ -131,7 +131,7 @@ def native_torch_convs():
         TorchConvs.available = saved
 
 
-# -- the plane chain (tests/test_fused.py, test_export.py, test_reliability.py) ---------------------------
+# -- the plane chain (tests/test_plane_chain.py, test_fused.py, test_export.py, test_conv.py) ---------------
 @pytest.fixture(scope="module")
 def plane_kernel():
     pytest.importorskip("torch")
