@@ -267,7 +267,7 @@ inline void tap_sum(scalar_t* dst, const scalar_t* const* src, const scalar_t* c
 // (K, N of 16-128, a plane of rows per call) are narrow for BLAS: with it the chain took
 // 0.75-0.89x the time at batch 1 (benchmarks/chain_ab.py, docs/benchmarks.md), it reads a
 // channels-first plane in place (sp = 1), with no transpose, and it takes no tensor and no
-// dispatch, so each thread of a team runs its own rows for ~1 us of fixed cost.
+// dispatch, so a call on a thread's few rows costs little beyond its multiply-adds.
 template <typename scalar_t, int MR, int NV, bool TAIL>
 inline void gemm_tile(const scalar_t* a, int64_t sk, int64_t sp, const scalar_t* b, int64_t ldb, scalar_t* c,
                       int64_t ldc, int64_t K, __mmask16 tail) {
@@ -341,11 +341,15 @@ template <typename scalar_t>
 inline void gemm_own(const scalar_t*, int64_t, int64_t, const scalar_t*, scalar_t*, int64_t, int64_t, int64_t) {}
 #endif
 
-// whether out (P, N) = rows @ w (K, N) runs through gemm_own: float32 or float64, contiguous w
-// and out (and AVX-512; else BLAS)
+// whether a GEMM with weights w can run through gemm_own: float32 or float64, contiguous w
+// (and AVX-512; else BLAS)
+inline bool own_gemm_weights(const torch::Tensor& w) {
+  return kOwnGemm && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble) && w.is_contiguous();
+}
+
+// whether out (P, N) = rows @ w (K, N) runs through gemm_own: those weights, a contiguous out
 inline bool own_gemm(const torch::Tensor& w, const torch::Tensor& out) {
-  return kOwnGemm && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble) && w.is_contiguous() &&
-         out.is_contiguous();
+  return own_gemm_weights(w) && out.is_contiguous();
 }
 
 // out (P, N) = rows (P, K) @ w (K, N): the GEMM R -> T of a batch of positions, and the
@@ -528,8 +532,7 @@ struct Team {
 // whether the GEMM C -> R reads x's rows of W positions in place (gemm_own): positions one
 // stride apart along each row
 inline bool reads_in_place(const torch::Tensor& x, const torch::Tensor& uc) {
-  return kOwnGemm && (uc.scalar_type() == at::kFloat || uc.scalar_type() == at::kDouble) && uc.is_contiguous() &&
-         x.stride(3) == x.size(4) * x.stride(4);
+  return own_gemm_weights(uc) && x.stride(3) == x.size(4) * x.stride(4);
 }
 
 template <typename scalar_t>
@@ -616,7 +619,7 @@ void chain_image(const torch::Tensor& x, const torch::Tensor& uc, const torch::T
         const scalar_t* at[64];
         for (int i = 0; i < n; ++i) at[i] = src[i] + qb * R;
         taps_run(oq, R, at, R, w, n, R, qe - qb);
-        if (own_out) {  // pointers only: tensor views per batch and thread cost ~1 us each
+        if (own_out) {  // pointers only: tensor views per block cost more than a small block's work
           gemm_own(oq, 1, R, wt.data_ptr<scalar_t>(), out.data_ptr<scalar_t>() + ((b * a0.out + d) * positions + qb) * T,
                    qe - qb, R, T);
         } else {
