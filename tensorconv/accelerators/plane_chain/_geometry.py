@@ -42,7 +42,9 @@ def forward_bytes(shape, rank, itemsize, *, out_channels, out_spatial, kernel, d
     channels-last output and the scratch of each thread running whole images, or of the team
     sharing one (``chain_scratch`` in cp_chain_cpu.cpp: per thread, rows of the GEMM C -> R and a
     ring of mode-2 rows; the ring of mode-1 planes; the mode-0 output rows). ``kernel`` and
-    ``dilation``: the kernel's three modes (:func:`as_3d`)."""
+    ``dilation``: the kernel's three modes (:func:`as_3d`). Each position's ``rank`` channels
+    start a 64-byte register apart in the scratch (``rank_stride``; 32 bytes or none in builds
+    without AVX-512, for which this is an upper bound)."""
     b, c, d, h, w = (int(v) for v in shape)
     do, ho, wo = (int(v) for v in out_spatial)
     per_image_threads = threads > 1 and b >= threads
@@ -50,6 +52,8 @@ def forward_bytes(shape, rank, itemsize, *, out_channels, out_spatial, kernel, d
     a_rows = min(h, _rows_per_gemm(c, rank, w, itemsize))
     slots1 = min(h, (kernel[1] - 1) * dilation[1] + a_rows)
     slots = (kernel[0] - 1) * dilation[0] + 1
-    scratch = rank * (team * (a_rows * w + slots1 * wo) + slots * ho * wo + ho * wo + threads)
+    lanes = 64 // itemsize
+    stride = -(-rank // lanes) * lanes
+    scratch = stride * (team * (a_rows * w + slots1 * wo) + slots * ho * wo + ho * wo + threads)
     sets = threads if per_image_threads else 1
     return itemsize * (b * do * ho * wo * out_channels + sets * scratch)

@@ -320,7 +320,7 @@ void gemm_block(int nv, const scalar_t* a, int64_t sk, int64_t sp, const scalar_
 // c (P, N) row-major = the rows above, any N (columns in blocks of up to four registers)
 template <typename scalar_t>
 void gemm_own(const scalar_t* a, int64_t sk, int64_t sp, const scalar_t* b, scalar_t* c, int64_t P, int64_t K,
-              int64_t N) {
+              int64_t N, int64_t ldc) {
   constexpr int L = Lanes<scalar_t>::L;
   at::parallel_for(0, P, 256, [&](int64_t p0, int64_t p1) {
     for (int64_t n0 = 0; n0 < N; n0 += 4 * L) {
@@ -328,9 +328,9 @@ void gemm_own(const scalar_t* a, int64_t sk, int64_t sp, const scalar_t* b, scal
       const int rest = static_cast<int>(width % L), nv = static_cast<int>((width + L - 1) / L);
       const __mmask16 tail = rest ? __mmask16((1u << rest) - 1) : __mmask16(0xFFFF);
       if (rest)
-        gemm_block<scalar_t, true>(nv, a + p0 * sp, sk, sp, b + n0, N, c + p0 * N + n0, N, p1 - p0, K, tail);
+        gemm_block<scalar_t, true>(nv, a + p0 * sp, sk, sp, b + n0, N, c + p0 * ldc + n0, ldc, p1 - p0, K, tail);
       else
-        gemm_block<scalar_t, false>(nv, a + p0 * sp, sk, sp, b + n0, N, c + p0 * N + n0, N, p1 - p0, K, tail);
+        gemm_block<scalar_t, false>(nv, a + p0 * sp, sk, sp, b + n0, N, c + p0 * ldc + n0, ldc, p1 - p0, K, tail);
     }
   });
 }
@@ -338,7 +338,7 @@ constexpr bool kOwnGemm = true;
 #else
 constexpr bool kOwnGemm = false;
 template <typename scalar_t>
-inline void gemm_own(const scalar_t*, int64_t, int64_t, const scalar_t*, scalar_t*, int64_t, int64_t, int64_t) {}
+inline void gemm_own(const scalar_t*, int64_t, int64_t, const scalar_t*, scalar_t*, int64_t, int64_t, int64_t, int64_t) {}
 #endif
 
 // whether a GEMM with weights w can run through gemm_own: float32 or float64, contiguous w
@@ -352,25 +352,25 @@ inline bool own_gemm(const torch::Tensor& w, const torch::Tensor& out) {
   return own_gemm_weights(w) && out.is_contiguous();
 }
 
-// out (P, N) = rows (P, K) @ w (K, N): the GEMM R -> T of a batch of positions, and the
+// out (P, N) = rows (P, K) @ w (K, N), rows of out any stride apart: the GEMM R -> T of a batch of positions, and the
 // backward's products with the transposed factors
 template <typename scalar_t>
 void gemm_into(torch::Tensor out, const torch::Tensor& rows, const torch::Tensor& w) {
-  if (own_gemm(w, out) && rows.stride(1) == 1) {
+  if (own_gemm_weights(w) && out.stride(1) == 1 && rows.stride(1) == 1) {
     gemm_own(rows.data_ptr<scalar_t>(), 1, rows.stride(0), w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-             rows.size(0), rows.size(1), w.size(1));
+             rows.size(0), rows.size(1), w.size(1), out.stride(0));
     return;
   }
   at::mm_out(out, rows, w);
 }
 
-// the GEMM C -> R of rows xp (C, P) into out (P, R): gemm_own reads xp in place in either
+// the GEMM C -> R of rows xp (C, P) into out (P, R), its rows any stride apart: gemm_own reads xp in place in either
 // layout; else BLAS
 template <typename scalar_t>
 void gemm_c_to_r(const torch::Tensor& xp, const torch::Tensor& uc, torch::Tensor out) {
-  if (own_gemm(uc, out)) {
+  if (own_gemm_weights(uc) && out.stride(1) == 1) {
     gemm_own(xp.data_ptr<scalar_t>(), xp.stride(0), xp.stride(1), uc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-             xp.size(1), xp.size(0), uc.size(1));
+             xp.size(1), xp.size(0), uc.size(1), out.stride(0));
     return;
   }
   at::mm_out(out, xp.t(), uc);
@@ -412,34 +412,36 @@ inline std::pair<int64_t, int64_t> interior(const Axis& a) {
   return {lo, hi};
 }
 
-// mode 2 (W) depthwise pass over `rows` rows: (rows, W, R) -> (rows, Wo, R)
+// mode 2 (W) depthwise pass over `rows` rows: (rows, W, R) -> (rows, Wo, R), positions ld apart
+// (ld >= R)
 template <typename scalar_t>
-void mode2_pass(const scalar_t* in, scalar_t* out, int64_t rows, const Axis& a2, const scalar_t* w2, int64_t R) {
+void mode2_pass(const scalar_t* in, scalar_t* out, int64_t rows, const Axis& a2, const scalar_t* w2, int64_t R,
+                int64_t ld) {
   const int64_t W = a2.in, Wo = a2.out;
   const auto [lo, hi] = interior(a2);
   at::parallel_for(0, rows, grain(Wo * R * a2.k), [&](int64_t r0, int64_t r1) {
     const scalar_t* src[64];
     const scalar_t* w[64];
     for (int64_t row = r0; row < r1; ++row) {
-      const scalar_t* in_row = in + row * W * R;
-      scalar_t* out_row = out + row * Wo * R;
+      const scalar_t* in_row = in + row * W * ld;
+      scalar_t* out_row = out + row * Wo * ld;
       auto edge = [&](int64_t wo) {
         int n = 0;
         for (int64_t k = 0; k < a2.k; ++k) {
           const int64_t s = a2.src(wo, k);
           if (s < 0 || s >= W) continue;
-          src[n] = in_row + s * R;
+          src[n] = in_row + s * ld;
           w[n++] = w2 + k * R;
         }
-        tap_sum(out_row + wo * R, src, w, n, R);
+        tap_sum(out_row + wo * ld, src, w, n, R);
       };
       for (int64_t wo = 0; wo < lo; ++wo) edge(wo);
       if (hi > lo) {
         for (int64_t k = 0; k < a2.k; ++k) {
-          src[k] = in_row + a2.src(lo, k) * R;
+          src[k] = in_row + a2.src(lo, k) * ld;
           w[k] = w2 + k * R;
         }
-        taps_run(out_row + lo * R, R, src, a2.stride * R, w, static_cast<int>(a2.k), R, hi - lo);
+        taps_run(out_row + lo * ld, ld, src, a2.stride * ld, w, static_cast<int>(a2.k), R, hi - lo);
       }
       for (int64_t wo = std::max(hi, lo); wo < Wo; ++wo) edge(wo);
     }
@@ -541,7 +543,21 @@ struct ChainScratch {
   // shared: the ring of mode-1 output planes, the mode-0 output rows
   torch::Tensor a, t1, ring, o;
   int64_t a_rows = 1, slots1 = 1;
+  int64_t ld = 1;  // elements from one position's R channels to the next's in all four
 };
+
+// positions' rows of R channels in the scratch start a whole vector register apart, so that no
+// load or store of the passes and GEMMs spans two cache lines (R = 200 floats put every other
+// row's registers across a line)
+template <typename scalar_t>
+inline int64_t rank_stride(int64_t R) {
+#if defined(TC_VECTOR_TAPS)
+  constexpr int64_t L = Lanes<scalar_t>::L;
+  return (R + L - 1) / L * L;
+#else
+  return R;
+#endif
+}
 
 template <typename scalar_t>
 ChainScratch<scalar_t> chain_scratch(const torch::Tensor& x, const torch::Tensor& uc, int64_t slots, const Axis& a1,
@@ -549,15 +565,16 @@ ChainScratch<scalar_t> chain_scratch(const torch::Tensor& x, const torch::Tensor
   const int64_t C = x.size(1), R = uc.size(1), H = a1.in, W = a2.in, Ho = a1.out, Wo = a2.out;
   const auto opts = x.options();
   ChainScratch<scalar_t> s;
+  const int64_t ld = s.ld = rank_stride<scalar_t>(R);
   // rows of W positions per GEMM C -> R (BLAS, with its tensor views, takes a plane's rows at once)
   s.a_rows = std::min(H, reads_in_place(x, uc) ? fused_block(W, R, C * R, sizeof(scalar_t)) : H);
   // the mode-1 taps of one output row span (K1 - 1) * dilation1 + 1 input rows, and a block of
   // GEMM rows may run a_rows - 1 rows past its last
   s.slots1 = std::min(H, (a1.k - 1) * a1.dil + s.a_rows);
-  s.a = torch::empty({team_size * s.a_rows * W, R}, opts);
-  s.t1 = torch::empty({team_size * s.slots1 * Wo, R}, opts);
-  s.ring = torch::empty({slots, Ho * Wo, R}, opts);
-  s.o = torch::empty({Ho * Wo + at::get_num_threads(), R}, opts);  // each thread's rows: see oq
+  s.a = torch::empty({team_size * s.a_rows * W, ld}, opts);
+  s.t1 = torch::empty({team_size * s.slots1 * Wo, ld}, opts);
+  s.ring = torch::empty({slots, Ho * Wo, ld}, opts);
+  s.o = torch::empty({Ho * Wo + at::get_num_threads(), ld}, opts);  // each thread's rows: see oq
   return s;
 }
 
@@ -572,7 +589,7 @@ void chain_image(const torch::Tensor& x, const torch::Tensor& uc, const torch::T
   const scalar_t* w0 = u0.data_ptr<scalar_t>();
   const scalar_t* w1 = u1.data_ptr<scalar_t>();
   const scalar_t* w2 = u2.data_ptr<scalar_t>();
-  const int64_t positions = Ho * Wo, plane = positions * R;
+  const int64_t ld = s.ld, positions = Ho * Wo, plane = positions * ld;
   // This thread's output rows [ho0, ho1) of every plane, and the whole chain for them: the GEMM
   // C -> R and the mode-2 pass of the input rows their mode-1 taps read (where a neighbouring
   // thread's rows reach its own, those rows are computed by both), the mode-1 pass into the
@@ -582,10 +599,10 @@ void chain_image(const torch::Tensor& x, const torch::Tensor& uc, const torch::T
   const auto hs = team.share(Ho);
   const int64_t ho0 = hs.first, ho1 = hs.second, p0 = ho0 * Wo, p1 = ho1 * Wo;
   const int64_t a_rows = s.a_rows, slots1 = s.slots1;
-  scalar_t* pa = s.a.template data_ptr<scalar_t>() + team.id * a_rows * W * R;
-  scalar_t* t1 = s.t1.template data_ptr<scalar_t>() + team.id * slots1 * Wo * R;
+  scalar_t* pa = s.a.template data_ptr<scalar_t>() + team.id * a_rows * W * ld;
+  scalar_t* t1 = s.t1.template data_ptr<scalar_t>() + team.id * slots1 * Wo * ld;
   scalar_t* pring = s.ring.template data_ptr<scalar_t>();
-  scalar_t* oq = s.o.template data_ptr<scalar_t>() + (p0 + team.id) * R;  // this thread's rows of o
+  scalar_t* oq = s.o.template data_ptr<scalar_t>() + (p0 + team.id) * ld;  // this thread's rows of o
   const bool own_in = reads_in_place(x, uc);
   const bool own_out = own_gemm(wt, out);
   // positions per block of the fused mode-0 pass + GEMM R -> T
@@ -617,14 +634,14 @@ void chain_image(const torch::Tensor& x, const torch::Tensor& uc, const torch::T
       for (int64_t qb = p0; qb < p1; qb += o_block) {
         const int64_t qe = std::min(p1, qb + o_block);
         const scalar_t* at[64];
-        for (int i = 0; i < n; ++i) at[i] = src[i] + qb * R;
-        taps_run(oq, R, at, R, w, n, R, qe - qb);
+        for (int i = 0; i < n; ++i) at[i] = src[i] + qb * ld;
+        taps_run(oq, ld, at, ld, w, n, R, qe - qb);
         if (own_out) {  // pointers only: tensor views per block cost more than a small block's work
-          gemm_own(oq, 1, R, wt.data_ptr<scalar_t>(), out.data_ptr<scalar_t>() + ((b * a0.out + d) * positions + qb) * T,
-                   qe - qb, R, T);
+          gemm_own(oq, 1, ld, wt.data_ptr<scalar_t>(), out.data_ptr<scalar_t>() + ((b * a0.out + d) * positions + qb) * T,
+                   qe - qb, R, T, T);
         } else {
           gemm_into<scalar_t>(out[b][d].view({positions, T}).narrow(0, qb, qe - qb),
-                              s.o.narrow(0, p0 + team.id, qe - qb), wt);
+                              s.o.narrow(0, p0 + team.id, qe - qb).narrow(1, 0, R), wt);
         }
       }
     }
@@ -634,12 +651,12 @@ void chain_image(const torch::Tensor& x, const torch::Tensor& uc, const torch::T
   auto mode2_rows = [&](int64_t d, int64_t r, int64_t nb) {
     if (own_in) {  // positions (h, w) of a plane one stride apart: read in place
       gemm_own(x.data_ptr<scalar_t>() + b * x.stride(0) + d * x.stride(2) + r * x.stride(3), x.stride(1), x.stride(4),
-               uc.data_ptr<scalar_t>(), pa, nb * W, C, R);
+               uc.data_ptr<scalar_t>(), pa, nb * W, C, R, ld);
     } else {
       auto xp = x[b].select(1, d).narrow(1, r, nb).reshape({C, nb * W});
-      gemm_c_to_r<scalar_t>(xp, uc, s.a.narrow(0, team.id * a_rows * W, nb * W));
+      gemm_c_to_r<scalar_t>(xp, uc, s.a.narrow(0, team.id * a_rows * W, nb * W).narrow(1, 0, R));
     }
-    for (int64_t i = 0; i < nb; ++i) mode2_pass(pa + i * W * R, t1 + ((r + i) % slots1) * Wo * R, 1, a2, w2, R);
+    for (int64_t i = 0; i < nb; ++i) mode2_pass(pa + i * W * ld, t1 + ((r + i) % slots1) * Wo * ld, 1, a2, w2, R, ld);
   };
   team.run([&] {
     emit_ready(-1);
@@ -655,7 +672,7 @@ void chain_image(const torch::Tensor& x, const torch::Tensor& uc, const torch::T
           const int64_t r = a1.src(ho, j);
           if (r < 0 || r >= H) continue;
           last = std::max(last, r);
-          src[n] = t1 + (r % slots1) * Wo * R;
+          src[n] = t1 + (r % slots1) * Wo * ld;
           w[n++] = w1 + j * R;
         }
         // the rows up to this output row's last tap, a block at a time (a block may run ahead:
@@ -665,7 +682,7 @@ void chain_image(const torch::Tensor& x, const torch::Tensor& uc, const torch::T
           mode2_rows(d, next, nb);
           next += nb;
         }
-        taps_run(dst_plane + ho * Wo * R, R, src, R, w, n, R, Wo);  // n = 0: zeros
+        taps_run(dst_plane + ho * Wo * ld, ld, src, ld, w, n, R, Wo);  // n = 0: zeros
       }
       emit_ready(d);
     }
@@ -872,7 +889,7 @@ void run_backward(const torch::Tensor& x, const torch::Tensor& uc, const torch::
         // forward recompute: a, b (mode 2), c (mode 1) into the ring
         auto xp = xb.select(1, d).reshape({C, P});
         gemm_c_to_r<scalar_t>(xp, uc, a);
-        mode2_pass(pa, pb, H, a2, w2, R);
+        mode2_pass(pa, pb, H, a2, w2, R, R);
         scalar_t* cd = pc + (d % span) * plane;
         mode1_pass(pb, 1, 0, Po, [&](int64_t) { return cd; }, Wo, a1, w1, R);
         // g_c = mode-0 pass transposed
