@@ -23,12 +23,18 @@ from ._geometry import as_3d, forward_bytes, planes_per_chunk
 __all__ = ["PlaneChain", "PLANE_CHAIN", "ChainRates"]
 
 
+#: the most taps per mode whose weights the kernel's depthwise passes keep in vector registers
+#: (taps_run in cp_chain_cpu.cpp)
+MAX_REGISTER_TAPS = 7
+
+
 @dataclass(frozen=True)
 class ChainRates:
     """The kernel's own rates (float32; float64 has its own), next to the plan's cost model."""
 
     depthwise_macs_per_s: float  # its depthwise passes while a chunk's planes stay in cache
-    # passes of more than 3 taps leave its unrolled 3-tap loops for a generic one (a 7x7 stem)
+    # passes of more than MAX_REGISTER_TAPS taps: those past the first run in a loop that
+    # reads and writes the output once per tap
     long_depthwise_macs_per_s: float = 0.0
     # a chunk's working set beyond which its passes stream memory; None: a share of this
     # machine's last-level cache (_cache_bytes)
@@ -120,8 +126,8 @@ class PlaneChain(Accelerator):
         # the GEMMs' MACs weighted by how far below full rate their row blocks run
         gemm_macs = batch * (d * h * w * c * r / in_rows + do * ho * wo * r * t / out_rows)
         per_pass = (d * h * wo * k2, d * ho * wo * k1, do * ho * wo * k0)
-        depthwise_macs = batch * r * sum(p for p, k in zip(per_pass, (k2, k1, k0)) if k <= 3)
-        long_macs = batch * r * sum(p for p, k in zip(per_pass, (k2, k1, k0)) if k > 3)
+        depthwise_macs = batch * r * sum(p for p, k in zip(per_pass, (k2, k1, k0)) if k <= MAX_REGISTER_TAPS)
+        long_macs = batch * r * sum(p for p, k in zip(per_pass, (k2, k1, k0)) if k > MAX_REGISTER_TAPS)
         nbytes = itemsize * batch * (d * h * w * c + do * ho * wo * t)
         chunks = batch * -(-d // chunk_planes)
         passes = depthwise_macs / rates.depthwise_macs_per_s

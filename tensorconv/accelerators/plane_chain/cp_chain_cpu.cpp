@@ -179,7 +179,8 @@ inline void taps_run_n(scalar_t* __restrict__ dst, int64_t dst_step, const scala
                        const scalar_t* const* w, int64_t R, int64_t count) {
   using X = Lanes<scalar_t>;
   constexpr int64_t L = X::L;
-  constexpr int NB = X::registers >= 32 ? 4 : 2;  // registers of channels per block: N x NB weights fit
+  // registers of channels per block: N x NB weights and NB sums fit the register file
+  constexpr int NB = X::registers >= 32 ? (N <= 5 ? 4 : 3) : (N <= 5 ? 2 : 1);
   int64_t r0 = 0;
   for (; r0 + NB * L <= R; r0 += NB * L)
     taps_block<scalar_t, N, NB, false>(dst, dst_step, src, src_step, w, r0, count, X::none());
@@ -239,9 +240,11 @@ inline void taps_run(scalar_t* dst, int64_t dst_step, const scalar_t* const* src
     case 3: return taps_run_n<scalar_t, 3>(dst, dst_step, src, src_step, w, R, count);
     case 4: return taps_run_n<scalar_t, 4>(dst, dst_step, src, src_step, w, R, count);
     case 5: return taps_run_n<scalar_t, 5>(dst, dst_step, src, src_step, w, R, count);
+    case 6: return taps_run_n<scalar_t, 6>(dst, dst_step, src, src_step, w, R, count);
+    case 7: return taps_run_n<scalar_t, 7>(dst, dst_step, src, src_step, w, R, count);
     default: {  // long kernels: the first taps in registers, the rest accumulated
-      taps_run_n<scalar_t, 5>(dst, dst_step, src, src_step, w, R, count);
-      for (int t0 = 5; t0 < n; ++t0)
+      taps_run_n<scalar_t, 7>(dst, dst_step, src, src_step, w, R, count);
+      for (int t0 = 7; t0 < n; ++t0)
         for (int64_t i = 0; i < count; ++i) {
           scalar_t* __restrict__ d = dst + i * dst_step;
           const scalar_t* __restrict__ s = src[t0] + i * src_step;
