@@ -354,8 +354,22 @@ def test_jit_trace_is_shape_generic(padding_mode):
             assert got.shape == want.shape and rel_err(got, want) < 1e-5  # float32: stated 1e-5
 
 
+@pytest.fixture
+def without_plane_chain():
+    """The plane chain out of the registry for one test: it runs these small 7x7 layers fastest
+    at every shape (where built), and the tests below need a layer that ``auto`` rebuilds at one
+    shape and runs as factors at another."""
+    from tensorconv import accelerators
+
+    chain = accelerators.unregister("plane_chain")
+    try:
+        yield
+    finally:
+        accelerators.register(chain)
+
+
 @needs_torch
-def test_a_trace_records_the_rebuilt_kernel_where_the_plan_for_its_shape_rebuilds_it():
+def test_a_trace_records_the_rebuilt_kernel_where_the_plan_for_its_shape_rebuilds_it(without_plane_chain):
     """A traced (ONNX-exported) graph holds the form the eager plan runs at the traced shape: the
     rebuilt dense kernel as one conv where ``auto`` rebuilds a CP kernel (ONNX Runtime ran
     r3d_18's stem as five convs at twice the dense conv's time), the factors' chain where it runs
@@ -390,7 +404,7 @@ def test_a_trace_records_the_rebuilt_kernel_where_the_plan_for_its_shape_rebuild
 
 
 @pytest.mark.slow
-def test_onnx_export_of_a_layer_its_plan_rebuilds_is_one_conv_in_onnxruntime(tmp_path):
+def test_onnx_export_of_a_layer_its_plan_rebuilds_is_one_conv_in_onnxruntime(tmp_path, without_plane_chain):
     if not os.environ.get("CI"):
         pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (a test extra)")
         pytest.importorskip("onnxscript", reason="onnxscript is not installed (a test extra)")
