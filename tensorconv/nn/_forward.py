@@ -25,4 +25,10 @@ def layer_conv(layer, x, kernel):
     if layer.bias is None:
         return out
     # the output's dtype: under autocast nn.ConvNd casts its bias too
-    return out + layer.bias.to(out.dtype).reshape((-1,) + (1,) * len(layer.kernel_size))
+    bias = layer.bias.to(out.dtype).reshape((-1,) + (1,) * len(layer.kernel_size))
+    if TORCH.xp._C._are_functorch_transforms_active():  # vmap may batch the bias alone
+        return out + bias
+    # in place: conv() returns a tensor no one else holds, and no step of a plan saves its output
+    # for the backward; out + bias was a second output-sized tensor per call (fresh pages in a
+    # plain process)
+    return out.add_(bias)
