@@ -403,6 +403,29 @@ def test_a_trace_records_the_rebuilt_kernel_where_the_plan_for_its_shape_rebuild
     ]
 
 
+@needs_torch
+def test_a_trace_where_the_plan_runs_an_accelerator_records_what_the_plan_without_it_runs(plane_kernel):
+    """Where ``auto`` runs the plane chain at the traced shape, which no traced graph can hold,
+    the graph holds the form the plan without accelerators runs: here the rebuilt kernel at
+    batch 1, the factors at batch 8 (r3d_18's stem, which auto runs as the chain, had gone into
+    ONNX graphs as the factors' five convs, slower in ONNX Runtime than one rebuilt conv)."""
+    from tensorconv import plan_conv
+    from tensorconv.nn import KruskalConv
+
+    torch.manual_seed(0)
+    layer = KruskalConv(8, 16, (7, 7), rank=20, padding=3).eval()
+    for shape, want in (((1, 8, 32, 32), 1), ((8, 8, 32, 32), 4)):
+        assert plan_conv(layer.kernel, shape, padding=3).accelerator == "plane_chain"
+        unfused = plan_conv(layer.kernel, shape, padding=3, accelerators=()).strategy
+        assert unfused == ("reconstructed" if want == 1 else "factorized")
+        with torch.no_grad():
+            traced = torch.jit.trace(layer, torch.randn(shape))
+            convs = sum(1 for node in traced.inlined_graph.nodes() if node.kind() == "aten::_convolution")
+            assert convs == want, (shape, convs)
+            x = torch.randn(shape)
+            assert rel_err(traced(x), layer(x)) < 1e-5  # float32: stated 1e-5
+
+
 @pytest.mark.slow
 def test_onnx_export_of_a_layer_its_plan_rebuilds_is_one_conv_in_onnxruntime(tmp_path, without_plane_chain):
     if not os.environ.get("CI"):

@@ -371,7 +371,7 @@ def conv(
             )
     check_arrays(x, kernel, backend)
 
-    def plan_for(shape):  # looked up by the kernel's structure and the shape
+    def plan_for(shape, accelerators=None):  # looked up by the kernel's structure and the shape
         structure = structure_of(kernel, groups)
         problem = problem_for(
             structure,
@@ -384,6 +384,7 @@ def conv(
             dtype=backend.itemsize(x),
             backend=backend.name,
             device=backend.device(x),
+            accelerators=accelerators,
         )
         return _conv_plans.get((registered_accelerators(), structure), (problem,))
 

@@ -68,10 +68,11 @@ def _has_layer_layout(kernel, n):
 def rebuilt_when_traced(runtime, tracer, x, kernel, strategy, plan_for):
     """Whether a traced CP conv records its kernel rebuilt dense: ``strategy="reconstructed"``,
     or ``"auto"`` under a trace for export at fixed sizes where the eager plan for the traced
-    shape (``plan_for(shape)``) rebuilds it. The graph holds one form for every shape, and ONNX
-    Runtime runs what it holds: a factors' chain where the plan rebuilds the kernel runs slower
-    there as well. (CP kernels laid out as a layer's, with U_C: a Tucker kernel's chain is the
-    bottleneck, one core conv.)"""
+    shape (``plan_for(shape)``) rebuilds it, or runs an accelerator (which the graph cannot
+    hold) where the plan without one (``plan_for(shape, ())``) rebuilds it. The graph holds one
+    form for every shape, and ONNX Runtime runs what it holds: a factors' chain where the plan
+    rebuilds the kernel runs slower there as well. (CP kernels laid out as a layer's, with U_C:
+    a Tucker kernel's chain is the bottleneck, one core conv.)"""
     if not (
         isinstance(kernel, KruskalKernel)
         and _has_layer_layout(kernel, len(kernel.shape) - 2)
@@ -82,7 +83,12 @@ def rebuilt_when_traced(runtime, tracer, x, kernel, strategy, plan_for):
         return strategy == "reconstructed"
     with runtime.untraced():  # nothing planning reads is recorded
         shape = runtime.static_shape(x)
-        return shape is not None and plan_for(shape).strategy == "reconstructed"
+        if shape is None:
+            return False
+        plan = plan_for(shape)
+        if plan.accelerator is not None:
+            plan = plan_for(shape, ())
+        return plan.strategy == "reconstructed"
 
 
 def traced_conv(backend, tracer, x, kernel, *, stride, pads, dilation, groups, padding_mode, strategy, rebuild=False):
