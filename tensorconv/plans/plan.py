@@ -372,9 +372,8 @@ def conv(
     check_arrays(x, kernel, backend)
 
     def plan_for(shape, accelerators=None):  # looked up by the kernel's structure and the shape
-        structure = structure_of(kernel, groups)
         problem = problem_for(
-            structure,
+            structure_of(kernel, groups),
             shape,
             stride=stride,
             padding=padding,
@@ -386,7 +385,7 @@ def conv(
             device=backend.device(x),
             accelerators=accelerators,
         )
-        return _conv_plans.get((registered_accelerators(), structure), (problem,))
+        return _conv_plans.get((registered_accelerators(), problem.structure), (problem,))
 
     tracer = runtime.tracer()
     if tracer is not None:
