@@ -342,6 +342,35 @@ def test_plane_chain_threads_share_an_image(plane_kernel, threads, batch, dims):
     assert rel_err(got.permute(0, 4, 1, 2, 3), want) < TOL
 
 
+@pytest.mark.parametrize("threads", [2, 3, 4])
+@pytest.mark.parametrize("depth", [1, 2, 7, 12])
+@pytest.mark.parametrize("stride0, dilation0", [(1, 1), (2, 1), (1, 2)])
+def test_plane_chain_a_team_shares_planes_of_one_row(plane_kernel, threads, depth, stride0, dilation0):
+    """Where a plane has fewer output rows than threads (every 1-D and 2-D conv: its planes are
+    rows of one position), the team shares the image by output planes instead, each thread with
+    its own ring, computing the input planes its planes' taps read (those its neighbour's also
+    read computed by both): more threads than planes, strided and dilated mode-0 taps, planes
+    whose taps all fall in the padding. float64 against the dense conv at 1e-10."""
+    k = KruskalKernel.random((5, 4, 3, 1, 3), 11, backend="torch", seed=depth)
+    x = torch.randn((1, 4, depth, 1, 6), dtype=torch.float64)
+    geometry = dict(stride=(stride0, 1, 1), padding=(2, 0, 1), dilation=(dilation0, 1, 1))
+    want = conv(x, k.to_dense(), **geometry)
+    lam, u_t, u_c, *spatial = [k.weights] + list(k.factors)
+    with _torch_threads(threads), torch.no_grad():
+        got = _chain_forward()(
+            x,
+            lam,
+            u_t,
+            u_c,
+            spatial,
+            out_spatial=tuple(want.shape[2:]),
+            stride=geometry["stride"],
+            pad_lo=(2, 0, 1),
+            dilation=geometry["dilation"],
+        )
+    assert rel_err(got.permute(0, 4, 1, 2, 3), want) < TOL
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("c, r, t", [(96, 96, 96), (40, 128, 72)])
 @pytest.mark.parametrize("stride1, dilation1", [(1, 1), (2, 2)])

@@ -54,6 +54,7 @@ def forward_bytes(shape, rank, itemsize, *, out_channels, out_spatial, kernel, d
     slots = (kernel[0] - 1) * dilation[0] + 1
     lanes = 64 // itemsize
     stride = -(-rank // lanes) * lanes
-    scratch = stride * (team * (a_rows * w + slots1 * wo) + slots * ho * wo + ho * wo + threads)
+    rings = team if team > 1 and ho < team else 1  # a team sharing an image by planes: one ring each
+    scratch = stride * (team * (a_rows * w + slots1 * wo) + rings * (slots * ho * wo + ho * wo) + threads)
     sets = threads if per_image_threads else 1
     return itemsize * (b * do * ho * wo * out_channels + sets * scratch)

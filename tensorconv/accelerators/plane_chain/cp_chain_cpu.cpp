@@ -341,7 +341,8 @@ constexpr bool kOwnGemm = true;
 #else
 constexpr bool kOwnGemm = false;
 template <typename scalar_t>
-inline void gemm_own(const scalar_t*, int64_t, int64_t, const scalar_t*, scalar_t*, int64_t, int64_t, int64_t, int64_t) {}
+inline void gemm_own(const scalar_t*, int64_t, int64_t, const scalar_t*, scalar_t*, int64_t, int64_t, int64_t,
+                     int64_t) {}
 #endif
 
 // whether a GEMM with weights w can run through gemm_own: float32 or float64, contiguous w
@@ -355,8 +356,8 @@ inline bool own_gemm(const torch::Tensor& w, const torch::Tensor& out) {
   return own_gemm_weights(w) && out.is_contiguous();
 }
 
-// out (P, N) = rows (P, K) @ w (K, N), rows of out any stride apart: the GEMM R -> T of a batch of positions, and the
-// backward's products with the transposed factors
+// out (P, N) = rows (P, K) @ w (K, N), the rows of out any stride apart: the GEMM R -> T of a
+// batch of positions, and the backward's products with the transposed factors
 template <typename scalar_t>
 void gemm_into(torch::Tensor out, const torch::Tensor& rows, const torch::Tensor& w) {
   if (own_gemm_weights(w) && out.stride(1) == 1 && rows.stride(1) == 1) {
@@ -367,8 +368,8 @@ void gemm_into(torch::Tensor out, const torch::Tensor& rows, const torch::Tensor
   at::mm_out(out, rows, w);
 }
 
-// the GEMM C -> R of rows xp (C, P) into out (P, R), its rows any stride apart: gemm_own reads xp in place in either
-// layout; else BLAS
+// the GEMM C -> R of rows xp (C, P) into out (P, R), its rows any stride apart: gemm_own reads
+// xp in place in either layout; else BLAS
 template <typename scalar_t>
 void gemm_c_to_r(const torch::Tensor& xp, const torch::Tensor& uc, torch::Tensor out) {
   if (own_gemm_weights(uc) && out.stride(1) == 1) {
@@ -543,10 +544,13 @@ inline bool reads_in_place(const torch::Tensor& x, const torch::Tensor& uc) {
 template <typename scalar_t>
 struct ChainScratch {
   // per thread of a team: a_rows rows of the GEMM C -> R, a ring of slots1 rows of mode-2 output;
-  // shared: the ring of mode-1 output planes, the mode-0 output rows
+  // shared: the ring of mode-1 output planes, the mode-0 output rows (per thread by planes)
   torch::Tensor a, t1, ring, o;
   int64_t a_rows = 1, slots1 = 1;
   int64_t ld = 1;  // elements from one position's R channels to the next's in all four
+  // the team shares an image by output planes, not rows: a plane of fewer rows than threads
+  // (every 1-D and 2-D conv, whose planes are rows of one position) left all but one idle
+  bool by_planes = false;
 };
 
 // positions' rows of R channels in the scratch start a whole vector register apart, so that no
@@ -576,8 +580,11 @@ ChainScratch<scalar_t> chain_scratch(const torch::Tensor& x, const torch::Tensor
   s.slots1 = std::min(H, (a1.k - 1) * a1.dil + s.a_rows);
   s.a = torch::empty({team_size * s.a_rows * W, ld}, opts);
   s.t1 = torch::empty({team_size * s.slots1 * Wo, ld}, opts);
-  s.ring = torch::empty({slots, Ho * Wo, ld}, opts);
-  s.o = torch::empty({Ho * Wo + at::get_num_threads(), ld}, opts);  // each thread's rows: see oq
+  s.by_planes = team_size > 1 && Ho < team_size;
+  const int64_t rings = s.by_planes ? team_size : 1;
+  s.ring = torch::empty({rings * slots, Ho * Wo, ld}, opts);
+  // each thread's rows: see oq
+  s.o = torch::empty({rings * Ho * Wo + at::get_num_threads(), ld}, opts);
   return s;
 }
 
@@ -599,13 +606,16 @@ void chain_image(const torch::Tensor& x, const torch::Tensor& uc, const torch::T
   // ring, the mode-0 pass and the GEMM R -> T. No thread reads what another wrote, so the team
   // needs no barrier, and the mode-2 output lives in a ring of a few rows in this core's cache
   // instead of a whole plane (which left the L2 cache between the two passes).
-  const auto hs = team.share(Ho);
-  const int64_t ho0 = hs.first, ho1 = hs.second, p0 = ho0 * Wo, p1 = ho1 * Wo;
+  // (or, by planes, all rows of its own output planes [e0, e1), with its own ring and rows of o)
+  const auto hs = s.by_planes ? std::pair<int64_t, int64_t>{0, Ho} : team.share(Ho);
+  const auto es = s.by_planes ? team.share(a0.out) : std::pair<int64_t, int64_t>{0, a0.out};
+  const int64_t ho0 = hs.first, ho1 = hs.second, p0 = ho0 * Wo, p1 = ho1 * Wo, e0 = es.first, e1 = es.second;
   const int64_t a_rows = s.a_rows, slots1 = s.slots1;
   scalar_t* pa = s.a.template data_ptr<scalar_t>() + team.id * a_rows * W * ld;
   scalar_t* t1 = s.t1.template data_ptr<scalar_t>() + team.id * slots1 * Wo * ld;
-  scalar_t* pring = s.ring.template data_ptr<scalar_t>();
-  scalar_t* oq = s.o.template data_ptr<scalar_t>() + (p0 + team.id) * ld;  // this thread's rows of o
+  scalar_t* pring = s.ring.template data_ptr<scalar_t>() + (s.by_planes ? team.id * slots * plane : 0);
+  const int64_t o_row = s.by_planes ? team.id * positions : p0 + team.id;  // this thread's rows of o
+  scalar_t* oq = s.o.template data_ptr<scalar_t>() + o_row * ld;
   const bool own_in = reads_in_place(x, uc);
   const bool own_out = own_gemm(wt, out);
   // positions per block of the fused mode-0 pass + GEMM R -> T
@@ -619,9 +629,16 @@ void chain_image(const torch::Tensor& x, const torch::Tensor& uc, const torch::T
       const int64_t r = a1.src(ho, j);
       if (r >= 0 && r < H) first_row = std::min(first_row, r), last_row = std::max(last_row, r);
     }
-  int64_t next_out = 0;
+  // the input planes this thread's output planes read: [d_first, d_last]
+  int64_t d_first = a0.in, d_last = -1;
+  for (int64_t e = e0; e < e1; ++e)
+    for (int64_t i = 0; i < K0; ++i) {
+      const int64_t d = a0.src(e, i);
+      if (d >= 0 && d < a0.in) d_first = std::min(d_first, d), d_last = std::max(d_last, d);
+    }
+  int64_t next_out = e0;
   auto emit_ready = [&](int64_t have) {  // output planes whose input planes are all in the ring
-    while (next_out < a0.out && last_needed[next_out] <= have) {
+    while (next_out < e1 && last_needed[next_out] <= have) {
       const int64_t d = next_out++;
       if (p1 <= p0) continue;
       const scalar_t* src[64];
@@ -640,11 +657,11 @@ void chain_image(const torch::Tensor& x, const torch::Tensor& uc, const torch::T
         for (int i = 0; i < n; ++i) at[i] = src[i] + qb * ld;
         taps_run(oq, ld, at, ld, w, n, R, qe - qb);
         if (own_out) {  // pointers only: tensor views per block cost more than a small block's work
-          gemm_own(oq, 1, ld, wt.data_ptr<scalar_t>(), out.data_ptr<scalar_t>() + ((b * a0.out + d) * positions + qb) * T,
-                   qe - qb, R, T, T);
+          scalar_t* rows_out = out.data_ptr<scalar_t>() + ((b * a0.out + d) * positions + qb) * T;
+          gemm_own(oq, 1, ld, wt.data_ptr<scalar_t>(), rows_out, qe - qb, R, T, T);
         } else {
           gemm_into<scalar_t>(out[b][d].view({positions, T}).narrow(0, qb, qe - qb),
-                              s.o.narrow(0, p0 + team.id, qe - qb).narrow(1, 0, R), wt);
+                              s.o.narrow(0, o_row, qe - qb).narrow(1, 0, R), wt);
         }
       }
     }
@@ -663,7 +680,7 @@ void chain_image(const torch::Tensor& x, const torch::Tensor& uc, const torch::T
   };
   team.run([&] {
     emit_ready(-1);
-    for (int64_t d = 0; d < a0.in; ++d) {
+    for (int64_t d = d_first; d <= d_last; ++d) {
       scalar_t* dst_plane = pring + (d % slots) * plane;
       int64_t next = first_row;  // the first input row not yet in the ring t1
       for (int64_t ho = ho0; ho < ho1; ++ho) {
