@@ -7,8 +7,9 @@
 // mode-0 depthwise pass over it and the GEMM R -> T straight into the output, block by block
 // (as are the GEMM C -> R and the mode-2 pass). Below one image per thread, the threads of one
 // parallel region share each image by output rows, each running the whole chain for its rows
-// (recomputing the one or two input rows its neighbour's taps also read): no barrier. With more
-// images, each thread runs whole images. The GEMMs are the kernel's own
+// (recomputing the one or two input rows its neighbour's taps also read): no barrier. Planes of
+// fewer output rows than threads (1-D and 2-D convs) are shared by output planes instead. With
+// more images, each thread runs whole images. The GEMMs are the kernel's own
 // (AVX-512 register tiles, float32 and float64; BLAS without AVX-512).
 // Nothing activation-sized but the output is written to memory: this is what makes it faster
 // than the unfused chain once the R-channel intermediates leave the cache (docs/benchmarks.md).
