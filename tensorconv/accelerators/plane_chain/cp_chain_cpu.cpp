@@ -407,6 +407,18 @@ inline int64_t fused_block(int64_t row_positions, int64_t R, int64_t macs_per_po
 // rows of positions per parallel task: enough work per task to amortise the dispatch
 inline int64_t grain(int64_t per_row) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, per_row)); }
 
+// the input positions [first, last] along an axis that the outputs [o0, o1) read (first > last:
+// none, all their taps fall in the padding)
+inline std::pair<int64_t, int64_t> sources_read(const Axis& a, int64_t o0, int64_t o1) {
+  int64_t first = a.in, last = -1;
+  for (int64_t o = o0; o < o1; ++o)
+    for (int64_t t = 0; t < a.k; ++t) {
+      const int64_t s = a.src(o, t);
+      if (s >= 0 && s < a.in) first = std::min(first, s), last = std::max(last, s);
+    }
+  return {first, last};
+}
+
 // the output positions [lo, hi) along an axis whose taps all lie inside the input (an interval:
 // the first and last tap's sources both grow with the position)
 inline std::pair<int64_t, int64_t> interior(const Axis& a) {
@@ -624,19 +636,11 @@ void chain_image(const torch::Tensor& x, const torch::Tensor& uc, const torch::T
   // the input rows this thread's output rows read: [first_row, last_row] (none if last_row < 0).
   // With dilation a later output row may read a row before an earlier one's first (where the
   // earlier one's first tap fell in the padding): rows are computed in order from first_row.
-  int64_t first_row = H, last_row = -1;
-  for (int64_t ho = ho0; ho < ho1; ++ho)
-    for (int64_t j = 0; j < a1.k; ++j) {
-      const int64_t r = a1.src(ho, j);
-      if (r >= 0 && r < H) first_row = std::min(first_row, r), last_row = std::max(last_row, r);
-    }
+  const auto rows_read = sources_read(a1, ho0, ho1);
+  const int64_t first_row = rows_read.first, last_row = rows_read.second;
   // the input planes this thread's output planes read: [d_first, d_last]
-  int64_t d_first = a0.in, d_last = -1;
-  for (int64_t e = e0; e < e1; ++e)
-    for (int64_t i = 0; i < K0; ++i) {
-      const int64_t d = a0.src(e, i);
-      if (d >= 0 && d < a0.in) d_first = std::min(d_first, d), d_last = std::max(d_last, d);
-    }
+  const auto planes_read = sources_read(a0, e0, e1);
+  const int64_t d_first = planes_read.first, d_last = planes_read.second;
   int64_t next_out = e0;
   auto emit_ready = [&](int64_t have) {  // output planes whose input planes are all in the ring
     while (next_out < e1 && last_needed[next_out] <= have) {
