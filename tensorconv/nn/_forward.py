@@ -26,11 +26,12 @@ def layer_conv(layer, x, kernel):
         return out
     # the output's dtype: under autocast nn.ConvNd casts its bias too
     bias = layer.bias.to(out.dtype).reshape((-1,) + (1,) * len(layer.kernel_size))
-    # Eager and without autograd, in place: conv() returns a tensor no one else holds, and
-    # out + bias was a second output-sized tensor per call (fresh pages in a plain process).
-    # Else a new tensor: a traced graph would hold an in-place add on the output of the op
-    # torch.compile / torch.export record, a view autograd forbids changing in place once the
-    # graph runs with gradients; torch.func's vmap may batch the bias alone.
-    if out.requires_grad or TORCH.runtime.tracer() is not None or TORCH.xp._C._are_functorch_transforms_active():
-        return out + bias
-    return out.add_(bias)
+    # In place where the runtime lets plans reuse buffers (CPU, no backward, no tracer, no
+    # torch.func transform): conv() returns a tensor no one else holds, and out + bias was a
+    # second output-sized tensor per call (fresh pages in a plain process). Elsewhere a new
+    # tensor: a traced graph would hold an in-place add on the output of the op torch.compile /
+    # torch.export record, a view autograd forbids changing in place once the graph runs with
+    # gradients; torch.func's vmap may batch the bias alone.
+    if TORCH.runtime.reuses_buffers(out, (layer.bias,)):
+        return out.add_(bias)
+    return out + bias
