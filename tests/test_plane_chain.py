@@ -443,6 +443,60 @@ def test_plane_chain_under_inference_mode(chain_calls, batch):
     assert rel_err(got, conv(x.double(), k.astype("float64").to_dense(), padding=1)) < 1e-5  # float32
 
 
+def test_plane_chain_keeps_its_scratch_from_call_to_call(chain_calls):
+    """The kernel keeps its scratch per thread from call to call, grown where a call needs more:
+    made inside torch.inference_mode it serves calls outside it, with and without gradients, at
+    larger and smaller shapes and both dtypes (each against the dense conv); free_workspace
+    frees what the calling thread keeps."""
+    from tensorconv.plans import free_workspace
+
+    k = KruskalKernel.random((8, 6, 3, 3, 3), 5, backend="torch", dtype="float64", seed=0)
+    dense = k.to_dense()
+    free_workspace()
+    cases = [
+        (torch.inference_mode, (1, 6, 7, 8, 9), "float32"),
+        (torch.no_grad, (1, 6, 7, 8, 9), "float32"),
+        (torch.no_grad, (1, 6, 9, 16, 17), "float32"),
+        (contextlib.nullcontext, (1, 6, 5, 6, 7), "float32"),
+        (torch.no_grad, (1, 6, 9, 16, 17), "float64"),
+        (torch.inference_mode, (1, 6, 7, 8, 9), "float64"),
+    ]
+    for i, (context, shape, dtype) in enumerate(cases):
+        x = torch.randn(shape, dtype=getattr(torch, dtype))
+        with context():
+            got = conv(x, k.astype(dtype), padding=1, strategy="fused")
+        assert len(chain_calls) == i + 1
+        tol = 1e-5 if dtype == "float32" else 1e-10  # float32: stated 1e-5
+        assert rel_err(got.detach(), conv(x.double(), dense, padding=1)) < tol, (context, shape, dtype)
+    assert free_workspace() > 0  # the caller's scratch (the team runs an image at batch 1)
+    assert free_workspace() == 0
+
+
+def test_plane_chain_threads_keep_their_own_scratch(chain_calls):
+    """Two Python threads running the kernel at once, each on its own inputs, get their own
+    results: the scratch kept from call to call is per thread."""
+    import threading
+
+    k = KruskalKernel.random((8, 8, 3, 3, 3), 12, backend="torch", dtype="float32", seed=0)
+    xs = [torch.randn(1, 8, 6, 20, 20) for _ in range(2)]
+    wants = [conv(x.double(), k.astype("float64").to_dense(), padding=1) for x in xs]
+    start, errors = threading.Barrier(2), [[], []]
+
+    def work(i):
+        start.wait()
+        with torch.no_grad():
+            for _ in range(20):
+                errors[i].append(rel_err(conv(xs[i], k, padding=1, strategy="fused"), wants[i]))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert len(errors[0]) == len(errors[1]) == 20 and len(chain_calls) == 40
+    assert max(errors[0] + errors[1]) < 1e-5  # float32: stated 1e-5
+
+
 def test_plane_chain_with_gradients_needs_stride_1(chain_calls, monkeypatch):
     import tensorconv.plans.fused as fused_mod
 

@@ -125,6 +125,11 @@ class Accelerator:
         """Build (or load) whatever it needs now; True if it is usable here."""
         return True
 
+    def release_buffers(self) -> int:
+        """Free what it keeps from call to call for the calling thread (scratch it reuses);
+        returns the bytes freed. :func:`tensorconv.plans.free_workspace` calls it."""
+        return 0
+
     def status(self) -> str:
         """One line on whether it is usable here, and if not why."""
         return "ready"

@@ -58,6 +58,12 @@ class Runtime:
         records the call and the library's allocator does not already keep freed memory."""
         return False
 
+    def unreferenced(self, buf) -> bool:
+        """Whether nothing but ``buf`` itself refers to its memory (no view, array or storage
+        object the caller may still read), so that a later call may write into it again; False
+        where the library cannot tell (then buffers handed out are never taken back)."""
+        return False
+
     def tile_checkpoint(self, x, tensors) -> Callable:
         """``call(fn, *args)`` for one tile of a fused plan: where a backward will run through it,
         the tile's intermediates are recomputed there instead of kept (torch's checkpoint)."""

@@ -1,8 +1,31 @@
 """torch's runtime behind :class:`Runtime`: autocast, its tracers, checkpointed tiles."""
 
 import contextlib
+import functools
+import sys
 
 from ._runtime import Runtime
+
+
+def _storage_refs(torch, t):
+    """(the storage's C++ use count, the Python references to its storage object) of ``t``, or of a
+    fresh tensor held only by this call where ``t`` is None (cached: the counts nobody else's
+    references add to); None where torch does not expose the use count."""
+    if t is None:
+        return _unreferenced_refs(torch)
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:
+        return None
+    storage = t.untyped_storage()
+    # every view, detached alias or NumPy array of t holds a TensorImpl that holds the storage
+    # (the use count); a storage object kept on its own only adds Python references to it
+    return use_count(storage._cdata), sys.getrefcount(storage)
+
+
+@functools.lru_cache(maxsize=None)
+def _unreferenced_refs(torch):
+    fresh = torch.empty(1)
+    return _storage_refs(torch, fresh)
 
 
 class TorchRuntime(Runtime):
@@ -68,6 +91,12 @@ class TorchRuntime(Runtime):
             and self.tracer() is None
             and not self._needs_grad(x, tensors)
         )
+
+    def unreferenced(self, buf):
+        refs = _storage_refs(self.backend.xp, buf)
+        # the counts of a tensor nobody else refers to, taken in the same way once: how many
+        # references the storage's Python object holds varies across torch versions
+        return refs is not None and refs == _storage_refs(self.backend.xp, None)
 
     def tile_checkpoint(self, x, tensors):
         if not self._needs_grad(x, tensors):

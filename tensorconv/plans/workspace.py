@@ -16,6 +16,14 @@ as before: glibc reuses freed blocks below its mmap threshold without new pages,
 into a buffer costs a few extra ops per step (and a zeroing pass for the oneDNN convs) that
 only page faults outweigh.
 
+Outputs are the caller's, but a large one the caller has let go of is memory the next call can
+write into: :meth:`Workspace.output` hands out a view of a kept flat buffer where nothing refers
+to that buffer any more (:meth:`Runtime.reuses_buffers` and :meth:`Runtime.unreferenced`: no
+view, array or storage object of an earlier output is left), else a new buffer, of which it
+keeps the :data:`KEPT_OUTPUTS` most recent. A model whose layers each hand their output to the
+next layer and let it go reuses one such buffer for all of them; an output that is still held
+is never written into.
+
 The buffers are **per thread** and shared by every plan that runs in that thread (plans run one
 after another there, and none reads another's intermediates), one pair per device and dtype,
 grown to the largest intermediate run so far. So a model holds two buffers the size of its
@@ -28,7 +36,7 @@ from __future__ import annotations
 import math
 import threading
 
-__all__ = ["MIN_BYTES", "Workspace", "free_workspace", "step_buffers", "workspace_for"]
+__all__ = ["KEPT_OUTPUTS", "MIN_BYTES", "OUTPUT", "Workspace", "free_workspace", "step_buffers", "workspace_for"]
 
 _local = threading.local()
 
@@ -37,25 +45,51 @@ _local = threading.local()
 MIN_BYTES = 32 * 1024 * 1024
 
 
+#: the slot :func:`step_buffers` gives a plan's last step: :meth:`Workspace.output`
+OUTPUT = "output"
+
+#: how many output buffers of at least :data:`MIN_BYTES` a thread keeps per device and dtype
+KEPT_OUTPUTS = 2
+
+
 class Workspace:
-    """Two flat buffers of one device and dtype that a plan's steps write into in turn."""
+    """Two flat buffers of one device and dtype that a plan's steps write into in turn, and the
+    last few large outputs handed out (:meth:`output`)."""
 
     def __init__(self, backend):
         self._backend = backend
         self._buffers = [None, None]
+        self._outputs = []
 
     def buffer(self, slot, numel, like):
-        """The first ``numel`` elements of buffer ``slot`` (0 or 1), grown where it is smaller."""
+        """The first ``numel`` elements of buffer ``slot`` (0 or 1), grown where it is smaller; for
+        slot :data:`OUTPUT`, :meth:`output`."""
+        if slot == OUTPUT:
+            return self.output(numel, like)
         buf = self._buffers[slot]
         if buf is None or buf.shape[0] < numel:
             self._buffers[slot] = None  # the smaller one goes before the larger one is made
             buf = self._buffers[slot] = self._backend.empty((numel,), like=like)
         return buf[:numel]
 
+    def output(self, numel, like):
+        """A flat array of ``numel`` elements for a call's output: a kept one nothing refers to
+        any more, else a new one (kept in place of the oldest). Only for outputs of at least
+        :data:`MIN_BYTES`, and only where :meth:`Runtime.reuses_buffers` allows it."""
+        unreferenced = self._backend.runtime.unreferenced
+        for i, buf in enumerate(self._outputs):
+            if buf.shape[0] == numel and unreferenced(buf):
+                self._outputs.insert(0, self._outputs.pop(i))
+                return buf[:]  # a view: while the caller holds it, the buffer is referenced
+        buf = self._backend.empty((numel,), like=like)
+        self._outputs = [buf, *self._outputs[: KEPT_OUTPUTS - 1]]
+        return buf[:]
+
     @property
     def nbytes(self):
-        """Bytes the two buffers hold."""
-        return sum(int(b.shape[0]) * self._backend.itemsize(b) for b in self._buffers if b is not None)
+        """Bytes the buffers hold (outputs handed out and still held by callers included)."""
+        kept = [b for b in self._buffers if b is not None] + self._outputs
+        return sum(int(b.shape[0]) * self._backend.itemsize(b) for b in kept)
 
 
 def workspace_for(backend, like):
@@ -71,15 +105,19 @@ def workspace_for(backend, like):
 
 
 def free_workspace():
-    """Free the buffers the plans keep in the calling thread; returns the bytes freed.
+    """Free the buffers the plans and accelerators keep in the calling thread; returns the bytes
+    freed.
 
     The next call of a plan allocates them again. Other threads' buffers are theirs (freed when
-    they end).
+    they end; an accelerator's pool threads keep their scratch for the process). Outputs handed
+    out are freed once their holders let them go.
     """
+    from ..accelerators import registered
+
     spaces = getattr(_local, "spaces", None) or {}
     freed = sum(space.nbytes for space in spaces.values())
     _local.spaces = {}
-    return freed
+    return freed + sum(accelerator.release_buffers() for accelerator in registered())
 
 
 def step_buffers(steps, first_result, itemsize):
@@ -87,16 +125,16 @@ def step_buffers(steps, first_result, itemsize):
     ``first_result``: the index of step 0's output among the step operands (after the input and
     the kernel's arrays).
 
-    Activation steps whose output reaches :data:`MIN_BYTES` take the slot their input is not in;
-    the last one (whose output is the caller's) and the weights-only steps (small, and read by
-    later steps than the next) take none.
+    Activation steps whose output reaches :data:`MIN_BYTES` take the slot their input is not in,
+    the last one (whose output is the caller's) :data:`OUTPUT`; the weights-only steps (small,
+    and read by later steps than the next) take none.
     """
     acts = [j for j, step in enumerate(steps) if step.kind != "weights"]
     slots, buffers = {}, [None] * len(steps)
-    for j in acts[:-1]:
+    for j in acts:
         step = steps[j]
         numel = math.prod(step.out_shape)
         if numel * itemsize >= MIN_BYTES:
-            slots[first_result + j] = slot = 1 - slots.get(step.lhs, 1)
+            slots[first_result + j] = slot = OUTPUT if j == acts[-1] else 1 - slots.get(step.lhs, 1)
             buffers[j] = (slot, numel)
     return tuple(buffers)

@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 
 from ...backends import device_type
+from ...plans import workspace
 from ...plans.cost import MODEL_MARGIN
 from .. import Accelerator, get
 from . import _build
@@ -203,7 +204,16 @@ class PlaneChain(Accelerator):
             x = x.reshape(tuple(x.shape[:2]) + as_3d(x.shape[2:], 1))
             spatial = as_3d(spatial, lam.new_ones((1, lam.shape[0])))
         out = cp_chain_forward(
-            x, lam, u_t, u_c, spatial, out_spatial=out3, stride=stride, pad_lo=pad_lo, dilation=dilation
+            x,
+            lam,
+            u_t,
+            u_c,
+            spatial,
+            out_spatial=out3,
+            stride=stride,
+            pad_lo=pad_lo,
+            dilation=dilation,
+            out=_output_buffer(backend, x, arrays, (x.shape[0], *out3, u_t.shape[0])),
         )
         if out is None:
             return None
@@ -213,6 +223,10 @@ class PlaneChain(Accelerator):
 
     def build(self):
         return _build.load() is not None
+
+    def release_buffers(self):
+        module = _build.loaded()
+        return 0 if module is None else int(module.release_kept_scratch())
 
     def status(self):
         if _build.disabled():
@@ -224,6 +238,15 @@ class PlaneChain(Accelerator):
 
 #: what the registry loads from this folder
 ACCELERATOR = PlaneChain
+
+
+def _output_buffer(backend, x, arrays, shape):
+    """A kept buffer for an output of ``shape`` (:meth:`Workspace.output`) where the call may
+    write into one, else None (a new tensor)."""
+    numel = math.prod(shape)
+    if backend.itemsize(x) * numel < workspace.MIN_BYTES or not backend.runtime.reuses_buffers(x, arrays):
+        return None
+    return workspace.workspace_for(backend, x).output(numel, like=x).view(shape)
 
 
 def __getattr__(name):

@@ -205,6 +205,11 @@ def load():
     return module
 
 
+def loaded():
+    """The compiled module where this process has loaded it, else None (never builds)."""
+    return _state.get("module")
+
+
 def available():
     """Whether :func:`load` would return the kernel without building it (loaded, or built
     here before): ``strategy="auto"`` only considers the kernel then."""

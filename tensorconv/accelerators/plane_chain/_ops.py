@@ -18,13 +18,13 @@ __all__ = ["cp_chain_forward", "reference_chain"]
 Tensor = torch.Tensor
 
 
-def _forward_impl(x, lam, u_t, u_c, u0, u1, u2, out_spatial, stride, pad_lo, dilation):
+def _forward_impl(x, lam, u_t, u_c, u0, u1, u2, out_spatial, stride, pad_lo, dilation, out=None):
     module = _build.load()
     if module is None:
         raise RuntimeError("tensorconv::cp_chain: the plane chain's library is not available here")
     # lambda folded and the factors laid out in C++ (cheaper there than five torch ops here)
     return module.cp_chain_forward_kruskal(
-        x, lam, u_t, u_c, u0, u1, u2, list(out_spatial), list(stride), list(pad_lo), list(dilation)
+        x, lam, u_t, u_c, u0, u1, u2, list(out_spatial), list(stride), list(pad_lo), list(dilation), out
     )
 
 
@@ -132,12 +132,14 @@ def _backward(ctx, grad):
 cp_chain.register_autograd(_backward, setup_context=_setup_context)
 
 
-def cp_chain_forward(x, lam, u_t, u_c, spatial, *, out_spatial, stride, pad_lo, dilation):
+def cp_chain_forward(x, lam, u_t, u_c, spatial, *, out_spatial, stride, pad_lo, dilation, out=None):
     """``x`` (B, C, D, H, W) -> (B, D', H', W', T) channels-last, or None without the library.
 
     ``spatial`` = (U_0, U_1, U_2), each (K_n, R); zero padding ``pad_lo`` (low side per mode;
     the high side follows from ``out_spatial``). Differentiable where ``stride`` is 1 in every
-    mode; for a strided conv the caller must not need gradients."""
+    mode; for a strided conv the caller must not need gradients. ``out``: a contiguous tensor of
+    the output's shape to write into, only for a call that records nothing (no gradients, no
+    tracer: the caller asked :meth:`Runtime.reuses_buffers`)."""
     geo = (list(out_spatial), list(stride), list(pad_lo), list(dilation))
     args = (x, lam, u_t, u_c, *spatial)
     if torch.compiler.is_compiling():
@@ -146,7 +148,7 @@ def cp_chain_forward(x, lam, u_t, u_c, spatial, *, out_spatial, stride, pad_lo, 
         return None
     if torch.is_grad_enabled() and any(t.requires_grad for t in args):
         return cp_chain(*args, *geo)
-    return _forward_impl(*args, *geo)  # nothing to record: no dispatcher, no autograd node
+    return _forward_impl(*args, *geo, out)  # nothing to record: no dispatcher, no autograd node
 
 
 def reference_chain(x, lam, u_t, u_c, u0, u1, u2, geo):

@@ -24,6 +24,7 @@
 #endif
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <exception>
 #include <type_traits>
@@ -579,6 +580,40 @@ inline int64_t rank_stride(int64_t R) {
 #endif
 }
 
+// Scratch kept by each thread from call to call, grown where a call needs more: allocated per call,
+// a layer-sized ring and rows took fresh pages every call (glibc hands large blocks back to the
+// kernel, and the arenas of pool threads trim their free tops), which cost more than the passes
+// that write them. Buffer `slot` of this thread, first `numel` elements; normal tensors even
+// inside torch.inference_mode (they outlive the call). release_kept_scratch frees this thread's.
+constexpr int kKeptSlots = 4;
+template <typename scalar_t>
+std::array<torch::Tensor, kKeptSlots>& kept_scratch_slots() {
+  static thread_local std::array<torch::Tensor, kKeptSlots> kept;
+  return kept;
+}
+
+template <typename scalar_t>
+torch::Tensor kept_scratch(int slot, at::IntArrayRef shape, const torch::TensorOptions& opts) {
+  auto& buf = kept_scratch_slots<scalar_t>()[slot];
+  const int64_t numel = c10::multiply_integers(shape);
+  if (!buf.defined() || buf.numel() < numel) {
+    buf = torch::Tensor();  // the smaller one goes before the larger one is made
+    c10::InferenceMode normal(false);  // BLAS builds write it through at::mm_out
+    buf = torch::empty({numel}, opts);
+  }
+  return buf.narrow(0, 0, numel).view(shape);
+}
+
+int64_t release_kept_scratch() {
+  int64_t freed = 0;
+  for (auto* slots : {&kept_scratch_slots<float>(), &kept_scratch_slots<double>()})
+    for (auto& buf : *slots) {
+      if (buf.defined()) freed += buf.numel() * buf.element_size();
+      buf = torch::Tensor();
+    }
+  return freed;
+}
+
 template <typename scalar_t>
 ChainScratch<scalar_t> chain_scratch(const torch::Tensor& x, const torch::Tensor& uc, int64_t slots, const Axis& a1,
                                      const Axis& a2, int64_t team_size) {
@@ -591,13 +626,13 @@ ChainScratch<scalar_t> chain_scratch(const torch::Tensor& x, const torch::Tensor
   // the mode-1 taps of one output row span (K1 - 1) * dilation1 + 1 input rows, and a block of
   // GEMM rows may run a_rows - 1 rows past its last
   s.slots1 = std::min(H, (a1.k - 1) * a1.dil + s.a_rows);
-  s.a = torch::empty({team_size * s.a_rows * W, ld}, opts);
-  s.t1 = torch::empty({team_size * s.slots1 * Wo, ld}, opts);
+  s.a = kept_scratch<scalar_t>(0, {team_size * s.a_rows * W, ld}, opts);
+  s.t1 = kept_scratch<scalar_t>(1, {team_size * s.slots1 * Wo, ld}, opts);
   s.by_planes = team_size > 1 && Ho < team_size;
   const int64_t rings = s.by_planes ? team_size : 1;
-  s.ring = torch::empty({rings * slots, Ho * Wo, ld}, opts);
+  s.ring = kept_scratch<scalar_t>(2, {rings * slots, Ho * Wo, ld}, opts);
   // each thread's rows: see oq
-  s.o = torch::empty({rings * Ho * Wo + at::get_num_threads(), ld}, opts);
+  s.o = kept_scratch<scalar_t>(3, {rings * Ho * Wo + at::get_num_threads(), ld}, opts);
   return s;
 }
 
@@ -754,11 +789,12 @@ void run(const torch::Tensor& x, const torch::Tensor& uc, const torch::Tensor& u
 
 // x (B, C, D, H, W) any strides; uc (C, R); u0 (K0, R), u1 (K1, R), u2 (K2, R); wt (R, T) with lambda
 // folded in. geometry: per spatial mode, output size, stride, low padding, dilation (high padding is
-// implied by the output size). Returns (B, Do, Ho, Wo, T) contiguous.
+// implied by the output size). Returns (B, Do, Ho, Wo, T) contiguous: `out` where one is given (a
+// buffer the caller reuses), else a new tensor.
 torch::Tensor cp_chain_forward(torch::Tensor x, torch::Tensor uc, torch::Tensor u0, torch::Tensor u1,
                                torch::Tensor u2, torch::Tensor wt, std::vector<int64_t> out_size,
                                std::vector<int64_t> stride, std::vector<int64_t> pad_lo,
-                               std::vector<int64_t> dilation) {
+                               std::vector<int64_t> dilation, c10::optional<torch::Tensor> out_buffer) {
   TORCH_CHECK(x.dim() == 5, "x must be (B, C, D, H, W), got ", x.dim(), " dims");
   TORCH_CHECK(!x.is_cuda(), "cp_chain_forward runs on CPU tensors");
   TORCH_CHECK(out_size.size() == 3 && stride.size() == 3 && pad_lo.size() == 3 && dilation.size() == 3,
@@ -778,7 +814,17 @@ torch::Tensor cp_chain_forward(torch::Tensor x, torch::Tensor uc, torch::Tensor 
     ax[m] = Axis{x.size(2 + m), out_size[m], us[m]->size(0), stride[m], pad_lo[m], dilation[m]};
     TORCH_CHECK(ax[m].out >= 1 && ax[m].stride >= 1 && ax[m].dil >= 1 && ax[m].pad_lo >= 0, "bad geometry");
   }
-  auto out = torch::empty({x.size(0), out_size[0], out_size[1], out_size[2], wt.size(1)}, x.options());
+  const std::vector<int64_t> out_shape{x.size(0), out_size[0], out_size[1], out_size[2], wt.size(1)};
+  torch::Tensor out;
+  if (out_buffer.has_value()) {
+    out = *out_buffer;
+    TORCH_CHECK(out.sizes() == c10::IntArrayRef(out_shape) && out.is_contiguous() &&
+                    out.scalar_type() == x.scalar_type() && !out.is_cuda(),
+                "out must be a contiguous CPU tensor of x's dtype and shape ", c10::IntArrayRef(out_shape),
+                ", got ", out.sizes());
+  } else {
+    out = torch::empty(out_shape, x.options());
+  }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cp_chain_forward", [&] {
     run<scalar_t>(x, uc, u0, u1, u2, wt, out, ax[0], ax[1], ax[2]);
   });
@@ -793,7 +839,8 @@ torch::Tensor cp_chain_forward(torch::Tensor x, torch::Tensor uc, torch::Tensor 
 torch::Tensor cp_chain_forward_kruskal(torch::Tensor x, torch::Tensor lam, torch::Tensor ut, torch::Tensor uc,
                                        torch::Tensor u0, torch::Tensor u1, torch::Tensor u2,
                                        std::vector<int64_t> out_size, std::vector<int64_t> stride,
-                                       std::vector<int64_t> pad_lo, std::vector<int64_t> dilation) {
+                                       std::vector<int64_t> pad_lo, std::vector<int64_t> dilation,
+                                       c10::optional<torch::Tensor> out_buffer) {
   TORCH_CHECK(lam.dim() == 1 && ut.dim() == 2 && u0.dim() == 2 && ut.size(1) == lam.size(0) &&
                   u0.size(1) == lam.size(0),
               "lam must be (R,), ut (T, R) and u0 (K0, R)");
@@ -815,7 +862,7 @@ torch::Tensor cp_chain_forward_kruskal(torch::Tensor x, torch::Tensor lam, torch
       for (int64_t r = 0; r < R; ++r) pw[r * T + t] = b[t][r];
   });
   return cp_chain_forward(x, uc.contiguous(), u0l, u1.contiguous(), u2.contiguous(), wt, std::move(out_size),
-                          std::move(stride), std::move(pad_lo), std::move(dilation));
+                          std::move(stride), std::move(pad_lo), std::move(dilation), std::move(out_buffer));
 }
 
 // ---- backward (stride 1 in every mode) -----------------------------------------------------------
@@ -1027,8 +1074,18 @@ std::vector<torch::Tensor> cp_chain_backward(torch::Tensor x, torch::Tensor uc, 
   return {gx, duc, du0, du1, du2, dwt};
 }
 
+// the kernels touch tensors only: other Python threads run while they do
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("cp_chain_forward", &cp_chain_forward, "3-D CP convolution, plane by plane (forward; U_T folded)");
-  m.def("cp_chain_forward_kruskal", &cp_chain_forward_kruskal, "the same from lam, U_T, U_C, U_0, U_1, U_2");
-  m.def("cp_chain_backward", &cp_chain_backward, "its gradients (stride 1), plane by plane");
+  m.def("cp_chain_forward", &cp_chain_forward, "3-D CP convolution, plane by plane (forward; U_T folded)",
+        py::arg("x"), py::arg("uc"), py::arg("u0"), py::arg("u1"), py::arg("u2"), py::arg("wt"), py::arg("out_size"),
+        py::arg("stride"), py::arg("pad_lo"), py::arg("dilation"), py::arg("out") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("cp_chain_forward_kruskal", &cp_chain_forward_kruskal, "the same from lam, U_T, U_C, U_0, U_1, U_2",
+        py::arg("x"), py::arg("lam"), py::arg("ut"), py::arg("uc"), py::arg("u0"), py::arg("u1"), py::arg("u2"),
+        py::arg("out_size"), py::arg("stride"), py::arg("pad_lo"), py::arg("dilation"), py::arg("out") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("release_kept_scratch", &release_kept_scratch,
+        "free the forward's scratch this thread keeps from call to call; returns the bytes freed");
+  m.def("cp_chain_backward", &cp_chain_backward, "its gradients (stride 1), plane by plane",
+        py::call_guard<py::gil_scoped_release>());
 }
