@@ -8,11 +8,8 @@ from ._runtime import Runtime
 
 
 def _storage_refs(torch, t):
-    """(the storage's C++ use count, the Python references to its storage object) of ``t``, or of a
-    fresh tensor held only by this call where ``t`` is None (cached: the counts nobody else's
-    references add to); None where torch does not expose the use count."""
-    if t is None:
-        return _unreferenced_refs(torch)
+    """(the storage's C++ use count, the Python references to its storage object) of ``t``, or
+    None where torch does not expose the use count."""
     use_count = getattr(torch._C, "_storage_Use_Count", None)
     if use_count is None:
         return None
@@ -24,8 +21,8 @@ def _storage_refs(torch, t):
 
 @functools.lru_cache(maxsize=None)
 def _unreferenced_refs(torch):
-    fresh = torch.empty(1)
-    return _storage_refs(torch, fresh)
+    """:func:`_storage_refs` of a fresh tensor nobody else refers to, taken once."""
+    return _storage_refs(torch, torch.empty(1))
 
 
 class TorchRuntime(Runtime):
@@ -94,9 +91,9 @@ class TorchRuntime(Runtime):
 
     def unreferenced(self, buf):
         refs = _storage_refs(self.backend.xp, buf)
-        # the counts of a tensor nobody else refers to, taken in the same way once: how many
+        # against the counts of a tensor nobody else refers to, taken the same way: how many
         # references the storage's Python object holds varies across torch versions
-        return refs is not None and refs == _storage_refs(self.backend.xp, None)
+        return refs is not None and refs == _unreferenced_refs(self.backend.xp)
 
     def tile_checkpoint(self, x, tensors):
         if not self._needs_grad(x, tensors):

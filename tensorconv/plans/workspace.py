@@ -36,7 +36,16 @@ from __future__ import annotations
 import math
 import threading
 
-__all__ = ["KEPT_OUTPUTS", "MIN_BYTES", "OUTPUT", "Workspace", "free_workspace", "step_buffers", "workspace_for"]
+__all__ = [
+    "KEPT_OUTPUTS",
+    "MIN_BYTES",
+    "OUTPUT",
+    "Workspace",
+    "free_workspace",
+    "output_buffer",
+    "step_buffers",
+    "workspace_for",
+]
 
 _local = threading.local()
 
@@ -102,6 +111,17 @@ def workspace_for(backend, like):
     if space is None:
         space = spaces[key] = Workspace(backend)
     return space
+
+
+def output_buffer(backend, x, tensors, shape):
+    """The kept buffer (:meth:`Workspace.output`) a call on ``x`` writes its output of ``shape``
+    into, as a view of that shape: for outputs of at least :data:`MIN_BYTES` where
+    :meth:`Runtime.reuses_buffers` allows it (``tensors``: the call's other inputs); else None (a
+    new array). What an accelerator asks where a plan's last step has slot :data:`OUTPUT`."""
+    numel = math.prod(shape)
+    if backend.itemsize(x) * numel < MIN_BYTES or not backend.runtime.reuses_buffers(x, tensors):
+        return None
+    return backend.reshape(workspace_for(backend, x).output(numel, like=x), tuple(shape))
 
 
 def free_workspace():

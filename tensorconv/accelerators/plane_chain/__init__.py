@@ -213,7 +213,7 @@ class PlaneChain(Accelerator):
             stride=stride,
             pad_lo=pad_lo,
             dilation=dilation,
-            out=_output_buffer(backend, x, arrays, (x.shape[0], *out3, u_t.shape[0])),
+            out=workspace.output_buffer(backend, x, arrays, (x.shape[0], *out3, u_t.shape[0])),
         )
         if out is None:
             return None
@@ -238,15 +238,6 @@ class PlaneChain(Accelerator):
 
 #: what the registry loads from this folder
 ACCELERATOR = PlaneChain
-
-
-def _output_buffer(backend, x, arrays, shape):
-    """A kept buffer for an output of ``shape`` (:meth:`Workspace.output`) where the call may
-    write into one, else None (a new tensor)."""
-    numel = math.prod(shape)
-    if backend.itemsize(x) * numel < workspace.MIN_BYTES or not backend.runtime.reuses_buffers(x, arrays):
-        return None
-    return workspace.workspace_for(backend, x).output(numel, like=x).view(shape)
 
 
 def __getattr__(name):
